@@ -1,0 +1,27 @@
+# Two commands matter:  `make demo` (run the pipeline on the embedded default)  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+CONSTRAINTS := requirements/constraints.txt
+CONFIG ?= configs/tiny.yaml
+
+.PHONY: install demo test clean
+
+# torch first, pinned to the CPU wheel, so no dependency can pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -c $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/rayapp run --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,128 @@
+"""`rayapp` command line: one subcommand per pipeline stage, plus `run` which chains them.
+
+    rayapp prepare --config configs/tiny.yaml --set data.max_length=512
+    rayapp run --config configs/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+from rayapp.config import ConfigError, RunConfig, dump_config, load_config
+
+STAGES = ["prepare", "reference", "score", "select", "finetune", "evaluate"]
+
+
+class StageNotBuilt(RuntimeError):
+    pass
+
+
+def _stage_fn(name: str) -> Callable[[RunConfig, bool], dict]:
+    if name == "prepare":
+        from rayapp.prepare.stage import run_prepare
+
+        return lambda cfg, force: run_prepare(cfg, force=force)
+    raise StageNotBuilt(f"stage '{name}' is not built yet in this version of rayapp")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, help="YAML run config (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set score.batch_tokens=8192 (repeatable)",
+    )
+    p.add_argument("--force", action="store_true", help="redo the stage even if its outputs are complete")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rayapp",
+        description=(
+            "A small model picks instruction-tuning data for a large one (learning percentage), on Ray.\n"
+            "Stages: prepare -> reference -> score -> select -> finetune -> evaluate; `run` chains them."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"rayapp {__import__('rayapp').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    helps = {
+        "prepare": "load, normalise, template and tokenize the data into Parquet shards",
+        "reference": "fine-tune the small reference model, checkpoint every epoch",
+        "score": "per-sample response losses for every checkpoint (Ray Data actor pool)",
+        "select": "learning-percentage ranking and baselines -> selected shard + report",
+        "finetune": "fine-tune the target model on the selection (Ray Train, FSDP2)",
+        "evaluate": "generate answers and judge models pairwise (win / tie / lose)",
+    }
+    for name in STAGES:
+        _add_common(sub.add_parser(name, help=helps[name], description=helps[name]))
+    run = sub.add_parser("run", help="run the stages in order (each skips work already complete)")
+    _add_common(run)
+    run.add_argument("--until", choices=STAGES, help="stop after this stage")
+    show = sub.add_parser("config", help="print the validated config with overrides applied")
+    show.add_argument("--config", "-c", required=True)
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _run_stages(cfg: RunConfig, names: list[str], force: bool) -> int:
+    results = {}
+    for name in names:
+        try:
+            fn = _stage_fn(name)
+        except StageNotBuilt as exc:
+            print(f"[run] {exc}; stopping after {list(results) or 'nothing'}")
+            break
+        t0 = time.perf_counter()
+        print(f"[run] === {name} ===")
+        results[name] = fn(cfg, force)
+        print(f"[run] {name} done in {time.perf_counter() - t0:.1f}s")
+    print(f"[run] outputs in {cfg.output_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"rayapp: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(dump_config(cfg), end="")
+        return 0
+    try:
+        if args.command == "run":
+            stages = STAGES if not args.until else STAGES[: STAGES.index(args.until) + 1]
+            return _run_stages(cfg, stages, args.force)
+        try:
+            fn = _stage_fn(args.command)
+        except StageNotBuilt as exc:
+            print(f"rayapp: {exc}", file=sys.stderr)
+            return 3
+        fn(cfg, args.force)
+        return 0
+    except KeyboardInterrupt:
+        print("rayapp: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line for users; the traceback is behind RAYAPP_DEBUG=1
+        import os
+
+        if os.environ.get("RAYAPP_DEBUG"):
+            raise
+        print(f"rayapp {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

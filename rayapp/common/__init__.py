@@ -1,0 +1,1 @@
+"""Pieces shared by every stage: storage, manifests, Ray start-up, progress lines."""

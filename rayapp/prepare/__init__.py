@@ -1,0 +1,1 @@
+"""Stage 1, prepare: load, normalise, template, tokenize and shard the instruction data."""

@@ -1,0 +1,75 @@
+"""Shared fixtures: real data from ../shared/data (or the committed sample), tiny configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+ALPACA = SHARED / "alpaca-43k.jsonl" if (SHARED / "alpaca-43k.jsonl").exists() else REPO / "rayapp/assets/alpaca-sample.jsonl"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+
+
+def alpaca_rows(n: int, start: int = 0) -> list[dict]:
+    rows = []
+    with open(ALPACA, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i < start:
+                continue
+            obj = json.loads(line)
+            if obj["output"].strip():
+                rows.append(obj)
+            if len(rows) >= n:
+                break
+    return rows
+
+
+def write_jsonl(path: Path, rows: list, raw_lines: list[bytes] | None = None) -> Path:
+    with open(path, "wb") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False).encode() + b"\n")
+        for raw in raw_lines or []:
+            f.write(raw + b"\n")
+    return path
+
+
+def tiny_config_dict(tmp: Path, sources: list[dict], **overrides) -> dict:
+    cfg = {
+        "name": "test",
+        "output_dir": str(tmp / "run"),
+        "ray": {"num_cpus": 2},
+        "data": {"sources": sources, "max_length": 128, "shard_rows": 64},
+        "models": {
+            "reference": {"name_or_path": "tiny", "tiny": {"vocab_size": 512, "hidden_size": 32,
+                                                            "intermediate_size": 64, "num_hidden_layers": 2,
+                                                            "num_attention_heads": 2}},
+            "target": {"name_or_path": "tiny", "tiny": {"vocab_size": 512, "hidden_size": 32,
+                                                         "intermediate_size": 64, "num_hidden_layers": 2,
+                                                         "num_attention_heads": 2, "seed": 1}},
+        },
+    }
+    for key, value in overrides.items():
+        node = cfg
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return cfg
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    from rayapp.config import RunConfig
+
+    def _make(sources: list[dict], **overrides) -> RunConfig:
+        return RunConfig.model_validate(tiny_config_dict(tmp_path, sources, **overrides))
+
+    return _make

@@ -1,0 +1,214 @@
+"""The prepare stage on real rows and real files: formats, ids, masking, bad input, resumability."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from rayapp.common import storage
+from rayapp.common.hashing import row_id
+from rayapp.common.layout import RunLayout
+from rayapp.models.loading import load_tokenizer
+from rayapp.prepare.stage import PrepareError, run_prepare
+from rayapp.prepare.tokenize import IGNORE_INDEX
+from tests.conftest import REPO, alpaca_rows, tiny_config_dict, write_jsonl
+
+
+def _prepared(cfg) -> pa.Table:
+    return storage.read_parquet_dir(RunLayout(cfg.output_dir).prepared)
+
+
+def _rejects(cfg) -> list[dict]:
+    text = storage.read_bytes(RunLayout(cfg.output_dir).rejects).decode()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_alpaca_jsonl_and_json_array_give_the_same_rows(tmp_path, make_config):
+    rows = alpaca_rows(60)
+    jl = write_jsonl(tmp_path / "a.jsonl", rows)
+    arr = tmp_path / "a.json"
+    arr.write_text(json.dumps(rows))
+    t1 = _prepared_for(make_config, tmp_path / "r1", jl)
+    t2 = _prepared_for(make_config, tmp_path / "r2", arr)
+    assert t1.num_rows == t2.num_rows == 60
+    assert t1["id"].to_pylist() == t2["id"].to_pylist()
+    assert t1["instruction"].to_pylist() == [r["instruction"] for r in rows]
+
+
+def _prepared_for(make_config, out, path, **src):
+    cfg = make_config([{"path": str(path), **src}], output_dir=str(out))
+    run_prepare(cfg)
+    return _prepared(cfg)
+
+
+def test_dolly_schema_is_mapped(tmp_path, make_config):
+    rows = alpaca_rows(40)
+    dolly = [
+        {"instruction": r["instruction"], "context": r["input"] or None, "response": r["output"], "category": "qa"}
+        for r in rows
+    ]
+    path = write_jsonl(tmp_path / "dolly.jsonl", dolly)
+    t = _prepared_for(make_config, tmp_path / "run", path)
+    assert t.num_rows == 40
+    assert t["input"].to_pylist() == [r["input"] for r in rows]  # null context -> ""
+    assert t["output"].to_pylist() == [r["output"] for r in rows]
+    # same content as the Alpaca-schema rows -> the same ids
+    assert t["id"].to_pylist() == [row_id(r["instruction"], r["input"], r["output"]) for r in rows]
+    assert set(t["source"].to_pylist()) == {"dolly"}
+
+
+def test_parquet_and_hf_dataset_dir(tmp_path, make_config):
+    import datasets
+
+    rows = alpaca_rows(30)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
+    t_pq = _prepared_for(make_config, tmp_path / "r1", tmp_path / "a.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hfds"))
+    t_hf = _prepared_for(make_config, tmp_path / "r2", tmp_path / "hfds", format="hf")
+    # a folder of data files, loaded by datasets.load_dataset (what a hub name resolves to)
+    (tmp_path / "hfdir").mkdir()
+    write_jsonl(tmp_path / "hfdir" / "train.jsonl", rows)
+    t_dir = _prepared_for(make_config, tmp_path / "r3", tmp_path / "hfdir", format="hf")
+    assert t_pq["id"].to_pylist() == t_hf["id"].to_pylist() == t_dir["id"].to_pylist()
+    assert t_pq.num_rows == 30
+
+
+def test_ids_are_stable_content_hashes():
+    # A fixed value: the same row gets this id on every run and machine.
+    assert row_id("Give three tips for staying healthy.", "", "Eat well.") == row_id(
+        "Give three tips for staying healthy.", "", "Eat well."
+    )
+    assert row_id("ab", "c", "d") != row_id("a", "bc", "d")
+    import hashlib
+
+    expected = hashlib.sha256(b'["Give three tips for staying healthy.","","Eat well."]').hexdigest()[:20]
+    assert row_id("Give three tips for staying healthy.", "", "Eat well.") == expected == "1800dde349e56292e758"
+
+
+def test_label_masking_matches_prompt_boundary(tmp_path, make_config):
+    rows = alpaca_rows(40)
+    cfg = make_config([{"path": str(write_jsonl(tmp_path / "a.jsonl", rows))}], data__max_length=2048)
+    run_prepare(cfg)
+    t = _prepared(cfg)
+    manifest = storage.read_json(RunLayout(cfg.output_dir).prepared_manifest)
+    tok = load_tokenizer(manifest["tokenizer"])
+    for rec in t.to_pylist():
+        ids, labels = rec["input_ids"], rec["labels"]
+        assert len(ids) == len(labels) == rec["n_tokens"]
+        first = next(i for i, x in enumerate(labels) if x != IGNORE_INDEX)
+        assert all(x == IGNORE_INDEX for x in labels[:first])  # prompt: all masked
+        assert labels[first:] == ids[first:]  # response: every token labelled
+        assert tok.decode(ids[:first], skip_special_tokens=True) == rec["prompt"]
+        assert tok.decode(ids[first:]) == rec["output"] + tok.eos_token  # EOS appended, as the paper's code
+        assert rec["n_response_tokens"] == len(ids) - first
+
+
+def test_truncate_and_drop_policies_are_counted(tmp_path, make_config):
+    rows = alpaca_rows(80)
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    cfg_t = make_config([{"path": str(path)}], output_dir=str(tmp_path / "t"), data__max_length=200)
+    m_t = run_prepare(cfg_t)
+    t = _prepared(cfg_t)
+    assert 0 < m_t["truncated"] < 80 and max(t["n_tokens"].to_pylist()) <= 200
+    assert m_t["truncated"] == sum(t["truncated"].to_pylist())
+    assert m_t["no_response_tokens"] == sum(1 for n in t["n_response_tokens"].to_pylist() if n == 0)
+    cfg_d = make_config([{"path": str(path)}], output_dir=str(tmp_path / "d"), data__max_length=200,
+                        data__truncation="drop")
+    m_d = run_prepare(cfg_d)
+    assert m_d["rows"] == 80 - m_t["truncated"]
+    too_long = [r for r in _rejects(cfg_d) if r["reason"].startswith("too long")]
+    assert len(too_long) == m_t["truncated"]
+    assert all(r["file"] == str(path) and r["row_kind"] == "line" for r in too_long)
+
+
+BAD_LINES = [
+    (b'{"instruction": "x", "output": "y"', "malformed JSON", None),
+    (b'{"instruction": "caf\xe9", "input": "", "output": "ok"}', "invalid UTF-8", None),
+    (b'["a list", "not an object"]', "expected a JSON object", None),
+    (b'{"input": "", "output": "no instruction"}', "field 'instruction' is missing", "instruction"),
+    (b'{"instruction": null, "output": "null instruction"}', "field 'instruction' is null", "instruction"),
+    (b'{"instruction": "wrong type", "output": 42}', "field 'output' must be a string, got int", "output"),
+    (b'{"instruction": "empty", "input": "", "output": "   "}', "empty response", "output"),
+    (b'{"instruction": "list input", "input": ["a"], "output": "z"}', "field 'input' must be a string", "input"),
+    (b'{"instruction": "huge", "input": "", "output": "' + b"x" * 300_001 + b'"}', "row too large", None),
+]
+
+
+def test_every_bad_row_is_rejected_with_file_line_field(tmp_path, make_config):
+    good = alpaca_rows(50)
+    raw = [line for line, _, _ in BAD_LINES] + [json.dumps(good[0]).encode()]  # plus one duplicate
+    path = write_jsonl(tmp_path / "mixed.jsonl", good, raw)
+    cfg = make_config([{"path": str(path)}])
+    manifest = run_prepare(cfg)
+    rejects = _rejects(cfg)
+    assert manifest["rows"] == 50 and manifest["rejected"] == len(BAD_LINES) + 1
+    assert manifest["rows_read"] == manifest["rows"] + manifest["rejected"]
+    by_line = {r["row"]: r for r in rejects}
+    for offset, (_, reason, field) in enumerate(BAD_LINES):
+        rec = by_line[51 + offset]  # 1-based line numbers after the 50 good lines
+        assert rec["file"] == str(path)
+        assert reason in rec["reason"], rec
+        assert rec["field"] == field
+    dup = by_line[51 + len(BAD_LINES)]
+    assert "duplicate row (first seen at" in dup["reason"] and ":line 1)" in dup["reason"]
+
+
+def test_dedupe_across_sources(tmp_path, make_config):
+    rows = alpaca_rows(20)
+    a = write_jsonl(tmp_path / "a.jsonl", rows)
+    b = write_jsonl(tmp_path / "b.jsonl", rows[10:] + alpaca_rows(5, start=500))
+    cfg = make_config([{"path": str(a)}, {"path": str(b)}])
+    m = run_prepare(cfg)
+    assert m["rows"] == 25 and m["rejected"] == 10
+    assert len(set(_prepared(cfg)["id"].to_pylist())) == 25
+
+
+def test_unreadable_sources_fail_with_one_clear_line(tmp_path):
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary\n\xff\xfe\n")
+    for path, expect in [
+        (garbage, "no usable rows"),
+        (tmp_path / "missing.jsonl", "file not found"),
+        (tmp_path / "broken.json", "malformed JSON array"),
+        (tmp_path / "broken.parquet", "not a readable Parquet file"),
+    ]:
+        if path.name == "broken.json":
+            path.write_text('[{"instruction": "a", "output": "b"},')
+        if path.name == "broken.parquet":
+            path.write_bytes(b"PAR1 not really")
+        cfg = tmp_path / f"{path.stem}.yaml"
+        cfg.write_text(yaml.safe_dump(tiny_config_dict(tmp_path, [{"path": str(path)}])))
+        proc = subprocess.run([sys.executable, "-m", "rayapp", "prepare", "--config", str(cfg)],
+                              capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 1, proc.stderr
+        err_lines = [l for l in proc.stderr.splitlines() if l.strip()]
+        assert len(err_lines) == 1 and expect in err_lines[0] and str(path) in err_lines[0], proc.stderr
+
+
+def test_prepare_is_skipped_when_up_to_date_and_redone_when_input_changes(tmp_path, make_config, capsys):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(30))
+    cfg = make_config([{"path": str(path)}])
+    first = run_prepare(cfg)
+    capsys.readouterr()
+    again = run_prepare(cfg)
+    assert "up to date" in capsys.readouterr().out and again["fingerprint"] == first["fingerprint"]
+    write_jsonl(path, alpaca_rows(31))
+    third = run_prepare(cfg)
+    assert third["rows"] == 31 and third["fingerprint"] != first["fingerprint"]
+    # shards are named deterministically and nothing stale is left behind
+    assert [s["file"] for s in third["shards"]] == ["shard-00000.parquet"]
+
+
+def test_manifest_records_hashes_and_counts(tmp_path, make_config):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(100))
+    cfg = make_config([{"path": str(path)}])
+    m = run_prepare(cfg)
+    assert m["sources"][0]["sha256"] and len(m["shards"]) == 2  # 64 rows per shard
+    assert sum(s["rows"] for s in m["shards"]) == m["rows"] == 100
+    assert m["tokenizer"].endswith("models/tokenizer") and m["vocab_size"] > 0
