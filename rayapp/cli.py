@@ -25,6 +25,14 @@ def _stage_fn(name: str) -> Callable[[RunConfig, bool], dict]:
         from rayapp.prepare.stage import run_prepare
 
         return lambda cfg, force: run_prepare(cfg, force=force)
+    if name == "reference":
+        from rayapp.reference.stage import run_reference
+
+        return lambda cfg, force: run_reference(cfg, force=force)
+    if name == "score":
+        from rayapp.score.stage import run_score
+
+        return lambda cfg, force: run_score(cfg, force=force)
     raise StageNotBuilt(f"stage '{name}' is not built yet in this version of rayapp")
 
 

@@ -1,0 +1,1 @@
+"""Stage 3, score: per-sample response losses for many checkpoints over Ray Data actor pools."""

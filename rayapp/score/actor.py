@@ -1,0 +1,122 @@
+"""The Ray Data callable class: one actor holds model checkpoints and scores batches of rows."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+from rayapp.score.batching import token_budget_batches
+from rayapp.score.losses import IGNORE_INDEX, batch_losses, pad_batch, response_only_sequence
+
+# Test hook for fault injection: an actor raises after this many batches (0/unset = never).
+FAIL_AFTER_ENV = "RAYAPP_TEST_SCORE_FAIL_AFTER_BATCHES"
+
+
+class LossScorer:
+    """Scores rows for the checkpoint named in each row's ``checkpoint`` column.
+
+    Models load through ``from_pretrained`` on first use and stay cached (``cache_size`` models),
+    so an actor loads each checkpoint once even when blocks of several checkpoints interleave."""
+
+    def __init__(
+        self,
+        checkpoints: dict[str, str],
+        modes: list[str],
+        batch_tokens: int,
+        max_rows_per_batch: int,
+        dtype: str,
+        bos_id: int,
+        pad_id: int,
+        num_threads: int | None = None,
+        cache_size: int = 2,
+        trust_remote_code: bool = False,
+    ):
+        import torch
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu" and num_threads:
+            torch.set_num_threads(max(1, int(num_threads)))
+        from rayapp.models.loading import resolve_dtype
+
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.checkpoints = checkpoints
+        self.modes = modes
+        self.batch_tokens = batch_tokens
+        self.max_rows = max_rows_per_batch
+        self.bos_id = bos_id
+        self.pad_id = pad_id
+        self.cache_size = cache_size
+        self.trust_remote_code = trust_remote_code
+        self.models: OrderedDict[str, object] = OrderedDict()
+        self.batches_done = 0
+        self.fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
+
+    def _model(self, name: str):
+        if name in self.models:
+            self.models.move_to_end(name)
+            return self.models[name]
+        from rayapp.models.loading import load_causal_lm
+
+        model = load_causal_lm(self.checkpoints[name], dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+        model.to(self.device).eval()
+        self.models[name] = model
+        while len(self.models) > self.cache_size:
+            self.models.popitem(last=False)
+        return model
+
+    def _score(self, model, seqs, labs):
+        n = len(seqs)
+        loss_sum = np.zeros(n, dtype=np.float64)
+        n_tok = np.zeros(n, dtype=np.int64)
+        pad = np.zeros(n, dtype=np.int64)
+        lengths = [len(s) for s in seqs]
+        for b in token_budget_batches(lengths, self.batch_tokens, self.max_rows):
+            ids, labels, mask = pad_batch([seqs[i] for i in b], [labs[i] for i in b], self.pad_id)
+            s, c = batch_losses(model, ids.to(self.device), labels.to(self.device), mask.to(self.device))
+            width = ids.shape[1]
+            for j, i in enumerate(b):
+                loss_sum[i], n_tok[i], pad[i] = s[j], c[j], width - lengths[i]
+        return loss_sum, n_tok, pad, np.asarray(lengths)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.fail_after and self.batches_done >= self.fail_after:
+            raise RuntimeError(f"injected scoring fault after {self.batches_done} batches ({FAIL_AFTER_ENV})")
+        t0 = time.perf_counter()
+        names = batch["checkpoint"]
+        n = len(names)
+        out = {
+            "id": batch["id"],
+            "checkpoint": names,
+            "path": batch["path"],
+            "loss_sum": np.full(n, np.nan),
+            "n_tokens": np.zeros(n, dtype=np.int64),
+            "response_only_loss_sum": np.full(n, np.nan),
+            "response_only_n_tokens": np.zeros(n, dtype=np.int64),
+            "real_tokens": np.zeros(n, dtype=np.int64),
+            "pad_tokens": np.zeros(n, dtype=np.int64),
+        }
+        for name in np.unique(names):
+            rows = np.nonzero(names == name)[0]
+            model = self._model(str(name))
+            ids = [batch["input_ids"][i] for i in rows]
+            labs = [batch["labels"][i] for i in rows]
+            if "prompted" in self.modes:
+                s, c, pad, lens = self._score(model, ids, labs)
+                out["loss_sum"][rows], out["n_tokens"][rows] = s, c
+                out["pad_tokens"][rows] += pad
+                out["real_tokens"][rows] += lens
+            if "response_only" in self.modes:
+                pairs = [response_only_sequence(i, l, self.bos_id) for i, l in zip(ids, labs)]
+                s, c, pad, lens = self._score(model, [p[0] for p in pairs], [p[1] for p in pairs])
+                out["response_only_loss_sum"][rows], out["response_only_n_tokens"][rows] = s, c
+                out["pad_tokens"][rows] += pad
+                out["real_tokens"][rows] += lens
+        if "prompted" not in self.modes:
+            out["n_tokens"] = np.array([int((np.asarray(l) != IGNORE_INDEX).sum()) for l in batch["labels"]])
+        out["seconds"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+        self.batches_done += 1
+        return out

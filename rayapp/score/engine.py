@@ -1,0 +1,227 @@
+"""Ray plumbing for scoring: prepared shards -> Ray Data -> actor pool -> per-shard atomic commits.
+
+Work is (checkpoint, prepared shard). The driver streams results with ``iter_batches`` and
+commits a shard's scores for a checkpoint the moment all of its rows are in, as one atomically
+renamed Parquet file whose metadata records the row count and the inputs it came from. A re-run
+skips every committed (checkpoint, shard) whose metadata still matches, so a killed run resumes
+where it stopped and never scores a row twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rayapp.common import storage
+from rayapp.config import ScoreConfig
+
+SCORE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("checkpoint", pa.string()),
+        ("loss_sum", pa.float64()),
+        ("n_tokens", pa.int32()),
+        ("mean_nll", pa.float64()),
+        ("response_only_loss_sum", pa.float64()),
+        ("response_only_mean_nll", pa.float64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str  # e.g. "epoch-0"
+    path: str  # anything from_pretrained accepts
+    uid: str  # changes whenever the weights do
+
+
+def checkpoint_uid(path: str) -> str:
+    """The id written beside the weights when rayapp saved them; else the path itself."""
+    marker = os.path.join(path, "rayapp_checkpoint.json")
+    if os.path.exists(marker):
+        return storage.read_json(marker)["uid"]
+    return path
+
+
+def _meta(fingerprint: str, ck: Checkpoint, modes: list[str], rows: int) -> dict[bytes, bytes]:
+    return {
+        b"rayapp.prepared_fingerprint": fingerprint.encode(),
+        b"rayapp.checkpoint_uid": ck.uid.encode(),
+        b"rayapp.modes": ",".join(sorted(modes)).encode(),
+        b"rayapp.rows": str(rows).encode(),
+    }
+
+
+def is_committed(uri: str, want: dict[bytes, bytes]) -> bool:
+    if not storage.exists(uri):
+        return False
+    fs, path = storage.resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            meta = pq.read_metadata(f)
+    except Exception:
+        return False
+    have = meta.metadata or {}
+    return meta.num_rows == int(want[b"rayapp.rows"]) and all(have.get(k) == v for k, v in want.items())
+
+
+def _mean(loss: np.ndarray, n: np.ndarray) -> np.ndarray:
+    # n == 0 (prompt filled max_length): mean NLL 0, perplexity 1, as the paper's code gives;
+    # the select stage excludes such rows unless asked to reproduce the original behaviour.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, loss / np.maximum(n, 1), 0.0)
+
+
+def _commit(uri: str, parts: list[pa.Table], meta: dict[bytes, bytes], expected_ids: list[str]) -> int:
+    """Write one (checkpoint, shard) file, in the prepared shard's row order, after checking that
+    it holds exactly the shard's ids: none missing, none twice."""
+    t = pa.concat_tables(parts)
+    got = t["id"].to_pylist()
+    pos = {rid: i for i, rid in enumerate(got)}
+    if len(pos) != len(got) or set(pos) != set(expected_ids):
+        dup = len(got) - len(pos)
+        miss = len(set(expected_ids) - set(pos))
+        raise RuntimeError(f"[score] {uri}: ids do not match the prepared shard ({dup} repeated, {miss} missing)")
+    t = t.take(pa.array([pos[rid] for rid in expected_ids]))
+    loss = np.asarray(t["loss_sum"], dtype=np.float64)
+    n = np.asarray(t["n_tokens"], dtype=np.int64)
+    ro_loss = np.asarray(t["response_only_loss_sum"], dtype=np.float64)
+    ro_n = np.asarray(t["response_only_n_tokens"], dtype=np.int64)
+    out = pa.table(
+        {
+            "id": t["id"].cast(pa.string()),
+            "checkpoint": t["checkpoint"].cast(pa.string()),
+            "loss_sum": loss,
+            "n_tokens": n.astype(np.int32),
+            "mean_nll": _mean(loss, n),
+            "response_only_loss_sum": ro_loss,
+            "response_only_mean_nll": np.where(np.isnan(ro_loss), np.nan, _mean(ro_loss, ro_n)),
+        },
+        schema=SCORE_SCHEMA,
+    ).replace_schema_metadata(meta)
+    storage.write_parquet(uri, out)
+    return out.num_rows
+
+
+def score_checkpoints(
+    prepared_dir: str,
+    prepared_manifest: dict,
+    checkpoints: list[Checkpoint],
+    out_dir: str,
+    score_cfg: ScoreConfig,
+    bos_id: int,
+    pad_id: int,
+    trust_remote_code: bool = False,
+) -> dict:
+    import ray
+    import ray.data
+
+    fingerprint = prepared_manifest["fingerprint"]
+    shards = {s["file"]: s["rows"] for s in prepared_manifest["shards"]}
+    modes = list(score_cfg.modes)
+    pending: dict[str, list[str]] = {}
+    for ck in checkpoints:
+        todo = [f for f, rows in shards.items()
+                if not is_committed(storage.join(out_dir, ck.name, f), _meta(fingerprint, ck, modes, rows))]
+        if todo:
+            pending[ck.name] = todo
+    n_total = len(checkpoints) * len(shards)
+    n_todo = sum(len(v) for v in pending.values())
+    stats = {"work_units": n_total, "skipped_units": n_total - n_todo, "rows": 0, "tokens": 0,
+             "real_tokens": 0, "pad_tokens": 0, "seconds": 0.0}
+    if not pending:
+        print(f"[score] up to date: {n_total} (checkpoint, shard) units already committed in {out_dir}")
+        return stats
+    print(f"[score] {n_todo} of {n_total} (checkpoint, shard) units to score; {stats['skipped_units']} already committed")
+
+    by_name = {ck.name: ck for ck in checkpoints}
+    res = score_cfg.resources
+    parts_ds = []
+    for name, files in pending.items():
+        ds = ray.data.read_parquet(
+            [storage.join(prepared_dir, f) for f in files],
+            columns=["id", "input_ids", "labels"],
+            include_paths=True,
+        )
+        parts_ds.append(ds.map_batches(_Tag(name), batch_format="pyarrow", zero_copy_batch=True))
+    ds = parts_ds[0].union(*parts_ds[1:]) if len(parts_ds) > 1 else parts_ds[0]
+    from rayapp.score.actor import LossScorer
+
+    ds = ds.map_batches(
+        LossScorer,
+        fn_constructor_kwargs=dict(
+            checkpoints={ck.name: ck.path for ck in checkpoints},
+            modes=modes,
+            batch_tokens=score_cfg.batch_tokens,
+            max_rows_per_batch=score_cfg.max_rows_per_batch,
+            dtype=score_cfg.dtype,
+            bos_id=bos_id,
+            pad_id=pad_id,
+            num_threads=max(1, int(res.num_cpus)),
+            trust_remote_code=trust_remote_code,
+        ),
+        batch_size=score_cfg.rows_per_task,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+        num_cpus=res.num_cpus,
+        num_gpus=res.num_gpus,
+        resources=res.resources or None,
+    )
+
+    buffers: dict[tuple[str, str], list[pa.Table]] = defaultdict(list)
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    committed = 0
+    t0 = time.perf_counter()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        paths = batch["path"].to_pylist()
+        names = batch["checkpoint"].to_pylist()
+        keys = [(n, os.path.basename(p)) for n, p in zip(names, paths)]
+        stats["real_tokens"] += int(np.asarray(batch["real_tokens"]).sum())
+        stats["pad_tokens"] += int(np.asarray(batch["pad_tokens"]).sum())
+        stats["tokens"] += int(np.asarray(batch["n_tokens"]).sum())
+        for key in dict.fromkeys(keys):
+            mask = pa.array([k == key for k in keys])
+            part = batch.filter(mask)
+            buffers[key].append(part)
+            counts[key] += part.num_rows
+            name, shard = key
+            if counts[key] > shards[shard]:
+                raise RuntimeError(f"[score] {name}/{shard}: got {counts[key]} rows, expected {shards[shard]}")
+            if counts[key] == shards[shard]:
+                ck = by_name[name]
+                ids = storage.read_parquet(storage.join(prepared_dir, shard), ["id"])["id"].to_pylist()
+                rows = _commit(storage.join(out_dir, name, shard), buffers.pop(key),
+                               _meta(fingerprint, ck, modes, shards[shard]), ids)
+                stats["rows"] += rows
+                committed += 1
+    stats["seconds"] = time.perf_counter() - t0
+    missing = [k for k in buffers]
+    if committed != n_todo or missing:
+        raise RuntimeError(f"[score] incomplete: committed {committed} of {n_todo} units; partial: {missing}")
+    wall = max(stats["seconds"], 1e-9)
+    padded = stats["real_tokens"] + stats["pad_tokens"]
+    stats["rows_per_s"] = stats["rows"] / wall
+    stats["tokens_per_s"] = stats["real_tokens"] / wall
+    stats["padding_fraction"] = stats["pad_tokens"] / padded if padded else 0.0
+    print(
+        f"[score] {stats['rows']} row-scores ({len(pending)} checkpoints) in {wall:.1f}s: "
+        f"{stats['rows_per_s']:.1f} rows/s, {stats['tokens_per_s']:.0f} tokens/s, "
+        f"padding {100 * stats['padding_fraction']:.1f}%"
+    )
+    return stats
+
+
+class _Tag:
+    """Adds the checkpoint name to every row."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        return t.append_column("checkpoint", pa.array([self.name] * t.num_rows, pa.string()))

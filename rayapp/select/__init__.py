@@ -1,0 +1,1 @@
+"""Stage 4, select: learning-percentage ranking and peer baselines -> selected shard + report."""

@@ -1,0 +1,75 @@
+"""Driver side of a training run: Ray Data input, TorchTrainer with FSDP2/DDP workers, failures."""
+
+from __future__ import annotations
+
+import os
+
+from rayapp.common import storage
+from rayapp.config import TrainConfig
+
+
+def run_training(
+    stage: str,
+    train_cfg: TrainConfig,
+    train_files: list[str],
+    total_rows: int,
+    init_model: str,
+    tokenizer: str,
+    work_dir: str,
+    export_every_epoch: bool,
+    trust_remote_code: bool = False,
+    checkpoint_every_steps: int | None = None,
+) -> dict:
+    """Fine-tune ``init_model`` on the prepared rows in ``train_files``.
+
+    ``work_dir`` (a local or shared path) receives checkpoints/ (sharded, for resume), exports/
+    (save_pretrained) and stats/. Returns the last reported metrics."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from rayapp.train.loop import train_loop_per_worker
+
+    if storage.is_remote(work_dir):
+        raise NotImplementedError(
+            f"{stage}: training writes checkpoints to a shared filesystem path; got {work_dir}. "
+            "Mount the bucket (e.g. with a shared NFS/FUSE path) and point output_dir at it."
+        )
+    work_dir = os.path.abspath(work_dir)
+    # Tokenized instruction sets are small (tens of MB even at paper scale): read them into the
+    # object store up front, so Ray Data read tasks never wait for CPUs the training workers hold.
+    ds = ray.data.read_parquet(train_files, columns=["input_ids", "labels"]).materialize()
+    resources = {"CPU": train_cfg.cpus_per_worker}
+    if train_cfg.use_gpu:
+        resources["GPU"] = train_cfg.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "stage": stage,
+            "train": train_cfg.model_dump(),
+            "init_model": init_model,
+            "tokenizer": tokenizer,
+            "total_rows": total_rows,
+            "checkpoint_dir": os.path.join(work_dir, "checkpoints"),
+            "export_dir": os.path.join(work_dir, "exports"),
+            "stats_dir": os.path.join(work_dir, "stats"),
+            "export_every_epoch": export_every_epoch,
+            "checkpoint_every_steps": checkpoint_every_steps,
+            "trust_remote_code": trust_remote_code,
+        },
+        torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{stage}-train",
+            storage_path=os.path.join(work_dir, "ray_train"),
+            failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"{stage}: training failed: {result.error}")
+    return dict(result.metrics or {})
