@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the stages in order (each skips work already complete)")
     _add_common(run)
     run.add_argument("--until", choices=STAGES, help="stop after this stage")
+    sel = sub.choices["select"]
+    sel.add_argument("--trajectories", help="select from trajectories produced elsewhere (Parquet: id/index, P0..Pn)")
+    sel.add_argument("--model", help="column prefix model name in --trajectories, e.g. opt-350m")
+    cmp_ = sub.add_parser("compare", help="hardness transfer between models' trajectories (LP correlations, overlap)")
+    cmp_.add_argument("--trajectories", required=True, help="Parquet with <model>_P0..Pn columns")
+    cmp_.add_argument("--reference", required=True, help="the model others are compared against, e.g. opt-13b")
+    cmp_.add_argument("--models", required=True, help="comma-separated models, e.g. opt-350m,opt-1.3b")
+    cmp_.add_argument("--out", help="write the table (Markdown) and plot (PNG) here")
     show = sub.add_parser("config", help="print the validated config with overrides applied")
     show.add_argument("--config", "-c", required=True)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -99,12 +107,45 @@ def _run_stages(cfg: RunConfig, names: list[str], force: bool) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    import os
+
+    from rayapp.select.compare import compare_pair, format_table, plot_overlap
+    from rayapp.select.stage import SelectError, load_external_trajectories
+
+    try:
+        ref, _ = load_external_trajectories(args.trajectories, f"{args.reference}_")
+        rows = {}
+        for m in [m.strip() for m in args.models.split(",") if m.strip()]:
+            other, _ = load_external_trajectories(args.trajectories, f"{m}_")
+            rows[m] = compare_pair(other, ref)
+    except (SelectError, FileNotFoundError, ValueError) as exc:
+        print(f"rayapp compare: error: {exc}", file=sys.stderr)
+        return 1
+    table = format_table(rows)
+    print(f"Hardness transfer vs {args.reference} ({next(iter(rows.values()))['rows']} rows; "
+          f"{next(iter(rows.values()))['excluded_no_response']} with no response tokens excluded)")
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "compare.md"), "w") as f:
+            f.write(table + "\n")
+        plot_overlap(rows, args.reference, os.path.join(args.out, "compare.png"))
+        print(f"table and plot in {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
+    if args.command == "compare":
+        return _compare(args)
+    if args.command == "select" and args.trajectories:
+        args.overrides = [f"select.trajectories={args.trajectories}",
+                          f"select.trajectory_prefix={args.model + '_' if args.model else ''}"] + args.overrides
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

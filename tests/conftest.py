@@ -73,3 +73,14 @@ def make_config(tmp_path):
         return RunConfig.model_validate(tiny_config_dict(tmp_path, sources, **overrides))
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster with 2 CPUs, shared by the tests that need one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -118,6 +118,7 @@ def score_checkpoints(
     bos_id: int,
     pad_id: int,
     trust_remote_code: bool = False,
+    runtime_env: dict | None = None,
 ) -> dict:
     import ray
     import ray.data
@@ -142,15 +143,13 @@ def score_checkpoints(
 
     by_name = {ck.name: ck for ck in checkpoints}
     res = score_cfg.resources
-    parts_ds = []
-    for name, files in pending.items():
-        ds = ray.data.read_parquet(
-            [storage.join(prepared_dir, f) for f in files],
-            columns=["id", "input_ids", "labels"],
-            include_paths=True,
-        )
-        parts_ds.append(ds.map_batches(_Tag(name), batch_format="pyarrow", zero_copy_batch=True))
-    ds = parts_ds[0].union(*parts_ds[1:]) if len(parts_ds) > 1 else parts_ds[0]
+    # One block per (checkpoint, shard) work unit: a Ray task reads the shard's rows, so each actor
+    # task holds exactly one unit and its scores reach the driver (and are committed) when it ends.
+    # (read_parquet over many small files packs them into one task, which would delay every commit
+    # to the end of the run.)
+    units = [{"path": storage.join(prepared_dir, f), "checkpoint": name} for name, files in pending.items() for f in files]
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(_read_unit, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
     from rayapp.score.actor import LossScorer
 
     ds = ds.map_batches(
@@ -172,6 +171,7 @@ def score_checkpoints(
         num_cpus=res.num_cpus,
         num_gpus=res.num_gpus,
         resources=res.resources or None,
+        runtime_env=runtime_env,
     )
 
     buffers: dict[tuple[str, str], list[pa.Table]] = defaultdict(list)
@@ -217,11 +217,11 @@ def score_checkpoints(
     return stats
 
 
-class _Tag:
-    """Adds the checkpoint name to every row."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __call__(self, t: pa.Table) -> pa.Table:
-        return t.append_column("checkpoint", pa.array([self.name] * t.num_rows, pa.string()))
+def _read_unit(unit: pa.Table) -> pa.Table:
+    """One work unit -> the shard's rows, tagged with the checkpoint and the shard path."""
+    path = unit["path"][0].as_py()
+    name = unit["checkpoint"][0].as_py()
+    t = storage.read_parquet(path, ["id", "input_ids", "labels"])
+    n = t.num_rows
+    t = t.append_column("path", pa.array([path] * n, pa.string()))
+    return t.append_column("checkpoint", pa.array([name] * n, pa.string()))

@@ -49,7 +49,7 @@ def embed_prepared(files: list[str], model_name: str, batch_size: int, num_cpus:
                    num_gpus: float = 0, max_tokens: int = 256) -> tuple[list[str], np.ndarray]:
     import ray.data
 
-    ds = ray.data.read_parquet(files, columns=["id", "instruction", "input", "output"])
+    ds = ray.data.read_parquet(files).select_columns(["id", "instruction", "input", "output"])
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"model_path": resolve_embedding_model(model_name), "batch_size": batch_size,

@@ -38,7 +38,7 @@ def run_training(
     work_dir = os.path.abspath(work_dir)
     # Tokenized instruction sets are small (tens of MB even at paper scale): read them into the
     # object store up front, so Ray Data read tasks never wait for CPUs the training workers hold.
-    ds = ray.data.read_parquet(train_files, columns=["input_ids", "labels"]).materialize()
+    ds = ray.data.read_parquet(train_files).select_columns(["input_ids", "labels"]).materialize()
     resources = {"CPU": train_cfg.cpus_per_worker}
     if train_cfg.use_gpu:
         resources["GPU"] = train_cfg.gpus_per_worker

@@ -1,0 +1,116 @@
+"""Selection math on hand-made trajectories with known answers, plus property tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rayapp.select.metrics import ifd, learning_percentage, learning_percentage_approx, no_response_rows
+from rayapp.select.strategies import Trajectories, n_chunks, select, stratified_select
+
+
+def test_lp_known_values():
+    P = np.array([
+        [10.0, 6.0, 3.0, 2.0],   # drop 8: epoch-1 share 4/8
+        [10.0, 9.0, 4.0, 2.0],   # 1/8: learned late (hard)
+        [10.0, 2.0, 2.0, 2.0],   # 8/8: learned at once (easy)
+        [5.0, 5.0, 5.0, 5.0],    # P0 == Pn: defined as 0
+        [4.0, 5.0, 4.5, 3.0],    # perplexity went *up* in epoch 1: negative share
+    ])
+    np.testing.assert_allclose(learning_percentage(P, 1), [0.5, 0.125, 1.0, 0.0, -1.0])
+    np.testing.assert_allclose(learning_percentage(P, 2), [3 / 8, 5 / 8, 0.0, 0.0, 0.5])
+    np.testing.assert_allclose(learning_percentage(P, 3), [1 / 8, 2 / 8, 0.0, 0.0, 1.5])
+    # the shares of all epochs add up to 1 wherever there was a drop
+    total = sum(learning_percentage(P, i) for i in (1, 2, 3))
+    np.testing.assert_allclose(total[[0, 1, 2, 4]], 1.0)
+    np.testing.assert_allclose(learning_percentage_approx(P[:, 0], P[:, 1]), [0.4, 0.1, 0.8, 0.0, -0.25])
+    with pytest.raises(ValueError):
+        learning_percentage(P, 4)
+
+
+def test_ifd_and_no_response_detection():
+    np.testing.assert_allclose(ifd(np.array([1.0, 2.0, 1.0]), np.array([2.0, 2.0, 0.0]))[:2], [0.5, 1.0])
+    assert np.isnan(ifd(np.array([1.0]), np.array([0.0]))[0])
+    P = np.array([[1.0, 1.0, 1.0], [2.0, 1.5, 1.2]])
+    assert no_response_rows(P, None).tolist() == [True, False]  # published trajectories: all-ones
+    assert no_response_rows(P, np.array([3, 0])).tolist() == [False, True]  # token counts win
+
+
+def test_chunks_for_paper_budgets():
+    assert [n_chunks(b) for b in (0.01, 0.03, 0.05, 0.10, 0.25, 0.33)] == [100, 33, 20, 10, 4, 3]
+
+
+def test_stratified_array_split_semantics_and_tiny_clusters():
+    key = np.array([5, 1, 3, 2, 4, 0.5, 9, 8], dtype=float)
+    clusters = np.array([0, 0, 0, 0, 0, 1, 2, 2])
+    # 3 chunks: cluster 0 (5 rows) -> sizes 2,2,1; cluster 1 (1 row) -> 1,0,0; cluster 2 (2 rows) -> 1,1,0
+    low = stratified_select(key, clusters, 1 / 3, "low")
+    assert low.tolist() == [1, 3, 5, 7]  # keys 1,2 | 0.5 | 8
+    high = stratified_select(key, clusters, 1 / 3, "high")
+    assert high.tolist() == [0]  # last chunk of cluster 0 only; the tiny clusters' last chunks are empty
+    mid = stratified_select(key, clusters, 1 / 3, "mid")
+    assert mid.tolist() == [2, 4, 6]
+
+
+def test_ties_keep_row_order():
+    key = np.zeros(6)
+    assert stratified_select(key, np.zeros(6, dtype=int), 0.5).tolist() == [0, 1, 2]
+
+
+def test_empty_response_rows_are_excluded_unless_reproducing_the_original():
+    P = np.array([[8.0, 2.0, 1.5], [1.0, 1.0, 1.0], [8.0, 7.0, 1.5], [6.0, 3.0, 2.0]])
+    t = Trajectories(ids=np.array(list("abcd")), P=P, n_tokens=np.array([5, 0, 7, 3]))
+    fixed, info = select("lp", t, 0.25)
+    assert info["excluded_no_response"] == 1 and 1 not in fixed.tolist()
+    assert fixed.tolist() == [2]  # LP(1) = 1/6.5: the hardest real row
+    original, _ = select("lp", t, 0.25, keep_empty_responses=True)
+    assert original.tolist() == [1]  # the original code's pitfall: LP = 0 ranks hardest
+
+
+def test_baselines_order_rows_as_documented():
+    P = np.array([[3.0, 2.0], [9.0, 2.0], [5.0, 4.0], [7.0, 1.0]])
+    t = Trajectories(ids=np.array(list("abcd")), P=P, n_tokens=np.array([1, 9, 3, 5]),
+                     nll_response_only=np.log(np.array([3.1, 90.0, 5.2, 7.5])), response_length=np.array([1, 9, 3, 5]))
+    assert select("ppl_high", t, 0.25)[0].tolist() == [1]
+    assert select("ppl_low", t, 0.25)[0].tolist() == [0]
+    assert select("longest", t, 0.25)[0].tolist() == [1]
+    # IFD = ln P0 / response-only NLL: rows 0..3 -> 0.971, 0.488, 0.976, 0.966; highest (row 2) first
+    assert select("ifd", t, 0.25)[0].tolist() == [2]
+    assert select("full", t, 0.25)[0].tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="clust_rand needs clusters"):
+        select("clust_rand", t, 0.25)
+
+
+trajectories = st.integers(min_value=1, max_value=120).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.floats(1.0, 50.0), min_size=n * 3, max_size=n * 3),
+        st.lists(st.integers(0, 6), min_size=n, max_size=n),
+        st.sampled_from([0.01, 0.05, 0.1, 0.25, 0.33, 0.5, 1.0]),
+        st.sampled_from(["low", "mid", "high"]),
+        st.sampled_from(["lp", "lp_app", "ppl_high", "clust_rand", "random"]),
+        st.integers(0, 10),
+    )
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(trajectories)
+def test_selection_properties(args):
+    flat, clusters, budget, chunk, method, seed = args
+    n = len(clusters)
+    P = np.array(flat).reshape(n, 3)
+    clusters = np.array(clusters)
+    ids = np.array([f"id{i}" for i in range(n)])
+    t = Trajectories(ids=ids, P=P, n_tokens=np.full(n, 4))
+    idx, info = select(method, t, budget, clusters=clusters, chunk=chunk, seed=seed)
+    k = n_chunks(budget)
+    which = {"low": 0, "mid": k // 2, "high": k - 1}[chunk if method not in ("random",) else chunk]
+    # size = sum over clusters of that cluster's chosen array_split chunk
+    groups = clusters if method != "random" else np.zeros(n, dtype=int)
+    expected = sum(len(np.array_split(np.arange((groups == c).sum()), k)[which]) for c in np.unique(groups))
+    assert len(idx) == expected == info["selected"]
+    assert len(set(idx.tolist())) == len(idx) and set(ids[idx]) <= set(ids)  # a subset, no repeats
+    again, _ = select(method, t, budget, clusters=clusters, chunk=chunk, seed=seed)
+    assert np.array_equal(idx, again)  # deterministic for a seed
