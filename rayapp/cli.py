@@ -37,6 +37,10 @@ def _stage_fn(name: str) -> Callable[[RunConfig, bool], dict]:
         from rayapp.select.stage import run_select
 
         return lambda cfg, force: run_select(cfg, force=force)
+    if name == "finetune":
+        from rayapp.finetune.stage import run_finetune
+
+        return lambda cfg, force: run_finetune(cfg, force=force)
     raise StageNotBuilt(f"stage '{name}' is not built yet in this version of rayapp")
 
 
@@ -92,18 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_stages(cfg: RunConfig, names: list[str], force: bool) -> int:
-    results = {}
+    from rayapp.summary import print_summary
+
+    results: dict = {}
+    timings: dict = {}
+    t_all = time.perf_counter()
     for name in names:
         try:
             fn = _stage_fn(name)
         except StageNotBuilt as exc:
-            print(f"[run] {exc}; stopping after {list(results) or 'nothing'}")
+            print(f"[run] {exc}; stopping after {', '.join(results) or 'nothing'}")
             break
         t0 = time.perf_counter()
-        print(f"[run] === {name} ===")
+        print(f"[run] === {name} ===", flush=True)
         results[name] = fn(cfg, force)
-        print(f"[run] {name} done in {time.perf_counter() - t0:.1f}s")
-    print(f"[run] outputs in {cfg.output_dir}")
+        timings[name] = time.perf_counter() - t0
+        print(f"[run] {name} done in {timings[name]:.1f}s", flush=True)
+    print_summary(cfg, results, timings, time.perf_counter() - t_all)
     return 0
 
 

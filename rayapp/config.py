@@ -182,7 +182,9 @@ class TrainConfig(_Strict):
     activation_checkpointing: bool = False
     cpu_offload: bool = False
     seed: int = 42
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(0, ge=-1, description="Ray Train restarts from the latest checkpoint (-1: forever)")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="Sharded checkpoint cadence (also at epoch ends)")
+    eval_rows: int = Field(64, ge=0, description="Rows scored after training to report eval_loss (0: skip)")
     log_every_steps: int = Field(10, ge=1)
     peak_flops: float | None = Field(None, description="Per-device peak FLOP/s for MFU (e.g. 989e12 H100 bf16)")
 
@@ -262,6 +264,14 @@ class RunConfig(_Strict):
     select: SelectConfig = SelectConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @field_validator("output_dir")
+    @classmethod
+    def _absolute_local(cls, v: str) -> str:
+        # Ray workers run in their own working directories: local paths must be absolute.
+        import os
+
+        return v if "://" in v else os.path.abspath(os.path.expanduser(v))
 
     def digest(self) -> str:
         """Stable hash of the whole config (for provenance)."""

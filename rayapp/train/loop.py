@@ -103,6 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- resume from the newest complete sharded checkpoint, if any
     ckpt_root = config["checkpoint_dir"]
     start_epoch, start_batch, global_step = 0, 0, 0
+    resumed_from = None
     latest = ck.latest_complete(ckpt_root)
     if latest is not None:
         path, progress = latest
@@ -111,6 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
         dcp.load(state, checkpoint_id=path)
         set_state_dict(train_model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         start_epoch, start_batch, global_step = progress["epoch"], progress["batch_in_epoch"], progress["global_step"]
+        resumed_from = global_step
         for _ in range(global_step):
             scheduler.step()
         _log(rank, f"[{stage}] resumed from {path}: epoch {start_epoch + 1}, step {global_step}/{total_steps}")
@@ -201,9 +203,10 @@ def train_loop_per_worker(config: dict) -> None:
         save_checkpoint(epoch + 1, 0)
         if config.get("export_every_epoch"):
             export(os.path.join(config["export_dir"], f"epoch-{epoch + 1}"), {"epoch": epoch + 1, "step": global_step})
+    eval_loss = _eval_loss(train_model, config, tc, pad_id, device) if config.get("eval_file") else None
     final = os.path.join(config["export_dir"], "final")
-    export(final, {"epoch": tc["epochs"], "step": global_step})
-    ray.train.report({"done": 1, "step": global_step, "loss": last_loss, "params": n_params,
+    export(final, {"epoch": tc["epochs"], "step": global_step, "eval_loss": eval_loss})
+    ray.train.report({"done": 1, "step": global_step, "loss": last_loss, "eval_loss": eval_loss, "params": n_params,
                       "local_params": local_params, "rank": rank, "tokens_seen": tokens_seen})
     if config.get("stats_dir"):
         import json
@@ -212,4 +215,23 @@ def train_loop_per_worker(config: dict) -> None:
         with open(os.path.join(config["stats_dir"], f"rank-{rank}.json"), "w") as f:
             json.dump({"rank": rank, "world": world, "params": n_params, "local_params": local_params,
                        "global_step": global_step, "total_steps": total_steps, "last_loss": last_loss,
-                       "sharded": sharded}, f)
+                       "eval_loss": eval_loss, "resumed_from_step": resumed_from, "sharded": sharded}, f)
+
+
+def _eval_loss(model, config: dict, tc: dict, pad_id: int, device: str) -> float:
+    """Mean response-token loss over the first ``eval_rows`` rows of ``eval_file``; every rank runs
+    the same rows (FSDP forward passes are collective), so every rank gets the same number."""
+    from rayapp.common import storage
+    from rayapp.score.losses import batch_losses, pad_batch
+
+    rows = storage.read_parquet(config["eval_file"], ["input_ids", "labels"]).slice(0, tc["eval_rows"]).to_pylist()
+    model.eval()
+    total, count = 0.0, 0
+    for lo in range(0, len(rows), 8):
+        chunk = rows[lo : lo + 8]
+        ids, labels, mask = pad_batch([r["input_ids"] for r in chunk], [r["labels"] for r in chunk], pad_id)
+        s, n = batch_losses(model, ids.to(device), labels.to(device), mask.to(device))
+        total += float(s.sum())
+        count += int(n.sum())
+    model.train()
+    return total / max(count, 1)

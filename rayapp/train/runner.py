@@ -18,7 +18,8 @@ def run_training(
     work_dir: str,
     export_every_epoch: bool,
     trust_remote_code: bool = False,
-    checkpoint_every_steps: int | None = None,
+    eval_file: str | None = None,
+    runtime_env: dict | None = None,
 ) -> dict:
     """Fine-tune ``init_model`` on the prepared rows in ``train_files``.
 
@@ -54,7 +55,8 @@ def run_training(
             "export_dir": os.path.join(work_dir, "exports"),
             "stats_dir": os.path.join(work_dir, "stats"),
             "export_every_epoch": export_every_epoch,
-            "checkpoint_every_steps": checkpoint_every_steps,
+            "checkpoint_every_steps": train_cfg.checkpoint_every_steps,
+            "eval_file": eval_file,
             "trust_remote_code": trust_remote_code,
         },
         torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
@@ -66,10 +68,13 @@ def run_training(
             storage_path=os.path.join(work_dir, "ray_train"),
             failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env=runtime_env,
         ),
         datasets={"train": ds},
     )
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"{stage}: training failed: {result.error}")
-    return dict(result.metrics or {})
+    stats_file = os.path.join(work_dir, "stats", "rank-0.json")
+    stats = storage.read_json(stats_file) if os.path.exists(stats_file) else {}
+    return {**dict(result.metrics or {}), **stats}

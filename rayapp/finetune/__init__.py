@@ -1,0 +1,1 @@
+"""Stage 5, finetune: train the target model on the selection (Ray Train, FSDP2)."""
