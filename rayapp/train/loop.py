@@ -13,7 +13,7 @@ import os
 import time
 
 # Test hook for fault injection: a worker raises once the run reaches this global step (0 = never),
-# and only if no checkpoint at or after that step exists yet (so the restarted attempt goes on).
+# once per run (a marker beside the checkpoints records it, so the restarted attempt goes on).
 FAIL_AT_STEP_ENV = "RAYAPP_TEST_TRAIN_FAIL_AT_STEP"
 
 
@@ -142,7 +142,8 @@ def train_loop_per_worker(config: dict) -> None:
             dist.barrier()
 
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
-    if fail_at and latest is not None and latest[1]["global_step"] >= fail_at:
+    fault_marker = os.path.join(ckpt_root, ".fault_injected")
+    if fail_at and os.path.exists(fault_marker):
         fail_at = 0
 
     shard = ray.train.get_dataset_shard("train")
@@ -184,6 +185,8 @@ def train_loop_per_worker(config: dict) -> None:
             global_step += 1
             last_loss, loss_acc, micro = loss_acc * accum / micro, 0.0, 0
             if fail_at and global_step >= fail_at:
+                os.makedirs(ckpt_root, exist_ok=True)
+                open(fault_marker, "w").close()
                 raise RuntimeError(f"injected training fault at step {global_step} ({FAIL_AT_STEP_ENV})")
             if global_step % tc["log_every_steps"] == 0 or global_step == total_steps:
                 dt = max(time.perf_counter() - t_log, 1e-9)

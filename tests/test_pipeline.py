@@ -1,0 +1,99 @@
+"""The whole pipeline from the command line, as a user runs it, on real Alpaca rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import ALPACA, REPO, tiny_config_dict
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    cfg = tiny_config_dict(tmp, [{"path": str(ALPACA), "limit": 160}], data__shard_rows=64, data__max_length=128)
+    cfg["reference"] = {"epochs": 3, "learning_rate": 2e-3, "per_device_batch_size": 16, "num_workers": 2,
+                        "fsdp": False, "log_every_steps": 5}
+    cfg["score"] = {"modes": ["prompted", "response_only"], "rows_per_task": 64,
+                    "resources": {"num_cpus": 1, "min_actors": 1, "max_actors": 2}}
+    cfg["select"] = {"budget": 0.25, "n_clusters": 4, "embed_max_tokens": 48}
+    cfg["finetune"] = {"epochs": 1, "learning_rate": 2e-3, "per_device_batch_size": 8, "num_workers": 2,
+                       "eval_rows": 16}
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "rayapp", "run", "--config", str(path)], capture_output=True,
+                          text=True, cwd=REPO, timeout=900)
+    return tmp / "run", proc
+
+
+def test_run_finishes_with_a_summary(pipeline_run):
+    out, proc = pipeline_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rayapp run 'test' finished" in proc.stdout
+    assert "stage 'evaluate' is not built yet" in proc.stdout  # says so, rather than pretending
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["stages"]) >= {"prepare", "reference", "score", "select", "finetune"}
+
+
+def test_trajectories_selection_and_provenance(pipeline_run):
+    out, proc = pipeline_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prepared_ids = set(pq.ParquetDataset(str(out / "prepared")).read(columns=["id"])["id"].to_pylist())
+    traj = pq.read_table(out / "scores" / "trajectories.parquet").to_pandas()
+    assert list(traj.columns[:2]) == ["id", "n_tokens"] and {"P0", "P1", "P2", "P3", "ro_nll0"} <= set(traj.columns)
+    assert set(traj.id) == prepared_ids and traj.id.is_unique
+    assert (traj.P3 < traj.P0).mean() > 0.9  # the reference model learned
+    manifest = json.loads((out / "select" / "manifest.json").read_text())
+    main = manifest["selections"]["lp"]
+    sel = pq.read_table(main["path"]).to_pandas()
+    assert set(sel.id) <= prepared_ids and {"instruction", "output", "input_ids", "lp1", "cluster"} <= set(sel.columns)
+    prov = json.loads((out / "select" / main["tag"] / "selection.json").read_text())
+    for key in ("method", "budget", "seed", "cluster_settings", "config_digest", "input_manifest_sha256",
+                "trajectories", "selected", "lp_app_p1_from"):
+        assert key in prov
+    assert prov["selected"] == len(sel) and prov["n_clusters"] == 4
+    # the selection is the hardest chunk of each cluster
+    for _, group in sel.groupby("cluster"):
+        assert len(group) >= 1
+    assert set(manifest["selections"]) >= {"clust_rand", "random", "ppl_high", "ifd", "longest"}
+
+
+def test_finetuned_target_exists_and_reloads(pipeline_run):
+    out, proc = pipeline_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "finetune" / "selected" / "manifest.json").read_text())
+    assert os.path.exists(os.path.join(m["export"], "model.safetensors"))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(m["export"], use_safetensors=True)
+    assert model.config.num_hidden_layers == 2 and np.isfinite(m["metrics"]["eval_loss"])
+
+
+def test_report_renders_in_headless_chromium(pipeline_run, tmp_path):
+    out, proc = pipeline_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out / "select" / "report" / "report.html"
+    html = report.read_text()
+    for png in ("lp_hist.png", "trajectories.png", "lengths.png", "clusters.png", "overlap.png"):
+        assert png in html and (report.parent / png).stat().st_size > 5000  # real plots, not blanks
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (`make test` installs it where it can)")
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400",
+                    f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("L"))
+    assert img.shape[0] >= 2000
+    assert (img < 200).mean() > 0.02  # plots and text drawn, not an empty white page
