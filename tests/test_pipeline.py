@@ -46,7 +46,8 @@ def test_run_finishes_with_a_summary(pipeline_run):
 def test_trajectories_selection_and_provenance(pipeline_run):
     out, proc = pipeline_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    prepared_ids = set(pq.ParquetDataset(str(out / "prepared")).read(columns=["id"])["id"].to_pylist())
+    prepared_ids = {i for f in sorted((out / "prepared").glob("shard-*.parquet"))
+                    for i in pq.read_table(f, columns=["id"])["id"].to_pylist()}
     traj = pq.read_table(out / "scores" / "trajectories.parquet").to_pandas()
     assert list(traj.columns[:2]) == ["id", "n_tokens"] and {"P0", "P1", "P2", "P3", "ro_nll0"} <= set(traj.columns)
     assert set(traj.id) == prepared_ids and traj.id.is_unique

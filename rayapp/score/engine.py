@@ -149,7 +149,8 @@ def score_checkpoints(
     # to the end of the run.)
     units = [{"path": storage.join(prepared_dir, f), "checkpoint": name} for name, files in pending.items() for f in files]
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(_read_unit, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    # num_cpus=0: reading one shard is light I/O, and must never wait for CPUs the scoring actors hold
+    ds = ds.map_batches(_read_unit, batch_size=1, batch_format="pyarrow", num_cpus=0)
     from rayapp.score.actor import LossScorer
 
     ds = ds.map_batches(
@@ -178,7 +179,11 @@ def score_checkpoints(
     counts: dict[tuple[str, str], int] = defaultdict(int)
     committed = 0
     t0 = time.perf_counter()
+    t_first = None
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if t_first is None:
+            t_first = time.perf_counter()
+            first_tokens = int(np.asarray(batch["real_tokens"]).sum())
         paths = batch["path"].to_pylist()
         names = batch["checkpoint"].to_pylist()
         keys = [(n, os.path.basename(p)) for n, p in zip(names, paths)]
@@ -209,6 +214,10 @@ def score_checkpoints(
     stats["rows_per_s"] = stats["rows"] / wall
     stats["tokens_per_s"] = stats["real_tokens"] / wall
     stats["padding_fraction"] = stats["pad_tokens"] / padded if padded else 0.0
+    # after the first result: actors are up and models loaded (start-up excluded)
+    steady = time.perf_counter() - t_first if t_first else 0.0
+    stats["steady_tokens_per_s"] = (stats["real_tokens"] - first_tokens) / steady if steady > 0 else 0.0
+    stats["first_result_s"] = (t_first - t0) if t_first else 0.0
     print(
         f"[score] {stats['rows']} row-scores ({len(pending)} checkpoints) in {wall:.1f}s: "
         f"{stats['rows_per_s']:.1f} rows/s, {stats['tokens_per_s']:.0f} tokens/s, "

@@ -57,7 +57,8 @@ def sort_key(method: str, t: Trajectories, lp_epoch: int = 1, seed: int = 42) ->
             raise ValueError("longest needs response lengths")
         return -np.asarray(t.response_length, dtype=np.float64)
     if method in ("random", "clust_rand"):
-        return np.random.default_rng(seed).permutation(n).astype(np.float64)
+        # an independent stream per method: the two random baselines must not share one permutation
+        return np.random.default_rng([seed, METHODS.index(method)]).permutation(n).astype(np.float64)
     if method == "full":
         return np.zeros(n)
     raise ValueError(f"unknown selection method {method!r}; known: {', '.join(METHODS)}")

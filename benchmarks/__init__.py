@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks score` (see benchmarks/README.md)."""
