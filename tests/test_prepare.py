@@ -162,7 +162,7 @@ def test_every_bad_row_is_rejected_with_file_line_field(tmp_path, make_config):
 def test_dedupe_across_sources(tmp_path, make_config):
     rows = alpaca_rows(20)
     a = write_jsonl(tmp_path / "a.jsonl", rows)
-    b = write_jsonl(tmp_path / "b.jsonl", rows[10:] + alpaca_rows(5, start=500))
+    b = write_jsonl(tmp_path / "b.jsonl", rows[10:] + alpaca_rows(5, start=300))
     cfg = make_config([{"path": str(a)}, {"path": str(b)}])
     m = run_prepare(cfg)
     assert m["rows"] == 25 and m["rejected"] == 10
