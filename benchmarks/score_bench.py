@@ -94,6 +94,11 @@ def run(rows: int, out_dir: str) -> dict:
     return results
 
 
+def replot(json_path: str) -> None:
+    with open(json_path) as f:
+        _plot(json.load(f), json_path[: -len(".json")] + ".png")
+
+
 def _plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -102,10 +107,14 @@ def _plot(results: dict, path: str) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     runs = results["runs"]
-    a.bar([f"{r['actors']} actor{'s' if r['actors'] > 1 else ''}" for r in runs], [r["tokens_per_s"] for r in runs],
-          color=["#7f8c8d", "#2c7fb8"])
+    x = np.arange(len(runs))
+    a.bar(x - 0.2, [r["tokens_per_s"] for r in runs], 0.4, color="#7f8c8d", label="end to end (start-up included)")
+    a.bar(x + 0.2, [r.get("steady_tokens_per_s", 0) for r in runs], 0.4, color="#2c7fb8", label="steady state")
+    a.set_xticks(x, [f"{r['actors']} actor{'s' if r['actors'] > 1 else ''}" for r in runs])
     a.set_ylabel("scored tokens / s")
-    a.set_title(f"Scoring throughput ({results['machine']['cpus']} CPUs; x{results['speedup_2_vs_1']:.2f})")
+    steady = runs[-1].get("steady_tokens_per_s", 0) / max(runs[0].get("steady_tokens_per_s", 1), 1e-9)
+    a.set_title(f"Scoring, {results['machine']['cpus']} CPUs: x{results['speedup_2_vs_1']:.2f} end to end, x{steady:.2f} steady")
+    a.legend(fontsize=8)
     p = results["padding_alpaca"]
     b.bar(["token budget\n(sorted, 8192 tok)", f"fixed batches\n({p['fixed_batch_rows']} rows)"],
           [100 * p["token_budget_padding_fraction"], 100 * p["fixed_batch_padding_fraction"]], color=["#2c7fb8", "#c0392b"])
