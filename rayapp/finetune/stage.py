@@ -63,15 +63,7 @@ def run_finetune(cfg: RunConfig, force: bool = False, runtime_env: dict | None =
         m = storage.read_json(manifest_uri)
         print(f"[finetune] up to date: {m['export']}")
         return m
-    marker = os.path.join(work, "fingerprint.txt")
-    if force or (os.path.exists(marker) and open(marker).read().strip() != fp):
-        import shutil
-
-        for sub in ("checkpoints", "exports", "stats", "ray_train"):
-            shutil.rmtree(os.path.join(work, sub), ignore_errors=True)
-    os.makedirs(work, exist_ok=True)
-    with open(marker, "w") as f:
-        f.write(fp)
+    ck.claim_work_dir(work, fp, force)
     print(f"[finetune] target {init_model} on {what}; FSDP={'on' if fc.fsdp else 'off'}, {fc.num_workers} workers")
     init_ray(cfg)
     eval_file = storage.join(layout.prepared, prepared["shards"][-1]["file"])

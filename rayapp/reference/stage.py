@@ -30,15 +30,7 @@ def run_reference(cfg: RunConfig, force: bool = False) -> dict:
     if not force and storage.exists(manifest_uri) and storage.read_json(manifest_uri).get("fingerprint") == fp:
         print(f"[reference] up to date: {cfg.reference.epochs} epochs at {work}/exports")
         return storage.read_json(manifest_uri)
-    marker = os.path.join(work, "fingerprint.txt")
-    if force or (os.path.exists(marker) and open(marker).read().strip() != fp):
-        import shutil  # inputs or settings changed: old checkpoints must not be resumed from
-
-        for sub in ("checkpoints", "exports", "stats", "ray_train"):
-            shutil.rmtree(os.path.join(work, sub), ignore_errors=True)
-    os.makedirs(work, exist_ok=True)
-    with open(marker, "w") as f:
-        f.write(fp)
+    ck.claim_work_dir(work, fp, force)
 
     init_ray(cfg)
     files = [storage.join(layout.prepared, s["file"]) for s in prepared["shards"]]

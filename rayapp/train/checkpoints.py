@@ -64,3 +64,19 @@ def prune(ckpt_root: str, keep: int) -> None:
     )
     for old in steps[keep:]:
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+
+
+def claim_work_dir(work: str, fingerprint: str, force: bool) -> None:
+    """Make ``work`` ready for a training run with these inputs. When the inputs or settings
+    changed (or ``force``), old checkpoints and exports are removed so they are never resumed from;
+    otherwise they stay, and the run resumes from them."""
+    import shutil
+
+    marker = os.path.join(work, "fingerprint.txt")
+    stale = os.path.exists(marker) and open(marker).read().strip() != fingerprint
+    if force or stale:
+        for sub in ("checkpoints", "exports", "stats", "ray_train"):
+            shutil.rmtree(os.path.join(work, sub), ignore_errors=True)
+    os.makedirs(work, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(fingerprint)
