@@ -15,6 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# the selection methods are defined once, by the pure selection math
+from rayapp.select.strategies import METHODS as SELECT_METHODS
+
 
 class ConfigError(ValueError):
     """A configuration problem, with a message that names the key."""
@@ -193,7 +196,6 @@ class ReferenceConfig(TrainConfig):
     pass
 
 
-SELECT_METHODS = ("lp", "lp_app", "ppl_high", "ppl_low", "ifd", "longest", "random", "clust_rand", "full")
 
 
 class SelectConfig(_Strict):

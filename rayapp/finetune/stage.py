@@ -12,7 +12,7 @@ from rayapp.common.raycluster import init_ray
 from rayapp.config import RunConfig
 from rayapp.models import registry
 from rayapp.models.loading import load_tokenizer
-from rayapp.score.stage import MissingInputError, read_prepared_manifest
+from rayapp.common.manifests import MissingInputError, read_prepared_manifest
 from rayapp.train import checkpoints as ck
 from rayapp.train.runner import run_training
 

@@ -10,7 +10,7 @@ from rayapp.common.layout import RunLayout
 from rayapp.common.raycluster import init_ray
 from rayapp.config import RunConfig
 from rayapp.models import registry
-from rayapp.score.stage import read_prepared_manifest
+from rayapp.common.manifests import read_prepared_manifest
 from rayapp.train import checkpoints as ck
 from rayapp.train.runner import run_training
 

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 from rayapp.common import storage
 from rayapp.common.layout import RunLayout
+from rayapp.common.manifests import MissingInputError, read_prepared_manifest
 from rayapp.common.raycluster import init_ray
 from rayapp.config import RunConfig
 from rayapp.models.loading import load_tokenizer
 from rayapp.score.engine import Checkpoint, checkpoint_uid, score_checkpoints
 from rayapp.score.trajectories import build_trajectories
-
-
-class MissingInputError(RuntimeError):
-    pass
-
-
-def read_prepared_manifest(layout: RunLayout) -> dict:
-    if not storage.exists(layout.prepared_manifest):
-        raise MissingInputError(f"no prepared data at {layout.prepared}: run `rayapp prepare` first")
-    return storage.read_json(layout.prepared_manifest)
 
 
 def reference_checkpoints(layout: RunLayout) -> list[Checkpoint]:

@@ -112,7 +112,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> dict:
         prepared = None
         source = {"trajectories": sc.trajectories, "prefix": sc.trajectory_prefix, "sha256": traj_digest}
     else:
-        from rayapp.score.stage import read_prepared_manifest
+        from rayapp.common.manifests import read_prepared_manifest
 
         prepared = read_prepared_manifest(layout)
         traj = load_run_trajectories(layout)
@@ -216,8 +216,9 @@ def run_select(cfg: RunConfig, force: bool = False) -> dict:
         order = np.argsort(lp[eligible], kind="stable")
         pos = np.nonzero(eligible)[0][order]
         pick = np.concatenate([pos[:5], pos[-5:]]) if len(pos) > 10 else pos
+        wanted = set(traj.ids[pick])
         text = {r["id"]: r for r in prepared_table.select(["id", "instruction", "output"]).to_pylist()
-                if r["id"] in set(traj.ids[pick])}
+                if r["id"] in wanted}
         examples = [{"lp": float(lp[i]), **text[traj.ids[i]]} for i in pick]
     report_dir = storage.local_path(storage.join(layout.selection, "report"))
     if storage.is_remote(report_dir):
