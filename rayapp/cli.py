@@ -16,10 +16,6 @@ from rayapp.config import ConfigError, RunConfig, dump_config, load_config
 STAGES = ["prepare", "reference", "score", "select", "finetune", "evaluate"]
 
 
-class StageNotBuilt(RuntimeError):
-    pass
-
-
 def _stage_fn(name: str) -> Callable[[RunConfig, bool], dict]:
     if name == "prepare":
         from rayapp.prepare.stage import run_prepare
@@ -41,7 +37,11 @@ def _stage_fn(name: str) -> Callable[[RunConfig, bool], dict]:
         from rayapp.finetune.stage import run_finetune
 
         return lambda cfg, force: run_finetune(cfg, force=force)
-    raise StageNotBuilt(f"stage '{name}' is not built yet in this version of rayapp")
+    if name == "evaluate":
+        from rayapp.evaluate.stage import run_evaluate
+
+        return lambda cfg, force: run_evaluate(cfg, force=force)
+    raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--reference", required=True, help="the model others are compared against, e.g. opt-13b")
     cmp_.add_argument("--models", required=True, help="comma-separated models, e.g. opt-350m,opt-1.3b")
     cmp_.add_argument("--out", help="write the table (Markdown) and plot (PNG) here")
+    jr = sub.add_parser("judge-report", help="win / tie / lose from existing pairwise judgments (JSONL)")
+    jr.add_argument("--judgments", required=True,
+                    help="a .jsonl file or a folder of them (one per set): fields review, review_reverse")
+    jr.add_argument("--names", default="model 1,model 2", help="names of the answer_1 and answer_2 models")
+    jr.add_argument("--out", help="write the table (Markdown) and plot (PNG) here")
     show = sub.add_parser("config", help="print the validated config with overrides applied")
     show.add_argument("--config", "-c", required=True)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -102,14 +107,15 @@ def _run_stages(cfg: RunConfig, names: list[str], force: bool) -> int:
     timings: dict = {}
     t_all = time.perf_counter()
     for name in names:
-        try:
-            fn = _stage_fn(name)
-        except StageNotBuilt as exc:
-            print(f"[run] {exc}; stopping after {', '.join(results) or 'nothing'}")
-            break
+        fn = _stage_fn(name)
         t0 = time.perf_counter()
         print(f"[run] === {name} ===", flush=True)
-        results[name] = fn(cfg, force)
+        if name == "finetune" and "evaluate" in names:
+            from rayapp.finetune.stage import run_finetune_subsets
+
+            results[name] = run_finetune_subsets(cfg, force)
+        else:
+            results[name] = fn(cfg, force)
         timings[name] = time.perf_counter() - t0
         print(f"[run] {name} done in {timings[name]:.1f}s", flush=True)
     print_summary(cfg, results, timings, time.perf_counter() - t_all)
@@ -152,6 +158,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "compare":
         return _compare(args)
+    if args.command == "judge-report":
+        from rayapp.evaluate.judge_report import main as judge_report
+
+        names = [n.strip() for n in args.names.split(",")]
+        if len(names) != 2:
+            print("rayapp judge-report: error: --names takes two names, e.g. --names lp-selected,full", file=sys.stderr)
+            return 2
+        try:
+            return judge_report(args.judgments, names[0], names[1], args.out)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"rayapp judge-report: error: {exc}", file=sys.stderr)
+            return 1
     if args.command == "select" and args.trajectories:
         args.overrides = [f"select.trajectories={args.trajectories}",
                           f"select.trajectory_prefix={args.model + '_' if args.model else ''}"] + args.overrides
@@ -167,12 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             stages = STAGES if not args.until else STAGES[: STAGES.index(args.until) + 1]
             return _run_stages(cfg, stages, args.force)
-        try:
-            fn = _stage_fn(args.command)
-        except StageNotBuilt as exc:
-            print(f"rayapp: {exc}", file=sys.stderr)
-            return 3
-        fn(cfg, args.force)
+        _stage_fn(args.command)(cfg, args.force)
         return 0
     except KeyboardInterrupt:
         print("rayapp: interrupted", file=sys.stderr)

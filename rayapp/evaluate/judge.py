@@ -1,0 +1,135 @@
+"""Judges that rate two answers to one prompt, writing the two scores on their first line.
+
+- ``EndpointJudge``: a judge model behind an OpenAI-compatible chat endpoint (``vllm serve``,
+  Ray Serve LLM, or a hosted API). The API key comes from an environment variable, never a file.
+- ``ReferenceJudge``: no model; rates each answer 1-10 by ROUGE-L F1 against the set's reference
+  answer. It exists so the embedded default (no judge model on a laptop) still ends in a real,
+  clearly labelled table; prompts without a reference are counted as unjudged.
+
+``judge_pairs`` asks for both presentation orders of every prompt and never guesses a verdict.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+from rayapp.config import JudgeConfig
+from rayapp.evaluate.verdicts import Unparseable, verdict_from_reviews
+
+JUDGE_SYSTEM = "You are a careful, impartial reviewer of answers written by AI assistants."
+
+# The pairwise review protocol of this line of work, in our words: both answers rated 1-10,
+# the two scores alone on the first line, the reasons after.
+JUDGE_TEMPLATE = """[Question]
+{question}
+
+[Assistant 1's answer starts]
+{answer_1}
+[Assistant 1's answer ends]
+
+[Assistant 2's answer starts]
+{answer_2}
+[Assistant 2's answer ends]
+
+[Task]
+Rate how helpful, relevant, accurate and detailed each assistant's answer to the question is, \
+on a scale from 1 to 10 where higher is better.
+On the first line write only the two scores, Assistant 1's then Assistant 2's, separated by a space.
+From the second line on, explain your ratings. Judge the content only: the order in which the \
+answers appear and their length must not sway you."""
+
+
+class JudgeError(RuntimeError):
+    pass
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+class EndpointJudge:
+    kind = "endpoint"
+
+    def __init__(self, cfg: JudgeConfig):
+        from openai import OpenAI
+
+        if not cfg.base_url or not cfg.model:
+            raise JudgeError("evaluate.judge.base_url and evaluate.judge.model are required for an endpoint judge")
+        key = os.environ.get(cfg.api_key_env)
+        if not key:
+            if not _is_loopback(cfg.base_url):
+                raise JudgeError(f"the judge at {cfg.base_url} needs an API key: set the environment "
+                                 f"variable {cfg.api_key_env} (keys are never read from config files)")
+            key = "unused"  # a local `vllm serve` without --api-key accepts any key
+        self.cfg = cfg
+        self.name = f"{cfg.model} @ {cfg.base_url}"
+        self.client = OpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=cfg.retries)
+
+    def review(self, question: str, answer_1: str, answer_2: str, reference: str | None = None) -> str:
+        resp = self.client.chat.completions.create(
+            model=self.cfg.model,
+            messages=[{"role": "system", "content": JUDGE_SYSTEM},
+                      {"role": "user", "content": JUDGE_TEMPLATE.format(
+                          question=question, answer_1=answer_1, answer_2=answer_2)}],
+            temperature=self.cfg.temperature,
+            max_tokens=self.cfg.max_tokens,
+        )
+        return resp.choices[0].message.content or ""
+
+
+class NoReference(Exception):
+    """The reference judge cannot rate a prompt that has no reference answer."""
+
+
+class ReferenceJudge:
+    kind = "reference"
+    name = "ROUGE-L F1 against the reference answer (no judge model)"
+
+    def __init__(self, cfg: JudgeConfig | None = None):
+        from rouge_score import rouge_scorer
+
+        self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def rouge_l(self, answer: str, reference: str) -> float:
+        return self.scorer.score(reference, answer)["rougeL"].fmeasure
+
+    def review(self, question: str, answer_1: str, answer_2: str, reference: str | None = None) -> str:
+        if not reference:
+            raise NoReference()
+        r1, r2 = self.rouge_l(answer_1, reference), self.rouge_l(answer_2, reference)
+        # 1 + 9*F1, to one decimal: the same first-line format a judge model writes
+        s1, s2 = round(1 + 9 * r1, 1), round(1 + 9 * r2, 1)
+        return f"{s1:g} {s2:g}\nROUGE-L F1 against the reference: assistant 1 {r1:.3f}, assistant 2 {r2:.3f}."
+
+
+def make_judge(cfg: JudgeConfig):
+    return ReferenceJudge(cfg) if cfg.kind == "reference" else EndpointJudge(cfg)
+
+
+def judge_pairs(judge, items: list[dict], max_concurrency: int = 8) -> list[dict]:
+    """Judge each ``{set, id, question, reference, answer_a, answer_b}`` in both orders.
+
+    Returns one record per prompt with both raw judge texts and the verdict for model A:
+    win / tie / lose, 'unparseable' (a text whose scores cannot be read; its reason is kept),
+    or 'unjudged' (the judge could not be asked, e.g. no reference answer).
+    """
+
+    def one(item: dict) -> dict:
+        rec = {k: item[k] for k in ("set", "id")}
+        try:
+            ab = judge.review(item["question"], item["answer_a"], item["answer_b"], item.get("reference"))
+            ba = judge.review(item["question"], item["answer_b"], item["answer_a"], item.get("reference"))
+        except NoReference:
+            return {**rec, "review_ab": None, "review_ba": None, "verdict": "unjudged", "reason": "no reference answer"}
+        rec.update(review_ab=ab, review_ba=ba)
+        try:
+            rec.update(verdict=verdict_from_reviews(ab, ba), reason=None)
+        except Unparseable as exc:
+            rec.update(verdict="unparseable", reason=str(exc))
+        return rec
+
+    with ThreadPoolExecutor(max_workers=max(1, max_concurrency)) as pool:
+        return list(pool.map(one, items))

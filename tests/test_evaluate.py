@@ -1,0 +1,125 @@
+"""Evaluation: the hf generation backend on a real local Ray cluster, and the judge client against
+a real HTTP server on 127.0.0.1 (a scripted one here for deterministic answers; `vllm serve` in
+test_vllm.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rayapp.config import GenerationConfig, JudgeConfig
+from rayapp.evaluate.evalsets import BUILTIN_SETS, EvalSetError, load_eval_set, resolve_set
+from rayapp.evaluate.judge import EndpointJudge, JudgeError, ReferenceJudge, judge_pairs
+from tests.conftest import SHARED
+from tests.judge_server import ScriptedJudgeServer
+
+
+def _items():
+    return [
+        {"set": "s", "id": "1", "question": "q1", "answer_a": "a GOOD answer", "answer_b": "meh"},
+        {"set": "s", "id": "2", "question": "q2", "answer_a": "meh", "answer_b": "GOOD too"},
+        {"set": "t", "id": "3", "question": "q3", "answer_a": "GOOD", "answer_b": "also GOOD"},
+    ]
+
+
+def _endpoint(server, model, **kw):
+    return EndpointJudge(JudgeConfig(kind="endpoint", base_url=server.base_url, model=model, **kw))
+
+
+def test_judge_both_orders_and_verdicts(monkeypatch):
+    monkeypatch.setenv("RAYAPP_TEST_JUDGE_KEY", "sk-test-123")
+    with ScriptedJudgeServer() as server:
+        records = judge_pairs(_endpoint(server, "fair", api_key_env="RAYAPP_TEST_JUDGE_KEY"), _items(), 2)
+        assert [r["verdict"] for r in records] == ["win", "lose", "tie"]
+        assert len(server.requests) == 6  # every prompt judged in both orders
+        assert all(r["auth"] == "Bearer sk-test-123" for r in server.requests)
+        # order (B, A) really shows B's answer first
+        second = [r for r in server.requests if "q1" in r["body"]["messages"][-1]["content"]]
+        firsts = [r["body"]["messages"][-1]["content"].split("answer starts]\n")[1].split("\n")[0] for r in second]
+        assert sorted(firsts) == ["a GOOD answer", "meh"]
+    assert all(r["review_ab"] and r["review_ba"] for r in records)  # raw judge text kept
+
+
+def test_position_biased_judge_gives_ties():
+    with ScriptedJudgeServer() as server:
+        records = judge_pairs(_endpoint(server, "biased"), _items())
+    assert [r["verdict"] for r in records] == ["tie", "tie", "tie"]
+
+
+def test_unparseable_judgments_are_counted_not_guessed():
+    with ScriptedJudgeServer() as server:
+        records = judge_pairs(_endpoint(server, "garbled"), _items())
+    assert [r["verdict"] for r in records] == ["unparseable"] * 3
+    assert all("first line" in r["reason"] and r["review_ab"].startswith("Both") for r in records)
+
+
+def test_client_retries_server_errors():
+    with ScriptedJudgeServer() as server:
+        records = judge_pairs(_endpoint(server, "flaky", retries=2), _items()[:1], 1)
+        assert records[0]["verdict"] == "win"
+        assert len(server.requests) == 4  # two failures retried
+
+
+def test_remote_judge_needs_key_from_environment(monkeypatch):
+    monkeypatch.delenv("RAYAPP_NO_SUCH_KEY", raising=False)
+    with pytest.raises(JudgeError, match="RAYAPP_NO_SUCH_KEY"):
+        EndpointJudge(JudgeConfig(kind="endpoint", base_url="https://judge.example.com/v1", model="m",
+                                  api_key_env="RAYAPP_NO_SUCH_KEY"))
+    with pytest.raises(Exception, match="api_key"):  # a key in a config file is refused outright
+        JudgeConfig(kind="endpoint", base_url="http://127.0.0.1:1/v1", model="m", api_key="sk-oops")
+
+
+def test_reference_judge_rates_by_rouge():
+    j = ReferenceJudge()
+    recs = judge_pairs(j, [{"set": "s", "id": "1", "question": "q", "reference": "the cat sat on the mat",
+                            "answer_a": "the cat sat on a mat", "answer_b": "dogs bark"},
+                           {"set": "s", "id": "2", "question": "q", "reference": None,
+                            "answer_a": "x", "answer_b": "y"}])
+    assert [r["verdict"] for r in recs] == ["win", "unjudged"]
+
+
+def test_builtin_eval_sets_load():
+    sizes = {"vicuna": 80, "koala": 180, "wizardlm": 218, "sinstruct": 252, "lima": 300}
+    for name, n in sizes.items():
+        _, path, field, id_field = resolve_set(name, str(SHARED / "eval"), "prompt")
+        rows = load_eval_set(name, path, field, id_field)
+        assert len(rows) == n and all(r["instruction"].strip() for r in rows)
+        assert len({r["id"] for r in rows}) == n
+    sinstruct = load_eval_set("sinstruct", str(SHARED / "eval" / BUILTIN_SETS["sinstruct"].file), "instruction", "id")
+    assert all(r["reference"] for r in sinstruct) and any(r["input"] for r in sinstruct)
+
+
+def test_custom_jsonl_set_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "mine.jsonl"
+    p.write_text(json.dumps({"question": "hi"}) + "\n" + json.dumps({"q": "x"}) + "\n")
+    name, path, field, _ = resolve_set(str(p), "unused", "question")
+    with pytest.raises(EvalSetError, match=r"mine.jsonl:2: field 'question' is missing"):
+        load_eval_set(name, path, field)
+    with pytest.raises(EvalSetError, match="unknown evaluation set"):
+        resolve_set("nope", "unused", "prompt")
+
+
+def test_hf_backend_generates_on_ray(ray_local, make_config):
+    from rayapp.evaluate.generate import generate
+    from rayapp.models import registry
+    from rayapp.models.tiny import train_tokenizer
+    from tests.conftest import alpaca_rows
+
+    cfg = make_config([{"path": "unused.jsonl"}])
+    rows = alpaca_rows(200)
+    import os
+
+    train_tokenizer((r["instruction"] + " " + r["output"] for r in rows), 512, registry.tokenizer_source(cfg))
+    model = registry.model_source(cfg, "target")
+    prompts = [{"set": "s", "id": str(i), "prompt": f"### Instruction:\n{r['instruction']}\n\n### Response:"}
+               for i, r in enumerate(rows[:10])]
+    gen = GenerationConfig(max_new_tokens=12, batch_size=4, temperature=0.8, seed=7,
+                           resources={"num_cpus": 1, "min_actors": 1, "max_actors": 1})
+    out, stats = generate(prompts, model, gen)
+    assert [r["id"] for r in out] == [p["id"] for p in prompts]  # input order kept
+    assert all(0 < r["new_tokens"] <= 12 and isinstance(r["answer"], str) for r in out)
+    assert stats["new_tokens"] == sum(r["new_tokens"] for r in out) and stats["new_tokens_per_s"] > 0
+    again, _ = generate(prompts, model, gen)
+    assert [r["answer"] for r in again] == [r["answer"] for r in out]  # seeded: reproducible
+    assert os.path.isdir(model)
