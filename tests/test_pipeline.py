@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import ALPACA, REPO, tiny_config_dict
+from tests.conftest import ALPACA, REPO, SHARED, tiny_config_dict
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,11 @@ def pipeline_run(tmp_path_factory):
     cfg["select"] = {"budget": 0.25, "n_clusters": 4, "embed_max_tokens": 48}
     cfg["finetune"] = {"epochs": 1, "learning_rate": 2e-3, "per_device_batch_size": 8, "num_workers": 2,
                        "eval_rows": 16}
+    cfg["evaluate"] = {"models": ["selected", "full"], "sets": ["sinstruct", "vicuna"], "max_prompts": 6,
+                       "eval_dir": str(SHARED / "eval"),
+                       "generation": {"max_new_tokens": 16, "batch_size": 12, "temperature": 0.7, "top_p": 0.9,
+                                      "repetition_penalty": 1.2},
+                       "judge": {"kind": "reference"}}
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, "-m", "rayapp", "run", "--config", str(path)], capture_output=True,
@@ -38,9 +43,28 @@ def test_run_finishes_with_a_summary(pipeline_run):
     out, proc = pipeline_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rayapp run 'test' finished" in proc.stdout
-    assert "stage 'evaluate' is not built yet" in proc.stdout  # says so, rather than pretending
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["stages"]) >= {"prepare", "reference", "score", "select", "finetune"}
+    assert set(summary["stages"]) >= {"prepare", "reference", "score", "select", "finetune", "evaluate"}
+    # ends with the win / tie / lose table of the LP selection against the full set
+    assert "| set (selected vs full) | win | tie | lose |" in proc.stdout.split("finished in")[-1]
+
+
+def test_evaluation_compares_selected_with_full(pipeline_run):
+    out, proc = pipeline_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full = json.loads((out / "finetune" / "full" / "manifest.json").read_text())
+    selected = json.loads((out / "finetune" / "selected" / "manifest.json").read_text())
+    assert full["rows"] == json.loads((out / "prepared" / "manifest.json").read_text())["rows"] > selected["rows"]
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    pair = results["pairs"]["selected vs full"]
+    assert pair["sinstruct"]["judged"] + pair["sinstruct"]["unparseable"] == 6
+    assert pair["vicuna"]["unjudged"] == 6  # no reference answers there: counted, not guessed
+    assert set(results["rouge_l"]) == {"selected", "full"}
+    for m in ("selected", "full"):
+        gens = pq.read_table(out / "evaluate" / "generations" / f"{m}.parquet").to_pylist()
+        assert len(gens) == 12 and all(isinstance(g["answer"], str) for g in gens)
+    assert (out / "evaluate" / "results.png").stat().st_size > 5000
+    assert "selected vs full" in (out / "evaluate" / "report.html").read_text()
 
 
 def test_trajectories_selection_and_provenance(pipeline_run):

@@ -101,11 +101,33 @@ def generate_hf(rows: list[dict], model_path: str, gen: GenerationConfig, max_po
     return ds.take_all()
 
 
+def fit_prompts(rows: list[dict], model_path: str, max_new_tokens: int, max_positions: int | None,
+                trust_remote_code: bool = False) -> tuple[list[dict], int]:
+    """Cut over-long prompts from the left (keeping the question at their end) so prompt plus
+    answer fit the model's context; vLLM would reject them otherwise."""
+    from transformers import AutoConfig
+
+    from rayapp.models.loading import load_tokenizer
+
+    limit = max_positions or getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code),
+                                     "max_position_embeddings", None) or 2048
+    budget = max(8, limit - max_new_tokens - 1)  # -1: the BOS the engine adds
+    tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    out = []
+    for row in rows:
+        ids = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        if len(ids) > budget:
+            row = {**row, "prompt": tok.decode(ids[-budget:])}
+        out.append(row)
+    return out, limit
+
+
 def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_positions: int | None) -> list[dict]:
     """Through ``ray.data.llm``: it sizes placement groups for tensor parallelism itself."""
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    rows, max_positions = fit_prompts(rows, model_path, gen.max_new_tokens, max_positions)
     engine_kwargs = dict(tensor_parallel_size=gen.tensor_parallel_size, dtype=gen.dtype if gen.dtype != "auto" else "auto",
                          gpu_memory_utilization=gen.gpu_memory_utilization, seed=gen.seed,
                          enforce_eager=gen.enforce_eager)
@@ -124,8 +146,6 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
     sampling = dict(temperature=gen.temperature, top_p=gen.top_p if gen.temperature > 0 else 1.0,
                     max_tokens=gen.max_new_tokens, seed=gen.seed,
                     repetition_penalty=gen.repetition_penalty, stop=list(gen.stop) or None)
-    if max_positions:
-        sampling["truncate_prompt_tokens"] = max(8, max_positions - gen.max_new_tokens)
     processor = build_processor(
         config,
         preprocess=lambda row: dict(prompt=row["prompt"], sampling_params=sampling),

@@ -124,6 +124,13 @@ def judge_pairs(judge, items: list[dict], max_concurrency: int = 8) -> list[dict
             ba = judge.review(item["question"], item["answer_b"], item["answer_a"], item.get("reference"))
         except NoReference:
             return {**rec, "review_ab": None, "review_ba": None, "verdict": "unjudged", "reason": "no reference answer"}
+        except Exception as exc:
+            # A request the judge refuses (HTTP 400, e.g. over its context length) is that prompt's
+            # problem: counted with the reason. Anything else (unreachable, bad key) stops the stage.
+            if type(exc).__name__ == "BadRequestError":
+                return {**rec, "review_ab": None, "review_ba": None, "verdict": "unjudged",
+                        "reason": f"judge refused the request: {str(exc)[:200]}"}
+            raise JudgeError(f"judge request for {item['set']}/{item['id']} failed: {exc}") from exc
         rec.update(review_ab=ab, review_ba=ba)
         try:
             rec.update(verdict=verdict_from_reviews(ab, ba), reason=None)
