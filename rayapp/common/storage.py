@@ -115,3 +115,48 @@ def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
 def local_path(uri: str) -> str:
     """A local filesystem path for ``uri``; remote URIs are returned unchanged."""
     return uri if is_remote(uri) else resolve(uri)[1]
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the folders directly inside ``uri`` (empty if it does not exist)."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=False))
+                  if i.type == pafs.FileType.Directory)
+
+
+def remove_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder's files (recursively) to ``uri``; an object store gets one PUT per file."""
+    pafs.copy_files(os.path.abspath(local_dir), uri if is_remote(uri) else resolve(uri)[1],
+                    destination_filesystem=None if is_remote(uri) else pafs.LocalFileSystem())
+
+
+def download_dir(uri: str, local_dir: str) -> str:
+    """Copy folder ``uri`` into ``local_dir`` (written under a temporary name, then renamed, so a
+    half-finished download is never taken for a complete one). Returns ``local_dir``."""
+    import shutil
+
+    tmp = f"{local_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    fs, path = resolve(uri)
+    os.makedirs(tmp)  # copy_files creates sub-folders, not the destination itself
+    pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    if os.path.exists(local_dir):
+        shutil.rmtree(local_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(local_dir)), exist_ok=True)
+    os.replace(tmp, local_dir)
+    return local_dir
+
+
+def local_cache_dir(uri: str, kind: str) -> str:
+    """A per-URI folder under the node's cache for copies of remote artifacts (models, checkpoints)."""
+    import hashlib
+
+    base = os.environ.get("RAYAPP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rayapp")
+    return os.path.join(base, kind, hashlib.sha256(uri.encode()).hexdigest()[:16])

@@ -72,7 +72,7 @@ def run_finetune(cfg: RunConfig, force: bool = False, runtime_env: dict | None =
         trust_remote_code=cfg.models.target.trust_remote_code, eval_file=eval_file if fc.eval_rows else None,
         runtime_env=runtime_env,
     )
-    export = os.path.join(work, "exports", "final")
+    export = storage.join(work, "exports", "final")
     if not ck.export_complete(export):
         raise RuntimeError(f"[finetune] training ended without the export {export}")
     manifest = {"stage": "finetune", "fingerprint": fp, "subset": fc.subset, "data": what, "rows": rows,

@@ -13,9 +13,28 @@ def _offline_kwargs(revision: str | None = None) -> dict:
     return kw
 
 
+def materialize(name_or_path: str) -> str:
+    """A local folder for a model or tokenizer: an ``s3://``/``gs://`` folder (a checkpoint the
+    pipeline wrote to an object store) is downloaded once per node into the rayapp cache, its
+    marker file checked; hub names and local paths are returned unchanged."""
+    from rayapp.common import storage
+
+    if not storage.is_remote(name_or_path):
+        return name_or_path
+    local = storage.local_cache_dir(name_or_path, "models")
+    marker = "rayapp_checkpoint.json"  # written last by every export; its uid changes per export
+    remote_marker = storage.join(name_or_path, marker)
+    want = storage.read_bytes(remote_marker) if storage.exists(remote_marker) else None
+    have = open(os.path.join(local, marker), "rb").read() if os.path.exists(os.path.join(local, marker)) else None
+    if not os.path.isdir(local) or (want is not None and want != have):
+        storage.download_dir(name_or_path, local)
+    return local
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
+    name_or_path = materialize(name_or_path)
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **_offline_kwargs(revision))
     if tok.pad_token is None:
         # OPT/Llama-2 style tokenizers may lack a pad token; padding positions are masked anyway.
@@ -39,6 +58,7 @@ def load_causal_lm(
 ):
     from transformers import AutoModelForCausalLM
 
+    name_or_path = materialize(name_or_path)
     kwargs = dict(
         trust_remote_code=trust_remote_code,
         use_safetensors=True,  # never unpickle weights

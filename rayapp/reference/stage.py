@@ -38,7 +38,7 @@ def run_reference(cfg: RunConfig, force: bool = False) -> dict:
         "reference", cfg.reference, files, prepared["rows"], init_model, prepared["tokenizer"], work,
         export_every_epoch=True, trust_remote_code=cfg.models.reference.trust_remote_code,
     )
-    exports = [os.path.join(work, "exports", f"epoch-{e}") for e in range(1, cfg.reference.epochs + 1)]
+    exports = [storage.join(work, "exports", f"epoch-{e}") for e in range(1, cfg.reference.epochs + 1)]
     missing = [p for p in exports if not ck.export_complete(p)]
     if missing:
         raise RuntimeError(f"[reference] training ended without exports {missing}")

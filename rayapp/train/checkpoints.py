@@ -1,82 +1,108 @@
 """Training checkpoints: sharded DCP state for resume, plus consolidated HF exports.
 
-Layout under a stage's folder:
+Layout under a stage's folder (a local/shared path, or an s3:// / gs:// prefix):
   checkpoints/step-000120/   torch.distributed.checkpoint shards + rayapp_progress.json (written last)
   exports/epoch-1/           save_pretrained (safetensors) + tokenizer + rayapp_checkpoint.json (last)
 The marker file written last is what makes a folder count as complete.
+
+On an object store the workers write through a node-local staging folder: each rank saves its own
+DCP shard files there (rank 0 also the metadata) and uploads them; rank 0 writes the marker after a
+barrier, so a step folder counts as complete only once every rank's shards are in the bucket.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import shutil
 import uuid
+
+from rayapp.common import storage
 
 PROGRESS = "rayapp_progress.json"
 EXPORT_MARKER = "rayapp_checkpoint.json"
 
 
 def step_dir(ckpt_root: str, step: int) -> str:
-    return os.path.join(ckpt_root, f"step-{step:06d}")
+    return storage.join(ckpt_root, f"step-{step:06d}")
+
+
+def _complete_steps(ckpt_root: str) -> list[int]:
+    steps = []
+    for name in storage.list_dirs(ckpt_root):
+        m = re.fullmatch(r"step-(\d+)", name)
+        if m and storage.exists(storage.join(ckpt_root, name, PROGRESS)):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
 
 
 def latest_complete(ckpt_root: str) -> tuple[str, dict] | None:
-    if not os.path.isdir(ckpt_root):
+    steps = _complete_steps(ckpt_root)
+    if not steps:
         return None
-    best = None
-    for name in os.listdir(ckpt_root):
-        m = re.fullmatch(r"step-(\d+)", name)
-        marker = os.path.join(ckpt_root, name, PROGRESS)
-        if m and os.path.exists(marker):
-            step = int(m.group(1))
-            if best is None or step > best[0]:
-                best = (step, os.path.join(ckpt_root, name))
-    if best is None:
-        return None
-    with open(os.path.join(best[1], PROGRESS)) as f:
-        return best[1], json.load(f)
+    path = step_dir(ckpt_root, steps[-1])
+    return path, storage.read_json(storage.join(path, PROGRESS))
 
 
 def write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    storage.write_json(path, obj)  # atomic: temporary name, then rename (one PUT on object stores)
 
 
 def export_complete(path: str) -> bool:
-    return os.path.exists(os.path.join(path, EXPORT_MARKER))
+    return storage.exists(storage.join(path, EXPORT_MARKER))
 
 
 def mark_export(path: str, info: dict) -> None:
-    write_json(os.path.join(path, EXPORT_MARKER), {"uid": uuid.uuid4().hex, **info})
+    write_json(storage.join(path, EXPORT_MARKER), {"uid": uuid.uuid4().hex, **info})
 
 
 def prune(ckpt_root: str, keep: int) -> None:
     """Keep the newest ``keep`` complete step checkpoints."""
-    import shutil
+    for step in _complete_steps(ckpt_root)[:-keep] if keep > 0 else []:
+        storage.remove_dir(step_dir(ckpt_root, step))
 
-    steps = sorted(
-        (n for n in os.listdir(ckpt_root) if re.fullmatch(r"step-\d+", n)
-         and os.path.exists(os.path.join(ckpt_root, n, PROGRESS))),
-        reverse=True,
-    )
-    for old in steps[keep:]:
-        shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+
+# ---- object-store staging ----------------------------------------------------------------------
+
+
+def staging_root(work_dir: str) -> str:
+    """The node-local folder that stands in for a remote ``work_dir`` while files are written."""
+    return storage.local_cache_dir(work_dir, "train-staging")
+
+
+def save_location(step_uri: str, rank: int, staging: str | None) -> str:
+    """Where this rank's DCP writer puts its files: the step folder itself on a shared
+    filesystem, a rank-private local folder (uploaded by ``publish``) for an object store."""
+    if not storage.is_remote(step_uri):
+        return step_uri
+    local = os.path.join(staging, f"rank-{rank}", os.path.basename(step_uri))
+    shutil.rmtree(local, ignore_errors=True)
+    os.makedirs(local, exist_ok=True)
+    return local
+
+
+def publish(local: str, target_uri: str) -> None:
+    """Upload a staged folder to the object store and drop the local copy (no-op when local)."""
+    if local == target_uri or not storage.is_remote(target_uri):
+        return
+    storage.upload_dir(local, target_uri)
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def load_location(step_uri: str, rank: int, staging: str | None) -> str:
+    """A local copy of a complete step checkpoint to load from (downloads it from an object store)."""
+    if not storage.is_remote(step_uri):
+        return step_uri
+    return storage.download_dir(step_uri, os.path.join(staging, f"rank-{rank}", "resume"))
 
 
 def claim_work_dir(work: str, fingerprint: str, force: bool) -> None:
     """Make ``work`` ready for a training run with these inputs. When the inputs or settings
     changed (or ``force``), old checkpoints and exports are removed so they are never resumed from;
     otherwise they stay, and the run resumes from them."""
-    import shutil
-
-    marker = os.path.join(work, "fingerprint.txt")
-    stale = os.path.exists(marker) and open(marker).read().strip() != fingerprint
+    marker = storage.join(work, "fingerprint.txt")
+    stale = storage.exists(marker) and storage.read_bytes(marker).decode().strip() != fingerprint
     if force or stale:
         for sub in ("checkpoints", "exports", "stats", "ray_train"):
-            shutil.rmtree(os.path.join(work, sub), ignore_errors=True)
-    os.makedirs(work, exist_ok=True)
-    with open(marker, "w") as f:
-        f.write(fingerprint)
+            storage.remove_dir(storage.join(work, sub))
+    storage.write_text(marker, fingerprint)

@@ -47,6 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
     )
     from transformers import get_scheduler
 
+    from rayapp.common import storage
     from rayapp.models.loading import load_causal_lm, load_tokenizer
     from rayapp.train import checkpoints as ck
     from rayapp.train.collate import collate
@@ -104,12 +105,13 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt_root = config["checkpoint_dir"]
     start_epoch, start_batch, global_step = 0, 0, 0
     resumed_from = None
+    staging = config.get("staging_dir")  # node-local stand-in when the work dir is on an object store
     latest = ck.latest_complete(ckpt_root)
     if latest is not None:
         path, progress = latest
         model_sd, optim_sd = get_state_dict(train_model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=ck.load_location(path, rank, staging))
         set_state_dict(train_model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         start_epoch, start_batch, global_step = progress["epoch"], progress["batch_in_epoch"], progress["global_step"]
         resumed_from = global_step
@@ -120,11 +122,13 @@ def train_loop_per_worker(config: dict) -> None:
     def save_checkpoint(epoch: int, batch_in_epoch: int) -> None:
         path = ck.step_dir(ckpt_root, global_step)
         model_sd, optim_sd = get_state_dict(train_model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        local = ck.save_location(path, rank, staging)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local)
+        ck.publish(local, path)  # each rank uploads its own shards (object stores only)
         if dist.is_initialized():
             dist.barrier()
         if rank == 0:
-            ck.write_json(os.path.join(path, ck.PROGRESS),
+            ck.write_json(storage.join(path, ck.PROGRESS),
                           {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "global_step": global_step})
             ck.prune(ckpt_root, keep=config.get("keep_checkpoints", 2))
         if dist.is_initialized():
@@ -134,16 +138,17 @@ def train_loop_per_worker(config: dict) -> None:
         """Consolidated safetensors export that from_pretrained and vLLM load (all ranks take part)."""
         full = get_model_state_dict(train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0 and not ck.export_complete(path):
-            os.makedirs(path, exist_ok=True)
-            model.save_pretrained(path, state_dict=full, safe_serialization=True)
-            tokenizer.save_pretrained(path)
-            ck.mark_export(path, info)
+            local = ck.save_location(path, rank, staging)
+            model.save_pretrained(local, state_dict=full, safe_serialization=True)
+            tokenizer.save_pretrained(local)
+            ck.publish(local, path)
+            ck.mark_export(path, info)  # last: the export counts as complete from here on
         if dist.is_initialized():
             dist.barrier()
 
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
-    fault_marker = os.path.join(ckpt_root, ".fault_injected")
-    if fail_at and os.path.exists(fault_marker):
+    fault_marker = storage.join(config["stats_dir"], ".fault_injected")
+    if fail_at and storage.exists(fault_marker):
         fail_at = 0
 
     shard = ray.train.get_dataset_shard("train")
@@ -185,8 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
             global_step += 1
             last_loss, loss_acc, micro = loss_acc * accum / micro, 0.0, 0
             if fail_at and global_step >= fail_at:
-                os.makedirs(ckpt_root, exist_ok=True)
-                open(fault_marker, "w").close()
+                storage.write_text(fault_marker, str(global_step))
                 raise RuntimeError(f"injected training fault at step {global_step} ({FAIL_AT_STEP_ENV})")
             if global_step % tc["log_every_steps"] == 0 or global_step == total_steps:
                 dt = max(time.perf_counter() - t_log, 1e-9)
@@ -205,20 +209,17 @@ def train_loop_per_worker(config: dict) -> None:
         # ---- end of epoch: resumable state, then (optionally) a consolidated export
         save_checkpoint(epoch + 1, 0)
         if config.get("export_every_epoch"):
-            export(os.path.join(config["export_dir"], f"epoch-{epoch + 1}"), {"epoch": epoch + 1, "step": global_step})
+            export(storage.join(config["export_dir"], f"epoch-{epoch + 1}"), {"epoch": epoch + 1, "step": global_step})
     eval_loss = _eval_loss(train_model, config, tc, pad_id, device) if config.get("eval_file") else None
-    final = os.path.join(config["export_dir"], "final")
+    final = storage.join(config["export_dir"], "final")
     export(final, {"epoch": tc["epochs"], "step": global_step, "eval_loss": eval_loss})
     ray.train.report({"done": 1, "step": global_step, "loss": last_loss, "eval_loss": eval_loss, "params": n_params,
                       "local_params": local_params, "rank": rank, "tokens_seen": tokens_seen})
     if config.get("stats_dir"):
-        import json
-
-        os.makedirs(config["stats_dir"], exist_ok=True)
-        with open(os.path.join(config["stats_dir"], f"rank-{rank}.json"), "w") as f:
-            json.dump({"rank": rank, "world": world, "params": n_params, "local_params": local_params,
-                       "global_step": global_step, "total_steps": total_steps, "last_loss": last_loss,
-                       "eval_loss": eval_loss, "resumed_from_step": resumed_from, "sharded": sharded}, f)
+        storage.write_json(storage.join(config["stats_dir"], f"rank-{rank}.json"),
+                           {"rank": rank, "world": world, "params": n_params, "local_params": local_params,
+                            "global_step": global_step, "total_steps": total_steps, "last_loss": last_loss,
+                            "eval_loss": eval_loss, "resumed_from_step": resumed_from, "sharded": sharded})
 
 
 def _eval_loss(model, config: dict, tc: dict, pad_id: int, device: str) -> float:

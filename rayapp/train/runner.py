@@ -31,12 +31,14 @@ def run_training(
 
     from rayapp.train.loop import train_loop_per_worker
 
-    if storage.is_remote(work_dir):
-        raise NotImplementedError(
-            f"{stage}: training writes checkpoints to a shared filesystem path; got {work_dir}. "
-            "Mount the bucket (e.g. with a shared NFS/FUSE path) and point output_dir at it."
-        )
-    work_dir = os.path.abspath(work_dir)
+    # A shared path is used as it is; on an object store (s3://, gs://) checkpoints and exports go
+    # through node-local staging folders and are uploaded (see train/checkpoints.py).
+    remote = storage.is_remote(work_dir)
+    if not remote:
+        work_dir = os.path.abspath(work_dir)
+    from rayapp.train.checkpoints import staging_root
+
+    staging = staging_root(work_dir) if remote else None
     # Tokenized instruction sets are small (tens of MB even at paper scale): read them into the
     # object store up front, so Ray Data read tasks never wait for CPUs the training workers hold.
     ds = ray.data.read_parquet(train_files).select_columns(["input_ids", "labels"]).materialize()
@@ -51,9 +53,10 @@ def run_training(
             "init_model": init_model,
             "tokenizer": tokenizer,
             "total_rows": total_rows,
-            "checkpoint_dir": os.path.join(work_dir, "checkpoints"),
-            "export_dir": os.path.join(work_dir, "exports"),
-            "stats_dir": os.path.join(work_dir, "stats"),
+            "checkpoint_dir": storage.join(work_dir, "checkpoints"),
+            "export_dir": storage.join(work_dir, "exports"),
+            "stats_dir": storage.join(work_dir, "stats"),
+            "staging_dir": staging,
             "export_every_epoch": export_every_epoch,
             "checkpoint_every_steps": train_cfg.checkpoint_every_steps,
             "eval_file": eval_file,
@@ -65,7 +68,9 @@ def run_training(
         ),
         run_config=ray.train.RunConfig(
             name=f"{stage}-train",
-            storage_path=os.path.join(work_dir, "ray_train"),
+            # Ray Train's own run state only (rayapp keeps its checkpoints itself); local when the
+            # work dir is on an object store, since no checkpoint is reported through Ray.
+            storage_path=os.path.join(staging, "ray_train") if remote else os.path.join(work_dir, "ray_train"),
             failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             worker_runtime_env=runtime_env,
@@ -75,6 +80,6 @@ def run_training(
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"{stage}: training failed: {result.error}")
-    stats_file = os.path.join(work_dir, "stats", "rank-0.json")
-    stats = storage.read_json(stats_file) if os.path.exists(stats_file) else {}
+    stats_file = storage.join(work_dir, "stats", "rank-0.json")
+    stats = storage.read_json(stats_file) if storage.exists(stats_file) else {}
     return {**dict(result.metrics or {}), **stats}
