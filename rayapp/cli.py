@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a .jsonl file or a folder of them (one per set): fields review, review_reverse")
     jr.add_argument("--names", default="model 1,model 2", help="names of the answer_1 and answer_2 models")
     jr.add_argument("--out", help="write the table (Markdown) and plot (PNG) here")
+    sb = sub.add_parser("submit", help="submit a command as a Ray job, stream its logs, exit with its status",
+                        description="rayapp submit [--address URL] -- python jobs/run_pipeline.py --config FILE")
+    sb.add_argument("--address", default=None,
+                    help=f"the cluster's dashboard (job) address; default $RAY_ADDRESS or {'http://127.0.0.1:8265'}")
+    sb.add_argument("--working-dir", default=".", help="uploaded to the cluster (build outputs excluded); '' for none")
+    sb.add_argument("--runtime-env-json", help="extra runtime_env as JSON (no secrets: they belong in the cluster env)")
+    sb.add_argument("--submission-id", help="job id to use (re-submitting the same id is refused by Ray)")
+    sb.add_argument("--no-wait", action="store_true", help="return after submitting")
+    sb.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command to run")
     show = sub.add_parser("config", help="print the validated config with overrides applied")
     show.add_argument("--config", "-c", required=True)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -158,6 +167,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "compare":
         return _compare(args)
+    if args.command == "submit":
+        import os
+
+        from rayapp.submit import DEFAULT_ADDRESS, SubmitError, submit
+
+        entry = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+        address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+        try:
+            return submit(address, entry, args.working_dir or None, args.runtime_env_json, not args.no_wait,
+                          args.submission_id)
+        except SubmitError as exc:
+            print(f"rayapp submit: error: {exc}", file=sys.stderr)
+            return 2
+        except (ConnectionError, RuntimeError) as exc:
+            print(f"rayapp submit: error: cannot submit to {address}: {exc}", file=sys.stderr)
+            return 1
     if args.command == "judge-report":
         from rayapp.evaluate.judge_report import main as judge_report
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,42 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def three_nodes():
+    """A real three-node Ray cluster on 127.0.0.1: a head with one CPU (where job drivers run) and
+    two workers with 2 CPUs and one 'gpu_small' unit each - the stand-in for a one-GPU node type.
+    Its dashboard (the job server) listens on loopback only."""
+    from ray.cluster_utils import Cluster
+
+    port = _free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, resources={"gpu_small": 1})
+    cluster.wait_for_nodes()
+    yield cluster, f"http://127.0.0.1:{port}"
+    cluster.shutdown()
+
+
+def wait_for_job_server(address: str, timeout: float = 60) -> None:
+    import time
+    import urllib.request
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            urllib.request.urlopen(address + "/api/version", timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"no job server at {address}")
+
+

@@ -1,7 +1,8 @@
-"""The whole pipeline from the command line, as a user runs it, on real Alpaca rows."""
+"""The whole pipeline, as a user runs it on a cluster (a Ray job on three nodes), on real Alpaca rows."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -17,13 +18,22 @@ from tests.conftest import ALPACA, REPO, SHARED, tiny_config_dict
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
+def pipeline_run(tmp_path_factory, three_nodes):
+    """`rayapp run` as users run it on a cluster: submitted as a Ray job (jobs/run_pipeline.py,
+    the repo uploaded as the working dir) to a three-node cluster, scoring pinned by a custom
+    resource to the two 'GPU' nodes."""
+    from rayapp.submit import submit
+    from tests.conftest import wait_for_job_server
+
+    _, address = three_nodes
+    wait_for_job_server(address)
     tmp = tmp_path_factory.mktemp("pipeline")
     cfg = tiny_config_dict(tmp, [{"path": str(ALPACA), "limit": 160}], data__shard_rows=64, data__max_length=128)
+    cfg.pop("ray")  # inside a job the stages join the job's cluster (RAY_ADDRESS)
     cfg["reference"] = {"epochs": 3, "learning_rate": 2e-3, "per_device_batch_size": 16, "num_workers": 2,
                         "fsdp": False, "log_every_steps": 5}
     cfg["score"] = {"modes": ["prompted", "response_only"], "rows_per_task": 64,
-                    "resources": {"num_cpus": 1, "min_actors": 1, "max_actors": 2}}
+                    "resources": {"num_cpus": 1, "min_actors": 2, "max_actors": 2, "resources": {"gpu_small": 1}}}
     cfg["select"] = {"budget": 0.25, "n_clusters": 4, "embed_max_tokens": 48}
     cfg["finetune"] = {"epochs": 1, "learning_rate": 2e-3, "per_device_batch_size": 8, "num_workers": 2,
                        "eval_rows": 16}
@@ -34,13 +44,14 @@ def pipeline_run(tmp_path_factory):
                        "judge": {"kind": "reference"}}
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "rayapp", "run", "--config", str(path)], capture_output=True,
-                          text=True, cwd=REPO, timeout=900)
-    return tmp / "run", proc
+    out = io.StringIO()
+    # sys.executable: the venv's python (a cluster image's `python` is its own environment)
+    rc = submit(address, [sys.executable, "jobs/run_pipeline.py", "--config", str(path)], working_dir=str(REPO), out=out)
+    return tmp / "run", subprocess.CompletedProcess(["rayapp submit"], rc, out.getvalue(), out.getvalue()), address
 
 
 def test_run_finishes_with_a_summary(pipeline_run):
-    out, proc = pipeline_run
+    out, proc, _ = pipeline_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rayapp run 'test' finished" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -49,8 +60,18 @@ def test_run_finishes_with_a_summary(pipeline_run):
     assert "| set (selected vs full) | win | tie | lose |" in proc.stdout.split("finished in")[-1]
 
 
+def test_stage_actors_ran_on_both_gpu_nodes(pipeline_run, three_nodes):
+    from ray.util.state import list_actors
+
+    out, proc, address = pipeline_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    worker_nodes = {n.node_id for n in three_nodes[0].worker_nodes}
+    scorers = [a for a in list_actors(address=address, limit=10_000, detail=True) if "LossScorer" in a.class_name]
+    assert {a.node_id for a in scorers} == worker_nodes  # one per 'gpu_small' node, none on the head
+
+
 def test_evaluation_compares_selected_with_full(pipeline_run):
-    out, proc = pipeline_run
+    out, proc, _ = pipeline_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     full = json.loads((out / "finetune" / "full" / "manifest.json").read_text())
     selected = json.loads((out / "finetune" / "selected" / "manifest.json").read_text())
@@ -68,7 +89,7 @@ def test_evaluation_compares_selected_with_full(pipeline_run):
 
 
 def test_trajectories_selection_and_provenance(pipeline_run):
-    out, proc = pipeline_run
+    out, proc, _ = pipeline_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     prepared_ids = {i for f in sorted((out / "prepared").glob("shard-*.parquet"))
                     for i in pq.read_table(f, columns=["id"])["id"].to_pylist()}
@@ -92,7 +113,7 @@ def test_trajectories_selection_and_provenance(pipeline_run):
 
 
 def test_finetuned_target_exists_and_reloads(pipeline_run):
-    out, proc = pipeline_run
+    out, proc, _ = pipeline_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "finetune" / "selected" / "manifest.json").read_text())
     assert os.path.exists(os.path.join(m["export"], "model.safetensors"))
@@ -103,7 +124,7 @@ def test_finetuned_target_exists_and_reloads(pipeline_run):
 
 
 def test_report_renders_in_headless_chromium(pipeline_run, tmp_path):
-    out, proc = pipeline_run
+    out, proc, _ = pipeline_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out / "select" / "report" / "report.html"
     html = report.read_text()

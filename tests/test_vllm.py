@@ -90,17 +90,22 @@ def test_vllm_generation_and_served_judge(tiny_models, vllm_server, ray_local):
         "sets": ["sinstruct", "vicuna"], "max_prompts": 4,
         "generation": {"backend": "vllm", "max_new_tokens": 16, "batch_size": 8, "dtype": "float32",
                        "gpu_memory_utilization": 0.15, "enforce_eager": True},
-        "judge": {"kind": "endpoint", "base_url": base_url, "model": "tiny-judge", "max_tokens": 24,
+        "judge": {"kind": "endpoint", "base_url": base_url, "model": "tiny-judge", "max_tokens": 24, "retries": 6,
                   "max_concurrency": 4, "api_key_env": "RAYAPP_TEST_NO_KEY"},
     }
     path = tiny_models / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "RAYAPP_DEBUG": "1"}
     env.pop("RAYAPP_TEST_NO_KEY", None)
+    # Generation (two vLLM engines, one per model) runs while the judge server is still starting;
+    # the judge is only asked once both models have answered, and the test checks the server is up
+    # before that can happen.
+    run = subprocess.Popen([sys.executable, "-m", "rayapp", "evaluate", "--config", str(path)], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     _wait_ready(proc, base_url, log)
-    run = subprocess.run([sys.executable, "-m", "rayapp", "evaluate", "--config", str(path)], cwd=REPO,
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, output[-5000:]
+    assert output.index("judging a vs b") > output.index("b: generating")
 
     gens = {m: pq.read_table(out / "evaluate" / "generations" / f"{m}.parquet").to_pylist() for m in ("a", "b")}
     assert all(len(g) == 8 for g in gens.values())

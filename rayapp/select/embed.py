@@ -46,7 +46,8 @@ class Embedder:
 
 
 def embed_prepared(files: list[str], model_name: str, batch_size: int, num_cpus: float, max_actors: int,
-                   num_gpus: float = 0, max_tokens: int = 256) -> tuple[list[str], np.ndarray]:
+                   num_gpus: float = 0, max_tokens: int = 256,
+                   resources: dict[str, float] | None = None) -> tuple[list[str], np.ndarray]:
     import ray.data
 
     ds = ray.data.read_parquet(files).select_columns(["id", "instruction", "input", "output"])
@@ -59,6 +60,7 @@ def embed_prepared(files: list[str], model_name: str, batch_size: int, num_cpus:
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
+        resources=resources or None,  # the scoring pool's node-type labels, if any
     )
     ids: list[str] = []
     vecs = []

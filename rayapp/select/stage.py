@@ -80,7 +80,7 @@ def _clusters(cfg: RunConfig, layout: RunLayout, prepared: dict, ids: np.ndarray
     t0 = time.perf_counter()
     res = cfg.score.resources
     emb_ids, vecs = embed_prepared(files, sc.embedding_model, sc.embed_batch_size, res.num_cpus, res.max_actors,
-                                   res.num_gpus, sc.embed_max_tokens)
+                                   res.num_gpus, sc.embed_max_tokens, res.resources)
     t1 = time.perf_counter()
     labels = kmeans(vecs, sc.n_clusters, sc.seed)
     print(f"[select] embedded {len(emb_ids)} rows in {t1 - t0:.1f}s; k-means ({min(sc.n_clusters, len(vecs))} "

@@ -1,0 +1,6 @@
+"""Ray job: the reference stage.  ray job submit --working-dir . -- python jobs/run_reference.py --config FILE [--set K=V]"""
+
+from _entry import run
+
+if __name__ == "__main__":
+    run("reference")
