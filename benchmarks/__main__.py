@@ -1,4 +1,4 @@
-"""Entry point: python -m benchmarks score [--rows N] [--out benchmarks/results]"""
+"""Entry point: python -m benchmarks score|scaling ... (see --help)"""
 
 import argparse
 import sys
@@ -10,7 +10,20 @@ def main() -> int:
     s = sub.add_parser("score", help="scoring throughput: 1 vs 2 actors; token-budget vs fixed batches")
     s.add_argument("--rows", type=int, default=1500, help="Alpaca rows scored per configuration")
     s.add_argument("--out", default="benchmarks/results")
+    sc = sub.add_parser("scaling", help="scoring and fine-tuning throughput across node counts, with baselines")
+    sc.add_argument("--nodes", default="1,2,4", help="comma-separated node counts")
+    sc.add_argument("--rows", type=int, default=1024, help="Alpaca rows")
+    sc.add_argument("--cpus-per-node", type=int, default=1)
+    sc.add_argument("--address", help="a real cluster's address (otherwise nodes are simulated on this machine)")
+    sc.add_argument("--no-vllm", action="store_true", help="skip the vLLM prompt_logprobs backend")
+    sc.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    if args.which == "scaling":
+        from benchmarks.scaling import run as run_scaling
+
+        run_scaling([int(x) for x in args.nodes.split(",")], args.rows, args.cpus_per_node, args.out,
+                    args.address, not args.no_vllm)
+        return 0
     if args.which == "score":
         from benchmarks.score_bench import run
 
@@ -18,4 +31,5 @@ def main() -> int:
     return 0
 
 
-sys.exit(main())
+if __name__ == "__main__":  # vLLM's engine spawns processes that re-import this module
+    sys.exit(main())

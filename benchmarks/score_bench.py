@@ -53,7 +53,7 @@ def run(rows: int, out_dir: str) -> dict:
     tok = load_tokenizer(manifest["tokenizer"])
     bos, pad = special_ids(tok)
     ck = [Checkpoint("epoch-0", registry.model_source(cfg, "reference"), "bench")]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     results = {"machine": _machine(), "rows": manifest["rows"], "model": "tiny (configs/tiny.yaml reference)",
                "runs": []}
     for actors in (1, 2):

@@ -20,10 +20,28 @@ def init_ray(cfg: RunConfig | None = None) -> None:
         return
     # The dashboard process backs Ray's State API (Train's placement-group cleaner uses it); it
     # listens on loopback only, never on a public address.
-    kwargs = dict(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+    # address="local": a new cluster for this run, even when `ray start` left one behind on this
+    # machine (ray.init() with no address would join that one instead)
+    kwargs = dict(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
                   configure_logging=True, logging_level="WARNING")
     if cfg and cfg.ray.num_cpus:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     if cfg and cfg.ray.num_gpus is not None:
         kwargs["num_gpus"] = cfg.ray.num_gpus
     ray.init(**kwargs)
+
+
+def pool_size_leaving_a_cpu(cfg: RunConfig, cpus_per_actor: float, max_actors: int) -> int:
+    """Cap an actor pool that reads with Ray Data so one CPU stays free for the read tasks: a
+    pool holding every CPU starves them and the dataset never finishes. Only on a local cluster,
+    whose size is fixed; on a cluster that autoscales, the current size says nothing."""
+    import ray
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS") or cpus_per_actor <= 0:
+        return max_actors
+    total = ray.cluster_resources().get("CPU", 0)
+    fit = max(1, int((total - 1) // cpus_per_actor))
+    if fit < max_actors:
+        print(f"[ray] {max_actors} actors x {cpus_per_actor:g} CPU would hold all {total:g} CPUs of this local "
+              f"cluster and starve Ray Data's reads; using {fit}")
+    return min(max_actors, fit)

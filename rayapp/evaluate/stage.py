@@ -11,7 +11,6 @@ Outputs under ``<output_dir>/evaluate/``:
 from __future__ import annotations
 
 import json
-import os
 
 import pyarrow as pa
 
@@ -44,9 +43,9 @@ def resolve_model(cfg: RunConfig, layout: RunLayout, entry: str) -> dict:
         path, data = registry.model_source(cfg, "target"), "nothing (the untrained target)"
     else:
         path, data = entry, "given by path"
-    marker = os.path.join(path, EXPORT_MARKER)
-    identity = json.load(open(marker))["uid"] if os.path.exists(marker) else path
-    label = entry if entry in FINETUNE_SUBSETS or entry == "base" else os.path.basename(entry.rstrip("/"))
+    marker = storage.join(path, EXPORT_MARKER)
+    identity = storage.read_json(marker)["uid"] if storage.exists(marker) else path
+    label = entry if entry in FINETUNE_SUBSETS or entry == "base" else entry.rstrip("/").rsplit("/", 1)[-1]
     return {"label": label, "path": path, "identity": identity, "data": data}
 
 
@@ -167,13 +166,20 @@ def run_evaluate(cfg: RunConfig, force: bool = False) -> dict:
     from rayapp.evaluate.judge import make_judge
 
     judge_name = make_judge(ec.judge).name
-    out_local = storage.local_path(layout.evaluation)
-    report = None
-    if not storage.is_remote(layout.evaluation):
-        from rayapp.evaluate.report import write_report
+    from rayapp.evaluate.report import write_report
 
-        report = write_report(out_local, f"rayapp evaluation: {cfg.name}", judge_name, pairs,
-                              {m["label"]: m for m in models}, rouge, examples)
+    remote = storage.is_remote(layout.evaluation)
+    if remote:  # drawn locally, then uploaded beside the other outputs
+        import tempfile
+
+        out_local = tempfile.mkdtemp(prefix="rayapp-eval-report-")
+    else:
+        out_local = storage.local_path(layout.evaluation)
+    report = write_report(out_local, f"rayapp evaluation: {cfg.name}", judge_name, pairs,
+                          {m["label"]: m for m in models}, rouge, examples)
+    if remote:
+        storage.upload_dir(out_local, layout.evaluation)
+        report = storage.join(layout.evaluation, "report.html")
     results = {
         "stage": "evaluate", "judge": judge_name, "sets": ec.sets, "prompts": len(prompts),
         "models": {m["label"]: {"path": m["path"], "data": m["data"], "generation": gen_stats[m["label"]]} for m in models},

@@ -3,7 +3,6 @@ other name is passed to from_pretrained unchanged."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 
 from rayapp.common import storage
@@ -19,17 +18,35 @@ def models_dir(cfg: RunConfig) -> str:
 
 def tokenizer_source(cfg: RunConfig) -> str:
     name = cfg.models.tokenizer or cfg.models.reference.name_or_path
-    return os.path.join(models_dir(cfg), "tokenizer") if name == TINY else name
+    return storage.join(models_dir(cfg), "tokenizer") if name == TINY else name
+
+
+def _build_in_place(target: str, build: Callable[[str], None], marker: str) -> None:
+    """Build into ``target``; on an object store, build in a local temp folder and upload it."""
+    if not storage.is_remote(target):
+        build(target)
+        return
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="rayapp-tiny-")
+    try:
+        build(tmp)
+        storage.upload_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert storage.exists(storage.join(target, marker))
 
 
 def ensure_tokenizer(cfg: RunConfig, texts: Callable[[], Iterable[str]] | None = None) -> str:
     """Return the tokenizer's name/path, training the tiny one from ``texts()`` if needed."""
     src = tokenizer_source(cfg)
     name = cfg.models.tokenizer or cfg.models.reference.name_or_path
-    if name == TINY and not os.path.exists(os.path.join(src, "tokenizer.json")):
+    if name == TINY and not storage.exists(storage.join(src, "tokenizer.json")):
         if texts is None:
             raise RuntimeError(f"tiny tokenizer not built yet at {src}: run `rayapp prepare` first")
-        tiny.train_tokenizer(texts(), cfg.models.reference.tiny.vocab_size, src)
+        _build_in_place(src, lambda out: tiny.train_tokenizer(texts(), cfg.models.reference.tiny.vocab_size, out),
+                        "tokenizer.json")
     return src
 
 
@@ -38,9 +55,13 @@ def model_source(cfg: RunConfig, role: str) -> str:
     spec = getattr(cfg.models, role)
     if spec.name_or_path != TINY:
         return spec.name_or_path
-    out = os.path.join(models_dir(cfg), f"{role}-init")
-    if not os.path.exists(os.path.join(out, "config.json")):
-        tiny.build_model(ensure_tokenizer(cfg), spec.tiny, out, max_positions=max(cfg.data.max_length, 512))
+    out = storage.join(models_dir(cfg), f"{role}-init")
+    if not storage.exists(storage.join(out, "config.json")):
+        tok = ensure_tokenizer(cfg)
+        from rayapp.models.loading import materialize
+
+        _build_in_place(out, lambda o: tiny.build_model(materialize(tok), spec.tiny, o,
+                                                        max_positions=max(cfg.data.max_length, 512)), "config.json")
     return out
 
 

@@ -79,7 +79,10 @@ def _clusters(cfg: RunConfig, layout: RunLayout, prepared: dict, ids: np.ndarray
     files = [storage.join(layout.prepared, s["file"]) for s in prepared["shards"]]
     t0 = time.perf_counter()
     res = cfg.score.resources
-    emb_ids, vecs = embed_prepared(files, sc.embedding_model, sc.embed_batch_size, res.num_cpus, res.max_actors,
+    from rayapp.common.raycluster import pool_size_leaving_a_cpu
+
+    actors = pool_size_leaving_a_cpu(cfg, res.num_cpus, res.max_actors)
+    emb_ids, vecs = embed_prepared(files, sc.embedding_model, sc.embed_batch_size, res.num_cpus, actors,
                                    res.num_gpus, sc.embed_max_tokens, res.resources)
     t1 = time.perf_counter()
     labels = kmeans(vecs, sc.n_clusters, sc.seed)
@@ -220,8 +223,9 @@ def run_select(cfg: RunConfig, force: bool = False) -> dict:
         text = {r["id"]: r for r in prepared_table.select(["id", "instruction", "output"]).to_pylist()
                 if r["id"] in wanted}
         examples = [{"lp": float(lp[i]), **text[traj.ids[i]]} for i in pick]
-    report_dir = storage.local_path(storage.join(layout.selection, "report"))
-    if storage.is_remote(report_dir):
+    report_uri = storage.join(layout.selection, "report")
+    report_dir = storage.local_path(report_uri)
+    if storage.is_remote(report_uri):  # drawn locally, then uploaded beside the other outputs
         import tempfile
 
         report_dir = tempfile.mkdtemp(prefix="rayapp-report-")
@@ -232,6 +236,9 @@ def run_select(cfg: RunConfig, force: bool = False) -> dict:
         {"method": sc.method, "rows": len(traj.ids), "selected": int(len(selections[sc.method])),
          "no_response_rows (excluded)": infos[sc.method]["excluded_no_response"], **provenance_common},
     )
+    if storage.is_remote(report_uri):
+        storage.upload_dir(report_dir, report_uri)
+        html_path = storage.join(report_uri, "report.html")
     out["report"] = html_path
     out["seconds"] = round(time.perf_counter() - t_start, 2)
     storage.write_json(storage.join(layout.selection, "manifest.json"), out)

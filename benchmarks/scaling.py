@@ -1,0 +1,275 @@
+"""Throughput across node counts: `python -m benchmarks scaling --nodes 1,2,4`.
+
+For each N, a real Ray cluster of N worker nodes is started (on one machine:
+``ray.cluster_utils.Cluster`` nodes with a fixed CPU share each; pass ``--address`` to use a real
+cluster's nodes instead), and the same prepared Alpaca rows are
+  - scored by one LossScorer actor per node (pinned by a per-node custom resource), and
+  - fine-tuned for one epoch by one Ray Train worker per node (DDP).
+Reported per N: rows/s, tokens/s (end to end, start-up included, and steady state), scaling
+efficiency against N=1, padding fraction; MFU where a GPU and its peak are known.
+
+The same run measures two baselines on the same rows, each a single process without Ray:
+  - plain scoring: a transformers model, fixed-size batches in file order (what one writes by hand);
+  - plain fine-tuning: the same model, AdamW, fixed-size batches.
+and compares scoring backends: rayapp's torch actor and vLLM ``prompt_logprobs`` (when vLLM is
+installed), checking that their losses agree before comparing their speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks.score_bench import ALPACA, _machine
+from rayapp.common import storage
+from rayapp.common.layout import RunLayout
+from rayapp.config import FinetuneConfig, ScoreConfig, load_config
+from rayapp.models import registry
+from rayapp.models.loading import load_causal_lm, load_tokenizer
+from rayapp.prepare.stage import run_prepare
+from rayapp.score.losses import batch_losses, pad_batch
+from rayapp.score.stage import special_ids
+
+
+def _prepared(rows: int, work: str):
+    cfg = load_config("configs/tiny.yaml", [f"output_dir={work}", f"data.sources=[{{path: {ALPACA}, limit: {rows}}}]",
+                                              "data.shard_rows=128", "data.max_length=256"])
+    manifest = run_prepare(cfg)
+    files = [storage.join(RunLayout(cfg.output_dir).prepared, s["file"]) for s in manifest["shards"]]
+    table = storage.read_parquet_dir(RunLayout(cfg.output_dir).prepared, ["id", "input_ids", "labels"])
+    return cfg, manifest, files, table
+
+
+# ---- baselines: one process, no Ray ---------------------------------------------------------------
+
+
+def plain_scoring(model_path: str, table, pad_id: int, batch_rows: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = load_causal_lm(model_path).eval()
+    t_loaded = time.perf_counter()
+    ids, labels = table["input_ids"].to_pylist(), table["labels"].to_pylist()
+    losses, real, padded = {}, 0, 0
+    with torch.inference_mode():
+        for lo in range(0, len(ids), batch_rows):
+            x, y, m = pad_batch(ids[lo:lo + batch_rows], labels[lo:lo + batch_rows], pad_id)
+            s, c = batch_losses(model, x, y, m)
+            for rid, ls, n in zip(table["id"].to_pylist()[lo:lo + batch_rows], s, c):
+                losses[rid] = (float(ls), int(n))
+            real += int(m.sum())
+            padded += m.numel()
+    end = time.perf_counter()
+    return {"rows": len(ids), "tokens": real, "seconds": end - t0, "tokens_per_s": real / (end - t0),
+            "steady_tokens_per_s": real / (end - t_loaded), "rows_per_s": len(ids) / (end - t0),
+            "padding_fraction": 1 - real / padded, "batch_rows": batch_rows, "threads": threads,
+            "_losses": losses}
+
+
+def plain_finetune(model_path: str, table, pad_id: int, batch_rows: int, threads: int, lr: float) -> dict:
+    import torch
+
+    from rayapp.train.collate import collate
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = load_causal_lm(model_path).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    t_loaded = time.perf_counter()
+    ids, labels = table["input_ids"].to_pylist(), table["labels"].to_pylist()
+    tokens = 0
+    for lo in range(0, len(ids), batch_rows):
+        batch = {"input_ids": np.array(ids[lo:lo + batch_rows], dtype=object),
+                 "labels": np.array(labels[lo:lo + batch_rows], dtype=object)}
+        inputs = collate(batch, pad_id, "cpu")
+        loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(inputs["attention_mask"].sum())
+    end = time.perf_counter()
+    return {"rows": len(ids), "tokens": tokens, "seconds": end - t0, "tokens_per_s": tokens / (end - t0),
+            "steady_tokens_per_s": tokens / (end - t_loaded), "batch_rows": batch_rows, "threads": threads}
+
+
+# ---- rayapp on N nodes ----------------------------------------------------------------------------
+
+
+def rayapp_on_nodes(n: int, cpus_per_node: int, cfg, manifest, files, work: str, bos: int, pad: int,
+                    address: str | None) -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from rayapp.score.engine import Checkpoint, score_checkpoints
+    from rayapp.train.runner import run_training
+
+    cluster = None
+    if address is None:
+        # the head holds no CPUs: stage work lands only on the N worker nodes
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        for _ in range(n):
+            cluster.add_node(num_cpus=cpus_per_node, resources={"bench_node": 1})
+        cluster.wait_for_nodes()
+        address = cluster.address
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        model = registry.model_source(cfg, "reference")
+        sc = ScoreConfig(batch_tokens=8192, rows_per_task=128, modes=["prompted"],
+                         resources={"num_cpus": cpus_per_node, "min_actors": n, "max_actors": n,
+                                    "resources": {"bench_node": 1}})
+        t0 = time.perf_counter()
+        score = score_checkpoints(RunLayout(cfg.output_dir).prepared, manifest, [Checkpoint("epoch-0", model, f"n{n}")],
+                                  storage.join(work, f"scores-n{n}"), sc, bos, pad)
+        score["wall_with_startup_s"] = time.perf_counter() - t0
+        tc = FinetuneConfig(epochs=1, learning_rate=1e-3, per_device_batch_size=16, num_workers=n,
+                            cpus_per_worker=cpus_per_node, fsdp=False, eval_rows=0, log_every_steps=5)
+        t0 = time.perf_counter()
+        metrics = run_training("finetune", tc, files, manifest["rows"], model, manifest["tokenizer"],
+                               os.path.join(work, f"train-n{n}"), export_every_epoch=False)
+        train_wall = time.perf_counter() - t0
+        tokens = int(metrics.get("tokens_seen", 0)) * n  # rank 0's count; ranks get equal shares
+        train = {"seconds": train_wall, "tokens": tokens, "tokens_per_s": tokens / train_wall,
+                 "steady_tokens_per_s": metrics.get("tokens_per_s"), "workers": n}
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+    return {"nodes": n, "cpus_per_node": cpus_per_node, "score": score, "finetune": train}
+
+
+# ---- vLLM prompt_logprobs as a scoring backend -------------------------------------------------------
+
+
+def vllm_scoring(model_path: str, table, losses_ref: dict, gpu_memory_utilization: float) -> dict | None:
+    """Response-token losses from vLLM's prompt_logprobs; None when vLLM is not installed."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        return None
+    t0 = time.perf_counter()
+    llm = LLM(model=model_path, dtype="float32", gpu_memory_utilization=gpu_memory_utilization,
+              enforce_eager=True, max_model_len=512, seed=0)
+    t_loaded = time.perf_counter()
+    ids, labels, row_ids = table["input_ids"].to_pylist(), table["labels"].to_pylist(), table["id"].to_pylist()
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    outs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+    end = time.perf_counter()
+    diffs, tokens = [], 0
+    for rid, out, y in zip(row_ids, outs, labels):
+        lps = out.prompt_logprobs  # position t: {token: Logprob} for the token at t, given < t
+        total, n = 0.0, 0
+        for t in range(1, len(y)):
+            if y[t] != -100:
+                total -= lps[t][y[t]].logprob
+                n += 1
+        tokens += len(y)
+        ref_sum, ref_n = losses_ref[rid]
+        if n and ref_n:
+            diffs.append(abs(total / n - ref_sum / ref_n))
+    del llm
+    return {"rows": len(ids), "tokens": tokens, "seconds": end - t0, "tokens_per_s": tokens / (end - t0),
+            "steady_tokens_per_s": tokens / (end - t_loaded), "max_abs_nll_diff": float(max(diffs)),
+            "mean_abs_nll_diff": float(np.mean(diffs))}
+
+
+def run(nodes: list[int], rows: int, cpus_per_node: int, out_dir: str, address: str | None, with_vllm: bool) -> dict:
+    work = tempfile.mkdtemp(prefix="rayapp-scaling-")
+    cfg, manifest, files, table = _prepared(rows, work)
+    tok = load_tokenizer(manifest["tokenizer"])
+    bos, pad = special_ids(tok)
+    model = registry.model_source(cfg, "reference")
+    threads = cpus_per_node
+    results = {"machine": _machine(), "rows": manifest["rows"], "cpus_per_node": cpus_per_node,
+               "model": "tiny reference (configs/tiny.yaml)", "max_length": 256, "runs": []}
+    print(f"[bench] plain single-process baselines ({threads} thread(s), fixed batches of 16 rows)", flush=True)
+    base = plain_scoring(model, table, pad, 16, threads)
+    losses = base.pop("_losses")
+    results["baseline_score"] = base
+    results["baseline_finetune"] = plain_finetune(model, table, pad, 16, threads, 1e-3)
+    for n in nodes:
+        print(f"[bench] rayapp on {n} node(s) x {cpus_per_node} CPU", flush=True)
+        results["runs"].append(rayapp_on_nodes(n, cpus_per_node, cfg, manifest, files, work, bos, pad, address))
+    if with_vllm:  # last: its engine processes should not share the machine with the Ray runs
+        print("[bench] vLLM prompt_logprobs scoring", flush=True)
+        results["vllm_score"] = vllm_scoring(model, table, losses, 0.15)
+    one = results["runs"][0]
+    for r in results["runs"]:
+        k = r["nodes"] / one["nodes"]
+        for stage in ("score", "finetune"):
+            for key in ("tokens_per_s", "steady_tokens_per_s"):
+                if r[stage].get(key) and one[stage].get(key):
+                    r[stage][f"efficiency_{key}"] = r[stage][key] / (one[stage][key] * k)
+        r["score"]["vs_plain_steady"] = r["score"]["steady_tokens_per_s"] / base["steady_tokens_per_s"]
+        r["finetune"]["vs_plain_steady"] = ((r["finetune"]["steady_tokens_per_s"] or 0)
+                                            / results["baseline_finetune"]["steady_tokens_per_s"])
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"scaling-cpu{os.cpu_count()}")
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=2)
+    _plot(results, stem + ".png")
+    print(table_md(results))
+    print(f"results: {stem}.json, {stem}.png")
+    return results
+
+
+def table_md(results: dict) -> str:
+    b, bf = results["baseline_score"], results["baseline_finetune"]
+    lines = ["| run | score rows/s | score tokens/s (e2e) | score tokens/s (steady) | efficiency (steady) | "
+             "vs plain (steady) | padding | finetune tokens/s (e2e) | finetune tokens/s (steady) | efficiency (steady) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines.append(f"| plain loop, 1 process | {b['rows_per_s']:.1f} | {b['tokens_per_s']:,.0f} | "
+                 f"{b['steady_tokens_per_s']:,.0f} | - | 1.00 | {b['padding_fraction']:.1%} | "
+                 f"{bf['tokens_per_s']:,.0f} | {bf['steady_tokens_per_s']:,.0f} | - |")
+    v = results.get("vllm_score")
+    if v:
+        lines.append(f"| vLLM prompt_logprobs, 1 process | {v['rows'] / v['seconds']:.1f} | {v['tokens_per_s']:,.0f} | "
+                     f"{v['steady_tokens_per_s']:,.0f} | - | {v['steady_tokens_per_s'] / b['steady_tokens_per_s']:.2f} | "
+                     f"- | - | - | - |")
+    for r in results["runs"]:
+        s, t = r["score"], r["finetune"]
+        lines.append(
+            f"| rayapp, {r['nodes']} node(s) | {s['rows_per_s']:.1f} | {s['tokens_per_s']:,.0f} | "
+            f"{s['steady_tokens_per_s']:,.0f} | {s.get('efficiency_steady_tokens_per_s', 1):.2f} | "
+            f"{s['vs_plain_steady']:.2f} | {s['padding_fraction']:.1%} | {t['tokens_per_s']:,.0f} | "
+            f"{(t['steady_tokens_per_s'] or 0):,.0f} | {t.get('efficiency_steady_tokens_per_s', 1):.2f} |")
+    return "\n".join(lines)
+
+
+def _plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    n = [r["nodes"] for r in runs]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for stage, color in (("score", "#2c7fb8"), ("finetune", "#c0392b")):
+        a.plot(n, [r[stage]["steady_tokens_per_s"] or 0 for r in runs], marker="o", color=color, label=f"{stage} (steady)")
+        a.plot(n, [r[stage]["tokens_per_s"] for r in runs], marker="o", ls="--", color=color, label=f"{stage} (end to end)")
+        b.plot(n, [r[stage].get("efficiency_steady_tokens_per_s", 1) for r in runs], marker="o", color=color, label=stage)
+    a.axhline(results["baseline_score"]["steady_tokens_per_s"], color="#2c7fb8", ls=":", lw=1, label="plain scoring loop")
+    a.axhline(results["baseline_finetune"]["steady_tokens_per_s"], color="#c0392b", ls=":", lw=1, label="plain training loop")
+    if results.get("vllm_score"):
+        a.axhline(results["vllm_score"]["steady_tokens_per_s"], color="#555", ls="-.", lw=1, label="vLLM prompt_logprobs")
+    a.set_xlabel("worker nodes")
+    a.set_ylabel("tokens / s")
+    a.set_xticks(n)
+    a.legend(fontsize=7)
+    a.set_title(f"Throughput, {results['cpus_per_node']} CPU per node, {results['machine']['cpus']}-core machine")
+    b.axhline(1.0, color="#999", lw=1)
+    b.set_ylim(0, 1.2)
+    b.set_xticks(n)
+    b.set_xlabel("worker nodes")
+    b.set_ylabel("scaling efficiency vs 1 node")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
