@@ -37,7 +37,7 @@ from rayapp.score.stage import special_ids
 
 def _prepared(rows: int, work: str):
     cfg = load_config("configs/tiny.yaml", [f"output_dir={work}", f"data.sources=[{{path: {ALPACA}, limit: {rows}}}]",
-                                              "data.shard_rows=128", "data.max_length=256"])
+                                              "data.shard_rows=64", "data.max_length=256"])
     manifest = run_prepare(cfg)
     files = [storage.join(RunLayout(cfg.output_dir).prepared, s["file"]) for s in manifest["shards"]]
     table = storage.read_parquet_dir(RunLayout(cfg.output_dir).prepared, ["id", "input_ids", "labels"])
@@ -121,7 +121,7 @@ def rayapp_on_nodes(n: int, cpus_per_node: int, cfg, manifest, files, work: str,
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
         model = registry.model_source(cfg, "reference")
-        sc = ScoreConfig(batch_tokens=8192, rows_per_task=128, modes=["prompted"],
+        sc = ScoreConfig(batch_tokens=8192, rows_per_task=64, modes=["prompted"],
                          resources={"num_cpus": cpus_per_node, "min_actors": n, "max_actors": n,
                                     "resources": {"bench_node": 1}})
         t0 = time.perf_counter()
@@ -134,9 +134,11 @@ def rayapp_on_nodes(n: int, cpus_per_node: int, cfg, manifest, files, work: str,
         metrics = run_training("finetune", tc, files, manifest["rows"], model, manifest["tokenizer"],
                                os.path.join(work, f"train-n{n}"), export_every_epoch=False)
         train_wall = time.perf_counter() - t0
-        tokens = int(metrics.get("tokens_seen", 0)) * n  # rank 0's count; ranks get equal shares
+        stats = [storage.read_json(os.path.join(work, f"train-n{n}", "stats", f"rank-{r}.json")) for r in range(n)]
+        tokens = sum(int(s["tokens_seen"]) for s in stats)
+        steps_s = max(s["train_seconds"] for s in stats)
         train = {"seconds": train_wall, "tokens": tokens, "tokens_per_s": tokens / train_wall,
-                 "steady_tokens_per_s": metrics.get("tokens_per_s"), "workers": n}
+                 "steady_tokens_per_s": tokens / steps_s, "workers": n}
     finally:
         ray.shutdown()
         if cluster is not None:

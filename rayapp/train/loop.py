@@ -154,7 +154,7 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     every = config.get("checkpoint_every_steps") or 0
     tokens_seen = 0
-    t_log = time.perf_counter()
+    t_log = t_train0 = time.perf_counter()
     tokens_since_log = 0
     last_loss = float("nan")
     train_model.train()
@@ -210,6 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
         save_checkpoint(epoch + 1, 0)
         if config.get("export_every_epoch"):
             export(storage.join(config["export_dir"], f"epoch-{epoch + 1}"), {"epoch": epoch + 1, "step": global_step})
+    train_seconds = time.perf_counter() - t_train0  # steps only: no start-up, eval or export
     eval_loss = _eval_loss(train_model, config, tc, pad_id, device) if config.get("eval_file") else None
     final = storage.join(config["export_dir"], "final")
     export(final, {"epoch": tc["epochs"], "step": global_step, "eval_loss": eval_loss})
@@ -219,7 +220,8 @@ def train_loop_per_worker(config: dict) -> None:
         storage.write_json(storage.join(config["stats_dir"], f"rank-{rank}.json"),
                            {"rank": rank, "world": world, "params": n_params, "local_params": local_params,
                             "global_step": global_step, "total_steps": total_steps, "last_loss": last_loss,
-                            "eval_loss": eval_loss, "resumed_from_step": resumed_from, "sharded": sharded})
+                            "eval_loss": eval_loss, "resumed_from_step": resumed_from, "sharded": sharded,
+                            "tokens_seen": tokens_seen, "train_seconds": train_seconds})
 
 
 def _eval_loss(model, config: dict, tc: dict, pad_id: int, device: str) -> float:
