@@ -128,7 +128,7 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     rows, max_positions = fit_prompts(rows, model_path, gen.max_new_tokens, max_positions)
-    engine_kwargs = dict(tensor_parallel_size=gen.tensor_parallel_size, dtype=gen.dtype if gen.dtype != "auto" else "auto",
+    engine_kwargs = dict(tensor_parallel_size=gen.tensor_parallel_size, dtype=gen.dtype,
                          gpu_memory_utilization=gen.gpu_memory_utilization, seed=gen.seed,
                          enforce_eager=gen.enforce_eager)
     if max_positions:

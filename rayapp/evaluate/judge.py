@@ -50,6 +50,11 @@ def _is_loopback(url: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
+def describe_judge(cfg: JudgeConfig) -> str:
+    """The judge's name for reports, from its config alone (no client built, no key needed)."""
+    return ReferenceJudge.name if cfg.kind == "reference" else f"{cfg.model} @ {cfg.base_url}"
+
+
 class EndpointJudge:
     kind = "endpoint"
 
@@ -65,7 +70,7 @@ class EndpointJudge:
                                  f"variable {cfg.api_key_env} (keys are never read from config files)")
             key = "unused"  # a local `vllm serve` without --api-key accepts any key
         self.cfg = cfg
-        self.name = f"{cfg.model} @ {cfg.base_url}"
+        self.name = describe_judge(cfg)
         self.client = OpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=cfg.retries)
 
     def review(self, question: str, answer_1: str, answer_2: str, reference: str | None = None) -> str:

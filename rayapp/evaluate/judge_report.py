@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
 from rayapp.common import storage
-from rayapp.evaluate.verdicts import Tally, Unparseable, format_table, tally_by_set, verdict_from_reviews
+from rayapp.evaluate.verdicts import (
+    Tally,
+    Unparseable,
+    format_table,
+    tally_by_set,
+    unparseable_kind,
+    verdict_from_reviews,
+)
 
 
 def _files(path: str) -> list[str]:
@@ -27,7 +35,7 @@ def read_judgments(path: str) -> tuple[dict[str, Tally], dict[str, int]]:
     """Tallies per set (+ 'overall') for the model whose answers are answer_1, and the reasons
     unparseable judgments could not be read."""
     verdicts: list[tuple[str, str]] = []
-    reasons: dict[str, int] = {}
+    reasons: Counter[str] = Counter()
     for f in _files(path):
         set_name = os.path.splitext(os.path.basename(f))[0]
         for lineno, line in enumerate(storage.read_bytes(f).decode("utf-8").splitlines(), start=1):
@@ -48,9 +56,8 @@ def read_judgments(path: str) -> tuple[dict[str, Tally], dict[str, int]]:
                 verdicts.append((set_name, verdict_from_reviews(ab, ba)))
             except Unparseable as exc:
                 verdicts.append((set_name, "unparseable"))
-                key = str(exc).split(":")[0]
-                reasons[key] = reasons.get(key, 0) + 1
-    return tally_by_set(verdicts), reasons
+                reasons[unparseable_kind(str(exc))] += 1
+    return tally_by_set(verdicts), dict(reasons)
 
 
 def main(path: str, name_a: str, name_b: str, out: str | None) -> int:

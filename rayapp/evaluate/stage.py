@@ -11,6 +11,7 @@ Outputs under ``<output_dir>/evaluate/``:
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pyarrow as pa
 
@@ -20,7 +21,8 @@ from rayapp.common.layout import RunLayout
 from rayapp.common.manifests import MissingInputError
 from rayapp.config import RunConfig
 from rayapp.evaluate.evalsets import load_eval_set, resolve_set
-from rayapp.evaluate.verdicts import Tally, format_table, tally_by_set
+from rayapp.evaluate.judge import describe_judge
+from rayapp.evaluate.verdicts import Tally, format_table, tally_by_set, unparseable_kind
 from rayapp.prepare.template import PromptFormatter
 from rayapp.train.checkpoints import EXPORT_MARKER
 
@@ -153,20 +155,18 @@ def run_evaluate(cfg: RunConfig, force: bool = False) -> dict:
 
     a = models[0]
     pairs: dict[str, dict[str, Tally]] = {}
+    unparseable: dict[str, dict[str, int]] = {}
     examples: list[dict] = []
     for b in models[1:]:
         records = _judge(cfg, layout, a, b, prompts, answers, force)
         key = f"{a['label']} vs {b['label']}"
         pairs[key] = tally_by_set((r["set"], r["verdict"]) for r in records)
+        unparseable[key] = dict(Counter(unparseable_kind(r["reason"]) for r in records if r["verdict"] == "unparseable"))
         examples += [r for r in records if r["verdict"] in ("win", "tie", "lose")][:4]
-        for r in records:
-            if r["verdict"] == "unparseable":
-                pairs[key]["overall"].reasons[r["reason"][:60]] = pairs[key]["overall"].reasons.get(r["reason"][:60], 0) + 1
 
-    from rayapp.evaluate.judge import make_judge
-
-    judge_name = make_judge(ec.judge).name
     from rayapp.evaluate.report import write_report
+
+    judge_name = describe_judge(ec.judge)
 
     remote = storage.is_remote(layout.evaluation)
     if remote:  # drawn locally, then uploaded beside the other outputs
@@ -184,7 +184,7 @@ def run_evaluate(cfg: RunConfig, force: bool = False) -> dict:
         "stage": "evaluate", "judge": judge_name, "sets": ec.sets, "prompts": len(prompts),
         "models": {m["label"]: {"path": m["path"], "data": m["data"], "generation": gen_stats[m["label"]]} for m in models},
         "pairs": {k: {s: t.as_dict() for s, t in v.items()} for k, v in pairs.items()},
-        "unparseable_reasons": {k: v["overall"].reasons for k, v in pairs.items()},
+        "unparseable_reasons": unparseable,
         "rouge_l": rouge, "report": report,
     }
     storage.write_json(storage.join(layout.evaluation, "results.json"), results)

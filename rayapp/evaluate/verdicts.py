@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # a number, optionally "/10" after it (e.g. "8/10"); scores outside [0, 10] are not scores
 _NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?:\s*/\s*10(?![\d.]))?(?![\w.])")
@@ -42,6 +42,11 @@ def parse_scores(text: str | None) -> tuple[float, float]:
         if not SCORE_MIN <= s <= SCORE_MAX:
             raise Unparseable(f"score {s:g} outside {SCORE_MIN:g}..{SCORE_MAX:g}: {first[:80]!r}")
     return a, b
+
+
+def unparseable_kind(reason: str) -> str:
+    """What kind of unreadable judgment a reason names, without the quoted text (for counting)."""
+    return reason.split(":", 1)[0]
 
 
 def order_outcome(score_first: float, score_second: float) -> int:
@@ -78,7 +83,6 @@ class Tally:
     lose: int = 0
     unparseable: int = 0
     unjudged: int = 0  # prompts the judge could not be asked about (e.g. no reference answer)
-    reasons: dict[str, int] = field(default_factory=dict)
 
     @property
     def judged(self) -> int:
@@ -100,12 +104,8 @@ class Tally:
         setattr(self, verdict, getattr(self, verdict) + 1)
 
     def merged(self, other: "Tally") -> "Tally":
-        out = Tally(self.win + other.win, self.tie + other.tie, self.lose + other.lose,
-                    self.unparseable + other.unparseable, self.unjudged + other.unjudged,
-                    dict(self.reasons))
-        for k, v in other.reasons.items():
-            out.reasons[k] = out.reasons.get(k, 0) + v
-        return out
+        return Tally(self.win + other.win, self.tie + other.tie, self.lose + other.lose,
+                     self.unparseable + other.unparseable, self.unjudged + other.unjudged)
 
     def as_dict(self) -> dict:
         return {"win": self.win, "tie": self.tie, "lose": self.lose, "judged": self.judged,
