@@ -131,7 +131,7 @@ def rayapp_on_nodes(n: int, cpus_per_node: int, cfg, manifest, files, work: str,
         tc = FinetuneConfig(epochs=1, learning_rate=1e-3, per_device_batch_size=16, num_workers=n,
                             cpus_per_worker=cpus_per_node, fsdp=False, eval_rows=0, log_every_steps=5)
         t0 = time.perf_counter()
-        metrics = run_training("finetune", tc, files, manifest["rows"], model, manifest["tokenizer"],
+        run_training("finetune", tc, files, manifest["rows"], model, manifest["tokenizer"],
                                os.path.join(work, f"train-n{n}"), export_every_epoch=False)
         train_wall = time.perf_counter() - t0
         stats = [storage.read_json(os.path.join(work, f"train-n{n}", "stats", f"rank-{r}.json")) for r in range(n)]

@@ -13,7 +13,7 @@ from rayapp.config import FinetuneConfig
 from rayapp.models import registry
 from rayapp.models.loading import load_causal_lm
 from rayapp.prepare.stage import run_prepare
-from rayapp.score.losses import batch_losses, pad_batch
+from rayapp.score.losses import mean_response_nll
 from rayapp.train.loop import FAIL_AT_STEP_ENV
 from rayapp.train.runner import run_training
 from tests.conftest import alpaca_rows, write_jsonl
@@ -21,14 +21,7 @@ from tests.conftest import alpaca_rows, write_jsonl
 
 def _eval_loss(model_path, eval_file, n):
     model = load_causal_lm(model_path).eval()
-    rows = storage.read_parquet(eval_file, ["input_ids", "labels"]).slice(0, n).to_pylist()
-    total = count = 0
-    for lo in range(0, len(rows), 8):
-        ids, labels, mask = pad_batch([r["input_ids"] for r in rows[lo:lo + 8]], [r["labels"] for r in rows[lo:lo + 8]], 0)
-        s, c = batch_losses(model, ids, labels, mask)
-        total += float(s.sum())
-        count += int(c.sum())
-    return total / count
+    return mean_response_nll(model, storage.read_parquet(eval_file, ["input_ids", "labels"]).slice(0, n).to_pylist(), 0)
 
 
 def test_fsdp_training_shards_learns_exports_and_resumes(ray_local, tmp_path, make_config):

@@ -7,6 +7,12 @@ import os
 from rayapp.config import RunConfig
 
 
+def existing_cluster_address(cfg: RunConfig | None) -> str | None:
+    """The cluster this run joins (config, else RAY_ADDRESS, which Ray sets inside a job), or
+    None when the run starts its own local cluster."""
+    return (cfg.ray.address if cfg else None) or os.environ.get("RAY_ADDRESS")
+
+
 def init_ray(cfg: RunConfig | None = None) -> None:
     import ray
 
@@ -14,7 +20,7 @@ def init_ray(cfg: RunConfig | None = None) -> None:
         return
     # No hub at run time: models and tokenizers come from local folders or the mounted cache.
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
-    address = (cfg.ray.address if cfg else None) or os.environ.get("RAY_ADDRESS")
+    address = existing_cluster_address(cfg)
     if address:
         ray.init(address=address, log_to_driver=True)
         return
@@ -37,7 +43,7 @@ def pool_size_leaving_a_cpu(cfg: RunConfig, cpus_per_actor: float, max_actors: i
     whose size is fixed; on a cluster that autoscales, the current size says nothing."""
     import ray
 
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS") or cpus_per_actor <= 0:
+    if existing_cluster_address(cfg) or cpus_per_actor <= 0:
         return max_actors
     total = ray.cluster_resources().get("CPU", 0)
     fit = max(1, int((total - 1) // cpus_per_actor))

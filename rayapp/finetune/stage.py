@@ -3,7 +3,6 @@ a random subset of the same size, for the paper's comparisons)."""
 
 from __future__ import annotations
 
-import os
 
 from rayapp.common import storage
 from rayapp.common.hashing import sha256_bytes

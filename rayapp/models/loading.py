@@ -18,11 +18,12 @@ def materialize(name_or_path: str) -> str:
     pipeline wrote to an object store) is downloaded once per node into the rayapp cache, its
     marker file checked; hub names and local paths are returned unchanged."""
     from rayapp.common import storage
+    from rayapp.train.checkpoints import EXPORT_MARKER
 
     if not storage.is_remote(name_or_path):
         return name_or_path
     local = storage.local_cache_dir(name_or_path, "models")
-    marker = "rayapp_checkpoint.json"  # written last by every export; its uid changes per export
+    marker = EXPORT_MARKER  # written last by every export; its uid changes per export
     remote_marker = storage.join(name_or_path, marker)
     want = storage.read_bytes(remote_marker) if storage.exists(remote_marker) else None
     have = open(os.path.join(local, marker), "rb").read() if os.path.exists(os.path.join(local, marker)) else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 from rayapp.common import storage
 from rayapp.common.hashing import sha256_bytes

@@ -56,3 +56,15 @@ def one_row_losses(model, rows: list[tuple[Sequence[int], Sequence[int]]], devic
         s, n = batch_losses(model, t_ids, t_lab, torch.ones_like(t_ids))
         out.append((float(s[0]), int(n[0])))
     return out
+
+
+def mean_response_nll(model, rows: list[dict], pad_id: int, device: str = "cpu", batch_rows: int = 8) -> float:
+    """Mean response-token NLL over rows with ``input_ids``/``labels`` (token-weighted)."""
+    total, count = 0.0, 0
+    for lo in range(0, len(rows), batch_rows):
+        chunk = rows[lo : lo + batch_rows]
+        ids, labels, mask = pad_batch([r["input_ids"] for r in chunk], [r["labels"] for r in chunk], pad_id)
+        s, n = batch_losses(model, ids.to(device), labels.to(device), mask.to(device))
+        total += float(s.sum())
+        count += int(n.sum())
+    return total / max(count, 1)

@@ -3,7 +3,6 @@ the selected shard with the original rows and ids, selection.json provenance, an
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np

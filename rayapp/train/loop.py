@@ -228,16 +228,10 @@ def _eval_loss(model, config: dict, tc: dict, pad_id: int, device: str) -> float
     """Mean response-token loss over the first ``eval_rows`` rows of ``eval_file``; every rank runs
     the same rows (FSDP forward passes are collective), so every rank gets the same number."""
     from rayapp.common import storage
-    from rayapp.score.losses import batch_losses, pad_batch
+    from rayapp.score.losses import mean_response_nll
 
     rows = storage.read_parquet(config["eval_file"], ["input_ids", "labels"]).slice(0, tc["eval_rows"]).to_pylist()
     model.eval()
-    total, count = 0.0, 0
-    for lo in range(0, len(rows), 8):
-        chunk = rows[lo : lo + 8]
-        ids, labels, mask = pad_batch([r["input_ids"] for r in chunk], [r["labels"] for r in chunk], pad_id)
-        s, n = batch_losses(model, ids.to(device), labels.to(device), mask.to(device))
-        total += float(s.sum())
-        count += int(n.sum())
+    loss = mean_response_nll(model, rows, pad_id, device)
     model.train()
-    return total / max(count, 1)
+    return loss
