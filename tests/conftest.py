@@ -88,7 +88,7 @@ def ray_local():
     ray.shutdown()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -101,27 +101,41 @@ def three_nodes():
     Its dashboard (the job server) listens on loopback only."""
     from ray.cluster_utils import Cluster
 
-    port = _free_port()
+    port = free_port()
+    # each node's dashboard agent on a port of its own: the default one (52365) may already be held
+    # by another Ray instance on this machine (ray_local), and a head without its agent takes no jobs
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})
+        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+        "dashboard_agent_listen_port": free_port()})
     for _ in range(2):
-        cluster.add_node(num_cpus=2, resources={"gpu_small": 1})
+        cluster.add_node(num_cpus=2, resources={"gpu_small": 1}, dashboard_agent_listen_port=free_port())
     cluster.wait_for_nodes()
     yield cluster, f"http://127.0.0.1:{port}"
     cluster.shutdown()
 
 
-def wait_for_job_server(address: str, timeout: float = 60) -> None:
+def wait_for_url(url: str, timeout: float, what: str, proc=None, log=None) -> None:
+    """Poll ``url`` until it answers; fail early if ``proc`` (the server) exits, showing ``log``."""
     import time
+    import urllib.error
     import urllib.request
+
+    def tail() -> str:
+        return f":\n{open(log).read()[-3000:]}" if log else ""
 
     t0 = time.time()
     while time.time() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"{what} exited {proc.returncode}{tail()}")
         try:
-            urllib.request.urlopen(address + "/api/version", timeout=2)
+            urllib.request.urlopen(url, timeout=2)
             return
+        except urllib.error.HTTPError:
+            return  # it answered (e.g. 401 where Ray's token authentication is on): it is up
         except OSError:
             time.sleep(1)
-    pytest.fail(f"no job server at {address}")
+    pytest.fail(f"{what} not ready at {url} after {timeout}s{tail()}")
 
 
+def wait_for_job_server(address: str, timeout: float = 60) -> None:
+    wait_for_url(address + "/api/version", timeout, "Ray job server")

