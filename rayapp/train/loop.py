@@ -2,19 +2,27 @@
 
 One loop serves the reference model and the target: response-only causal-LM loss, AdamW, a
 warm-up + cosine/linear schedule, gradient accumulation and clipping, FSDP2 (``fully_shard`` per
-decoder layer, then the root) or DDP, sharded DCP checkpoints for resume (same step, same number
-of batches consumed in the epoch), and consolidated ``save_pretrained`` exports.
+decoder layer, then the root) or DDP, sharded DCP checkpoints for resume, and consolidated
+``save_pretrained`` exports.
+
+Data order is a pure function of (seed, epoch, rank): torch's ``DistributedSampler`` over the rows
+of the training files in their given order. So a resumed run skips exactly the batches the lost
+attempt trained on, and a stopped-and-resumed run ends with the same weights as one that never
+stopped. (Ray Data's streaming split hands blocks to whichever worker asks first, so which rows a
+rank sees would differ between attempts.)
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 
-# Test hook for fault injection: a worker raises once the run reaches this global step (0 = never),
-# once per run (a marker beside the checkpoints records it, so the restarted attempt goes on).
-FAIL_AT_STEP_ENV = "RAYAPP_TEST_TRAIN_FAIL_AT_STEP"
+# Test hook for fault injection: rank 0's worker process is killed (SIGKILL, as the OOM killer or a
+# lost node would) once the run passes this global step (0 = never); once per run, since a marker
+# beside the stats records it, so the restarted attempt goes on.
+KILL_AT_STEP_ENV = "RAYAPP_TEST_TRAIN_KILL_AT_STEP"
 
 
 def _log(rank: int, msg: str) -> None:
@@ -50,7 +58,9 @@ def train_loop_per_worker(config: dict) -> None:
     from rayapp.common import storage
     from rayapp.models.loading import load_causal_lm, load_tokenizer
     from rayapp.train import checkpoints as ck
-    from rayapp.train.collate import collate
+    from torch.utils.data import DistributedSampler
+
+    from rayapp.train.collate import TrainRows, collate
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -92,7 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
         train_model.parameters(), lr=tc["learning_rate"], weight_decay=tc["weight_decay"], betas=(0.9, 0.999)
     )
     bs, accum = tc["per_device_batch_size"], tc["gradient_accumulation_steps"]
-    rows_per_worker = config["total_rows"] // world
+    rows_per_worker = config["total_rows"] // world  # DistributedSampler(drop_last=True) gives each rank this many
     batches_per_epoch = max(1, math.ceil(rows_per_worker / bs))
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
     total_steps = steps_per_epoch * tc["epochs"]
@@ -146,12 +156,15 @@ def train_loop_per_worker(config: dict) -> None:
         if dist.is_initialized():
             dist.barrier()
 
-    fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
     fault_marker = storage.join(config["stats_dir"], ".fault_injected")
-    if fail_at and storage.exists(fault_marker):
-        fail_at = 0
+    if kill_at and storage.exists(fault_marker):
+        kill_at = 0
 
-    shard = ray.train.get_dataset_shard("train")
+    rows = TrainRows(config["train_files"])
+    if len(rows) != config["total_rows"]:
+        raise ValueError(f"[{stage}] the training files hold {len(rows)} rows, their manifest says {config['total_rows']}")
+    sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=True, seed=tc["seed"], drop_last=True)
     every = config.get("checkpoint_every_steps") or 0
     tokens_seen = 0
     t_log = t_train0 = time.perf_counter()
@@ -159,18 +172,13 @@ def train_loop_per_worker(config: dict) -> None:
     last_loss = float("nan")
     train_model.train()
     for epoch in range(start_epoch, tc["epochs"]):
-        batch_iter = shard.iter_batches(
-            batch_size=bs, batch_format="numpy", local_shuffle_buffer_size=max(bs * 16, 256),
-            local_shuffle_seed=tc["seed"] + epoch,
-        )
+        sampler.set_epoch(epoch)
+        order = list(sampler)
         micro = 0
         loss_acc = 0.0
-        for b_idx, batch in enumerate(batch_iter):
-            if b_idx >= batches_per_epoch:
-                break  # equal step counts on every rank (FSDP collectives must match)
-            if epoch == start_epoch and b_idx < start_batch:
-                continue  # consumed before the checkpoint we resumed from
-            inputs = collate(batch, pad_id, device)
+        first = start_batch if epoch == start_epoch else 0  # batches consumed before the checkpoint
+        for b_idx in range(first, batches_per_epoch):
+            inputs = collate(rows.batch(order[b_idx * bs:(b_idx + 1) * bs]), pad_id, device)
             n_real = int(inputs["attention_mask"].sum())
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bf16 and use_gpu and not sharded):
                 out = train_model(**inputs)
@@ -189,9 +197,11 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
             last_loss, loss_acc, micro = loss_acc * accum / micro, 0.0, 0
-            if fail_at and global_step >= fail_at:
+            if kill_at and global_step >= kill_at and rank == 0:
                 storage.write_text(fault_marker, str(global_step))
-                raise RuntimeError(f"injected training fault at step {global_step} ({FAIL_AT_STEP_ENV})")
+                print(f"[{stage}] test hook {KILL_AT_STEP_ENV}: killing this worker (pid {os.getpid()}) "
+                      f"at step {global_step}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
             if global_step % tc["log_every_steps"] == 0 or global_step == total_steps:
                 dt = max(time.perf_counter() - t_log, 1e-9)
                 tps = tokens_since_log * world / dt

@@ -25,7 +25,6 @@ def run_training(
 
     ``work_dir`` (a local or shared path) receives checkpoints/ (sharded, for resume), exports/
     (save_pretrained) and stats/. Returns the last reported metrics."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -39,9 +38,9 @@ def run_training(
     from rayapp.train.checkpoints import staging_root
 
     staging = staging_root(work_dir) if remote else None
-    # Tokenized instruction sets are small (tens of MB even at paper scale): read them into the
-    # object store up front, so Ray Data read tasks never wait for CPUs the training workers hold.
-    ds = ray.data.read_parquet(train_files).select_columns(["input_ids", "labels"]).materialize()
+    # Each worker reads the training files itself (tokenized instruction sets are tens of MB even
+    # at paper scale) and takes its rows from a seeded DistributedSampler: the data order is then
+    # the same in every attempt, which exact resume needs (see train/loop.py).
     resources = {"CPU": train_cfg.cpus_per_worker}
     if train_cfg.use_gpu:
         resources["GPU"] = train_cfg.gpus_per_worker
@@ -53,6 +52,7 @@ def run_training(
             "init_model": init_model,
             "tokenizer": tokenizer,
             "total_rows": total_rows,
+            "train_files": list(train_files),
             "checkpoint_dir": storage.join(work_dir, "checkpoints"),
             "export_dir": storage.join(work_dir, "exports"),
             "stats_dir": storage.join(work_dir, "stats"),
@@ -75,7 +75,6 @@ def run_training(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             worker_runtime_env=runtime_env,
         ),
-        datasets={"train": ds},
     )
     result = trainer.fit()
     if result.error:
