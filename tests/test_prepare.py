@@ -211,3 +211,24 @@ def test_manifest_records_hashes_and_counts(tmp_path, make_config):
     assert m["sources"][0]["sha256"] and len(m["shards"]) == 2  # 64 rows per shard
     assert sum(s["rows"] for s in m["shards"]) == m["rows"] == 100
     assert m["tokenizer"].endswith("models/tokenizer") and m["vocab_size"] > 0
+
+
+def test_generated_bad_corpus_in_real_alpaca_is_fully_accounted_for(tmp_path, make_config):
+    """2,000 real Alpaca rows with 400 generated malformed ones (broken JSON, wrong types, huge rows,
+    empty responses, duplicates, invalid UTF-8, ...) at random places: every bad row is in the
+    rejects file with its line, field and reason, and every good row is prepared."""
+    from tests.bad_rows import mixed_corpus
+
+    path = tmp_path / "alpaca-mixed.jsonl"
+    expected, good_ids = mixed_corpus(path, alpaca_rows(2000, start=5000), n_bad=400, seed=7, max_chars=20_000)
+    assert len({e.kind for e in expected.values()}) == 10
+    cfg = make_config([{"path": str(path)}], data__max_chars=20_000, data__shard_rows=512)
+    manifest = run_prepare(cfg)
+    rejects = {r["row"]: r for r in _rejects(cfg)}
+    assert set(rejects) == set(expected)  # exactly the bad lines, none of the good ones
+    for line, exp in expected.items():
+        rec = rejects[line]
+        assert exp.reason in rec["reason"] and rec["field"] == exp.field and rec["file"] == str(path), (exp, rec)
+    assert set(_prepared(cfg)["id"].to_pylist()) == good_ids
+    assert manifest["rows"] == len(good_ids) and manifest["rejected"] == len(expected)
+    assert manifest["rows_read"] == manifest["rows"] + manifest["rejected"]

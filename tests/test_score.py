@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -12,12 +15,16 @@ from rayapp.config import ScoreConfig
 from rayapp.models import registry
 from rayapp.models.loading import load_causal_lm, load_tokenizer
 from rayapp.prepare.stage import run_prepare
-from rayapp.score.actor import FAIL_AFTER_ENV
+from rayapp.score.actor import FAULT_ENV
 from rayapp.score.batching import fixed_size_batches, padding_stats, token_budget_batches
 from rayapp.score.engine import Checkpoint, score_checkpoints
 from rayapp.score.losses import one_row_losses, response_only_sequence
 from rayapp.score.stage import special_ids
-from tests.conftest import alpaca_rows, write_jsonl
+from rayapp.score.trajectories import build_trajectories
+from rayapp.select.stage import trajectories_from_table
+from rayapp.select.strategies import select
+from tests.bad_rows import mixed_corpus
+from tests.conftest import alpaca_rows
 
 
 def test_token_budget_batches_fit_and_cover():
@@ -34,16 +41,19 @@ def test_token_budget_batches_fit_and_cover():
 
 @pytest.fixture(scope="module")
 def scored_setup(tmp_path_factory, make_config_module):
+    """150 real Alpaca rows with 30 generated malformed ones mixed in (tests/bad_rows.py)."""
     tmp = tmp_path_factory.mktemp("score")
-    rows = alpaca_rows(150)
-    cfg = make_config_module(tmp, [{"path": str(write_jsonl(tmp / "a.jsonl", rows))}], data__shard_rows=32,
-                             data__max_length=96)
+    path = tmp / "a.jsonl"
+    _, good_ids = mixed_corpus(path, alpaca_rows(150), n_bad=30, seed=3, max_chars=10_000)
+    cfg = make_config_module(tmp, [{"path": str(path)}], data__shard_rows=32, data__max_length=96,
+                             data__max_chars=10_000)
     manifest = run_prepare(cfg)
+    assert manifest["rows"] == len(good_ids) and manifest["rejected"] == 30
     ckpts = [Checkpoint("epoch-0", registry.model_source(cfg, "reference"), "a"),
              Checkpoint("other", registry.model_source(cfg, "target"), "b")]
     tok = load_tokenizer(manifest["tokenizer"])
     bos, pad = special_ids(tok)
-    return cfg, manifest, ckpts, bos, pad
+    return cfg, manifest, ckpts, bos, pad, good_ids
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +68,7 @@ def make_config_module():
 
 
 def _run(setup, out, runtime_env=None, **score_kw):
-    cfg, manifest, ckpts, bos, pad = setup
+    cfg, manifest, ckpts, bos, pad, _ = setup
     sc = ScoreConfig(modes=["prompted", "response_only"], rows_per_task=32,
                      resources={"num_cpus": 1, "min_actors": 1, "max_actors": 1}, **score_kw)
     return score_checkpoints(RunLayout(cfg.output_dir).prepared, manifest, ckpts, out, sc, bos, pad,
@@ -69,19 +79,25 @@ def _load(out, name):
     return storage.read_parquet_dir(storage.join(out, name)).to_pandas().set_index("id")
 
 
-def test_engine_matches_one_row_loop_and_is_batch_invariant(ray_local, scored_setup, tmp_path):
-    cfg, manifest, ckpts, bos, pad = scored_setup
+@pytest.fixture(scope="module")
+def clean_scores(ray_local, scored_setup, tmp_path_factory):
+    """An uninterrupted run: what every faulted run must end up with."""
+    out = str(tmp_path_factory.mktemp("clean") / "scores")
+    return out, _run(scored_setup, out, batch_tokens=4096)
+
+
+def test_engine_matches_one_row_loop_and_is_batch_invariant(ray_local, scored_setup, clean_scores, tmp_path):
+    cfg, manifest, ckpts, bos, pad, good_ids = scored_setup
     small = str(tmp_path / "small")
-    big = str(tmp_path / "big")
+    big, s_big = clean_scores
     s_small = _run(scored_setup, small, batch_tokens=64, max_rows_per_batch=2)
-    s_big = _run(scored_setup, big, batch_tokens=16384)
     assert s_small["padding_fraction"] < s_big["padding_fraction"] or s_small["padding_fraction"] < 0.2
 
     prepared = storage.read_parquet_dir(RunLayout(cfg.output_dir).prepared).to_pandas()
     for ck in ckpts:
         a, b = _load(small, ck.name), _load(big, ck.name)
         # exactly one score per id and checkpoint, for every prepared row
-        assert sorted(a.index) == sorted(prepared["id"]) and a.index.is_unique
+        assert sorted(a.index) == sorted(prepared["id"]) == sorted(good_ids) and a.index.is_unique
         np.testing.assert_allclose(a.loss_sum, b.loc[a.index, "loss_sum"], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(a.response_only_loss_sum, b.loc[a.index, "response_only_loss_sum"], rtol=1e-4, atol=1e-4)
 
@@ -99,12 +115,37 @@ def test_engine_matches_one_row_loop_and_is_batch_invariant(ray_local, scored_se
     assert not np.allclose(_load(big, "epoch-0").loss_sum, _load(big, "other").loss_sum)
 
 
+def _selections(out, ckpts):
+    traj = trajectories_from_table(build_trajectories(out, [ck.name for ck in ckpts]))
+    return {m: sorted(traj.ids[select(m, traj, 0.3)[0]]) for m in ("ppl_high", "ifd", "random")}
+
+
+def test_killed_actor_mid_block_is_restarted_and_the_scores_match(ray_local, scored_setup, clean_scores, tmp_path):
+    """SIGKILL of the scoring actor's process halfway through a block: Ray restarts the actor and
+    re-runs the block; the driver commits each (checkpoint, shard) once, so every good row gets
+    exactly one score per checkpoint, the same as the uninterrupted run, and the same selections."""
+    cfg, manifest, ckpts, bos, pad, good_ids = scored_setup
+    out, marker = str(tmp_path / "killed"), tmp_path / "actor-killed"
+    stats = _run(scored_setup, out, batch_tokens=4096, runtime_env={"env_vars": {FAULT_ENV: f"kill:3:{marker}"}})
+    killed_pid = json.loads(marker.read_text())["pid"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed_pid, 0)  # that actor process is gone
+    assert stats["skipped_units"] == 0 and stats["rows"] == len(good_ids) * len(ckpts)
+    clean, _ = clean_scores
+    for ck in ckpts:
+        a, b = _load(out, ck.name), _load(clean, ck.name)
+        assert a.index.is_unique and set(a.index) == good_ids
+        for col in ("loss_sum", "n_tokens", "response_only_loss_sum"):
+            np.testing.assert_allclose(a[col], b.loc[a.index, col], rtol=1e-6, atol=1e-6)
+    assert _selections(out, ckpts) == _selections(clean, ckpts)
+
+
 def test_interrupted_run_resumes_without_rescoring(ray_local, scored_setup, tmp_path):
-    cfg, manifest, ckpts, bos, pad = scored_setup
+    cfg, manifest, ckpts, bos, pad, _ = scored_setup
     out = str(tmp_path / "resume")
     # The only actor raises on its 8th batch (of 10: 5 shards x 2 checkpoints): the run fails part-way.
     with pytest.raises(Exception, match="injected scoring fault"):
-        _run(scored_setup, out, batch_tokens=4096, runtime_env={"env_vars": {FAIL_AFTER_ENV: "7"}})
+        _run(scored_setup, out, batch_tokens=4096, runtime_env={"env_vars": {FAULT_ENV: "raise:7"}})
     done_first = {(ck.name, f.rsplit("/", 1)[-1]) for ck in ckpts for f in storage.list_files(storage.join(out, ck.name), ".parquet")}
     total = len(ckpts) * len(manifest["shards"])
     assert 0 < len(done_first) < total

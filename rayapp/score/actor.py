@@ -11,8 +11,33 @@ import numpy as np
 from rayapp.score.batching import token_budget_batches
 from rayapp.score.losses import IGNORE_INDEX, batch_losses, pad_batch, response_only_sequence
 
-# Test hook for fault injection: an actor raises after this many batches (0/unset = never).
-FAIL_AFTER_ENV = "RAYAPP_TEST_SCORE_FAIL_AFTER_BATCHES"
+# Test hook for fault injection, "<mode>:<n>[:<marker file>]": in the middle of its (n+1)-th batch
+# (after the prompted losses, before the response-only ones) an actor
+#   raise  raises an error (every actor, every time: the run fails),
+#   kill   SIGKILLs its own process, once (the marker file, created exclusively, records it),
+#   hang   writes {pid, node_id} to the marker and sleeps, once, so a test can kill its node.
+FAULT_ENV = "RAYAPP_TEST_SCORE_FAULT"
+
+
+def parse_fault(spec: str | None) -> tuple[str, int, str | None] | None:
+    if not spec:
+        return None
+    mode, _, rest = spec.partition(":")
+    n, _, marker = rest.partition(":")
+    if mode not in ("raise", "kill", "hang") or not n.isdigit() or (mode != "raise" and not marker):
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected raise:<n>, kill:<n>:<marker> or hang:<n>:<marker>")
+    return mode, int(n), marker or None
+
+
+def _claim_once(marker: str, payload: str) -> bool:
+    """True for the one process that creates ``marker`` (restarted actors find it and go on)."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(payload)
+    return True
 
 
 class LossScorer:
@@ -53,7 +78,7 @@ class LossScorer:
         self.trust_remote_code = trust_remote_code
         self.models: OrderedDict[str, object] = OrderedDict()
         self.batches_done = 0
-        self.fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
+        self.fault = parse_fault(os.environ.get(FAULT_ENV))
 
     def _model(self, name: str):
         if name in self.models:
@@ -82,9 +107,26 @@ class LossScorer:
                 loss_sum[i], n_tok[i], pad[i] = s[j], c[j], width - lengths[i]
         return loss_sum, n_tok, pad, np.asarray(lengths)
 
+    def _inject_fault(self) -> None:
+        mode, after, marker = self.fault
+        if self.batches_done < after:
+            return
+        if mode == "raise":
+            raise RuntimeError(f"injected scoring fault after {self.batches_done} batches ({FAULT_ENV})")
+        import json
+        import signal
+
+        import ray
+
+        info = json.dumps({"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()})
+        if not _claim_once(marker, info):
+            return
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(600)  # hang: the test kills this actor's node meanwhile
+        raise RuntimeError(f"{FAULT_ENV}: hung for 600 s and nobody killed the node")
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.fail_after and self.batches_done >= self.fail_after:
-            raise RuntimeError(f"injected scoring fault after {self.batches_done} batches ({FAIL_AFTER_ENV})")
         t0 = time.perf_counter()
         names = batch["checkpoint"]
         n = len(names)
@@ -109,6 +151,8 @@ class LossScorer:
                 out["loss_sum"][rows], out["n_tokens"][rows] = s, c
                 out["pad_tokens"][rows] += pad
                 out["real_tokens"][rows] += lens
+            if self.fault:
+                self._inject_fault()  # mid-block: some of this batch is scored, none of it returned
             if "response_only" in self.modes:
                 pairs = [response_only_sequence(i, l, self.bos_id) for i, l in zip(ids, labs)]
                 s, c, pad, lens = self._score(model, [p[0] for p in pairs], [p[1] for p in pairs])

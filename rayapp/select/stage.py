@@ -50,7 +50,11 @@ def load_external_trajectories(path: str, prefix: str) -> tuple[Trajectories, st
 def load_run_trajectories(layout: RunLayout) -> Trajectories:
     if not storage.exists(layout.trajectories):
         raise SelectError(f"no trajectories at {layout.trajectories}: run `rayapp score` first")
-    t = storage.read_parquet(layout.trajectories)
+    return trajectories_from_table(storage.read_parquet(layout.trajectories))
+
+
+def trajectories_from_table(t: pa.Table) -> Trajectories:
+    """The score stage's trajectories table (id, n_tokens, P0..Pn, ro_nll0) -> Trajectories."""
     n = 0
     while f"P{n}" in t.column_names:
         n += 1
