@@ -23,6 +23,39 @@ class ConfigError(ValueError):
     """A configuration problem, with a message that names the key."""
 
 
+_SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token", "token", "password", "api_key", "key",
+                      "sig", "signature", "x-amz-signature", "x-amz-credential", "x-goog-signature")
+
+
+def _uri_credentials(value: str) -> str | None:
+    """What kind of credential ``value`` carries if it is a URI with one embedded, else None."""
+    from urllib.parse import parse_qs, urlsplit
+
+    if "://" not in value:
+        return None
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return None
+    if parts.password or (parts.username and parts.scheme not in ("s3", "gs", "gcs")):
+        return "a user name or password"
+    if parts.username:  # s3://ACCESS_KEY:...@bucket or s3://user@bucket
+        return "an access key"
+    found = [k for k in parse_qs(parts.query) if k.lower() in _SECRET_QUERY_KEYS]
+    return f"the query parameter {found[0]!r}" if found else None
+
+
+def _walk(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{prefix}.{i}")
+    else:
+        yield prefix, node
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -328,6 +361,19 @@ class RunConfig(_Strict):
 
         return v if "://" in v else os.path.abspath(os.path.expanduser(v))
 
+    @model_validator(mode="after")
+    def _no_credentials_in_uris(self) -> "RunConfig":
+        # Configs are copied into manifests, provenance and logs: a credential inside a URI
+        # (s3://KEY:SECRET@bucket, ?secret_key=..., https://user:token@host) would leak there.
+        # Credentials belong in the environment (AWS_*, HF_TOKEN, the judge's api_key_env).
+        for key, value in _walk(self.model_dump(by_alias=True)):
+            if isinstance(value, str) and _uri_credentials(value):
+                raise ValueError(
+                    f"{key}: {_uri_credentials(value)} in a URI; credentials come only from the environment "
+                    "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, HF_TOKEN), never from config files"
+                )
+        return self
+
     def digest(self) -> str:
         """Stable hash of the whole config (for provenance)."""
         blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
@@ -346,6 +392,8 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
             lines.append(f"  {key}: unknown key")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
+        elif not e["loc"] and e["type"] == "value_error":  # whole-config checks name their own key
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             got = e.get("input")
             shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__

@@ -82,3 +82,27 @@ def test_digest_changes_with_content():
     b = load_config(REPO / "configs/tiny.yaml", ["seed=7"])
     assert a.digest() == load_config(REPO / "configs/tiny.yaml").digest()
     assert a.digest() != b.digest()
+
+
+@pytest.mark.parametrize("key,uri,what", [
+    ("output_dir", "s3://AKIAEXAMPLE:c4nary-secret@bucket/runs/x", "a user name or password"),
+    ("output_dir", "s3://bucket/runs/x?region=us-east-1&secret_key=c4nary-secret", "'secret_key'"),
+    ("data.sources.0.path", "https://user:c4nary-secret@example.com/alpaca.jsonl", "a user name or password"),
+    ("evaluate.judge.base_url", "https://judge.example.com/v1?api_key=c4nary-secret", "'api_key'"),
+])
+def test_credentials_in_uris_are_refused(tmp_path, key, uri, what):
+    """Configs end up in manifests, provenance and logs: a secret inside a URI is refused, naming the key."""
+    tree = _base()
+    if key == "data.sources.0.path":
+        tree["data"]["sources"][0]["path"] = uri
+    elif key == "evaluate.judge.base_url":
+        tree["evaluate"]["judge"] = {"kind": "endpoint", "base_url": uri, "model": "m"}
+    else:
+        tree[key] = uri
+    with pytest.raises(ConfigError, match=f"{key}: .*{what}.*from the environment") as err:
+        load_config(_write(tmp_path, tree))
+    assert "c4nary-secret" not in str(err.value)  # the message itself does not repeat it
+    tree["output_dir"] = "s3://bucket/runs/x?region=us-east-1"  # plain settings are fine
+    tree["data"]["sources"][0]["path"] = "s3://bucket/data/alpaca.jsonl"
+    tree["evaluate"]["judge"] = {"kind": "reference"}
+    assert load_config(_write(tmp_path, tree)).output_dir.startswith("s3://")

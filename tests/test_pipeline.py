@@ -5,9 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import uuid
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,18 +21,8 @@ import yaml
 from tests.conftest import ALPACA, REPO, SHARED, tiny_config_dict
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, three_nodes):
-    """`rayapp run` as users run it on a cluster: submitted as a Ray job (jobs/run_pipeline.py,
-    the repo uploaded as the working dir) to a three-node cluster, scoring pinned by a custom
-    resource to the two 'GPU' nodes."""
-    from rayapp.submit import submit
-    from tests.conftest import wait_for_job_server
-
-    _, address = three_nodes
-    wait_for_job_server(address)
-    tmp = tmp_path_factory.mktemp("pipeline")
-    cfg = tiny_config_dict(tmp, [{"path": str(ALPACA), "limit": 160}], data__shard_rows=64, data__max_length=128)
+def pipeline_config(tmp, limit: int = 160, name: str = "cfg.yaml"):
+    cfg = tiny_config_dict(tmp, [{"path": str(ALPACA), "limit": limit}], data__shard_rows=64, data__max_length=128)
     cfg.pop("ray")  # inside a job the stages join the job's cluster (RAY_ADDRESS)
     cfg["reference"] = {"epochs": 3, "learning_rate": 2e-3, "per_device_batch_size": 16, "num_workers": 2,
                         "fsdp": False, "log_every_steps": 5}
@@ -42,12 +36,73 @@ def pipeline_run(tmp_path_factory, three_nodes):
                        "generation": {"max_new_tokens": 16, "batch_size": 12, "temperature": 0.7, "top_p": 0.9,
                                       "repetition_penalty": 1.2},
                        "judge": {"kind": "reference"}}
-    path = tmp / "cfg.yaml"
+    path = tmp / name
     path.write_text(yaml.safe_dump(cfg))
-    out = io.StringIO()
+    return path
+
+
+def wait_for(predicate, timeout: float, what: str, job_id: str, client) -> None:
+    t0 = time.time()
+    while not predicate():
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            pytest.fail(f"job {job_id} ended ({status}) before {what}:\n{client.get_job_logs(job_id)[-3000:]}")
+        if time.time() - t0 > timeout:
+            pytest.fail(f"no {what} after {timeout}s")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, three_nodes):
+    """`rayapp run` as users run it on a cluster: submitted as a Ray job (jobs/run_pipeline.py,
+    the repo uploaded as the working dir) to a three-node cluster, scoring pinned by a custom
+    resource to the two 'GPU' nodes. The first submission is stopped (`ray job stop`) once the
+    reference model's first epoch checkpoint is committed; the same command is then submitted again
+    and finishes the run."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state import list_actors
+
+    from rayapp.submit import submit
+    from tests.conftest import wait_for_job_server
+
+    _, address = three_nodes
+    wait_for_job_server(address)
+    tmp = tmp_path_factory.mktemp("pipeline")
+    path = pipeline_config(tmp)
     # sys.executable: the venv's python (a cluster image's `python` is its own environment)
-    rc = submit(address, [sys.executable, "jobs/run_pipeline.py", "--config", str(path)], working_dir=str(REPO), out=out)
+    entry = [sys.executable, "jobs/run_pipeline.py", "--config", str(path)]
+    client = JobSubmissionClient(address)
+    first = f"rayapp-test-{uuid.uuid4().hex[:8]}"
+    submit(address, entry, working_dir=str(REPO), wait=False, submission_id=first, out=io.StringIO())
+    ckpts = tmp / "run" / "reference" / "checkpoints"
+    wait_for(lambda: any(ckpts.glob("step-*/rayapp_progress.json")), 600, "reference checkpoint", first, client)
+    assert client.stop_job(first)
+    t0 = time.time()
+    while not client.get_job_status(first).is_terminal() and time.time() - t0 < 60:
+        time.sleep(0.5)
+    assert client.get_job_status(first) == JobStatus.STOPPED, client.get_job_logs(first)[-3000:]
+    # Ray kills a stopped job's actors (here the training workers) a few seconds after its driver;
+    # re-submit once they are gone, so two attempts never write the same checkpoints
+    ray_job = client.get_job_info(first).job_id
+    t0 = time.time()
+    while [a for a in list_actors(address=address, filters=[("job_id", "=", ray_job)], limit=10_000)
+           if a.state != "DEAD"] and time.time() - t0 < 60:
+        time.sleep(0.5)
+    assert not (tmp / "run" / "summary.json").exists()
+
+    out = io.StringIO()
+    rc = submit(address, entry, working_dir=str(REPO), out=out)
     return tmp / "run", subprocess.CompletedProcess(["rayapp submit"], rc, out.getvalue(), out.getvalue()), address
+
+
+def test_stopped_job_resubmitted_resumes_where_it_stopped(pipeline_run):
+    out, proc, _ = pipeline_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "[prepare] up to date" in proc.stdout  # the first attempt's prepared data is reused
+    stats = json.loads((out / "reference" / "stats" / "rank-0.json").read_text())
+    assert stats["resumed_from_step"] >= 1  # training went on from its latest checkpoint
+    assert f"[reference] resumed from {out / 'reference' / 'checkpoints'}" in proc.stdout
+    assert all((out / "reference" / "exports" / f"epoch-{e}" / "rayapp_checkpoint.json").exists() for e in (1, 2, 3))
 
 
 def test_run_finishes_with_a_summary(pipeline_run):
@@ -143,3 +198,107 @@ def test_report_renders_in_headless_chromium(pipeline_run, tmp_path):
     img = np.asarray(Image.open(shot).convert("L"))
     assert img.shape[0] >= 2000
     assert (img < 200).mean() > 0.02  # plots and text drawn, not an empty white page
+
+
+def _copy_run(src, dst, parts=("prepared", "reference", "scores", "select")):
+    """A copy of a finished run's stage outputs, with the absolute paths in its manifests moved along."""
+    for part in parts:
+        shutil.copytree(src / part, dst / part)
+    for manifest in dst.rglob("*.json"):
+        manifest.write_text(manifest.read_text().replace(str(src), str(dst)))
+
+
+def test_stages_refuse_inputs_from_another_run_or_data(pipeline_run, tmp_path):
+    """Each stage checks its inputs' manifests and refuses a mix: trajectories or a selected shard
+    changed after they were written, scores of an older reference model, and scores, checkpoints or
+    a selection made from other prepared data."""
+    from rayapp.common.manifests import InputMismatchError
+    from rayapp.config import load_config
+    from rayapp.finetune.stage import run_finetune
+    from rayapp.prepare.stage import run_prepare
+    from rayapp.score.stage import run_score
+    from rayapp.select.stage import run_select
+
+    run_a, proc, _ = pipeline_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    x = tmp_path / "run"
+    _copy_run(run_a, x)
+    cfg = load_config(pipeline_config(tmp_path), [f"output_dir={x}"])
+
+    traj = x / "scores" / "trajectories.parquet"
+    good = traj.read_bytes()
+    pq.write_table(pq.read_table(traj).slice(1), traj)  # a row lost after scoring
+    with pytest.raises(InputMismatchError, match="trajectories.parquet: content hashes do not match"):
+        run_select(cfg)
+    traj.write_bytes(good)
+
+    shard = pathlib.Path(json.loads((x / "select" / "manifest.json").read_text())["selections"]["lp"]["path"])
+    original = shard.read_bytes()
+    pq.write_table(pq.read_table(shard).slice(1), shard)
+    with pytest.raises(InputMismatchError, match="selected.parquet: content hashes do not match"):
+        run_finetune(cfg)
+    shard.write_bytes(original)
+
+    marker = x / "reference" / "exports" / "epoch-2" / "rayapp_checkpoint.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "uid": "retrained"}))
+    with pytest.raises(InputMismatchError, match="reference checkpoints do not match.*re-run `rayapp score`"):
+        run_select(cfg)
+
+    # other data: the same source cut at 150 rows, prepared into the copied run
+    other = load_config(pipeline_config(tmp_path, limit=150, name="other.yaml"), [f"output_dir={x}"])
+    assert run_prepare(other)["rows"] == 150
+    with pytest.raises(InputMismatchError, match="reference checkpoints in .* made from other prepared data"):
+        run_score(other)
+    with pytest.raises(InputMismatchError, match="scores in .* made from other prepared data"):
+        run_select(other)
+    with pytest.raises(InputMismatchError, match="the selection in .* made from other prepared data"):
+        run_finetune(other)
+
+
+def _selected_ids(run) -> dict[str, set]:
+    manifest = json.loads((run / "select" / "manifest.json").read_text())
+    return {m: set(pq.read_table(e["path"], columns=["id"])["id"].to_pylist()) for m, e in manifest["selections"].items()}
+
+
+def test_node_killed_mid_scoring_leaves_scores_and_selection_unchanged(pipeline_run, three_nodes, tmp_path):
+    """The same config run again up to select, as a job, with uninterrupted training this time. One
+    scoring actor hangs mid-block and its whole node is killed (raylet and workers); a replacement
+    node joins, as the autoscaler would add one. The run ends with exactly one score per (id,
+    checkpoint), and its scores and selections equal the first run's, whose job was stopped and
+    re-submitted. (Last in this module: it changes the shared cluster's worker nodes.)"""
+    from rayapp.score.actor import FAULT_ENV
+    from rayapp.submit import submit
+    from tests.conftest import free_port
+
+    cluster, address = three_nodes
+    run_a, proc, _ = pipeline_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    path = pipeline_config(tmp_path)
+    marker = tmp_path / "scorer-hung"
+    env = json.dumps({"env_vars": {FAULT_ENV: f"hang:1:{marker}"}})
+    out, result = io.StringIO(), {}
+    job = threading.Thread(target=lambda: result.update(rc=submit(
+        address, [sys.executable, "jobs/run_pipeline.py", "--config", str(path), "--until", "select"],
+        working_dir=str(REPO), runtime_env_json=env, out=out)))
+    job.start()
+    t0 = time.time()
+    while not marker.exists() and job.is_alive() and time.time() - t0 < 600:
+        time.sleep(0.5)
+    assert marker.exists(), out.getvalue()[-3000:]
+    hung_on = json.loads(marker.read_text())["node_id"]
+    node = next(n for n in cluster.worker_nodes if n.node_id == hung_on)
+    cluster.remove_node(node, allow_graceful=False)
+    cluster.add_node(num_cpus=2, resources={"gpu_small": 1}, dashboard_agent_listen_port=free_port())
+    job.join(600)
+    assert result.get("rc") == 0, out.getvalue()[-3000:]
+
+    run_b = tmp_path / "run"
+    a = pq.read_table(run_a / "scores" / "trajectories.parquet").to_pandas().set_index("id")
+    b = pq.read_table(run_b / "scores" / "trajectories.parquet").to_pandas().set_index("id")
+    assert b.index.is_unique and set(a.index) == set(b.index)
+    for ck in json.loads((run_b / "reference" / "manifest.json").read_text())["checkpoints"]:
+        scores = pq.read_table(run_b / "scores" / "reference" / ck["name"]).to_pandas()
+        assert scores.id.is_unique and set(scores.id) == set(b.index)  # one score per (id, checkpoint)
+    p_cols = [c for c in a.columns if c.startswith("P")]
+    np.testing.assert_allclose(b.loc[a.index, p_cols], a[p_cols], rtol=1e-5)
+    assert _selected_ids(run_b) == _selected_ids(run_a)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -72,12 +73,13 @@ def test_vllm_generation_and_served_judge(tiny_models, vllm_server, ray_local):
         "generation": {"backend": "vllm", "max_new_tokens": 16, "batch_size": 8, "dtype": "float32",
                        "gpu_memory_utilization": 0.15, "enforce_eager": True},
         "judge": {"kind": "endpoint", "base_url": base_url, "model": "tiny-judge", "max_tokens": 24, "retries": 6,
-                  "max_concurrency": 4, "api_key_env": "RAYAPP_TEST_NO_KEY"},
+                  "max_concurrency": 4, "api_key_env": "RAYAPP_TEST_JUDGE_KEY"},
     }
     path = tiny_models / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "RAYAPP_DEBUG": "1"}
-    env.pop("RAYAPP_TEST_NO_KEY", None)
+    # secrets reach the stage only through the environment, and must never be written anywhere
+    canaries = {"RAYAPP_TEST_JUDGE_KEY": "sk-c4nary-judge-9f3a", "HF_TOKEN": "hf_c4nary_token_9f3a"}
+    env = {**os.environ, "RAYAPP_DEBUG": "1", **canaries}
     # Generation (two vLLM engines, one per model) runs while the judge server is still starting;
     # the judge is only asked once both models have answered, and the test checks the server is up
     # before that can happen.
@@ -99,6 +101,11 @@ def test_vllm_generation_and_served_judge(tiny_models, vllm_server, ray_local):
     judgments = [json.loads(l) for l in (out / "evaluate" / "judgments" / "a-vs-b.jsonl").read_text().splitlines()]
     assert len(judgments) == 8 and all(j["verdict"] == "unparseable" and j["review_ab"] is not None for j in judgments)
     assert "tiny-judge" in results["judge"]
+    ray_logs = pathlib.Path("/tmp/ray/session_latest/logs")  # the cluster `rayapp evaluate` started
+    files = [f for root in (out, ray_logs) if root.exists() for f in root.rglob("*") if f.is_file()]
+    written = [output] + [f.read_bytes().decode("utf-8", "replace") for f in files]
+    for secret in canaries.values():
+        assert not any(secret in text for text in written), f"{secret} leaked into the outputs or logs"
 
     # the two backends agree: greedy decoding in float32 gives the same tokens with transformers
     from rayapp.config import GenerationConfig

@@ -22,6 +22,12 @@ def init_ray(cfg: RunConfig | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     address = existing_cluster_address(cfg)
     if address:
+        # Inside a Ray job, the driver's first ray.init on a cluster can unpack the job's working_dir
+        # again, deleting the folder the driver runs in (seen with Ray 2.60: getcwd then fails).
+        # oneMKL inside torch aborts the process if it first loads after that ("Intel oneMKL FATAL
+        # ERROR: Cannot load libtorch_cpu.so"). Every stage needs torch anyway: load it first.
+        import torch  # noqa: F401
+
         ray.init(address=address, log_to_driver=True)
         return
     # The dashboard process backs Ray's State API (Train's placement-group cleaner uses it); it

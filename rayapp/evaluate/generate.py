@@ -122,15 +122,18 @@ def fit_prompts(rows: list[dict], model_path: str, max_new_tokens: int, max_posi
     return out, limit
 
 
-def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_positions: int | None) -> list[dict]:
-    """Through ``ray.data.llm``: it sizes placement groups for tensor parallelism itself."""
+def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_positions: int | None,
+                  trust_remote_code: bool = False) -> list[dict]:
+    """Through ``ray.data.llm``: it sizes placement groups for tensor parallelism itself. Weights
+    load from safetensors only (vLLM's "auto" would fall back to pickled .bin files)."""
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     rows, max_positions = fit_prompts(rows, model_path, gen.max_new_tokens, max_positions)
     engine_kwargs = dict(tensor_parallel_size=gen.tensor_parallel_size, dtype=gen.dtype,
                          gpu_memory_utilization=gen.gpu_memory_utilization, seed=gen.seed,
-                         enforce_eager=gen.enforce_eager)
+                         enforce_eager=gen.enforce_eager, load_format="safetensors",
+                         trust_remote_code=trust_remote_code)
     if max_positions:
         engine_kwargs["max_model_len"] = max_positions
     engine_kwargs.update(gen.engine_kwargs)
@@ -163,7 +166,7 @@ def generate(rows: list[dict], model_path: str, gen: GenerationConfig, max_posit
     """Generate an answer for each row; returns (rows in input order, throughput stats)."""
     t0 = time.perf_counter()
     if gen.backend == "vllm":
-        out = generate_vllm(rows, model_path, gen, max_positions)
+        out = generate_vllm(rows, model_path, gen, max_positions, trust_remote_code)
     else:
         out = generate_hf(rows, model_path, gen, max_positions, trust_remote_code)
     seconds = time.perf_counter() - t0

@@ -11,7 +11,13 @@ from rayapp.common.raycluster import init_ray
 from rayapp.config import RunConfig
 from rayapp.models import registry
 from rayapp.models.loading import load_tokenizer
-from rayapp.common.manifests import MissingInputError, read_prepared_manifest
+from rayapp.common.manifests import (
+    MissingInputError,
+    file_digest,
+    read_prepared_manifest,
+    require_match,
+    require_same_prepared,
+)
 from rayapp.train import checkpoints as ck
 from rayapp.train.runner import run_training
 
@@ -29,6 +35,10 @@ def training_data(cfg: RunConfig, layout: RunLayout, prepared: dict, subset: str
     if method not in sel["selections"]:
         raise MissingInputError(f"no '{method}' selection in {manifest_uri}; add it to select.baselines")
     entry = sel["selections"][method]
+    require_same_prepared(f"the selection in {layout.selection}", sel.get("prepared_fingerprint"), prepared,
+                          "re-run `rayapp score` and `rayapp select` on this data")
+    require_match("content hashes", entry["path"], file_digest(entry["path"]), entry.get("sha256"),
+                  "the shard changed after the select stage wrote it: re-run `rayapp select`")
     return [entry["path"]], entry["rows"], f"{entry['tag']} ({entry['rows']} rows)"
 
 
@@ -55,7 +65,7 @@ def run_finetune(cfg: RunConfig, force: bool = False, runtime_env: dict | None =
     work = storage.local_path(layout.finetune(fc.subset))
     digest_parts = [prepared["fingerprint"], init_model, fc.model_dump_json()]
     for f in files:
-        digest_parts.append(sha256_bytes(storage.read_bytes(f))[:16] if f.endswith("selected.parquet") else f)
+        digest_parts.append(file_digest(f) if f.endswith("selected.parquet") else f)
     fp = sha256_bytes("|".join(digest_parts).encode())[:16]
     manifest_uri = storage.join(layout.finetune(fc.subset), "manifest.json")
     if not force and storage.exists(manifest_uri) and storage.read_json(manifest_uri).get("fingerprint") == fp:

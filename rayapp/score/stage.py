@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from rayapp.common import storage
 from rayapp.common.layout import RunLayout
-from rayapp.common.manifests import MissingInputError, read_prepared_manifest
+from rayapp.common.manifests import (
+    MissingInputError,
+    file_digest,
+    read_prepared_manifest,
+    require_match,
+    require_same_prepared,
+)
 from rayapp.common.raycluster import init_ray
 from rayapp.config import RunConfig
 from rayapp.models.loading import load_tokenizer
@@ -12,11 +18,15 @@ from rayapp.score.engine import Checkpoint, checkpoint_uid, score_checkpoints
 from rayapp.score.trajectories import build_trajectories
 
 
-def reference_checkpoints(layout: RunLayout) -> list[Checkpoint]:
+def reference_checkpoints(layout: RunLayout, prepared: dict | None = None) -> list[Checkpoint]:
+    """The reference run's checkpoints, refused if they were trained on other prepared data."""
     manifest_uri = storage.join(layout.reference, "manifest.json")
     if not storage.exists(manifest_uri):
         raise MissingInputError(f"no reference checkpoints at {layout.reference}: run `rayapp reference` first")
     manifest = storage.read_json(manifest_uri)
+    if prepared is not None:
+        require_same_prepared(f"reference checkpoints in {layout.reference}", manifest.get("prepared_fingerprint"),
+                              prepared, "re-run `rayapp reference` on this data")
     return [Checkpoint(c["name"], c["path"], checkpoint_uid(c["path"])) for c in manifest["checkpoints"]]
 
 
@@ -29,7 +39,7 @@ def special_ids(tokenizer) -> tuple[int, int]:
 def run_score(cfg: RunConfig, force: bool = False, checkpoints: list[Checkpoint] | None = None) -> dict:
     layout = RunLayout(cfg.output_dir)
     manifest = read_prepared_manifest(layout)
-    checkpoints = checkpoints or reference_checkpoints(layout)
+    checkpoints = checkpoints or reference_checkpoints(layout, manifest)
     tokenizer = load_tokenizer(manifest["tokenizer"])
     bos, pad = special_ids(tokenizer)
     out_dir = layout.scores("reference")
@@ -42,6 +52,8 @@ def run_score(cfg: RunConfig, force: bool = False, checkpoints: list[Checkpoint]
         trust_remote_code=cfg.models.reference.trust_remote_code,
     )
     traj = build_trajectories(out_dir, [c.name for c in checkpoints])
+    require_match("trajectory rows", layout.trajectories, traj.num_rows, manifest["rows"],
+                  "the scores do not cover the prepared data: re-run `rayapp score --force`")
     storage.write_parquet(layout.trajectories, traj)
     storage.write_json(storage.join(out_dir, "manifest.json"), {
         "stage": "score",
@@ -50,6 +62,7 @@ def run_score(cfg: RunConfig, force: bool = False, checkpoints: list[Checkpoint]
         "modes": list(cfg.score.modes),
         "rows": traj.num_rows,
         "trajectories": layout.trajectories,
+        "trajectories_sha256": file_digest(layout.trajectories),
         "last_run": stats,
     })
     print(f"[score] trajectories for {traj.num_rows} rows x {len(checkpoints)} checkpoints: {layout.trajectories}")

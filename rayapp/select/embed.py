@@ -35,7 +35,8 @@ class Embedder:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(max(1, num_threads))
-        self.model = SentenceTransformer(model_path, device=device, local_files_only=True)
+        self.model = SentenceTransformer(model_path, device=device, local_files_only=True,
+                                         model_kwargs={"use_safetensors": True})  # never unpickle weights
         self.model.max_seq_length = max_tokens
         self.batch_size = batch_size
 
@@ -67,7 +68,10 @@ def embed_prepared(files: list[str], model_name: str, batch_size: int, num_cpus:
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
         ids.extend(b["id"].tolist())
         vecs.append(np.stack(b["embedding"]))
-    return ids, np.concatenate(vecs)
+    # Ray Data yields batches in whatever order the actors finish them; k-means' seeded start
+    # depends on row order, so sort by id to cluster the same way on every run
+    order = np.argsort(np.asarray(ids), kind="stable")
+    return [ids[i] for i in order], np.concatenate(vecs)[order]
 
 
 def embeddings_table(ids: list[str], vecs: np.ndarray, clusters: np.ndarray) -> pa.Table:

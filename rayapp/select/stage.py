@@ -13,6 +13,13 @@ from rayapp import __version__
 from rayapp.common import storage
 from rayapp.common.hashing import sha256_bytes
 from rayapp.common.layout import RunLayout
+from rayapp.common.manifests import (
+    MissingInputError,
+    file_digest,
+    read_prepared_manifest,
+    require_match,
+    require_same_prepared,
+)
 from rayapp.config import RunConfig, SelectConfig
 from rayapp.select.report import write_report
 from rayapp.select.metrics import learning_percentage, learning_percentage_approx, no_response_rows
@@ -63,6 +70,27 @@ def trajectories_from_table(t: pa.Table) -> Trajectories:
     n_tok = np.asarray(t["n_tokens"])
     return Trajectories(ids=np.asarray(t["id"].to_pylist()), P=P, n_tokens=n_tok, nll_response_only=ro,
                         response_length=n_tok)
+
+
+def check_scores(layout: RunLayout, prepared: dict) -> dict:
+    """The score manifest, once the trajectories are shown to be this run's: same prepared data,
+    the file the score stage wrote (hash), every prepared row, and the current reference checkpoints."""
+    from rayapp.score.stage import reference_checkpoints
+
+    uri = storage.join(layout.scores("reference"), "manifest.json")
+    if not storage.exists(uri) or not storage.exists(layout.trajectories):
+        raise MissingInputError(f"no scores at {layout.scores('reference')}: run `rayapp score` first")
+    sm = storage.read_json(uri)
+    where = f"scores in {layout.scores('reference')}"
+    require_same_prepared(where, sm.get("prepared_fingerprint"), prepared, "re-run `rayapp score`")
+    require_match("rows", where, sm.get("rows"), prepared["rows"], "re-run `rayapp score`")
+    require_match("content hashes", layout.trajectories, file_digest(layout.trajectories), sm.get("trajectories_sha256"),
+                  "the file changed after the score stage wrote it: re-run `rayapp score`")
+    if storage.exists(storage.join(layout.reference, "manifest.json")):
+        current = [c.uid for c in reference_checkpoints(layout, prepared)]
+        require_match("reference checkpoints", where, [c.get("uid") for c in sm["checkpoints"]], current,
+                      "the reference model was trained again after scoring: re-run `rayapp score`")
+    return sm
 
 
 def _clusters(cfg: RunConfig, layout: RunLayout, prepared: dict, ids: np.ndarray) -> np.ndarray:
@@ -118,19 +146,12 @@ def run_select(cfg: RunConfig, force: bool = False) -> dict:
         prepared = None
         source = {"trajectories": sc.trajectories, "prefix": sc.trajectory_prefix, "sha256": traj_digest}
     else:
-        from rayapp.common.manifests import read_prepared_manifest
-
         prepared = read_prepared_manifest(layout)
+        sm = check_scores(layout, prepared)
         traj = load_run_trajectories(layout)
-        score_manifest = storage.join(layout.scores("reference"), "manifest.json")
-        sm = storage.read_json(score_manifest) if storage.exists(score_manifest) else {}
-        if sm.get("prepared_fingerprint") not in (None, prepared["fingerprint"]):
-            raise SelectError(
-                f"scores in {layout.scores('reference')} were computed on other prepared data "
-                f"({sm['prepared_fingerprint']} != {prepared['fingerprint']}): re-run `rayapp score`"
-            )
         source = {"trajectories": layout.trajectories, "prepared_fingerprint": prepared["fingerprint"],
-                  "score_checkpoints": [c["name"] for c in sm.get("checkpoints", [])]}
+                  "trajectories_sha256": sm["trajectories_sha256"],
+                  "score_checkpoints": [c["name"] for c in sm["checkpoints"]]}
 
     methods = [sc.method] + [m for m in sc.baselines if m != sc.method]
     needs_clusters = sc.stratified or "clust_rand" in methods
@@ -185,7 +206,7 @@ def run_select(cfg: RunConfig, force: bool = False) -> dict:
         "input_manifest_sha256": sha256_bytes(storage.read_bytes(layout.prepared_manifest))[:16] if prepared else None,
         **source,
     }
-    out = {"main": None, "selections": {}}
+    out = {"main": None, "prepared_fingerprint": prepared["fingerprint"] if prepared else None, "selections": {}}
     prepared_table = None
     if prepared is not None:
         prepared_table = storage.read_parquet_dir(layout.prepared)
@@ -207,11 +228,12 @@ def run_select(cfg: RunConfig, force: bool = False) -> dict:
             rows = pa.table({"id": pa.array(chosen_ids, pa.string())})
         for k, v in extra.items():
             rows = rows.append_column(k, pa.array(v))
-        storage.write_parquet(storage.join(folder, "selected.parquet"), rows)
+        shard = storage.join(folder, "selected.parquet")
+        storage.write_parquet(shard, rows)
         prov = {"method": m, "tag": tag, **provenance_common, **infos[m],
                 "selected_ids_sha256": sha256_bytes("\n".join(sorted(chosen_ids)).encode())[:16]}
         storage.write_json(storage.join(folder, "selection.json"), prov)
-        out["selections"][m] = {"tag": tag, "rows": int(len(idx)), "path": storage.join(folder, "selected.parquet")}
+        out["selections"][m] = {"tag": tag, "rows": int(len(idx)), "path": shard, "sha256": file_digest(shard)}
     out["main"] = sc.method
 
     # report (local folder; copied as files when output_dir is remote)

@@ -115,6 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt_root = config["checkpoint_dir"]
     start_epoch, start_batch, global_step = 0, 0, 0
     resumed_from = None
+    last_loss = float("nan")
     staging = config.get("staging_dir")  # node-local stand-in when the work dir is on an object store
     latest = ck.latest_complete(ckpt_root)
     if latest is not None:
@@ -124,10 +125,12 @@ def train_loop_per_worker(config: dict) -> None:
         dcp.load(state, checkpoint_id=ck.load_location(path, rank, staging))
         set_state_dict(train_model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         start_epoch, start_batch, global_step = progress["epoch"], progress["batch_in_epoch"], progress["global_step"]
+        last_loss = progress.get("loss", float("nan"))
         resumed_from = global_step
         for _ in range(global_step):
             scheduler.step()
-        _log(rank, f"[{stage}] resumed from {path}: epoch {start_epoch + 1}, step {global_step}/{total_steps}")
+        where = f"epoch {start_epoch + 1}" if start_epoch < tc["epochs"] else "training done, exporting"
+        _log(rank, f"[{stage}] resumed from {path}: {where}, step {global_step}/{total_steps}")
 
     def save_checkpoint(epoch: int, batch_in_epoch: int) -> None:
         path = ck.step_dir(ckpt_root, global_step)
@@ -139,7 +142,8 @@ def train_loop_per_worker(config: dict) -> None:
             dist.barrier()
         if rank == 0:
             ck.write_json(storage.join(path, ck.PROGRESS),
-                          {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "global_step": global_step})
+                          {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "global_step": global_step,
+                           "loss": last_loss})
             ck.prune(ckpt_root, keep=config.get("keep_checkpoints", 2))
         if dist.is_initialized():
             dist.barrier()
@@ -161,6 +165,11 @@ def train_loop_per_worker(config: dict) -> None:
     if kill_at and storage.exists(fault_marker):
         kill_at = 0
 
+    if resumed_from is not None and start_batch == 0 and start_epoch > 0 and config.get("export_every_epoch"):
+        # stopped between an epoch's last checkpoint and its export: the restored weights are that
+        # epoch's, so export them now (a no-op when the export is already complete)
+        export(storage.join(config["export_dir"], f"epoch-{start_epoch}"), {"epoch": start_epoch, "step": global_step})
+
     rows = TrainRows(config["train_files"])
     if len(rows) != config["total_rows"]:
         raise ValueError(f"[{stage}] the training files hold {len(rows)} rows, their manifest says {config['total_rows']}")
@@ -169,7 +178,6 @@ def train_loop_per_worker(config: dict) -> None:
     tokens_seen = 0
     t_log = t_train0 = time.perf_counter()
     tokens_since_log = 0
-    last_loss = float("nan")
     train_model.train()
     for epoch in range(start_epoch, tc["epochs"]):
         sampler.set_epoch(epoch)
