@@ -260,12 +260,12 @@ def _selected_ids(run) -> dict[str, set]:
     return {m: set(pq.read_table(e["path"], columns=["id"])["id"].to_pylist()) for m, e in manifest["selections"].items()}
 
 
-def test_node_killed_mid_scoring_leaves_scores_and_selection_unchanged(pipeline_run, three_nodes, tmp_path):
-    """The same config run again up to select, as a job, with uninterrupted training this time. One
-    scoring actor hangs mid-block and its whole node is killed (raylet and workers); a replacement
-    node joins, as the autoscaler would add one. The run ends with exactly one score per (id,
-    checkpoint), and its scores and selections equal the first run's, whose job was stopped and
-    re-submitted. (Last in this module: it changes the shared cluster's worker nodes.)"""
+def test_node_killed_mid_scoring_leaves_scores_and_selection_unchanged(pipeline_run, three_nodes, tmp_path, capsys):
+    """The first run's prepared data and reference checkpoints, scored again as a job: one scoring
+    actor hangs mid-block and its whole node is killed (raylet and workers); a replacement node
+    joins, as the autoscaler would add one. The job ends with exactly one score per (id,
+    checkpoint), and its scores, and the selections made from them, equal those of the first run,
+    whose scoring was not interrupted. (Last in this module: it changes the shared cluster's nodes.)"""
     from rayapp.score.actor import FAULT_ENV
     from rayapp.submit import submit
     from tests.conftest import free_port
@@ -274,12 +274,14 @@ def test_node_killed_mid_scoring_leaves_scores_and_selection_unchanged(pipeline_
     run_a, proc, _ = pipeline_run
     assert proc.returncode == 0, proc.stdout[-3000:]
     path = pipeline_config(tmp_path)
+    run_b = tmp_path / "run"
+    _copy_run(run_a, run_b, parts=("models", "prepared", "reference"))
     marker = tmp_path / "scorer-hung"
     env = json.dumps({"env_vars": {FAULT_ENV: f"hang:1:{marker}"}})
     out, result = io.StringIO(), {}
     job = threading.Thread(target=lambda: result.update(rc=submit(
-        address, [sys.executable, "jobs/run_pipeline.py", "--config", str(path), "--until", "select"],
-        working_dir=str(REPO), runtime_env_json=env, out=out)))
+        address, [sys.executable, "jobs/run_score.py", "--config", str(path)], working_dir=str(REPO),
+        runtime_env_json=env, out=out)))
     job.start()
     t0 = time.time()
     while not marker.exists() and job.is_alive() and time.time() - t0 < 600:
@@ -291,8 +293,14 @@ def test_node_killed_mid_scoring_leaves_scores_and_selection_unchanged(pipeline_
     cluster.add_node(num_cpus=2, resources={"gpu_small": 1}, dashboard_agent_listen_port=free_port())
     job.join(600)
     assert result.get("rc") == 0, out.getvalue()[-3000:]
+    # select here, on the clusters of the first run (its embeddings cache, keyed by the prepared data)
+    (run_b / "select").mkdir()
+    shutil.copy(run_a / "select" / "embeddings.parquet", run_b / "select" / "embeddings.parquet")
+    from rayapp.config import load_config
+    from rayapp.select.stage import run_select
 
-    run_b = tmp_path / "run"
+    run_select(load_config(path))
+    assert "[select] reusing embeddings" in capsys.readouterr().out
     a = pq.read_table(run_a / "scores" / "trajectories.parquet").to_pandas().set_index("id")
     b = pq.read_table(run_b / "scores" / "trajectories.parquet").to_pandas().set_index("id")
     assert b.index.is_unique and set(a.index) == set(b.index)

@@ -13,6 +13,24 @@ def existing_cluster_address(cfg: RunConfig | None) -> str | None:
     return (cfg.ray.address if cfg else None) or os.environ.get("RAY_ADDRESS")
 
 
+def _return_to_working_dir(cwd: str) -> None:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def env_ready() -> bool:
+        return True
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ray.get(env_ready.options(scheduling_strategy=here).remote(), timeout=600)
+    try:
+        unchanged = os.path.samestat(os.stat("."), os.stat(cwd))
+    except FileNotFoundError:
+        unchanged = False
+    if not unchanged and os.path.isdir(cwd):
+        os.chdir(cwd)
+
+
 def init_ray(cfg: RunConfig | None = None) -> None:
     import ray
 
@@ -22,13 +40,18 @@ def init_ray(cfg: RunConfig | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     address = existing_cluster_address(cfg)
     if address:
-        # Inside a Ray job, the driver's first ray.init on a cluster can unpack the job's working_dir
-        # again, deleting the folder the driver runs in (seen with Ray 2.60: getcwd then fails).
-        # oneMKL inside torch aborts the process if it first loads after that ("Intel oneMKL FATAL
-        # ERROR: Cannot load libtorch_cpu.so"). Every stage needs torch anyway: load it first.
+        # Inside a Ray job, setting up the job's runtime env on the driver's node (after its first
+        # ray.init) can unpack the job's working_dir again, deleting the folder the driver runs in
+        # and re-creating it at the same path (seen with Ray 2.60). The driver is then left with no
+        # current directory: getcwd fails, and oneMKL inside torch aborts the process if it loads
+        # then ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"). So load torch first, wait
+        # until the runtime env is set up on this node, and step back into the re-created folder.
         import torch  # noqa: F401
 
+        cwd = os.getcwd()
         ray.init(address=address, log_to_driver=True)
+        if ray.get_runtime_context().runtime_env.get("working_dir"):
+            _return_to_working_dir(cwd)
         return
     # The dashboard process backs Ray's State API (Train's placement-group cleaner uses it); it
     # listens on loopback only, never on a public address.
