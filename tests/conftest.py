@@ -107,11 +107,33 @@ def three_nodes():
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
         "dashboard_agent_listen_port": free_port()})
+    # every node must share the head's authentication mode: a later local ray.init() in this
+    # process (ray_local) turns token auth on in os.environ, and a node added after that with it
+    # on cannot talk to a head without it
+    cluster.rayapp_auth_mode = os.environ.get("RAY_AUTH_MODE")
     for _ in range(2):
-        cluster.add_node(num_cpus=2, resources={"gpu_small": 1}, dashboard_agent_listen_port=free_port())
+        add_gpu_node(cluster)
     cluster.wait_for_nodes()
     yield cluster, f"http://127.0.0.1:{port}"
     cluster.shutdown()
+
+
+def add_gpu_node(cluster):
+    """A worker like the three-node cluster's (2 CPUs, one 'gpu_small'), e.g. the replacement an
+    autoscaler would start for a lost node."""
+    saved = os.environ.get("RAY_AUTH_MODE")
+    _set_env("RAY_AUTH_MODE", getattr(cluster, "rayapp_auth_mode", saved))
+    try:
+        return cluster.add_node(num_cpus=2, resources={"gpu_small": 1}, dashboard_agent_listen_port=free_port())
+    finally:
+        _set_env("RAY_AUTH_MODE", saved)
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def wait_for_url(url: str, timeout: float, what: str, proc=None, log=None) -> None:

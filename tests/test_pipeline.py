@@ -268,7 +268,7 @@ def test_node_killed_mid_scoring_leaves_scores_and_selection_unchanged(pipeline_
     whose scoring was not interrupted. (Last in this module: it changes the shared cluster's nodes.)"""
     from rayapp.score.actor import FAULT_ENV
     from rayapp.submit import submit
-    from tests.conftest import free_port
+    from tests.conftest import add_gpu_node
 
     cluster, address = three_nodes
     run_a, proc, _ = pipeline_run
@@ -290,7 +290,7 @@ def test_node_killed_mid_scoring_leaves_scores_and_selection_unchanged(pipeline_
     hung_on = json.loads(marker.read_text())["node_id"]
     node = next(n for n in cluster.worker_nodes if n.node_id == hung_on)
     cluster.remove_node(node, allow_graceful=False)
-    cluster.add_node(num_cpus=2, resources={"gpu_small": 1}, dashboard_agent_listen_port=free_port())
+    add_gpu_node(cluster)
     job.join(600)
     assert result.get("rc") == 0, out.getvalue()[-3000:]
     # select here, on the clusters of the first run (its embeddings cache, keyed by the prepared data)
