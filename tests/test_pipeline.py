@@ -9,7 +9,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
@@ -52,16 +51,12 @@ def wait_for(predicate, timeout: float, what: str, job_id: str, client) -> None:
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, three_nodes):
+def run_pipeline_job(tmp_path_factory, three_nodes, stop_first: bool):
     """`rayapp run` as users run it on a cluster: submitted as a Ray job (jobs/run_pipeline.py,
     the repo uploaded as the working dir) to a three-node cluster, scoring pinned by a custom
-    resource to the two 'GPU' nodes. The first submission is stopped (`ray job stop`) once the
-    reference model's first epoch checkpoint is committed; the same command is then submitted again
-    and finishes the run."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-    from ray.util.state import list_actors
-
+    resource to the two 'GPU' nodes. With ``stop_first``, a first submission is stopped (`ray job
+    stop`) once the reference model's first epoch checkpoint is committed, and the same command is
+    then submitted again to finish the run."""
     from rayapp.submit import submit
     from tests.conftest import wait_for_job_server
 
@@ -71,10 +66,24 @@ def pipeline_run(tmp_path_factory, three_nodes):
     path = pipeline_config(tmp)
     # sys.executable: the venv's python (a cluster image's `python` is its own environment)
     entry = [sys.executable, "jobs/run_pipeline.py", "--config", str(path)]
+    if stop_first:
+        submit_and_stop(address, entry, tmp / "run")
+    out = io.StringIO()
+    rc = submit(address, entry, working_dir=str(REPO), out=out)
+    return tmp / "run", subprocess.CompletedProcess(["rayapp submit"], rc, out.getvalue(), out.getvalue()), address
+
+
+def submit_and_stop(address: str, entry: list[str], run) -> None:
+    """Submit, and stop the job (`ray job stop`) once the reference model's first checkpoint is in."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state import list_actors
+
+    from rayapp.submit import submit
+
     client = JobSubmissionClient(address)
     first = f"rayapp-test-{uuid.uuid4().hex[:8]}"
     submit(address, entry, working_dir=str(REPO), wait=False, submission_id=first, out=io.StringIO())
-    ckpts = tmp / "run" / "reference" / "checkpoints"
+    ckpts = run / "reference" / "checkpoints"
     wait_for(lambda: any(ckpts.glob("step-*/rayapp_progress.json")), 600, "reference checkpoint", first, client)
     assert client.stop_job(first)
     t0 = time.time()
@@ -88,21 +97,12 @@ def pipeline_run(tmp_path_factory, three_nodes):
     while [a for a in list_actors(address=address, filters=[("job_id", "=", ray_job)], limit=10_000)
            if a.state != "DEAD"] and time.time() - t0 < 60:
         time.sleep(0.5)
-    assert not (tmp / "run" / "summary.json").exists()
-
-    out = io.StringIO()
-    rc = submit(address, entry, working_dir=str(REPO), out=out)
-    return tmp / "run", subprocess.CompletedProcess(["rayapp submit"], rc, out.getvalue(), out.getvalue()), address
+    assert not (run / "summary.json").exists()
 
 
-def test_stopped_job_resubmitted_resumes_where_it_stopped(pipeline_run):
-    out, proc, _ = pipeline_run
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "[prepare] up to date" in proc.stdout  # the first attempt's prepared data is reused
-    stats = json.loads((out / "reference" / "stats" / "rank-0.json").read_text())
-    assert stats["resumed_from_step"] >= 1  # training went on from its latest checkpoint
-    assert f"[reference] resumed from {out / 'reference' / 'checkpoints'}" in proc.stdout
-    assert all((out / "reference" / "exports" / f"epoch-{e}" / "rayapp_checkpoint.json").exists() for e in (1, 2, 3))
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, three_nodes):
+    return run_pipeline_job(tmp_path_factory, three_nodes, stop_first=False)
 
 
 def test_run_finishes_with_a_summary(pipeline_run):
@@ -253,60 +253,3 @@ def test_stages_refuse_inputs_from_another_run_or_data(pipeline_run, tmp_path):
         run_select(other)
     with pytest.raises(InputMismatchError, match="the selection in .* made from other prepared data"):
         run_finetune(other)
-
-
-def _selected_ids(run) -> dict[str, set]:
-    manifest = json.loads((run / "select" / "manifest.json").read_text())
-    return {m: set(pq.read_table(e["path"], columns=["id"])["id"].to_pylist()) for m, e in manifest["selections"].items()}
-
-
-def test_node_killed_mid_scoring_leaves_scores_and_selection_unchanged(pipeline_run, three_nodes, tmp_path, capsys):
-    """The first run's prepared data and reference checkpoints, scored again as a job: one scoring
-    actor hangs mid-block and its whole node is killed (raylet and workers); a replacement node
-    joins, as the autoscaler would add one. The job ends with exactly one score per (id,
-    checkpoint), and its scores, and the selections made from them, equal those of the first run,
-    whose scoring was not interrupted. (Last in this module: it changes the shared cluster's nodes.)"""
-    from rayapp.score.actor import FAULT_ENV
-    from rayapp.submit import submit
-    from tests.conftest import add_gpu_node
-
-    cluster, address = three_nodes
-    run_a, proc, _ = pipeline_run
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    path = pipeline_config(tmp_path)
-    run_b = tmp_path / "run"
-    _copy_run(run_a, run_b, parts=("models", "prepared", "reference"))
-    marker = tmp_path / "scorer-hung"
-    env = json.dumps({"env_vars": {FAULT_ENV: f"hang:1:{marker}"}})
-    out, result = io.StringIO(), {}
-    job = threading.Thread(target=lambda: result.update(rc=submit(
-        address, [sys.executable, "jobs/run_score.py", "--config", str(path)], working_dir=str(REPO),
-        runtime_env_json=env, out=out)))
-    job.start()
-    t0 = time.time()
-    while not marker.exists() and job.is_alive() and time.time() - t0 < 600:
-        time.sleep(0.5)
-    assert marker.exists(), out.getvalue()[-3000:]
-    hung_on = json.loads(marker.read_text())["node_id"]
-    node = next(n for n in cluster.worker_nodes if n.node_id == hung_on)
-    cluster.remove_node(node, allow_graceful=False)
-    add_gpu_node(cluster)
-    job.join(600)
-    assert result.get("rc") == 0, out.getvalue()[-3000:]
-    # select here, on the clusters of the first run (its embeddings cache, keyed by the prepared data)
-    (run_b / "select").mkdir()
-    shutil.copy(run_a / "select" / "embeddings.parquet", run_b / "select" / "embeddings.parquet")
-    from rayapp.config import load_config
-    from rayapp.select.stage import run_select
-
-    run_select(load_config(path))
-    assert "[select] reusing embeddings" in capsys.readouterr().out
-    a = pq.read_table(run_a / "scores" / "trajectories.parquet").to_pandas().set_index("id")
-    b = pq.read_table(run_b / "scores" / "trajectories.parquet").to_pandas().set_index("id")
-    assert b.index.is_unique and set(a.index) == set(b.index)
-    for ck in json.loads((run_b / "reference" / "manifest.json").read_text())["checkpoints"]:
-        scores = pq.read_table(run_b / "scores" / "reference" / ck["name"]).to_pandas()
-        assert scores.id.is_unique and set(scores.id) == set(b.index)  # one score per (id, checkpoint)
-    p_cols = [c for c in a.columns if c.startswith("P")]
-    np.testing.assert_allclose(b.loc[a.index, p_cols], a[p_cols], rtol=1e-5)
-    assert _selected_ids(run_b) == _selected_ids(run_a)
