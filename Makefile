@@ -10,7 +10,7 @@ UV := $(VENV)/bin/uv pip install -q --python $(PY) $(if $(PIP_FIND_LINKS),--find
 CONSTRAINTS := requirements/constraints.txt
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: install demo test test-faults clean
+.PHONY: install demo test test-extended clean
 
 # torch first, pinned to the CPU wheel, so no dependency can pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -41,12 +41,13 @@ test: $(VENV)/.vllm
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) || \
 	  echo "chromium not installed: the report screenshot test will be skipped"; }
-	$(PY) -m pytest -q -p no:cacheprovider --durations=12 -m "not faults" tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=12 -m "not extended" tests
 
-# The cluster-level fault tests (a stopped and re-submitted pipeline job, a node killed mid-scoring):
-# ~9 minutes on 2 cores, beyond the CI budget of `make test`.
-test-faults: $(VENV)/.vllm
-	$(PY) -m pytest -q -p no:cacheprovider --durations=12 -m faults tests
+# The tests beyond CI's 20-minute budget on 2 cores (~17 minutes): the cluster-level faults (a
+# stopped and re-submitted pipeline job, a node killed mid-scoring), vLLM generation with a served
+# judge, and FSDP training that checkpoints to s3 and resumes.
+test-extended: $(VENV)/.vllm
+	$(PY) -m pytest -q -p no:cacheprovider --durations=12 -m extended tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,4 +1,4 @@
-"""Cluster-level faults on the three-node cluster (`make test-faults`; left out of `make test`,
+"""Cluster-level faults on the three-node cluster (`make test-extended`; left out of `make test`,
 whose 20-minute CI budget they do not fit): the pipeline job stopped and re-submitted, and a
 worker node killed in the middle of a scoring block."""
 
@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import REPO
 from tests.test_pipeline import _copy_run, pipeline_config, run_pipeline_job
 
-pytestmark = pytest.mark.faults
+pytestmark = pytest.mark.extended
 
 
 @pytest.fixture(scope="module")

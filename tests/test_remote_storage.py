@@ -51,6 +51,7 @@ def test_storage_round_trip(s3, tmp_path):
     assert not storage.exists("s3://rayapp-test/rt/dir/a.txt")
 
 
+@pytest.mark.extended  # ~1.5 min: `make test-extended`, not CI
 def test_fsdp_training_checkpoints_to_s3_and_resumes(s3, ray_local, tmp_path, make_config):
     cfg = make_config([{"path": str(write_jsonl(tmp_path / "a.jsonl", alpaca_rows(64)))}], data__shard_rows=32)
     manifest = run_prepare(cfg)

