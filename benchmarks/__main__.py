@@ -1,4 +1,4 @@
-"""Entry point: python -m benchmarks score|scaling ... (see --help)"""
+"""Entry point: python -m benchmarks score|scaling|demo ... (see --help)"""
 
 import argparse
 import sys
@@ -17,7 +17,15 @@ def main() -> int:
     sc.add_argument("--address", help="a real cluster's address (otherwise nodes are simulated on this machine)")
     sc.add_argument("--no-vllm", action="store_true", help="skip the vLLM prompt_logprobs backend")
     sc.add_argument("--out", default="benchmarks/results")
+    d = sub.add_parser("demo", help="`rayapp run` on the embedded default: a baseline commit and this checkout")
+    d.add_argument("--baseline", required=True, help="the commit to compare with, e.g. 2c6cd9d")
+    d.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    if args.which == "demo":
+        from benchmarks.demo import run as run_demo
+
+        run_demo(args.baseline, args.out)
+        return 0
     if args.which == "scaling":
         from benchmarks.scaling import run as run_scaling
 

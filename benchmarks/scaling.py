@@ -30,16 +30,16 @@ from rayapp.common.layout import RunLayout
 from rayapp.config import FinetuneConfig, ScoreConfig, load_config
 from rayapp.models import registry
 from rayapp.models.loading import load_causal_lm, load_tokenizer
-from rayapp.prepare.stage import run_prepare
-from rayapp.score.losses import batch_losses, pad_batch
+from rayapp.pipeline import run as run_stage
+from rayapp.models.losses import batch_losses, pad_batch
 from rayapp.score.stage import special_ids
 
 
 def _prepared(rows: int, work: str):
     cfg = load_config("configs/tiny.yaml", [f"output_dir={work}", f"data.sources=[{{path: {ALPACA}, limit: {rows}}}]",
                                               "data.shard_rows=64", "data.max_length=256"])
-    manifest = run_prepare(cfg)
-    files = [storage.join(RunLayout(cfg.output_dir).prepared, s["file"]) for s in manifest["shards"]]
+    manifest = run_stage("prepare", cfg).manifest
+    files = [storage.join(RunLayout(cfg.output_dir).prepared, s.file) for s in manifest.shards]
     table = storage.read_parquet_dir(RunLayout(cfg.output_dir).prepared, ["id", "input_ids", "labels"])
     return cfg, manifest, files, table
 
@@ -107,8 +107,9 @@ def rayapp_on_nodes(n: int, cpus_per_node: int, cfg, manifest, files, work: str,
     import ray
     from ray.cluster_utils import Cluster
 
-    from rayapp.score.engine import Checkpoint, score_checkpoints
-    from rayapp.train.runner import run_training
+    from rayapp.common.manifests import CheckpointRecord
+    from rayapp.score.engine import score_checkpoints
+    from rayapp.train.runner import TrainJob, run_training
 
     cluster = None
     if address is None:
@@ -125,14 +126,15 @@ def rayapp_on_nodes(n: int, cpus_per_node: int, cfg, manifest, files, work: str,
                          resources={"num_cpus": cpus_per_node, "min_actors": n, "max_actors": n,
                                     "resources": {"bench_node": 1}})
         t0 = time.perf_counter()
-        score = score_checkpoints(RunLayout(cfg.output_dir).prepared, manifest, [Checkpoint("epoch-0", model, f"n{n}")],
+        score = score_checkpoints(RunLayout(cfg.output_dir).prepared, manifest, [CheckpointRecord(name="epoch-0", path=model, uid=f"n{n}")],
                                   storage.join(work, f"scores-n{n}"), sc, bos, pad)
         score["wall_with_startup_s"] = time.perf_counter() - t0
         tc = FinetuneConfig(epochs=1, learning_rate=1e-3, per_device_batch_size=16, num_workers=n,
                             cpus_per_worker=cpus_per_node, fsdp=False, eval_rows=0, log_every_steps=5)
         t0 = time.perf_counter()
-        run_training("finetune", tc, files, manifest["rows"], model, manifest["tokenizer"],
-                               os.path.join(work, f"train-n{n}"), export_every_epoch=False)
+        run_training("finetune", tc, [TrainJob(label="finetune", init_model=model, tokenizer=manifest.tokenizer,
+                                               train_files=files, total_rows=manifest.rows,
+                                               work_dir=os.path.join(work, f"train-n{n}"))])
         train_wall = time.perf_counter() - t0
         stats = [storage.read_json(os.path.join(work, f"train-n{n}", "stats", f"rank-{r}.json")) for r in range(n)]
         tokens = sum(int(s["tokens_seen"]) for s in stats)
@@ -184,11 +186,11 @@ def vllm_scoring(model_path: str, table, losses_ref: dict, gpu_memory_utilizatio
 def run(nodes: list[int], rows: int, cpus_per_node: int, out_dir: str, address: str | None, with_vllm: bool) -> dict:
     work = tempfile.mkdtemp(prefix="rayapp-scaling-")
     cfg, manifest, files, table = _prepared(rows, work)
-    tok = load_tokenizer(manifest["tokenizer"])
+    tok = load_tokenizer(manifest.tokenizer)
     bos, pad = special_ids(tok)
     model = registry.model_source(cfg, "reference")
     threads = cpus_per_node
-    results = {"machine": _machine(), "rows": manifest["rows"], "cpus_per_node": cpus_per_node,
+    results = {"machine": _machine(), "rows": manifest.rows, "cpus_per_node": cpus_per_node,
                "model": "tiny reference (configs/tiny.yaml)", "max_length": 256, "runs": []}
     print(f"[bench] plain single-process baselines ({threads} thread(s), fixed batches of 16 rows)", flush=True)
     base = plain_scoring(model, table, pad, 16, threads)

@@ -22,9 +22,10 @@ from rayapp.common.layout import RunLayout
 from rayapp.config import ScoreConfig, load_config
 from rayapp.models import registry
 from rayapp.models.loading import load_tokenizer
-from rayapp.prepare.stage import run_prepare
+from rayapp.pipeline import run as run_stage
 from rayapp.score.batching import fixed_size_batches, padding_stats, token_budget_batches
-from rayapp.score.engine import Checkpoint, score_checkpoints
+from rayapp.common.manifests import CheckpointRecord
+from rayapp.score.engine import score_checkpoints
 from rayapp.score.stage import special_ids
 
 ALPACA = "../shared/data/alpaca-43k.jsonl"
@@ -49,12 +50,12 @@ def run(rows: int, out_dir: str) -> dict:
     work = tempfile.mkdtemp(prefix="rayapp-bench-")
     cfg = load_config("configs/tiny.yaml", [f"output_dir={work}", f"data.sources=[{{path: {ALPACA}, limit: {rows}}}]",
                                               "data.shard_rows=250", "data.max_length=512"])
-    manifest = run_prepare(cfg)
-    tok = load_tokenizer(manifest["tokenizer"])
+    manifest = run_stage("prepare", cfg).manifest
+    tok = load_tokenizer(manifest.tokenizer)
     bos, pad = special_ids(tok)
-    ck = [Checkpoint("epoch-0", registry.model_source(cfg, "reference"), "bench")]
+    ck = [CheckpointRecord(name="epoch-0", path=registry.model_source(cfg, "reference"), uid="bench")]
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    results = {"machine": _machine(), "rows": manifest["rows"], "model": "tiny (configs/tiny.yaml reference)",
+    results = {"machine": _machine(), "rows": manifest.rows, "model": "tiny (configs/tiny.yaml reference)",
                "runs": []}
     for actors in (1, 2):
         sc = ScoreConfig(batch_tokens=8192, rows_per_task=250, modes=["prompted"],
@@ -72,14 +73,14 @@ def run(rows: int, out_dir: str) -> dict:
     # padding: token budget vs fixed batches on all Alpaca rows (real lengths, this tokenizer)
     full = load_config("configs/tiny.yaml", [f"output_dir={work}/full", f"data.sources=[{{path: {ALPACA}}}]",
                                                "data.max_length=512", "data.shard_rows=8192",
-                                               f"models.tokenizer={manifest['tokenizer']}"])
-    m_full = run_prepare(full)
+                                               f"models.tokenizer={manifest.tokenizer}"])
+    m_full = run_stage("prepare", full).manifest
     lengths = [int(x) for f in storage.list_files(RunLayout(full.output_dir).prepared, ".parquet")
                for x in storage.read_parquet(f, ["n_tokens"])["n_tokens"].to_pylist()]
     # fixed batches: as many rows as fit 8192 tokens at the mean length, in file order
     fixed_rows = max(1, int(8192 // np.mean(lengths)))
     results["padding_alpaca"] = padding_comparison(lengths, 8192, fixed_rows)
-    results["padding_alpaca"]["prepared_rows"] = m_full["rows"]
+    results["padding_alpaca"]["prepared_rows"] = m_full.rows
 
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"score-cpu{os.cpu_count()}")

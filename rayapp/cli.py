@@ -1,60 +1,34 @@
 """`rayapp` command line: one subcommand per pipeline stage, plus `run` which chains them.
 
     rayapp prepare --config configs/tiny.yaml --set data.max_length=512
-    rayapp run --config configs/tiny.yaml
+    rayapp run --config configs/tiny.yaml [-v | -q]
+
+Exit codes: 0 done, 1 a runtime problem the user can fix (missing input, bad data), 2 a usage or
+config error, 130 interrupted. Anything else is a bug in rayapp and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
-from collections.abc import Callable
 
-from rayapp.config import ConfigError, RunConfig, dump_config, load_config
+from rayapp.common.errors import ConfigError, RayappError
+from rayapp.pipeline import STAGE_TYPES
 
-STAGES = ["prepare", "reference", "score", "select", "finetune", "evaluate"]
-
-
-def _stage_fn(name: str) -> Callable[[RunConfig, bool], dict]:
-    if name == "prepare":
-        from rayapp.prepare.stage import run_prepare
-
-        return lambda cfg, force: run_prepare(cfg, force=force)
-    if name == "reference":
-        from rayapp.reference.stage import run_reference
-
-        return lambda cfg, force: run_reference(cfg, force=force)
-    if name == "score":
-        from rayapp.score.stage import run_score
-
-        return lambda cfg, force: run_score(cfg, force=force)
-    if name == "select":
-        from rayapp.select.stage import run_select
-
-        return lambda cfg, force: run_select(cfg, force=force)
-    if name == "finetune":
-        from rayapp.finetune.stage import run_finetune
-
-        return lambda cfg, force: run_finetune(cfg, force=force)
-    if name == "evaluate":
-        from rayapp.evaluate.stage import run_evaluate
-
-        return lambda cfg, force: run_evaluate(cfg, force=force)
-    raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+def _verbosity(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="debug lines, and Ray's and the workers' own output")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", required=True, help="YAML run config (see configs/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set score.batch_tokens=8192 (repeatable)",
-    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set score.batch_tokens=8192 (repeatable)")
     p.add_argument("--force", action="store_true", help="redo the stage even if its outputs are complete")
+    _verbosity(p, argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,20 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"rayapp {__import__('rayapp').__version__}")
+    _verbosity(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    helps = {
-        "prepare": "load, normalise, template and tokenize the data into Parquet shards",
-        "reference": "fine-tune the small reference model, checkpoint every epoch",
-        "score": "per-sample response losses for every checkpoint (Ray Data actor pool)",
-        "select": "learning-percentage ranking and baselines -> selected shard + report",
-        "finetune": "fine-tune the target model on the selection (Ray Train, FSDP2)",
-        "evaluate": "generate answers and judge models pairwise (win / tie / lose)",
-    }
-    for name in STAGES:
-        _add_common(sub.add_parser(name, help=helps[name], description=helps[name]))
+    for name, stage in STAGE_TYPES.items():
+        _add_common(sub.add_parser(name, help=stage.help, description=stage.help))
     run = sub.add_parser("run", help="run the stages in order (each skips work already complete)")
     _add_common(run)
-    run.add_argument("--until", choices=STAGES, help="stop after this stage")
+    run.add_argument("--until", choices=list(STAGE_TYPES), help="stop after this stage")
     sel = sub.choices["select"]
     sel.add_argument("--trajectories", help="select from trajectories produced elsewhere (Parquet: id/index, P0..Pn)")
     sel.add_argument("--model", help="column prefix model name in --trajectories, e.g. opt-350m")
@@ -97,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb = sub.add_parser("submit", help="submit a command as a Ray job, stream its logs, exit with its status",
                         description="rayapp submit [--address URL] -- python jobs/run_pipeline.py --config FILE")
     sb.add_argument("--address", default=None,
-                    help=f"the cluster's dashboard (job) address; default $RAY_ADDRESS or {'http://127.0.0.1:8265'}")
+                    help="the cluster's dashboard (job) address; default $RAY_ADDRESS or http://127.0.0.1:8265")
     sb.add_argument("--working-dir", default=".", help="uploaded to the cluster (build outputs excluded); '' for none")
     sb.add_argument("--runtime-env-json", help="extra runtime_env as JSON (no secrets: they belong in the cluster env)")
     sb.add_argument("--submission-id", help="job id to use (re-submitting the same id is refused by Ray)")
@@ -109,25 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_stages(cfg: RunConfig, names: list[str], force: bool) -> int:
+def run_stages(cfg, names: list[str] | None, force: bool, until: str | None = None) -> int:
+    """`rayapp run` (``names`` None: the whole plan up to ``until``) or one stage command."""
+    from rayapp import pipeline
+    from rayapp.common.layout import RunLayout
+    from rayapp.common.log import get_logger
     from rayapp.summary import print_summary
 
-    results: dict = {}
-    timings: dict = {}
-    t_all = time.perf_counter()
-    for name in names:
-        fn = _stage_fn(name)
-        t0 = time.perf_counter()
-        print(f"[run] === {name} ===", flush=True)
-        if name == "finetune" and "evaluate" in names:
-            from rayapp.finetune.stage import run_finetune_subsets
-
-            results[name] = run_finetune_subsets(cfg, force)
+    log = get_logger("rayapp.run")
+    stages = pipeline.plan(cfg, until) if names is None else [pipeline.stage(n, cfg) for n in names]
+    t0 = time.perf_counter()
+    results = []
+    steps = pipeline.steps(stages)
+    for i, group in enumerate(steps, start=1):
+        if len(stages) > 1:
+            log.info("(%d/%d) %s", i, len(steps), ", ".join(s.label for s in group))
+        if group[0].name == "prepare" and len(steps) > 1:
+            results += pipeline.prepare_while_ray_starts(group, cfg, force)
         else:
-            results[name] = fn(cfg, force)
-        timings[name] = time.perf_counter() - t0
-        print(f"[run] {name} done in {timings[name]:.1f}s", flush=True)
-    print_summary(cfg, results, timings, time.perf_counter() - t_all)
+            results += pipeline.run_together(group, cfg, force)
+        if names is None and group[0].name == "prepare":
+            for later in stages:  # work that needs only the prepared data starts now, in the background
+                later.start_ahead(cfg, RunLayout(cfg.output_dir))
+    print_summary(cfg, results, time.perf_counter() - t0)
     return 0
 
 
@@ -135,7 +106,7 @@ def _compare(args) -> int:
     import os
 
     from rayapp.select.compare import compare_pair, format_table, plot_overlap
-    from rayapp.select.stage import SelectError, load_external_trajectories
+    from rayapp.select.stage import load_external_trajectories
 
     try:
         ref, _ = load_external_trajectories(args.trajectories, f"{args.reference}_")
@@ -143,12 +114,12 @@ def _compare(args) -> int:
         for m in [m.strip() for m in args.models.split(",") if m.strip()]:
             other, _ = load_external_trajectories(args.trajectories, f"{m}_")
             rows[m] = compare_pair(other, ref)
-    except (SelectError, FileNotFoundError, ValueError) as exc:
-        print(f"rayapp compare: error: {exc}", file=sys.stderr)
-        return 1
+    except (FileNotFoundError, ValueError) as exc:
+        raise RayappError(str(exc)) from None
     table = format_table(rows)
-    print(f"Hardness transfer vs {args.reference} ({next(iter(rows.values()))['rows']} rows; "
-          f"{next(iter(rows.values()))['excluded_no_response']} with no response tokens excluded)")
+    first = next(iter(rows.values()))
+    print(f"Hardness transfer vs {args.reference} ({first['rows']} rows; "
+          f"{first['excluded_no_response']} with no response tokens excluded)")
     print(table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -159,69 +130,79 @@ def _compare(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    import os
+
+    from rayapp.submit import DEFAULT_ADDRESS, submit
+
+    entry = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+    address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    try:
+        return submit(address, entry, args.working_dir or None, args.runtime_env_json, not args.no_wait,
+                      args.submission_id)
+    except (ConnectionError, RuntimeError) as exc:
+        raise RayappError(f"cannot submit to {address}: {exc}") from None
+
+
+def _judge_report(args) -> int:
+    from rayapp.evaluate.judge_report import main as judge_report
+
+    names = [n.strip() for n in args.names.split(",")]
+    if len(names) != 2:
+        raise ConfigError("--names takes two names, e.g. --names lp-selected,full")
+    try:
+        return judge_report(args.judgments, names[0], names[1], args.out)
+    except (FileNotFoundError, ValueError) as exc:
+        raise RayappError(str(exc)) from None
+
+
+def _dispatch(args) -> int:
+    if args.command == "compare":
+        return _compare(args)
+    if args.command == "submit":
+        return _submit(args)
+    if args.command == "judge-report":
+        return _judge_report(args)
+    from rayapp.config import dump_config, load_config
+
+    if args.command == "select" and args.trajectories:
+        args.overrides = [f"select.trajectories={args.trajectories}",
+                          f"select.trajectory_prefix={args.model + '_' if args.model else ''}"] + args.overrides
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(dump_config(cfg), end="")
+        return 0
+    if args.command == "run":
+        return run_stages(cfg, None, args.force, args.until)
+    return run_stages(cfg, [args.command], args.force)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from rayapp.common import log as logs
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
-    if args.command == "compare":
-        return _compare(args)
-    if args.command == "submit":
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    logs.configure(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    if not verbose:
+        # transformers' and the hub's own progress bars and advisories (loading and writing
+        # weights), also in the processes a local Ray cluster starts from this one
         import os
 
-        from rayapp.submit import DEFAULT_ADDRESS, SubmitError, submit
-
-        entry = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
-        address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
-        try:
-            return submit(address, entry, args.working_dir or None, args.runtime_env_json, not args.no_wait,
-                          args.submission_id)
-        except SubmitError as exc:
-            print(f"rayapp submit: error: {exc}", file=sys.stderr)
-            return 2
-        except (ConnectionError, RuntimeError) as exc:
-            print(f"rayapp submit: error: cannot submit to {address}: {exc}", file=sys.stderr)
-            return 1
-    if args.command == "judge-report":
-        from rayapp.evaluate.judge_report import main as judge_report
-
-        names = [n.strip() for n in args.names.split(",")]
-        if len(names) != 2:
-            print("rayapp judge-report: error: --names takes two names, e.g. --names lp-selected,full", file=sys.stderr)
-            return 2
-        try:
-            return judge_report(args.judgments, names[0], names[1], args.out)
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"rayapp judge-report: error: {exc}", file=sys.stderr)
-            return 1
-    if args.command == "select" and args.trajectories:
-        args.overrides = [f"select.trajectories={args.trajectories}",
-                          f"select.trajectory_prefix={args.model + '_' if args.model else ''}"] + args.overrides
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"rayapp: {exc}", file=sys.stderr)
-        return 2
-    if args.command == "config":
-        print(dump_config(cfg), end="")
-        return 0
-    try:
-        if args.command == "run":
-            stages = STAGES if not args.until else STAGES[: STAGES.index(args.until) + 1]
-            return _run_stages(cfg, stages, args.force)
-        _stage_fn(args.command)(cfg, args.force)
-        return 0
+        return _dispatch(args)
+    except RayappError as exc:  # a problem the user can fix: one line, no traceback
+        print(f"rayapp {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("rayapp: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # one clear line for users; the traceback is behind RAYAPP_DEBUG=1
-        import os
-
-        if os.environ.get("RAYAPP_DEBUG"):
-            raise
-        print(f"rayapp {args.command}: error: {exc}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -7,20 +7,22 @@ parsed as YAML, so ``--set score.batch_tokens=8192`` gives an int and ``--set x=
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# the selection methods are defined once, by the pure selection math
-from rayapp.select.strategies import METHODS as SELECT_METHODS
+from rayapp.common.errors import ConfigError
+from rayapp.common.hashing import short_digest
 
+# The selection methods, defined once: the config validates against them, the selection math
+# dispatches on them.
+SelectMethod = Literal["lp", "lp_app", "ppl_high", "ppl_low", "ifd", "longest", "random", "clust_rand", "full"]
+SELECT_METHODS: tuple[str, ...] = get_args(SelectMethod)
 
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the key."""
+__all__ = ["ConfigError", "RunConfig", "SELECT_METHODS", "load_config", "dump_config"]
 
 
 _SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token", "token", "password", "api_key", "key",
@@ -126,6 +128,11 @@ class DataConfig(_Strict):
     )
     shard_rows: int = Field(2048, ge=16, description="Rows per prepared Parquet shard")
     dedupe: bool = Field(True, description="Reject exact duplicate rows (same id) after the first")
+    holdout_rows: int = Field(
+        200, ge=0, description="Rows held out of selection and training (chosen by a seeded hash of their "
+        "ids); the fine-tuned models' eval loss is measured on them. 0: none",
+    )
+    holdout_seed: int = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +202,8 @@ class ScoreConfig(_Strict):
         description="prompted: response given prompt; response_only: prompt dropped (for IFD)",
     )
     resources: ResourcesConfig = ResourcesConfig()
-    rows_per_task: int = Field(512, ge=1, description="Rows handed to an actor at a time")
+    rows_per_task: int = Field(
+        512, ge=1, description="Rows of one shard handed to an actor at a time (a work unit, always batched alike)")
 
 
 class TrainConfig(_Strict):
@@ -209,7 +217,9 @@ class TrainConfig(_Strict):
     per_device_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(
+        1, ge=0, description="Ray Train workers; 0: Ray Train's local mode, the training function runs in the "
+        "driver's process (no worker actors to start: for small models on one machine, e.g. the embedded default)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
@@ -220,7 +230,8 @@ class TrainConfig(_Strict):
     seed: int = 42
     max_failures: int = Field(0, ge=-1, description="Ray Train restarts from the latest checkpoint (-1: forever)")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Sharded checkpoint cadence (also at epoch ends)")
-    eval_rows: int = Field(64, ge=0, description="Rows scored after training to report eval_loss (0: skip)")
+    eval_rows: int = Field(256, ge=0, description="Held-out rows scored after training for eval_loss (0: skip)")
+    keep_checkpoints: int = Field(2, ge=1, description="Sharded step checkpoints kept for resume (newest)")
     log_every_steps: int = Field(10, ge=1)
     peak_flops: float | None = Field(None, description="Per-device peak FLOP/s for MFU (e.g. 989e12 H100 bf16)")
 
@@ -232,8 +243,8 @@ class ReferenceConfig(TrainConfig):
 
 
 class SelectConfig(_Strict):
-    method: str = Field("lp", description=" | ".join(SELECT_METHODS))
-    baselines: list[str] = Field(
+    method: SelectMethod = Field("lp", description=" | ".join(SELECT_METHODS))
+    baselines: list[SelectMethod] = Field(
         default_factory=lambda: ["clust_rand", "random", "ppl_high", "ifd", "longest"],
         description="Peer methods computed at the same budget (for the report and finetune subsets)",
     )
@@ -253,21 +264,6 @@ class SelectConfig(_Strict):
         None, description="Use trajectories produced elsewhere (Parquet: id/index + P0..Pn columns)"
     )
     trajectory_prefix: str = Field("", description="Column prefix in `trajectories`, e.g. 'opt-350m_'")
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        if v not in SELECT_METHODS:
-            raise ValueError(f"unknown method {v!r}; known: {', '.join(SELECT_METHODS)}")
-        return v
-
-    @field_validator("baselines")
-    @classmethod
-    def _known_baselines(cls, v: list[str]) -> list[str]:
-        bad = [m for m in v if m not in SELECT_METHODS]
-        if bad:
-            raise ValueError(f"unknown methods {bad}; known: {', '.join(SELECT_METHODS)}")
-        return v
 
 
 class FinetuneConfig(TrainConfig):
@@ -377,7 +373,7 @@ class RunConfig(_Strict):
     def digest(self) -> str:
         """Stable hash of the whole config (for provenance)."""
         blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return short_digest(blob.encode())
 
 
 # ----------------------------------------------------------------------------------------------

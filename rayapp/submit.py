@@ -18,13 +18,15 @@ import re
 import shlex
 import sys
 
+from rayapp.common.errors import ConfigError
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = [".venv", "venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "*.whl"]
 _SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.I)
 
 
-class SubmitError(ValueError):
-    pass
+class SubmitError(ConfigError):
+    """A submission refused before it reaches the cluster (usage, secrets in the runtime env)."""
 
 
 def build_runtime_env(working_dir: str | None, runtime_env_json: str | None) -> dict:

@@ -47,7 +47,8 @@ def tiny_config_dict(tmp: Path, sources: list[dict], **overrides) -> dict:
         "name": "test",
         "output_dir": str(tmp / "run"),
         "ray": {"num_cpus": 2},
-        "data": {"sources": sources, "max_length": 128, "shard_rows": 64},
+        # no held-out split unless a test asks for one: its row counts stay those of its input
+        "data": {"sources": sources, "max_length": 128, "shard_rows": 64, "holdout_rows": 0},
         "models": {
             "reference": {"name_or_path": "tiny", "tiny": {"vocab_size": 512, "hidden_size": 32,
                                                             "intermediate_size": 64, "num_hidden_layers": 2,
@@ -64,6 +65,13 @@ def tiny_config_dict(tmp: Path, sources: list[dict], **overrides) -> dict:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return cfg
+
+
+def run_stage(name: str, cfg, force: bool = False):
+    """One pipeline stage through the runner, as `rayapp <name>` runs it; its typed manifest."""
+    from rayapp import pipeline
+
+    return pipeline.run(name, cfg, force=force).manifest
 
 
 @pytest.fixture

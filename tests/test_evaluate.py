@@ -127,10 +127,41 @@ def test_hf_backend_generates_on_ray(ray_local, make_config):
                for i, r in enumerate(rows[:10])]
     gen = GenerationConfig(max_new_tokens=12, batch_size=4, temperature=0.8, seed=7,
                            resources={"num_cpus": 1, "min_actors": 1, "max_actors": 1})
-    out, stats = generate(prompts, model, gen)
+    base = registry.model_source(cfg, "reference")  # a second model, answered from the same actor pool
+    both = generate(prompts, {"target": model, "other": base}, gen)
+    out, stats = both["target"]
     assert [r["id"] for r in out] == [p["id"] for p in prompts]  # input order kept
     assert all(0 < r["new_tokens"] <= 12 and isinstance(r["answer"], str) for r in out)
     assert stats["new_tokens"] == sum(r["new_tokens"] for r in out) and stats["new_tokens_per_s"] > 0
-    again, _ = generate(prompts, model, gen)
-    assert [r["answer"] for r in again] == [r["answer"] for r in out]  # seeded: reproducible
+    assert [r["answer"] for r in both["other"][0]] != [r["answer"] for r in out]  # each model answered itself
+    again, _ = generate(prompts, {"target": model}, gen)["target"]
+    # seeded: reproducible, whichever models share the pool (each batch holds one model's prompts)
+    assert [r["answer"] for r in again] == [r["answer"] for r in out]
     assert os.path.isdir(model)
+
+
+def test_vllm_inputs_honour_trust_remote_code(tmp_path, make_config):
+    """Defect: the vLLM path read the model's config and tokenizer without the config's
+    trust_remote_code, so a model that ships its own code failed before reaching the engine."""
+    from rayapp.evaluate.generate import vllm_inputs
+    from rayapp.models.tiny import train_tokenizer
+    from tests.conftest import alpaca_rows
+
+    model = tmp_path / "custom"
+    model.mkdir()
+    train_tokenizer((r["instruction"] + " " + r["output"] for r in alpaca_rows(50)), 400, str(model))
+    (model / "configuration_custom.py").write_text(
+        "from transformers import PretrainedConfig\n\n"
+        "class CustomConfig(PretrainedConfig):\n    model_type = 'rayapp_custom'\n\n"
+        "    def __init__(self, max_position_embeddings=64, **kw):\n"
+        "        self.max_position_embeddings = max_position_embeddings\n        super().__init__(**kw)\n")
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "rayapp_custom", "max_position_embeddings": 64,
+        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}))
+    rows = [{"set": "s", "id": "1", "prompt": "word " * 200}]
+    gen = GenerationConfig(max_new_tokens=16)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        vllm_inputs(rows, str(model), gen, None, trust_remote_code=False)
+    fitted, engine = vllm_inputs(rows, str(model), gen, None, trust_remote_code=True)
+    assert engine["trust_remote_code"] is True and engine["max_model_len"] == 64
+    assert len(fitted[0]["prompt"]) < len(rows[0]["prompt"])  # cut from the left to fit 64 - 16 tokens

@@ -8,15 +8,16 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from rayapp.common import storage
+from rayapp.common.errors import InputDataError
 from rayapp.common.hashing import row_id
 from rayapp.common.layout import RunLayout
 from rayapp.models.loading import load_tokenizer
-from rayapp.prepare.stage import run_prepare
-from rayapp.prepare.tokenize import IGNORE_INDEX
-from tests.conftest import REPO, alpaca_rows, tiny_config_dict, write_jsonl
+from rayapp.common.labels import IGNORE_INDEX
+from tests.conftest import REPO, alpaca_rows, tiny_config_dict, write_jsonl, run_stage
 
 
 def _prepared(cfg) -> pa.Table:
@@ -42,7 +43,7 @@ def test_alpaca_jsonl_and_json_array_give_the_same_rows(tmp_path, make_config):
 
 def _prepared_for(make_config, out, path, **src):
     cfg = make_config([{"path": str(path), **src}], output_dir=str(out))
-    run_prepare(cfg)
+    run_stage("prepare", cfg)
     return _prepared(cfg)
 
 
@@ -93,10 +94,9 @@ def test_ids_are_stable_content_hashes():
 def test_label_masking_matches_prompt_boundary(tmp_path, make_config):
     rows = alpaca_rows(40)
     cfg = make_config([{"path": str(write_jsonl(tmp_path / "a.jsonl", rows))}], data__max_length=2048)
-    run_prepare(cfg)
+    manifest = run_stage("prepare", cfg)
     t = _prepared(cfg)
-    manifest = storage.read_json(RunLayout(cfg.output_dir).prepared_manifest)
-    tok = load_tokenizer(manifest["tokenizer"])
+    tok = load_tokenizer(manifest.tokenizer)
     for rec in t.to_pylist():
         ids, labels = rec["input_ids"], rec["labels"]
         assert len(ids) == len(labels) == rec["n_tokens"]
@@ -112,17 +112,17 @@ def test_truncate_and_drop_policies_are_counted(tmp_path, make_config):
     rows = alpaca_rows(80)
     path = write_jsonl(tmp_path / "a.jsonl", rows)
     cfg_t = make_config([{"path": str(path)}], output_dir=str(tmp_path / "t"), data__max_length=200)
-    m_t = run_prepare(cfg_t)
+    m_t = run_stage("prepare", cfg_t)
     t = _prepared(cfg_t)
-    assert 0 < m_t["truncated"] < 80 and max(t["n_tokens"].to_pylist()) <= 200
-    assert m_t["truncated"] == sum(t["truncated"].to_pylist())
-    assert m_t["no_response_tokens"] == sum(1 for n in t["n_response_tokens"].to_pylist() if n == 0)
+    assert 0 < m_t.truncated < 80 and max(t["n_tokens"].to_pylist()) <= 200
+    assert m_t.truncated == sum(t["truncated"].to_pylist())
+    assert m_t.no_response_tokens == sum(1 for n in t["n_response_tokens"].to_pylist() if n == 0)
     cfg_d = make_config([{"path": str(path)}], output_dir=str(tmp_path / "d"), data__max_length=200,
                         data__truncation="drop")
-    m_d = run_prepare(cfg_d)
-    assert m_d["rows"] == 80 - m_t["truncated"]
+    m_d = run_stage("prepare", cfg_d)
+    assert m_d.rows == 80 - m_t.truncated
     too_long = [r for r in _rejects(cfg_d) if r["reason"].startswith("too long")]
-    assert len(too_long) == m_t["truncated"]
+    assert len(too_long) == m_t.truncated
     assert all(r["file"] == str(path) and r["row_kind"] == "line" for r in too_long)
 
 
@@ -144,10 +144,10 @@ def test_every_bad_row_is_rejected_with_file_line_field(tmp_path, make_config):
     raw = [line for line, _, _ in BAD_LINES] + [json.dumps(good[0]).encode()]  # plus one duplicate
     path = write_jsonl(tmp_path / "mixed.jsonl", good, raw)
     cfg = make_config([{"path": str(path)}])
-    manifest = run_prepare(cfg)
+    manifest = run_stage("prepare", cfg)
     rejects = _rejects(cfg)
-    assert manifest["rows"] == 50 and manifest["rejected"] == len(BAD_LINES) + 1
-    assert manifest["rows_read"] == manifest["rows"] + manifest["rejected"]
+    assert manifest.rows == 50 and manifest.rejected == len(BAD_LINES) + 1
+    assert manifest.rows_read == manifest.rows + manifest.rejected
     by_line = {r["row"]: r for r in rejects}
     for offset, (_, reason, field) in enumerate(BAD_LINES):
         rec = by_line[51 + offset]  # 1-based line numbers after the 50 good lines
@@ -163,8 +163,8 @@ def test_dedupe_across_sources(tmp_path, make_config):
     a = write_jsonl(tmp_path / "a.jsonl", rows)
     b = write_jsonl(tmp_path / "b.jsonl", rows[10:] + alpaca_rows(5, start=300))
     cfg = make_config([{"path": str(a)}, {"path": str(b)}])
-    m = run_prepare(cfg)
-    assert m["rows"] == 25 and m["rejected"] == 10
+    m = run_stage("prepare", cfg)
+    assert m.rows == 25 and m.rejected == 10
     assert len(set(_prepared(cfg)["id"].to_pylist())) == 25
 
 
@@ -190,27 +190,28 @@ def test_unreadable_sources_fail_with_one_clear_line(tmp_path):
         assert len(err_lines) == 1 and expect in err_lines[0] and str(path) in err_lines[0], proc.stderr
 
 
-def test_prepare_is_skipped_when_up_to_date_and_redone_when_input_changes(tmp_path, make_config, capsys):
+def test_prepare_is_skipped_when_up_to_date_and_redone_when_input_changes(tmp_path, make_config):
+    from rayapp import pipeline
+
     path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(30))
     cfg = make_config([{"path": str(path)}])
-    first = run_prepare(cfg)
-    capsys.readouterr()
-    again = run_prepare(cfg)
-    assert "up to date" in capsys.readouterr().out and again["fingerprint"] == first["fingerprint"]
+    first = run_stage("prepare", cfg)
+    again = pipeline.run("prepare", cfg)
+    assert again.skipped and again.manifest.fingerprint == first.fingerprint
     write_jsonl(path, alpaca_rows(31))
-    third = run_prepare(cfg)
-    assert third["rows"] == 31 and third["fingerprint"] != first["fingerprint"]
+    third = run_stage("prepare", cfg)
+    assert third.rows == 31 and third.fingerprint != first.fingerprint
     # shards are named deterministically and nothing stale is left behind
-    assert [s["file"] for s in third["shards"]] == ["shard-00000.parquet"]
+    assert [s.file for s in third.shards] == ["shard-00000.parquet"]
 
 
 def test_manifest_records_hashes_and_counts(tmp_path, make_config):
     path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(100))
     cfg = make_config([{"path": str(path)}])
-    m = run_prepare(cfg)
-    assert m["sources"][0]["sha256"] and len(m["shards"]) == 2  # 64 rows per shard
-    assert sum(s["rows"] for s in m["shards"]) == m["rows"] == 100
-    assert m["tokenizer"].endswith("models/tokenizer") and m["vocab_size"] > 0
+    m = run_stage("prepare", cfg)
+    assert m.sources[0].identity.startswith("sha256:") and len(m.shards) == 2  # 64 rows per shard
+    assert sum(s.rows for s in m.shards) == m.rows == 100
+    assert m.tokenizer.endswith("models/tokenizer") and m.vocab_size > 0
 
 
 def test_generated_bad_corpus_in_real_alpaca_is_fully_accounted_for(tmp_path, make_config):
@@ -223,12 +224,36 @@ def test_generated_bad_corpus_in_real_alpaca_is_fully_accounted_for(tmp_path, ma
     expected, good_ids = mixed_corpus(path, alpaca_rows(2000, start=5000), n_bad=400, seed=7, max_chars=20_000)
     assert len({e.kind for e in expected.values()}) == 10
     cfg = make_config([{"path": str(path)}], data__max_chars=20_000, data__shard_rows=512)
-    manifest = run_prepare(cfg)
+    manifest = run_stage("prepare", cfg)
     rejects = {r["row"]: r for r in _rejects(cfg)}
     assert set(rejects) == set(expected)  # exactly the bad lines, none of the good ones
     for line, exp in expected.items():
         rec = rejects[line]
         assert exp.reason in rec["reason"] and rec["field"] == exp.field and rec["file"] == str(path), (exp, rec)
     assert set(_prepared(cfg)["id"].to_pylist()) == good_ids
-    assert manifest["rows"] == len(good_ids) and manifest["rejected"] == len(expected)
-    assert manifest["rows_read"] == manifest["rows"] + manifest["rejected"]
+    assert manifest.rows == len(good_ids) and manifest.rejected == len(expected)
+    assert manifest.rows_read == manifest.rows + manifest.rejected
+
+
+def test_held_out_rows_are_kept_out_of_the_shards_and_chosen_the_same_way_every_run(tmp_path, make_config):
+    """Defect: finetune reported its eval loss on the last prepared shard, i.e. on training data.
+    prepare now holds out rows (a seeded hash of their ids) that no later stage trains on or selects."""
+    rows = alpaca_rows(120)
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    cfg = make_config([{"path": str(path)}], data__holdout_rows=20, output_dir=str(tmp_path / "r1"))
+    m = run_stage("prepare", cfg)
+    layout = RunLayout(cfg.output_dir)
+    held = storage.read_parquet(m.holdout.path)
+    train_ids = set(_prepared(cfg)["id"].to_pylist())
+    assert m.holdout.rows == held.num_rows == 20 and m.rows == 100 == len(train_ids)
+    assert not train_ids & set(held["id"].to_pylist())  # disjoint
+    assert m.rows_read == m.rows + m.holdout.rows + m.rejected  # every row accounted for
+    assert all(n > 0 for n in held["n_response_tokens"].to_pylist())  # each one can be scored
+    assert m.holdout.path == layout.holdout and not layout.holdout.startswith(layout.prepared_file("shard"))
+    # the same rows whatever the input order
+    again = make_config([{"path": str(write_jsonl(tmp_path / "b.jsonl", rows[::-1]))}], data__holdout_rows=20,
+                        output_dir=str(tmp_path / "r2"))
+    m2 = run_stage("prepare", again)
+    assert set(storage.read_parquet(m2.holdout.path)["id"].to_pylist()) == set(held["id"].to_pylist())
+    with pytest.raises(InputDataError, match="holdout_rows=60 would hold out at least half"):
+        run_stage("prepare", make_config([{"path": str(path)}], data__holdout_rows=60, output_dir=str(tmp_path / "r3")))

@@ -13,11 +13,12 @@ from rayapp.common.layout import RunLayout
 from rayapp.config import FinetuneConfig
 from rayapp.models import registry
 from rayapp.models.loading import load_causal_lm, materialize
-from rayapp.prepare.stage import run_prepare
+from rayapp.common.stages import claim_work_dir
+from rayapp.finetune.stage import TRAINING_STATE
 from rayapp.train import checkpoints as ck
-from rayapp.train.loop import KILL_AT_STEP_ENV
-from rayapp.train.runner import run_training
-from tests.conftest import alpaca_rows, write_jsonl
+from rayapp.testing.faults import TRAIN_KILL_ENV as KILL_AT_STEP_ENV
+from rayapp.train.runner import TrainJob, run_training
+from tests.conftest import alpaca_rows, write_jsonl, run_stage
 from tests.s3_server import create_bucket, start_s3_server
 
 
@@ -54,18 +55,18 @@ def test_storage_round_trip(s3, tmp_path):
 @pytest.mark.extended  # ~1.5 min: `make test-extended`, not CI
 def test_fsdp_training_checkpoints_to_s3_and_resumes(s3, ray_local, tmp_path, make_config):
     cfg = make_config([{"path": str(write_jsonl(tmp_path / "a.jsonl", alpaca_rows(64)))}], data__shard_rows=32)
-    manifest = run_prepare(cfg)
+    manifest = run_stage("prepare", cfg)
     layout = RunLayout(cfg.output_dir)
-    files = [storage.join(layout.prepared, s["file"]) for s in manifest["shards"]]
+    files = [storage.join(layout.prepared, s.file) for s in manifest.shards]
     init = registry.model_source(cfg, "target")
     tc = FinetuneConfig(epochs=1, learning_rate=3e-3, warmup_ratio=0.0, per_device_batch_size=8, num_workers=2,
                         fsdp=True, checkpoint_every_steps=1, max_failures=1, log_every_steps=1, eval_rows=16)
     work = "s3://rayapp-test/run/finetune/selected"
-    ck.claim_work_dir(work, "fp-1", force=False)
+    claim_work_dir(work, "fp-1", False, TRAINING_STATE, TRAINING_STATE)
     # the local cluster's workers get the bucket's settings the way cluster nodes do: from the env
-    metrics = run_training("finetune", tc, files, manifest["rows"], init, manifest["tokenizer"], work,
-                           export_every_epoch=False, eval_file=files[0],
-                           runtime_env={"env_vars": {**s3, KILL_AT_STEP_ENV: "3"}})
+    job = TrainJob(label="finetune", init_model=init, tokenizer=manifest.tokenizer, train_files=files,
+                   total_rows=manifest.rows, work_dir=work, eval_file=files[0])
+    [metrics] = run_training("finetune", tc, [job], runtime_env={"env_vars": {**s3, KILL_AT_STEP_ENV: "3"}})
     stats = [storage.read_json(f"{work}/stats/rank-{r}.json") for r in (0, 1)]
     assert all(s["resumed_from_step"] == 2 and s["global_step"] == s["total_steps"] == 4 for s in stats)
     steps = storage.list_dirs(f"{work}/checkpoints")
@@ -79,5 +80,82 @@ def test_fsdp_training_checkpoints_to_s3_and_resumes(s3, ray_local, tmp_path, ma
     assert load_causal_lm(export).config.num_hidden_layers == 2
     assert metrics["eval_loss"] > 0
     # a re-claim with other inputs clears the bucket's old state, so it is never resumed from
-    ck.claim_work_dir(work, "fp-2", force=False)
+    claim_work_dir(work, "fp-2", False, TRAINING_STATE, TRAINING_STATE)
     assert storage.list_dirs(f"{work}/checkpoints") == [] and not ck.export_complete(export)
+
+
+def _fake_export(uri: str, tmp, weights: bytes) -> str:
+    """A folder shaped like an export: files, then the marker (with a fresh uid) last."""
+    from rayapp.common.artifacts import mark_export
+
+    src = tmp / f"src-{os.urandom(4).hex()}"
+    src.mkdir()
+    for i in range(8):
+        (src / f"part-{i}.bin").write_bytes(weights * 2000)
+    storage.upload_dir(str(src), uri)
+    mark_export(uri, {"test": True})
+    return uri
+
+
+def test_score_sees_a_retrained_reference_on_s3(s3, tmp_path):
+    """Defect: the score stage took an s3:// checkpoint's uid to be its path (it looked for the
+    marker with os.path.exists), so scores were silently reused after the reference re-trained."""
+    from rayapp.common.hashing import fingerprint
+    from rayapp.common.layout import RunLayout
+    from rayapp.common.manifests import (CheckpointRecord, HoldoutRecord, PreparedManifest, ReferenceManifest,
+                                         write_manifest)
+    from rayapp.common.manifests import reference_checkpoints
+
+    layout = RunLayout("s3://rayapp-test/uid-run")
+    prepared = PreparedManifest(fingerprint=fingerprint(x=1), tokenizer="t", vocab_size=1, eos_token=None, template={},
+                                max_length=8, truncation="truncate", sources=[], rows_read=0, rows=0, rejected=0,
+                                reject_reasons={}, truncated=0, no_response_tokens=0, tokens=0, response_tokens=0,
+                                shards=[], holdout=None, ids_sha256="", tokenize_seconds=0)
+    assert HoldoutRecord  # the manifest types load from one module
+    export = _fake_export(f"{layout.reference}/exports/epoch-1", tmp_path, b"a")
+    write_manifest(layout.manifest("reference"), ReferenceManifest(
+        prepared_fingerprint=prepared.fingerprint, init_model="base", epochs=1, metrics={},
+        checkpoints=[CheckpointRecord(name="epoch-0", path="base", uid="base"),
+                     CheckpointRecord(name="epoch-1", path=export, uid="old")]))
+    first = reference_checkpoints(layout, prepared)[1].uid
+    assert first != export and first == storage.read_json(f"{export}/rayapp_checkpoint.json")["uid"]
+    _fake_export(export, tmp_path, b"b")  # trained again: a new marker
+    assert reference_checkpoints(layout, prepared)[1].uid not in (first, export)
+
+
+def test_nodes_cache_of_a_remote_model_is_safe_under_concurrent_loads(s3, tmp_path):
+    """Defect: several actors on a node materializing the same s3:// export raced in the node's
+    cache (one deleted the folder another was reading or renaming into place)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    uri = _fake_export("s3://rayapp-test/race/export", tmp_path, b"x")
+    for round_ in range(3):
+        if round_:
+            _fake_export(uri, tmp_path, bytes([round_]))  # a new export: every cached copy is stale
+
+        def load(_):
+            local = materialize(uri)
+            return sorted(os.listdir(local)), open(os.path.join(local, "part-7.bin"), "rb").read(1)
+
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(load, range(12)))
+        want = bytes([round_]) if round_ else b"x"
+        assert all(names == got[0][0] and first == want for names, first in got)
+        assert "rayapp_checkpoint.json" in got[0][0]
+
+
+def test_a_changed_object_in_the_bucket_makes_prepared_data_stale(s3, tmp_path, make_config):
+    """Defect: remote sources got digest None in prepare's fingerprint, so a changed object never
+    invalidated the prepared data."""
+    from rayapp import pipeline
+
+    uri = "s3://rayapp-test/data/alpaca.jsonl"
+    local = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(20))
+    storage.write_bytes_atomic(uri, local.read_bytes())
+    cfg = make_config([{"path": uri}])
+    first = pipeline.run("prepare", cfg)
+    assert first.manifest.rows == 20 and first.manifest.sources[0].identity.startswith("object:")
+    assert pipeline.run("prepare", cfg).skipped
+    storage.write_bytes_atomic(uri, write_jsonl(tmp_path / "b.jsonl", alpaca_rows(21)).read_bytes())
+    again = pipeline.run("prepare", cfg)
+    assert not again.skipped and again.manifest.rows == 21

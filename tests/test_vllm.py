@@ -114,6 +114,6 @@ def test_vllm_generation_and_served_judge(tiny_models, vllm_server, ray_local):
     from rayapp.evaluate.generate import generate
 
     prompts = [{"set": r["set"], "id": r["id"], "prompt": r["prompt"]} for r in gens["a"]]
-    hf, _ = generate(prompts, str(tiny_models / "a"), GenerationConfig(max_new_tokens=16, dtype="float32"))
+    hf, _ = generate(prompts, {"a": str(tiny_models / "a")}, GenerationConfig(max_new_tokens=16, dtype="float32"))["a"]
     same = sum(h["answer"] == v["answer"] for h, v in zip(hf, gens["a"]))
     assert same >= 6, [(h["answer"], v["answer"]) for h, v in zip(hf, gens["a"])]

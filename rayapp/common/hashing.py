@@ -1,9 +1,14 @@
-"""Content hashes: stable row ids and file digests for manifests."""
+"""Content hashes: stable row ids, file digests and stage fingerprints."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
+
+# Recorded digests and fingerprints are this many hex characters (64 bits): plenty to tell runs
+# apart, short enough to read in a manifest or a log line.
+SHORT = 16
 
 
 def row_id(instruction: str, input_text: str, output: str) -> str:
@@ -18,9 +23,30 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def short_digest(data: bytes) -> str:
+    """The short content hash manifests record for files and id lists."""
+    return sha256_bytes(data)[:SHORT]
+
+
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _plain(obj: Any) -> Any:
+    dump = getattr(obj, "model_dump", None)  # pydantic models: their JSON form
+    if callable(dump):
+        return dump(mode="json", by_alias=True)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"cannot fingerprint a {type(obj).__name__}")
+
+
+def fingerprint(**parts: Any) -> str:
+    """One stable short hash of named parts (strings, numbers, lists, dicts, pydantic models):
+    the identity of what a stage's output was made from."""
+    blob = json.dumps(parts, sort_keys=True, default=_plain, separators=(",", ":"))
+    return short_digest(blob.encode("utf-8"))

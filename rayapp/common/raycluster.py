@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 
+from rayapp.common.log import current_level, get_logger
 from rayapp.config import RunConfig
+
+log = get_logger("rayapp.ray")
 
 
 def existing_cluster_address(cfg: RunConfig | None) -> str | None:
@@ -31,13 +36,22 @@ def _return_to_working_dir(cwd: str) -> None:
         os.chdir(cwd)
 
 
+_INIT_LOCK = threading.Lock()
+
+
 def init_ray(cfg: RunConfig | None = None) -> None:
+    with _INIT_LOCK:  # stages of one step may start side by side
+        _init_ray(cfg)
+
+
+def _init_ray(cfg: RunConfig | None) -> None:
     import ray
 
     if ray.is_initialized():
-        return
-    # No hub at run time: models and tokenizers come from local folders or the mounted cache.
-    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+        return  # one Ray session serves every stage of a run
+    # Hub access follows the environment (HF_HUB_OFFLINE): the embedded default needs no hub, the
+    # paper presets name hub models, and a cluster image may pre-fill the cache and set it to 1.
+    verbose = current_level() <= logging.DEBUG
     address = existing_cluster_address(cfg)
     if address:
         # Inside a Ray job, setting up the job's runtime env on the driver's node (after its first
@@ -49,21 +63,43 @@ def init_ray(cfg: RunConfig | None = None) -> None:
         import torch  # noqa: F401
 
         cwd = os.getcwd()
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR")
         if ray.get_runtime_context().runtime_env.get("working_dir"):
             _return_to_working_dir(cwd)
+        _quiet_ray_libraries(verbose)
         return
     # The dashboard process backs Ray's State API (Train's placement-group cleaner uses it); it
     # listens on loopback only, never on a public address.
     # address="local": a new cluster for this run, even when `ray start` left one behind on this
     # machine (ray.init() with no address would join that one instead)
-    kwargs = dict(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-                  configure_logging=True, logging_level="WARNING")
+    # Worker output (training workers, actors) reaches the terminal with -v only; their progress
+    # comes back as rayapp's own progress lines, and errors as exceptions.
+    kwargs = dict(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=verbose,
+                  configure_logging=True, logging_level="INFO" if verbose else "ERROR")
     if cfg and cfg.ray.num_cpus:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     if cfg and cfg.ray.num_gpus is not None:
         kwargs["num_gpus"] = cfg.ray.num_gpus
     ray.init(**kwargs)
+    _quiet_ray_libraries(verbose)
+
+
+def _quiet_ray_libraries(verbose: bool) -> None:
+    """Ray Data and Train log every dataset plan, worker group and (off a terminal) a progress
+    snapshot every few seconds at INFO. Unless -v: Ray Data's progress bars stay on a terminal
+    (rayapp draws its own progress lines elsewhere), and those INFO lines go."""
+    if verbose:
+        return
+    import sys
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    if not sys.stdout.isatty():
+        ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray.train", "ray.tune", "ray.air"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def pool_size_leaving_a_cpu(cfg: RunConfig, cpus_per_actor: float, max_actors: int) -> int:
@@ -77,6 +113,6 @@ def pool_size_leaving_a_cpu(cfg: RunConfig, cpus_per_actor: float, max_actors: i
     total = ray.cluster_resources().get("CPU", 0)
     fit = max(1, int((total - 1) // cpus_per_actor))
     if fit < max_actors:
-        print(f"[ray] {max_actors} actors x {cpus_per_actor:g} CPU would hold all {total:g} CPUs of this local "
-              f"cluster and starve Ray Data's reads; using {fit}")
+        log.info("%d actors x %g CPU would hold all %g CPUs of this local cluster and starve Ray Data's reads; "
+                 "using %d", max_actors, cpus_per_actor, total, fit)
     return min(max_actors, fit)

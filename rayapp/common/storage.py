@@ -132,6 +132,27 @@ def remove_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
+def remove(uri: str) -> None:
+    """Remove a file or a folder (with its contents); nothing if it is not there."""
+    fs, path = resolve(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def object_identity(uri: str) -> str:
+    """What identifies a file's current version without reading it: size and modification time
+    (an object store's PUT changes both). Used for sources too large, or too remote, to hash."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(uri)
+    mtime = info.mtime_ns if info.mtime_ns is not None else None
+    return f"size={info.size};mtime_ns={mtime}"
+
+
 def upload_dir(local_dir: str, uri: str) -> None:
     """Copy a local folder's files (recursively) to ``uri``; an object store gets one PUT per file."""
     pafs.copy_files(os.path.abspath(local_dir), uri if is_remote(uri) else resolve(uri)[1],
@@ -156,7 +177,7 @@ def download_dir(uri: str, local_dir: str) -> str:
 
 def local_cache_dir(uri: str, kind: str) -> str:
     """A per-URI folder under the node's cache for copies of remote artifacts (models, checkpoints)."""
-    import hashlib
+    from rayapp.common.hashing import short_digest
 
     base = os.environ.get("RAYAPP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rayapp")
-    return os.path.join(base, kind, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    return os.path.join(base, kind, short_digest(uri.encode()))

@@ -26,73 +26,101 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class HFGenerator:
-    """A Ray Data callable class: one model per actor, batched ``generate``."""
+    """A Ray Data callable class: batched ``generate`` for any of the compared models (loaded on
+    first use and kept: the hf backend serves small models), so one actor pool answers for all of
+    them and pays its start-up once."""
 
-    def __init__(self, model_path: str, gen: dict, max_positions: int | None, trust_remote_code: bool = False,
+    def __init__(self, models: dict[str, str], gen: dict, max_positions: int | None, trust_remote_code: bool = False,
                  num_threads: int | None = None):
         import torch
-
-        from rayapp.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu" and num_threads:
             torch.set_num_threads(max(1, int(num_threads)))
         self.gen = GenerationConfig.model_validate(gen)
-        self.tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-        self.tok.padding_side = "left"  # generation continues at the right edge
-        self.tok.truncation_side = "left"  # an over-long prompt keeps its end (the question)
-        dtype = resolve_dtype(self.gen.dtype, self.device)
-        self.model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
-        limit = max_positions or getattr(self.model.config, "max_position_embeddings", None) or 2048
-        self.max_prompt_tokens = max(8, limit - self.gen.max_new_tokens)
+        self.paths, self.max_positions, self.trust_remote_code = models, max_positions, trust_remote_code
+        self.loaded: dict[str, tuple] = {}
+
+    def _load(self, label: str):
+        if label not in self.loaded:
+            from rayapp.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+
+            path = self.paths[label]
+            tok = load_tokenizer(path, trust_remote_code=self.trust_remote_code)
+            tok.padding_side = "left"  # generation continues at the right edge
+            tok.truncation_side = "left"  # an over-long prompt keeps its end (the question)
+            dtype = resolve_dtype(self.gen.dtype, self.device)
+            model = load_causal_lm(path, dtype=dtype, trust_remote_code=self.trust_remote_code).to(self.device).eval()
+            limit = self.max_positions or getattr(model.config, "max_position_embeddings", None) or 2048
+            self.loaded[label] = (tok, model, max(8, limit - self.gen.max_new_tokens))
+        return self.loaded[label]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each row of ``batch`` is one chunk: a model and ``batch_size`` of its prompts."""
+        cols: dict[str, list] = {c: [] for c in ("model", "set", "id", "prompt", "answer", "prompt_tokens",
+                                                 "new_tokens", "finish_reason")}
+        for label, sets, ids, prompts in zip(batch["model"], batch["set"], batch["id"], batch["prompt"]):
+            prompts = [str(p) for p in prompts]
+            answers, prompt_tokens, n_new, reasons = self._generate(str(label), prompts)
+            cols["model"] += [str(label)] * len(prompts)
+            cols["set"] += list(sets)
+            cols["id"] += list(ids)
+            cols["prompt"] += prompts
+            cols["answer"] += answers
+            cols["prompt_tokens"] += list(prompt_tokens)
+            cols["new_tokens"] += n_new
+            cols["finish_reason"] += reasons
+        return {k: np.asarray(v, dtype=object if k in ("model", "set", "id", "prompt", "answer", "finish_reason")
+                              else np.int64) for k, v in cols.items()}
+
+    def _generate(self, label: str, prompts: list[str]):
         torch = self.torch
-        prompts = [str(p) for p in batch["prompt"]]
-        enc = self.tok(prompts, return_tensors="pt", padding=True, truncation=True,
-                       max_length=self.max_prompt_tokens, add_special_tokens=True).to(self.device)
-        kwargs: dict = dict(max_new_tokens=self.gen.max_new_tokens, pad_token_id=self.tok.pad_token_id,
-                            eos_token_id=self.tok.eos_token_id, repetition_penalty=self.gen.repetition_penalty)
+        tok, model, max_prompt_tokens = self._load(label)
+        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens,
+                  add_special_tokens=True).to(self.device)
+        kwargs: dict = dict(max_new_tokens=self.gen.max_new_tokens, pad_token_id=tok.pad_token_id,
+                            eos_token_id=tok.eos_token_id, repetition_penalty=self.gen.repetition_penalty)
         if self.gen.temperature > 0:
             torch.manual_seed(self.gen.seed)
             kwargs.update(do_sample=True, temperature=self.gen.temperature, top_p=self.gen.top_p)
         else:
             kwargs.update(do_sample=False)
         if self.gen.stop:
-            kwargs.update(stop_strings=list(self.gen.stop), tokenizer=self.tok)
+            kwargs.update(stop_strings=list(self.gen.stop), tokenizer=tok)
         with torch.inference_mode():
-            out = self.model.generate(**enc, **kwargs)
+            out = model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
         answers, n_new, reasons = [], [], []
         for row in new.tolist():
-            ended = self.tok.eos_token_id in row
-            ids = row[: row.index(self.tok.eos_token_id)] if ended else row
-            ids = [t for t in ids if t != self.tok.pad_token_id]  # padding after a finished row
-            text, stopped = cut_at_stop(self.tok.decode(ids, skip_special_tokens=True), self.gen.stop)
+            ended = tok.eos_token_id in row
+            ids = row[: row.index(tok.eos_token_id)] if ended else row
+            ids = [t for t in ids if t != tok.pad_token_id]  # padding after a finished row
+            text, stopped = cut_at_stop(tok.decode(ids, skip_special_tokens=True), self.gen.stop)
             answers.append(text.strip())
             n_new.append(len(ids))
             reasons.append("stop" if (ended or stopped) else "length")
-        return {
-            "set": batch["set"], "id": batch["id"], "prompt": batch["prompt"],
-            "answer": np.array(answers, dtype=object),
-            "prompt_tokens": enc["attention_mask"].sum(dim=1).cpu().numpy().astype(np.int64),
-            "new_tokens": np.array(n_new, dtype=np.int64),
-            "finish_reason": np.array(reasons, dtype=object),
-        }
+        return answers, enc["attention_mask"].sum(dim=1).cpu().numpy().astype(np.int64), n_new, reasons
 
 
-def generate_hf(rows: list[dict], model_path: str, gen: GenerationConfig, max_positions: int | None,
+def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig, max_positions: int | None,
                 trust_remote_code: bool) -> list[dict]:
+    """Answers of every model in ``models`` (label -> path) to ``rows``, from one actor pool.
+
+    Chunks of ``batch_size`` prompts of one model, one chunk per block and per actor call
+    (batch_size=None: no re-bundling in arrival order): each prompt is answered in the same batch
+    on every run, whichever other models share the pool, so seeded sampling gives the same answers."""
     import ray
 
     r = gen.resources
-    ds = ray.data.from_items(rows)
+    chunks = [{"model": label, **{k: [row[k] for row in rows[i:i + gen.batch_size]] for k in ("set", "id", "prompt")}}
+              for label in models for i in range(0, len(rows), gen.batch_size)]
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))  # one chunk per block
     ds = ds.map_batches(
         HFGenerator,
-        fn_constructor_kwargs=dict(model_path=model_path, gen=gen.model_dump(), max_positions=max_positions,
+        fn_constructor_kwargs=dict(models=models, gen=gen.model_dump(), max_positions=max_positions,
                                    trust_remote_code=trust_remote_code, num_threads=r.num_cpus or None),
-        batch_size=gen.batch_size,
+        batch_size=None,
         compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
         num_cpus=r.num_cpus,
         num_gpus=r.num_gpus,
@@ -122,14 +150,11 @@ def fit_prompts(rows: list[dict], model_path: str, max_new_tokens: int, max_posi
     return out, limit
 
 
-def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_positions: int | None,
-                  trust_remote_code: bool = False) -> list[dict]:
-    """Through ``ray.data.llm``: it sizes placement groups for tensor parallelism itself. Weights
-    load from safetensors only (vLLM's "auto" would fall back to pickled .bin files)."""
-    import ray
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
-    rows, max_positions = fit_prompts(rows, model_path, gen.max_new_tokens, max_positions)
+def vllm_inputs(rows: list[dict], model_path: str, gen: GenerationConfig, max_positions: int | None,
+                trust_remote_code: bool = False) -> tuple[list[dict], dict]:
+    """The prompts cut to fit the model's context, and the engine's arguments. The model's own
+    code runs (its config, its tokenizer) only when the config opts in, here as in the engine."""
+    rows, max_positions = fit_prompts(rows, model_path, gen.max_new_tokens, max_positions, trust_remote_code)
     engine_kwargs = dict(tensor_parallel_size=gen.tensor_parallel_size, dtype=gen.dtype,
                          gpu_memory_utilization=gen.gpu_memory_utilization, seed=gen.seed,
                          enforce_eager=gen.enforce_eager, load_format="safetensors",
@@ -137,6 +162,17 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
     if max_positions:
         engine_kwargs["max_model_len"] = max_positions
     engine_kwargs.update(gen.engine_kwargs)
+    return rows, engine_kwargs
+
+
+def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_positions: int | None,
+                  trust_remote_code: bool = False) -> list[dict]:
+    """Through ``ray.data.llm``: it sizes placement groups for tensor parallelism itself. Weights
+    load from safetensors only (vLLM's "auto" would fall back to pickled .bin files)."""
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    rows, engine_kwargs = vllm_inputs(rows, model_path, gen, max_positions, trust_remote_code)
     config = vLLMEngineProcessorConfig(
         model_source=model_path,
         engine_kwargs=engine_kwargs,
@@ -161,20 +197,31 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
     return processor(ray.data.from_items(rows)).take_all()
 
 
-def generate(rows: list[dict], model_path: str, gen: GenerationConfig, max_positions: int | None = None,
-             trust_remote_code: bool = False) -> tuple[list[dict], dict]:
-    """Generate an answer for each row; returns (rows in input order, throughput stats)."""
+def generate(rows: list[dict], models: dict[str, str], gen: GenerationConfig, max_positions: int | None = None,
+             trust_remote_code: bool = False) -> dict[str, tuple[list[dict], dict]]:
+    """Answers of each model (label -> path) to ``rows``: {label: (rows in input order, stats)}.
+    The hf backend answers for all models from one actor pool; vLLM runs one engine per model."""
     t0 = time.perf_counter()
     if gen.backend == "vllm":
-        out = generate_vllm(rows, model_path, gen, max_positions, trust_remote_code)
+        out, seconds = [], {}
+        for label, path in models.items():
+            t = time.perf_counter()
+            out += [{"model": label, **r} for r in generate_vllm(rows, path, gen, max_positions, trust_remote_code)]
+            seconds[label] = time.perf_counter() - t
     else:
-        out = generate_hf(rows, model_path, gen, max_positions, trust_remote_code)
-    seconds = time.perf_counter() - t0
-    by_id = {r["id"]: r for r in out}
-    missing = [r["id"] for r in rows if r["id"] not in by_id]
-    if missing:
-        raise RuntimeError(f"generation lost {len(missing)} prompts (e.g. {missing[:3]})")
-    ordered = [{c: by_id[r["id"]][c] for c in OUTPUT_COLUMNS} for r in rows]
-    new_tokens = sum(int(r["new_tokens"]) for r in ordered)
-    return ordered, {"prompts": len(rows), "seconds": round(seconds, 2), "new_tokens": new_tokens,
-                     "new_tokens_per_s": round(new_tokens / seconds, 1) if seconds else None}
+        out = generate_hf(rows, models, gen, max_positions, trust_remote_code)
+        seconds = dict.fromkeys(models, time.perf_counter() - t0)  # one pool, shared wall time
+    results = {}
+    for label in models:
+        by_id = {r["id"]: r for r in out if r["model"] == label}
+        missing = [r["id"] for r in rows if r["id"] not in by_id]
+        if missing:
+            raise RuntimeError(f"generation lost {len(missing)} prompts of {label} (e.g. {missing[:3]})")
+        ordered = [{c: by_id[r["id"]][c] for c in OUTPUT_COLUMNS} for r in rows]
+        new_tokens = sum(int(r["new_tokens"]) for r in ordered)
+        all_tokens = sum(int(r["new_tokens"]) for r in out)
+        wall = seconds[label]
+        results[label] = (ordered, {"prompts": len(rows), "seconds": round(wall, 2), "new_tokens": new_tokens,
+                                    "new_tokens_per_s": round(all_tokens / wall, 1) if wall else None,
+                                    "models_in_pool": len(models) if gen.backend != "vllm" else 1})
+    return results

@@ -16,15 +16,20 @@ from collections import Counter
 import pyarrow as pa
 
 from rayapp.common import storage
-from rayapp.common.hashing import sha256_bytes
+from rayapp.common.artifacts import artifact_uid
+from rayapp.common.errors import RayappError
+from rayapp.common.hashing import fingerprint
 from rayapp.common.layout import RunLayout
-from rayapp.common.manifests import MissingInputError
+from rayapp.common.log import get_logger
+from rayapp.common.manifests import EvaluationManifest, FinetuneManifest, file_digest, require_manifest
+from rayapp.common.stages import Stage, StageContext
 from rayapp.config import RunConfig
 from rayapp.evaluate.evalsets import load_eval_set, resolve_set
 from rayapp.evaluate.judge import describe_judge
 from rayapp.evaluate.verdicts import Tally, format_table, tally_by_set, unparseable_kind
-from rayapp.prepare.template import PromptFormatter
-from rayapp.train.checkpoints import EXPORT_MARKER
+from rayapp.common.template import PromptFormatter
+
+log = get_logger(__name__)
 
 FINETUNE_SUBSETS = ("selected", "full", "random")
 
@@ -32,63 +37,86 @@ FINETUNE_SUBSETS = ("selected", "full", "random")
 def resolve_model(cfg: RunConfig, layout: RunLayout, entry: str) -> dict:
     """{label, path, identity, data} for a finetune subset, 'base', or a model path/name."""
     if entry in FINETUNE_SUBSETS:
-        uri = storage.join(layout.finetune(entry), "manifest.json")
-        if not storage.exists(uri):
-            raise MissingInputError(
-                f"no fine-tuned '{entry}' model (missing {uri}): run "
-                f"`rayapp finetune --config ... --set finetune.subset={entry}` first")
-        m = storage.read_json(uri)
-        path, data = m["export"], m["data"]
+        m: FinetuneManifest = require_manifest(layout, "finetune", entry)  # type: ignore[assignment]
+        path, data = m.export, m.data
     elif entry == "base":
         from rayapp.models import registry
 
         path, data = registry.model_source(cfg, "target"), "nothing (the untrained target)"
     else:
         path, data = entry, "given by path"
-    marker = storage.join(path, EXPORT_MARKER)
-    identity = storage.read_json(marker)["uid"] if storage.exists(marker) else path
     label = entry if entry in FINETUNE_SUBSETS or entry == "base" else entry.rstrip("/").rsplit("/", 1)[-1]
-    return {"label": label, "path": path, "identity": identity, "data": data}
+    return {"label": label, "path": path, "identity": artifact_uid(path), "data": data}
 
 
-def load_prompts(cfg: RunConfig) -> list[dict]:
+def load_prompts(cfg: RunConfig) -> tuple[list[dict], list[str]]:
+    """The prompts of every set the judge can judge, and the sets left out (a reference judge
+    needs reference answers; a set without any would only count as unjudged)."""
     ec = cfg.evaluate
     fmt = PromptFormatter(cfg.data.template)
     rows: list[dict] = []
+    skipped: list[str] = []
     for entry in ec.sets:
         name, path, field, id_field = resolve_set(entry, ec.eval_dir, ec.prompt_field)
-        for r in load_eval_set(name, path, field, id_field, limit=ec.max_prompts):
+        got = load_eval_set(name, path, field, id_field, limit=ec.max_prompts)
+        if ec.judge.kind == "reference" and not any(r.get("reference") for r in got):
+            skipped.append(name)
+            continue
+        for r in got:
             r["prompt"] = fmt.prompt(r["instruction"], r["input"])
             rows.append(r)
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"evaluation prompts have duplicate id {dup!r}: give each set a distinct name")
-    return rows
+        raise RayappError(f"evaluation prompts have duplicate id {dup!r}: give each set a distinct name")
+    if not rows:
+        raise RayappError(f"none of the evaluation sets ({', '.join(ec.sets)}) can be judged by "
+                          f"{describe_judge(ec.judge)}: they have no reference answers")
+    return rows, skipped
 
 
-def _generations(cfg: RunConfig, layout: RunLayout, model: dict, prompts: list[dict], force: bool) -> tuple[list[dict], dict]:
+def _set_files(cfg: RunConfig) -> dict[str, str]:
+    ec = cfg.evaluate
+    out = {}
+    for entry in ec.sets:
+        name, path, _, _ = resolve_set(entry, ec.eval_dir, ec.prompt_field)
+        out[name] = file_digest(path) if storage.exists(path) else "missing"
+    return out
+
+
+def _generations(cfg: RunConfig, layout: RunLayout, models: list[dict], prompts: list[dict],
+                 force: bool) -> dict[str, tuple[list[dict], dict]]:
+    """Every model's answers: cached ones read back (keyed by model, generation settings and
+    prompts), the rest generated together."""
     from rayapp.evaluate.generate import generate
 
     gen = cfg.evaluate.generation
-    fp = sha256_bytes("|".join([model["identity"], gen.model_dump_json(),
-                                *(f"{p['id']}\x1f{p['prompt']}" for p in prompts)]).encode())[:16]
-    uri = storage.join(layout.evaluation, "generations", f"{model['label']}.parquet")
-    if not force and storage.exists(uri):
-        table = storage.read_parquet(uri)
-        meta = table.schema.metadata or {}
-        if meta.get(b"rayapp_fingerprint", b"").decode() == fp:
-            print(f"[evaluate] {model['label']}: answers up to date ({table.num_rows}) in {uri}")
-            return table.to_pylist(), json.loads(meta.get(b"rayapp_stats", b"{}"))
-    print(f"[evaluate] {model['label']}: generating {len(prompts)} answers with {gen.backend} from {model['path']}", flush=True)
-    rows, stats = generate([{k: p[k] for k in ("set", "id", "prompt")} for p in prompts], model["path"], gen,
-                           trust_remote_code=cfg.models.target.trust_remote_code)
-    print(f"[evaluate] {model['label']}: {stats['new_tokens']} new tokens in {stats['seconds']}s "
-          f"({stats['new_tokens_per_s']} tokens/s)", flush=True)
-    table = pa.Table.from_pylist(rows).replace_schema_metadata(
-        {"rayapp_fingerprint": fp, "rayapp_stats": json.dumps(stats), "rayapp_model": model["path"]})
-    storage.write_parquet(uri, table)
-    return rows, stats
+    out: dict[str, tuple[list[dict], dict]] = {}
+    todo: dict[str, str] = {}
+    fps: dict[str, str] = {}
+    for m in models:
+        fps[m["label"]] = fp = fingerprint(model=m["identity"], generation=gen,
+                                           prompts=[[p["id"], p["prompt"]] for p in prompts])
+        uri = layout.generations(m["label"])
+        if not force and storage.exists(uri):
+            table = storage.read_parquet(uri)
+            meta = table.schema.metadata or {}
+            if meta.get(b"rayapp_fingerprint", b"").decode() == fp:
+                log.info("%s: answers up to date (%d) in %s", m["label"], table.num_rows, uri)
+                out[m["label"]] = (table.to_pylist(), json.loads(meta.get(b"rayapp_stats", b"{}")))
+                continue
+        todo[m["label"]] = m["path"]
+    if not todo:
+        return out
+    log.info("generating %d answers each with %s: %s", len(prompts), gen.backend, ", ".join(todo))
+    rows = [{k: p[k] for k in ("set", "id", "prompt")} for p in prompts]
+    for label, (answers, stats) in generate(rows, todo, gen, trust_remote_code=cfg.models.target.trust_remote_code).items():
+        log.info("%s: %d new tokens (%s tokens/s)", label, stats["new_tokens"], stats["new_tokens_per_s"])
+        table = pa.Table.from_pylist(answers).replace_schema_metadata(
+            {"rayapp_fingerprint": fps[label], "rayapp_stats": json.dumps(stats), "rayapp_model": todo[label]})
+        storage.write_parquet(layout.generations(label), table)
+        out[label] = (answers, stats)
+    return out
 
 
 def _judge(cfg: RunConfig, layout: RunLayout, a: dict, b: dict, prompts: list[dict], answers: dict,
@@ -96,18 +124,18 @@ def _judge(cfg: RunConfig, layout: RunLayout, a: dict, b: dict, prompts: list[di
     from rayapp.evaluate.judge import judge_pairs, make_judge
 
     jc = cfg.evaluate.judge
-    fp = sha256_bytes("|".join([jc.model_dump_json(), json.dumps(answers[a["label"]], sort_keys=True),
-                                json.dumps(answers[b["label"]], sort_keys=True)]).encode())[:16]
-    uri = storage.join(layout.evaluation, "judgments", f"{a['label']}-vs-{b['label']}.jsonl")
+    ids = [p["id"] for p in prompts]
+    fp = fingerprint(judge=jc, a=[answers[a["label"]][i] for i in ids], b=[answers[b["label"]][i] for i in ids], ids=ids)
+    uri = layout.judgments(a["label"], b["label"])
     meta_uri = uri + ".meta.json"
     if not force and storage.exists(meta_uri) and storage.read_json(meta_uri).get("fingerprint") == fp:
-        print(f"[evaluate] {a['label']} vs {b['label']}: judgments up to date in {uri}")
+        log.info("%s vs %s: judgments up to date in %s", a["label"], b["label"], uri)
         return [json.loads(l) for l in storage.read_bytes(uri).decode().splitlines() if l.strip()]
     judge = make_judge(jc)
     items = [{"set": p["set"], "id": p["id"], "question": _question(p),
               "reference": p.get("reference"), "answer_a": answers[a["label"]][p["id"]],
               "answer_b": answers[b["label"]][p["id"]]} for p in prompts]
-    print(f"[evaluate] judging {a['label']} vs {b['label']} on {len(items)} prompts x 2 orders: {judge.name}", flush=True)
+    log.info("judging %s vs %s on %d prompts x 2 orders: %s", a["label"], b["label"], len(items), judge.name)
     records = judge_pairs(judge, items, jc.max_concurrency)
     for rec, item in zip(records, items):
         rec.update(question=item["question"], answer_a=item["answer_a"], answer_b=item["answer_b"],
@@ -122,23 +150,53 @@ def _question(p: dict) -> str:
     return p["instruction"] + (f"\n\n{p['input']}" if p["input"].strip() else "")
 
 
-def run_evaluate(cfg: RunConfig, force: bool = False) -> dict:
+class EvaluateStage(Stage):
+    name = "evaluate"
+    help = "generate answers and judge models pairwise (win / tie / lose)"
+    manifest_type = EvaluationManifest
+
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
+        models = [resolve_model(cfg, layout, m) for m in cfg.evaluate.models]
+        return fingerprint(evaluate=cfg.evaluate, template=cfg.data.template, sets=_set_files(cfg),
+                           models=[[m["label"], m["identity"]] for m in models])
+
+    def run(self, ctx: StageContext) -> EvaluationManifest:
+        return evaluate(ctx.cfg, ctx.layout, ctx.force)
+
+    def summary(self, m: EvaluationManifest, layout: RunLayout) -> list[str]:
+        lines = [f"{m.prompts} prompts ({', '.join(m.judged_sets)}); judge: {m.judge}"]
+        skipped = [s for s in m.sets if s not in m.judged_sets]
+        if skipped:
+            lines.append(f"not judged (no reference answers for this judge): {', '.join(skipped)}")
+        for pair, tallies in m.pairs.items():
+            a, b = pair.split(" vs ")
+            t = {s: Tally(v["win"], v["tie"], v["lose"], v["unparseable"], v["unjudged"]) for s, v in tallies.items()}
+            lines.extend(format_table(t, a, b).splitlines())
+        if m.report:
+            lines.append(f"report: {m.report}")
+        return lines
+
+
+def evaluate(cfg: RunConfig, layout: RunLayout, force: bool = False) -> EvaluationManifest:
     from rayapp.common.raycluster import init_ray
 
     ec = cfg.evaluate
-    layout = RunLayout(cfg.output_dir)
     models = [resolve_model(cfg, layout, m) for m in ec.models]
     labels = [m["label"] for m in models]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"evaluate.models gives two models the same name: {labels}")
-    prompts = load_prompts(cfg)
-    print(f"[evaluate] {len(prompts)} prompts from {', '.join(ec.sets)}; models: {', '.join(labels)}")
+        raise RayappError(f"evaluate.models gives two models the same name: {labels}")
+    prompts, skipped = load_prompts(cfg)
+    judged_sets = list(dict.fromkeys(p["set"] for p in prompts))
+    log.info("%d prompts from %s; models: %s", len(prompts), ", ".join(judged_sets), ", ".join(labels))
+    if skipped:
+        log.info("not judged: %s (no reference answers, and the judge is %s)", ", ".join(skipped),
+                 describe_judge(ec.judge))
     init_ray(cfg)
     answers: dict[str, dict[str, str]] = {}
     gen_stats: dict[str, dict] = {}
-    for m in models:
-        rows, gen_stats[m["label"]] = _generations(cfg, layout, m, prompts, force)
-        answers[m["label"]] = {r["id"]: r["answer"] for r in rows}
+    for label, (rows, stats) in _generations(cfg, layout, models, prompts, force).items():
+        gen_stats[label] = stats
+        answers[label] = {r["id"]: r["answer"] for r in rows}
 
     # reference-based automatic metric, no judge needed: ROUGE-L where a set has references
     from rayapp.evaluate.judge import ReferenceJudge
@@ -180,16 +238,17 @@ def run_evaluate(cfg: RunConfig, force: bool = False) -> dict:
     if remote:
         storage.upload_dir(out_local, layout.evaluation)
         report = storage.join(layout.evaluation, "report.html")
-    results = {
-        "stage": "evaluate", "judge": judge_name, "sets": ec.sets, "prompts": len(prompts),
-        "models": {m["label"]: {"path": m["path"], "data": m["data"], "generation": gen_stats[m["label"]]} for m in models},
-        "pairs": {k: {s: t.as_dict() for s, t in v.items()} for k, v in pairs.items()},
-        "unparseable_reasons": unparseable,
-        "rouge_l": rouge, "report": report,
-    }
-    storage.write_json(storage.join(layout.evaluation, "results.json"), results)
+    results = EvaluationManifest(
+        judge=judge_name, sets=[resolve_set(e, ec.eval_dir, ec.prompt_field)[0] for e in ec.sets],
+        judged_sets=judged_sets, prompts=len(prompts),
+        models={m["label"]: {"path": m["path"], "data": m["data"], "generation": gen_stats[m["label"]]} for m in models},
+        pairs={k: {s: t.as_dict() for s, t in v.items()} for k, v in pairs.items()},
+        unparseable_reasons=unparseable, rouge_l=rouge, report=report,
+    )
+    storage.write_json(layout.results, results.model_dump(mode="json"))
     for key, tallies in pairs.items():
         x, y = key.split(" vs ")
-        print(format_table(tallies, x, y))
-    print(f"[evaluate] judge: {judge_name}" + (f"; report: {report}" if report else ""))
+        for line in format_table(tallies, x, y).splitlines():
+            log.info("%s", line)
+    log.info("judge: %s%s", judge_name, f"; report: {report}" if report else "")
     return results

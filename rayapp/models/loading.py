@@ -6,6 +6,23 @@ from __future__ import annotations
 import os
 
 
+def lean_transformers() -> None:
+    """Keep scikit-learn (and scipy, pandas) out of every process that loads a model.
+
+    transformers imports ``sklearn.metrics`` while importing its generation utilities, only for
+    assisted generation's confidence heuristic, which rayapp never uses. That import is ~3.5 s of
+    the ~12 s it takes to import a model class here, paid again by every actor and training worker.
+    Telling transformers that scikit-learn is absent must happen before ``transformers.generation``
+    is imported; later it changes nothing (and scikit-learn stays usable: k-means imports it itself)."""
+    import sys
+
+    if "transformers.generation" in sys.modules:
+        return
+    import transformers.utils
+
+    transformers.utils.is_sklearn_available = lambda: False
+
+
 def _offline_kwargs(revision: str | None = None) -> dict:
     kw: dict = {}
     if revision:
@@ -16,23 +33,42 @@ def _offline_kwargs(revision: str | None = None) -> dict:
 def materialize(name_or_path: str) -> str:
     """A local folder for a model or tokenizer: an ``s3://``/``gs://`` folder (a checkpoint the
     pipeline wrote to an object store) is downloaded once per node into the rayapp cache, its
-    marker file checked; hub names and local paths are returned unchanged."""
+    marker file checked; hub names and local paths are returned unchanged.
+
+    Several processes on a node (scoring actors, training workers) may ask for the same export at
+    once: the download runs under an exclusive file lock, and the marker is checked again once the
+    lock is held, so no process replaces a folder another one is reading from or downloading."""
+    import fcntl
+
     from rayapp.common import storage
-    from rayapp.train.checkpoints import EXPORT_MARKER
+    from rayapp.common.artifacts import EXPORT_MARKER
 
     if not storage.is_remote(name_or_path):
         return name_or_path
     local = storage.local_cache_dir(name_or_path, "models")
-    marker = EXPORT_MARKER  # written last by every export; its uid changes per export
-    remote_marker = storage.join(name_or_path, marker)
+    remote_marker = storage.join(name_or_path, EXPORT_MARKER)
     want = storage.read_bytes(remote_marker) if storage.exists(remote_marker) else None
-    have = open(os.path.join(local, marker), "rb").read() if os.path.exists(os.path.join(local, marker)) else None
-    if not os.path.isdir(local) or (want is not None and want != have):
-        storage.download_dir(name_or_path, local)
+
+    def current() -> bool:
+        have_path = os.path.join(local, EXPORT_MARKER)
+        if not os.path.isdir(local):
+            return False
+        if want is None:
+            return True
+        return os.path.exists(have_path) and open(have_path, "rb").read() == want
+
+    if current():
+        return local
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with open(f"{local}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not current():  # another process may have downloaded it while this one waited
+            storage.download_dir(name_or_path, local)
     return local
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    lean_transformers()
     from transformers import AutoTokenizer
 
     name_or_path = materialize(name_or_path)
@@ -57,6 +93,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     revision: str | None = None,
 ):
+    lean_transformers()
     from transformers import AutoModelForCausalLM
 
     name_or_path = materialize(name_or_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from rayapp.common import storage
+from rayapp.common.artifacts import mark_export
 from rayapp.config import RunConfig
 from rayapp.models import tiny
 
@@ -13,7 +14,9 @@ TINY = "tiny"
 
 
 def models_dir(cfg: RunConfig) -> str:
-    return storage.local_path(storage.join(cfg.output_dir, "models"))
+    from rayapp.common.layout import RunLayout
+
+    return storage.local_path(RunLayout(cfg.output_dir).models)
 
 
 def tokenizer_source(cfg: RunConfig) -> str:
@@ -62,6 +65,7 @@ def model_source(cfg: RunConfig, role: str) -> str:
 
         _build_in_place(out, lambda o: tiny.build_model(materialize(tok), spec.tiny, o,
                                                         max_positions=max(cfg.data.max_length, 512)), "config.json")
+        mark_export(out, {"built": "tiny", "role": role})  # a uid of its own, like every export
     return out
 
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayapp.common import storage
+from rayapp.common.errors import InputDataError
+from rayapp.common.hashing import sha256_file, short_digest
 
 
-class UnreadableSourceError(RuntimeError):
+class UnreadableSourceError(InputDataError):
     """The whole file cannot be read (missing, not JSON at all, not Parquet, ...)."""
 
 
@@ -144,3 +146,47 @@ def iter_rows(path: str, fmt: str, split: str = "train") -> Iterator[RawRow]:
     if fmt == "parquet":
         return iter_parquet(path)
     return iter_hf(path, split)
+
+
+def _folder_identity(local_dir: str) -> str:
+    """Names, sizes and modification times of every file under a folder (an HF dataset saved with
+    ``save_to_disk``, or a folder of data files): any rewrite changes it."""
+    entries = []
+    for root, _, files in sorted(os.walk(local_dir)):
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            entries.append(f"{os.path.relpath(os.path.join(root, name), local_dir)}:{st.st_size}:{st.st_mtime_ns}")
+    return "folder:" + short_digest("\n".join(entries).encode())
+
+
+def _hub_identity(name: str) -> str:
+    """The resolved revision of an HF hub dataset: the commit the hub serves now, or, offline, the
+    hash the datasets cache keys that revision by."""
+    try:
+        from huggingface_hub import HfApi
+
+        return "hf-revision:" + str(HfApi().dataset_info(name).sha)
+    except Exception:
+        pass
+    try:
+        import datasets
+
+        return "hf-builder:" + str(datasets.load_dataset_builder(name).hash)
+    except Exception as exc:
+        raise UnreadableSourceError(f"{name}: cannot resolve the HF dataset's revision: {exc}") from None
+
+
+def source_identity(path: str, fmt: str) -> str:
+    """What identifies the current content of a source, for the prepare stage's fingerprint: a
+    changed file, object or dataset revision makes prepared data out of date."""
+    fmt = detect_format(path, fmt)
+    if storage.is_remote(path):
+        if not storage.exists(path):
+            raise UnreadableSourceError(f"{path}: not found")
+        return "object:" + storage.object_identity(path)
+    if fmt == "hf":
+        local = storage.local_path(path)
+        return _folder_identity(local) if os.path.isdir(local) else _hub_identity(path)
+    if not os.path.isfile(path):
+        raise UnreadableSourceError(f"{path}: file not found")
+    return "sha256:" + sha256_file(path)

@@ -1,7 +1,9 @@
-"""The prepare stage: sources -> normalised, templated, tokenized Parquet shards + manifest + rejects."""
+"""The prepare stage: sources -> normalised, templated, tokenized Parquet shards, a held-out split,
+a rejects file and the manifest."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -9,18 +11,24 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from rayapp import __version__
 from rayapp.common import storage
-from rayapp.common.hashing import sha256_bytes, sha256_file
+from rayapp.common.errors import InputDataError
+from rayapp.common.hashing import fingerprint, sha256_bytes, sha256_file
 from rayapp.common.layout import RunLayout
+from rayapp.common.log import get_logger
+from rayapp.common.manifests import HoldoutRecord, PreparedManifest, ShardRecord, SourceRecord
+from rayapp.common.stages import Stage, StageContext
 from rayapp.config import RunConfig, SourceConfig
 from rayapp.models import registry
 from rayapp.models.loading import load_tokenizer
 from rayapp.prepare.normalize import RowError, detect_schema, normalize_row
-from rayapp.prepare.readers import RawRow, UnreadableSourceError, iter_rows
-from rayapp.prepare.template import PromptFormatter
+from rayapp.prepare.readers import RawRow, iter_rows, source_identity
+from rayapp.common.template import PromptFormatter
 from rayapp.prepare.tokenize import tokenize_pairs
+
+log = get_logger(__name__)
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -38,10 +46,6 @@ SHARD_SCHEMA = pa.schema(
         ("truncated", pa.bool_()),
     ]
 )
-
-
-class PrepareError(RuntimeError):
-    """The stage cannot go on (a whole source unreadable, nothing left to write)."""
 
 
 @dataclass
@@ -71,23 +75,18 @@ class SourceReport:
     path: str
     name: str
     schema: str
-    sha256: str | None
+    identity: str
     rows_read: int = 0
     rows_ok: int = 0
     rejected: Counter = field(default_factory=Counter)
 
 
-def _resolve_source_path(src: SourceConfig) -> str:
+def _resolve_source_path(src: SourceConfig, quiet: bool = False) -> str:
     if src.fallback and not storage.exists(src.path) and src.format != "hf":
-        print(f"[prepare] {src.path} not found; using the fallback {src.fallback}")
+        if not quiet:
+            log.info("%s not found; using the fallback %s", src.path, src.fallback)
         return src.fallback
     return src.path
-
-
-def _digest_source(path: str) -> str | None:
-    if storage.is_remote(path) or not os.path.isfile(path):
-        return None
-    return sha256_file(path)
 
 
 def _reason_key(reason: str) -> str:
@@ -103,7 +102,7 @@ def read_sources(cfg: RunConfig) -> tuple[list[_Row], list[Reject], list[SourceR
     for src in cfg.data.sources:
         path = _resolve_source_path(src)
         name = src.name or os.path.basename(path.rstrip("/")).split(".")[0]
-        report = SourceReport(path=path, name=name, schema=src.schema_, sha256=_digest_source(path))
+        report = SourceReport(path=path, name=name, schema=src.schema_, identity=source_identity(path, src.format))
         schema = None if src.schema_ == "auto" else src.schema_
         t0 = time.perf_counter()
 
@@ -111,98 +110,92 @@ def read_sources(cfg: RunConfig) -> tuple[list[_Row], list[Reject], list[SourceR
             rejects.append(Reject(raw.file, raw.row_kind, raw.row, fld, reason, raw.raw))
             report.rejected[_reason_key(reason)] += 1
 
-        try:
-            for raw in iter_rows(path, src.format, src.split):
-                if src.limit is not None and report.rows_read >= src.limit:
-                    break
-                report.rows_read += 1
-                if raw.data is None:
-                    reject(raw, raw.field, raw.error or "unreadable row")
-                    continue
+        for raw in iter_rows(path, src.format, src.split):
+            if src.limit is not None and report.rows_read >= src.limit:
+                break
+            report.rows_read += 1
+            if raw.data is None:
+                reject(raw, raw.field, raw.error or "unreadable row")
+                continue
+            if schema is None:
+                schema = detect_schema(raw.data)
                 if schema is None:
-                    schema = detect_schema(raw.data)
-                    if schema is None:
-                        reject(raw, None, "cannot tell the schema: no 'output' (Alpaca) or 'response' (Dolly) field")
-                        continue
-                    report.schema = schema
-                try:
-                    norm = normalize_row(raw.data, schema, cfg.data.max_chars)
-                except RowError as err:
-                    raw.raw = raw.raw or json.dumps(raw.data, ensure_ascii=False, default=str)[:300]
-                    reject(raw, err.field, err.reason)
+                    reject(raw, None, "cannot tell the schema: no 'output' (Alpaca) or 'response' (Dolly) field")
                     continue
-                if cfg.data.dedupe and norm.id in seen:
-                    reject(raw, None, f"duplicate row (first seen at {seen[norm.id]}), id {norm.id}")
-                    continue
-                seen[norm.id] = raw.where
-                rows.append(_Row(raw.file, raw.row_kind, norm.id, norm.instruction, norm.input, norm.output, name, raw.row))
-                report.rows_ok += 1
-        except UnreadableSourceError as err:
-            raise PrepareError(str(err)) from None
+                report.schema = schema
+            try:
+                norm = normalize_row(raw.data, schema, cfg.data.max_chars)
+            except RowError as err:
+                raw.raw = raw.raw or json.dumps(raw.data, ensure_ascii=False, default=str)[:300]
+                reject(raw, err.field, err.reason)
+                continue
+            if cfg.data.dedupe and norm.id in seen:
+                reject(raw, None, f"duplicate row (first seen at {seen[norm.id]}), id {norm.id}")
+                continue
+            seen[norm.id] = raw.where
+            rows.append(_Row(raw.file, raw.row_kind, norm.id, norm.instruction, norm.input, norm.output, name, raw.row))
+            report.rows_ok += 1
         if report.rows_read and not report.rows_ok:
             first = next((r for r in rejects if r.file == path), None)
             detail = f"; first: {first.row_kind} {first.row}: {first.reason}" if first else ""
-            raise PrepareError(f"{path}: no usable rows ({report.rows_read} read, all rejected{detail})")
+            raise InputDataError(f"{path}: no usable rows ({report.rows_read} read, all rejected{detail})")
         if report.rows_read == 0:
-            raise PrepareError(f"{path}: no rows")
+            raise InputDataError(f"{path}: no rows")
         took = time.perf_counter() - t0
-        print(
-            f"[prepare] read {path}: {report.rows_read} rows, {report.rows_ok} ok, "
-            f"{sum(report.rejected.values())} rejected ({report.schema}, {took:.1f}s)"
-        )
+        log.info("read %s: %d rows, %d ok, %d rejected (%s, %.1fs)", path, report.rows_read, report.rows_ok,
+                 sum(report.rejected.values()), report.schema, took)
         reports.append(report)
     return rows, rejects, reports
 
 
-def _fingerprint(cfg: RunConfig, reports_or_sources: list, tokenizer_src: str) -> str:
-    tok_digest = None
-    tok_file = os.path.join(tokenizer_src, "tokenizer.json")
-    if os.path.isfile(tok_file):
-        tok_digest = sha256_file(tok_file)
-    blob = json.dumps(
-        {
-            "data": cfg.data.model_dump(mode="json", by_alias=True),
-            "sources": reports_or_sources,
-            "tokenizer": tokenizer_src,
-            "tokenizer_sha256": tok_digest,
-            "version": __version__,
-        },
-        sort_keys=True,
-    )
-    return sha256_bytes(blob.encode())[:16]
 
 
-def _source_identity(cfg: RunConfig) -> list:
-    ids = []
-    for src in cfg.data.sources:
-        path = _resolve_source_path(src) if src.fallback else src.path
-        ids.append({"path": path, "sha256": _digest_source(path), "limit": src.limit})
-    return ids
+def _tokenizer_identity(cfg: RunConfig) -> str:
+    """The tiny tokenizer is trained from the data (already in the fingerprint); any other one is
+    identified by its tokenizer.json when it is a local folder, else by its name and revision."""
+    name = cfg.models.tokenizer or cfg.models.reference.name_or_path
+    if name == registry.TINY:
+        return f"tiny:vocab={cfg.models.reference.tiny.vocab_size}"
+    tok_file = os.path.join(storage.local_path(name), "tokenizer.json")
+    if not storage.is_remote(name) and os.path.isfile(tok_file):
+        return "sha256:" + sha256_file(tok_file)
+    return f"{name}@{cfg.models.reference.revision or 'default'}"
 
 
-def is_complete(cfg: RunConfig) -> bool:
-    """True when the prepared shards on disk match this config and these inputs."""
-    layout = RunLayout(cfg.output_dir)
-    if not storage.exists(layout.prepared_manifest):
-        return False
-    manifest = storage.read_json(layout.prepared_manifest)
-    try:
-        tok = registry.tokenizer_source(cfg)
-        want = _fingerprint(cfg, _source_identity(cfg), tok)
-    except Exception:
-        return False
-    if manifest.get("fingerprint") != want:
-        return False
-    return all(storage.exists(storage.join(layout.prepared, s["file"])) for s in manifest["shards"])
+def holdout_order(ids: list[str], seed: int) -> list[int]:
+    """Row positions ordered by a seeded hash of their ids: the first N form the held-out split,
+    the same rows on every run and machine, whatever order the sources list them in."""
+    keys = [hashlib.sha256(f"{seed}:{rid}".encode()).hexdigest() for rid in ids]
+    return sorted(range(len(ids)), key=keys.__getitem__)
 
 
-def run_prepare(cfg: RunConfig, force: bool = False) -> dict:
-    layout = RunLayout(cfg.output_dir)
-    if not force and is_complete(cfg):
-        manifest = storage.read_json(layout.prepared_manifest)
-        print(f"[prepare] up to date: {manifest['rows']} rows in {len(manifest['shards'])} shards at {layout.prepared}")
-        return manifest
+class PrepareStage(Stage):
+    name = "prepare"
+    help = "load, normalise, template and tokenize the data into Parquet shards"
+    manifest_type = PreparedManifest
 
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
+        sources = []
+        for src in cfg.data.sources:
+            path = _resolve_source_path(src, quiet=True)
+            sources.append({"path": path, "identity": source_identity(path, src.format), "limit": src.limit})
+        return fingerprint(data=cfg.data, sources=sources, tokenizer=registry.tokenizer_source(cfg),
+                           tokenizer_identity=_tokenizer_identity(cfg))
+
+    def outputs_complete(self, manifest: PreparedManifest, layout: RunLayout) -> bool:
+        files = manifest.shard_paths(layout) + ([manifest.holdout.path] if manifest.holdout else [])
+        return all(storage.exists(f) for f in files) and storage.exists(manifest.tokenizer)
+
+    def run(self, ctx: StageContext) -> PreparedManifest:
+        return prepare(ctx.cfg, ctx.layout)
+
+    def summary(self, m: PreparedManifest, layout: RunLayout) -> list[str]:
+        held = f", {m.holdout.rows} held out for eval" if m.holdout else ""
+        return [f"{m.rows} training rows{held}, {m.rejected} rejected ({layout.rejects}), {m.truncated} truncated, "
+                f"{m.no_response_tokens} with no response tokens"]
+
+
+def prepare(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
     t_start = time.perf_counter()
     rows, rejects, reports = read_sources(cfg)
     fmt = PromptFormatter(cfg.data.template)
@@ -218,22 +211,17 @@ def run_prepare(cfg: RunConfig, force: bool = False) -> dict:
 
     t_tok = time.perf_counter()
     kept_cols: dict[str, list] = {n: [] for n in SHARD_SCHEMA.names}
-    counts = Counter()
+    counts: Counter = Counter()
     batch = 1024
     for lo in range(0, len(rows), batch):
         chunk = rows[lo : lo + batch]
-        toks = tokenize_pairs(
-            tokenizer,
-            prompts[lo : lo + batch],
-            [fmt.response(r.output, eos) for r in chunk],
-            cfg.data.max_length,
-        )
+        toks = tokenize_pairs(tokenizer, prompts[lo : lo + batch], [fmt.response(r.output, eos) for r in chunk],
+                              cfg.data.max_length)
         for row, prompt, tk in zip(chunk, prompts[lo : lo + batch], toks):
             if tk.truncated and cfg.data.truncation == "drop":
-                rejects.append(
-                    Reject(row.file, row.row_kind, row.source_row, None,
-                           f"too long: {tk.full_length} tokens > max_length {cfg.data.max_length} (truncation: drop)")
-                )
+                rejects.append(Reject(row.file, row.row_kind, row.source_row, None,
+                                      f"too long: {tk.full_length} tokens > max_length {cfg.data.max_length} "
+                                      "(truncation: drop)"))
                 counts["dropped_too_long"] += 1
                 continue
             counts["truncated"] += tk.truncated
@@ -246,73 +234,82 @@ def run_prepare(cfg: RunConfig, force: bool = False) -> dict:
             ):
                 kept_cols[name].append(value)
     tok_seconds = time.perf_counter() - t_tok
-
-    n_rows = len(kept_cols["id"])
-    if n_rows == 0:
-        raise PrepareError("no rows left after tokenization; see the rejects file")
+    if not kept_cols["id"]:
+        raise InputDataError("no rows left after tokenization; see the rejects file")
     table = pa.Table.from_pydict(kept_cols, schema=SHARD_SCHEMA)
 
+    # the held-out split: rows with response tokens, by a seeded hash of their ids
+    holdout = None
+    n_hold = cfg.data.holdout_rows
+    if n_hold:
+        eligible = [i for i, n in enumerate(kept_cols["n_response_tokens"]) if n > 0]
+        if 2 * n_hold > len(eligible):
+            raise InputDataError(
+                f"data.holdout_rows={n_hold} would hold out at least half of the {len(eligible)} usable rows; "
+                "lower it (e.g. --set data.holdout_rows=0 for none)")
+        order = holdout_order([kept_cols["id"][i] for i in eligible], cfg.data.holdout_seed)
+        held = sorted(eligible[j] for j in order[:n_hold])
+        held_set = set(held)
+        held_table = table.take(pa.array(held, pa.int64()))
+        table = table.take(pa.array([i for i in range(table.num_rows) if i not in held_set], pa.int64()))
+        storage.write_parquet(layout.holdout, held_table)
+        holdout = HoldoutRecord(path=layout.holdout, rows=held_table.num_rows,
+                                ids_sha256=sha256_bytes("\n".join(held_table["id"].to_pylist()).encode()))
+    elif storage.exists(layout.holdout):
+        storage.remove(layout.holdout)
+
     # Replace the old shards only after the new ones are written; stale names are removed last.
+    n_rows = table.num_rows
     old = set(storage.list_files(layout.prepared, ".parquet"))
     shards = []
     for i, lo in enumerate(range(0, n_rows, cfg.data.shard_rows)):
         part = table.slice(lo, cfg.data.shard_rows)
         fname = f"shard-{i:05d}.parquet"
-        storage.write_parquet(storage.join(layout.prepared, fname), part)
-        shards.append({"file": fname, "rows": part.num_rows, "first_id": part["id"][0].as_py()})
-        old.discard(storage.join(layout.prepared, fname))
+        storage.write_parquet(layout.prepared_file(fname), part)
+        shards.append(ShardRecord(file=fname, rows=part.num_rows, first_id=part["id"][0].as_py()))
+        old.discard(layout.prepared_file(fname))
     for stale in old:
-        fs, p = storage.resolve(stale)
-        fs.delete_file(p)
+        storage.remove(stale)
 
-    storage.write_text(
-        layout.rejects, "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects)
-    )
-    reject_reasons = Counter()
+    storage.write_text(layout.rejects, "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects))
+    reject_reasons: Counter = Counter()
     for rep in reports:
         reject_reasons.update(rep.rejected)
     if counts["dropped_too_long"]:
         reject_reasons["too long (truncation: drop)"] += counts["dropped_too_long"]
     rows_read = sum(r.rows_read for r in reports)
-    manifest = {
-        "stage": "prepare",
-        "rayapp_version": __version__,
-        "fingerprint": _fingerprint(cfg, _source_identity(cfg), tok_src),
-        "config_digest": cfg.digest(),
-        "tokenizer": tok_src,
-        "vocab_size": len(tokenizer),
-        "eos_token": eos,
-        "template": cfg.data.template.model_dump(),
-        "max_length": cfg.data.max_length,
-        "truncation": cfg.data.truncation,
-        "sources": [
-            {"path": r.path, "name": r.name, "schema": r.schema, "sha256": r.sha256, "rows_read": r.rows_read,
-             "rows_ok": r.rows_ok, "rejected": dict(r.rejected)}
-            for r in reports
-        ],
-        "rows_read": rows_read,
-        "rows": n_rows,
-        "rejected": len(rejects),
-        "reject_reasons": dict(reject_reasons),
-        "truncated": counts["truncated"],
-        "no_response_tokens": counts["no_response_tokens"],
-        "tokens": int(sum(kept_cols["n_tokens"])),
-        "response_tokens": int(sum(kept_cols["n_response_tokens"])),
-        "shards": shards,
-        "ids_sha256": sha256_bytes("\n".join(kept_cols["id"]).encode()),
-        "seconds": round(time.perf_counter() - t_start, 2),
-        "tokenize_seconds": round(tok_seconds, 2),
-    }
-    assert rows_read == n_rows + len(rejects), "every input row is either kept or rejected"
-    storage.write_json(layout.prepared_manifest, manifest)
-    print(
-        f"[prepare] {n_rows} rows kept, {len(rejects)} rejected of {rows_read} read; "
-        f"{counts['truncated']} truncated to {cfg.data.max_length} tokens, "
-        f"{counts['no_response_tokens']} with no response tokens left; "
-        f"{manifest['tokens']} tokens in {len(shards)} shards ({manifest['seconds']:.1f}s)"
+    kept = n_rows + (holdout.rows if holdout else 0)
+    if rows_read != kept + len(rejects):
+        raise AssertionError(f"{rows_read} rows read but {kept} kept and {len(rejects)} rejected")
+    manifest = PreparedManifest(
+        tokenizer=tok_src,
+        vocab_size=len(tokenizer),
+        eos_token=eos,
+        template=cfg.data.template.model_dump(),
+        max_length=cfg.data.max_length,
+        truncation=cfg.data.truncation,
+        sources=[SourceRecord(path=r.path, name=r.name, schema=r.schema, identity=r.identity, rows_read=r.rows_read,
+                              rows_ok=r.rows_ok, rejected=dict(r.rejected)) for r in reports],
+        rows_read=rows_read,
+        rows=n_rows,
+        rejected=len(rejects),
+        reject_reasons=dict(reject_reasons),
+        truncated=counts["truncated"],
+        no_response_tokens=counts["no_response_tokens"],
+        tokens=int(pa.compute.sum(table["n_tokens"]).as_py() or 0),
+        response_tokens=int(pa.compute.sum(table["n_response_tokens"]).as_py() or 0),
+        shards=shards,
+        holdout=holdout,
+        ids_sha256=sha256_bytes("\n".join(table["id"].to_pylist()).encode()),
+        tokenize_seconds=round(tok_seconds, 2),
+        seconds=round(time.perf_counter() - t_start, 2),
     )
+    held = f", {holdout.rows} held out" if holdout else ""
+    log.info("%d rows kept%s, %d rejected of %d read; %d truncated to %d tokens, %d with no response tokens left; "
+             "%d tokens in %d shards", n_rows, held, len(rejects), rows_read, counts["truncated"], cfg.data.max_length,
+             counts["no_response_tokens"], manifest.tokens, len(shards))
     if rejects:
-        print(f"[prepare] rejects with reasons: {layout.rejects}")
+        log.info("rejects with reasons: %s", layout.rejects)
         for reason, n in reject_reasons.most_common(8):
-            print(f"[prepare]   {n:6d}  {reason}")
+            log.info("  %6d  %s", n, reason)
     return manifest

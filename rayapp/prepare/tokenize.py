@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IGNORE_INDEX = -100
+from rayapp.common.labels import IGNORE_INDEX
 
 
 @dataclass

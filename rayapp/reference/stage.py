@@ -2,55 +2,60 @@
 
 from __future__ import annotations
 
-
 from rayapp.common import storage
-from rayapp.common.hashing import sha256_bytes
+from rayapp.common.artifacts import artifact_uid, export_complete
+from rayapp.common.hashing import fingerprint
 from rayapp.common.layout import RunLayout
+from rayapp.common.manifests import CheckpointRecord, ReferenceManifest, read_prepared
 from rayapp.common.raycluster import init_ray
+from rayapp.common.stages import Stage, StageContext
 from rayapp.config import RunConfig
 from rayapp.models import registry
-from rayapp.common.manifests import read_prepared_manifest
-from rayapp.train import checkpoints as ck
-from rayapp.train.runner import run_training
+from rayapp.train.runner import TrainJob, run_training
+
+TRAINING_STATE = ("checkpoints", "exports", "stats", "ray_train")
 
 
-def _fingerprint(cfg: RunConfig, prepared: dict, init_model: str) -> str:
-    blob = f"{prepared['fingerprint']}|{init_model}|{cfg.reference.model_dump_json()}"
-    return sha256_bytes(blob.encode())[:16]
+class ReferenceStage(Stage):
+    name = "reference"
+    help = "fine-tune the small reference model, checkpoint every epoch"
+    manifest_type = ReferenceManifest
+    reset_on_force = TRAINING_STATE
+    reset_on_change = TRAINING_STATE  # never resume from checkpoints of other inputs
 
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
+        prepared = read_prepared(layout)
+        init_model = registry.model_source(cfg, "reference")
+        return fingerprint(prepared=prepared.fingerprint, init_model=artifact_uid(init_model), train=cfg.reference)
 
-def run_reference(cfg: RunConfig, force: bool = False) -> dict:
-    layout = RunLayout(cfg.output_dir)
-    prepared = read_prepared_manifest(layout)
-    init_model = registry.model_source(cfg, "reference")
-    fp = _fingerprint(cfg, prepared, init_model)
-    manifest_uri = storage.join(layout.reference, "manifest.json")
-    work = storage.local_path(layout.reference)
-    if not force and storage.exists(manifest_uri) and storage.read_json(manifest_uri).get("fingerprint") == fp:
-        print(f"[reference] up to date: {cfg.reference.epochs} epochs at {work}/exports")
-        return storage.read_json(manifest_uri)
-    ck.claim_work_dir(work, fp, force)
+    def outputs_complete(self, m: ReferenceManifest, layout: RunLayout) -> bool:
+        return all(artifact_uid(c.path) == c.uid for c in m.checkpoints[1:])
 
-    init_ray(cfg)
-    files = [storage.join(layout.prepared, s["file"]) for s in prepared["shards"]]
-    metrics = run_training(
-        "reference", cfg.reference, files, prepared["rows"], init_model, prepared["tokenizer"], work,
-        export_every_epoch=True, trust_remote_code=cfg.models.reference.trust_remote_code,
-    )
-    exports = [storage.join(work, "exports", f"epoch-{e}") for e in range(1, cfg.reference.epochs + 1)]
-    missing = [p for p in exports if not ck.export_complete(p)]
-    if missing:
-        raise RuntimeError(f"[reference] training ended without exports {missing}")
-    manifest = {
-        "stage": "reference",
-        "fingerprint": fp,
-        "prepared_fingerprint": prepared["fingerprint"],
-        "init_model": init_model,
-        "epochs": cfg.reference.epochs,
-        "checkpoints": [{"name": "epoch-0", "path": init_model}]
-        + [{"name": f"epoch-{e}", "path": p} for e, p in enumerate(exports, start=1)],
-        "final_metrics": metrics,
-    }
-    storage.write_json(manifest_uri, manifest)
-    print(f"[reference] {cfg.reference.epochs} epochs done; checkpoints epoch-0..{cfg.reference.epochs} in {work}")
-    return manifest
+    def run(self, ctx: StageContext) -> ReferenceManifest:
+        cfg, layout = ctx.cfg, ctx.layout
+        prepared = read_prepared(layout)
+        init_model = registry.model_source(cfg, "reference")
+        work = storage.local_path(layout.reference)
+        init_ray(cfg)
+        job = TrainJob(label="reference", init_model=init_model, tokenizer=prepared.tokenizer,
+                       train_files=prepared.shard_paths(layout), total_rows=prepared.rows, work_dir=work,
+                       export_every_epoch=True, eval_file=prepared.holdout.path if prepared.holdout else None,
+                       trust_remote_code=cfg.models.reference.trust_remote_code)
+        [metrics] = run_training("reference", cfg.reference, [job])
+        exports = [storage.join(work, "exports", f"epoch-{e}") for e in range(1, cfg.reference.epochs + 1)]
+        missing = [p for p in exports if not export_complete(p)]
+        if missing:
+            raise RuntimeError(f"reference: training ended without the exports {missing}")
+        paths = [init_model, *exports]
+        return ReferenceManifest(
+            prepared_fingerprint=prepared.fingerprint, init_model=init_model, epochs=cfg.reference.epochs,
+            checkpoints=[CheckpointRecord(name=f"epoch-{e}", path=p, uid=artifact_uid(p)) for e, p in enumerate(paths)],
+            metrics=metrics,
+        )
+
+    def summary(self, m: ReferenceManifest, layout: RunLayout) -> list[str]:
+        loss = m.metrics.get("last_loss")
+        ev = m.metrics.get("eval_loss")
+        return [f"{m.epochs} epochs, checkpoints epoch-0..{m.epochs}"
+                + (f", final train loss {loss:.3f}" if isinstance(loss, float) else "")
+                + (f", held-out loss {ev:.3f}" if isinstance(ev, float) else "")]

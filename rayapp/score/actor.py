@@ -2,42 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict
 
 import numpy as np
 
+from rayapp.common.labels import IGNORE_INDEX
+from rayapp.models.losses import batch_losses, pad_batch, response_only_sequence
 from rayapp.score.batching import token_budget_batches
-from rayapp.score.losses import IGNORE_INDEX, batch_losses, pad_batch, response_only_sequence
-
-# Test hook for fault injection, "<mode>:<n>[:<marker file>]": in the middle of its (n+1)-th batch
-# (after the prompted losses, before the response-only ones) an actor
-#   raise  raises an error (every actor, every time: the run fails),
-#   kill   SIGKILLs its own process, once (the marker file, created exclusively, records it),
-#   hang   writes {pid, node_id} to the marker and sleeps, once, so a test can kill its node.
-FAULT_ENV = "RAYAPP_TEST_SCORE_FAULT"
-
-
-def parse_fault(spec: str | None) -> tuple[str, int, str | None] | None:
-    if not spec:
-        return None
-    mode, _, rest = spec.partition(":")
-    n, _, marker = rest.partition(":")
-    if mode not in ("raise", "kill", "hang") or not n.isdigit() or (mode != "raise" and not marker):
-        raise ValueError(f"{FAULT_ENV}={spec!r}: expected raise:<n>, kill:<n>:<marker> or hang:<n>:<marker>")
-    return mode, int(n), marker or None
-
-
-def _claim_once(marker: str, payload: str) -> bool:
-    """True for the one process that creates ``marker`` (restarted actors find it and go on)."""
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(payload)
-    return True
+from rayapp.testing.faults import score_fault_hook
 
 
 class LossScorer:
@@ -78,7 +51,7 @@ class LossScorer:
         self.trust_remote_code = trust_remote_code
         self.models: OrderedDict[str, object] = OrderedDict()
         self.batches_done = 0
-        self.fault = parse_fault(os.environ.get(FAULT_ENV))
+        self.fault = score_fault_hook()  # tests only: None unless RAYAPP_TEST_SCORE_FAULT is set
 
     def _model(self, name: str):
         if name in self.models:
@@ -107,25 +80,6 @@ class LossScorer:
                 loss_sum[i], n_tok[i], pad[i] = s[j], c[j], width - lengths[i]
         return loss_sum, n_tok, pad, np.asarray(lengths)
 
-    def _inject_fault(self) -> None:
-        mode, after, marker = self.fault
-        if self.batches_done < after:
-            return
-        if mode == "raise":
-            raise RuntimeError(f"injected scoring fault after {self.batches_done} batches ({FAULT_ENV})")
-        import json
-        import signal
-
-        import ray
-
-        info = json.dumps({"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()})
-        if not _claim_once(marker, info):
-            return
-        if mode == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(600)  # hang: the test kills this actor's node meanwhile
-        raise RuntimeError(f"{FAULT_ENV}: hung for 600 s and nobody killed the node")
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         names = batch["checkpoint"]
@@ -141,9 +95,11 @@ class LossScorer:
             "real_tokens": np.zeros(n, dtype=np.int64),
             "pad_tokens": np.zeros(n, dtype=np.int64),
         }
-        for name in np.unique(names):
-            rows = np.nonzero(names == name)[0]
-            model = self._model(str(name))
+        units = np.char.add(np.asarray(names, dtype=str), np.char.add("\x1f", np.asarray(batch["path"], dtype=str)))
+        for unit in np.unique(units):  # one (checkpoint, shard) unit per call, but never mix two in a batch
+            rows = np.nonzero(units == unit)[0]
+            name = str(names[rows[0]])
+            model = self._model(name)
             ids = [batch["input_ids"][i] for i in rows]
             labs = [batch["labels"][i] for i in rows]
             if "prompted" in self.modes:
@@ -152,7 +108,7 @@ class LossScorer:
                 out["pad_tokens"][rows] += pad
                 out["real_tokens"][rows] += lens
             if self.fault:
-                self._inject_fault()  # mid-block: some of this batch is scored, none of it returned
+                self.fault(self.batches_done)  # mid-block: some of this batch is scored, none of it returned
             if "response_only" in self.modes:
                 pairs = [response_only_sequence(i, l, self.bos_id) for i, l in zip(ids, labs)]
                 s, c, pad, lens = self._score(model, [p[0] for p in pairs], [p[1] for p in pairs])

@@ -12,14 +12,18 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayapp.common import storage
+from rayapp.common.log import get_logger
+from rayapp.common.manifests import CheckpointRecord, PreparedManifest
+from rayapp.common.progress import ProgressLine
 from rayapp.config import ScoreConfig
+
+log = get_logger(__name__)
 
 SCORE_SCHEMA = pa.schema(
     [
@@ -34,22 +38,7 @@ SCORE_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    name: str  # e.g. "epoch-0"
-    path: str  # anything from_pretrained accepts
-    uid: str  # changes whenever the weights do
-
-
-def checkpoint_uid(path: str) -> str:
-    """The id written beside the weights when rayapp saved them; else the path itself."""
-    marker = os.path.join(path, "rayapp_checkpoint.json")
-    if os.path.exists(marker):
-        return storage.read_json(marker)["uid"]
-    return path
-
-
-def _meta(fingerprint: str, ck: Checkpoint, modes: list[str], rows: int) -> dict[bytes, bytes]:
+def _meta(fingerprint: str, ck: CheckpointRecord, modes: list[str], rows: int) -> dict[bytes, bytes]:
     return {
         b"rayapp.prepared_fingerprint": fingerprint.encode(),
         b"rayapp.checkpoint_uid": ck.uid.encode(),
@@ -87,7 +76,7 @@ def _commit(uri: str, parts: list[pa.Table], meta: dict[bytes, bytes], expected_
     if len(pos) != len(got) or set(pos) != set(expected_ids):
         dup = len(got) - len(pos)
         miss = len(set(expected_ids) - set(pos))
-        raise RuntimeError(f"[score] {uri}: ids do not match the prepared shard ({dup} repeated, {miss} missing)")
+        raise RuntimeError(f"{uri}: ids do not match the prepared shard ({dup} repeated, {miss} missing)")
     t = t.take(pa.array([pos[rid] for rid in expected_ids]))
     loss = np.asarray(t["loss_sum"], dtype=np.float64)
     n = np.asarray(t["n_tokens"], dtype=np.int64)
@@ -111,8 +100,8 @@ def _commit(uri: str, parts: list[pa.Table], meta: dict[bytes, bytes], expected_
 
 def score_checkpoints(
     prepared_dir: str,
-    prepared_manifest: dict,
-    checkpoints: list[Checkpoint],
+    prepared_manifest: PreparedManifest,
+    checkpoints: list[CheckpointRecord],
     out_dir: str,
     score_cfg: ScoreConfig,
     bos_id: int,
@@ -123,8 +112,8 @@ def score_checkpoints(
     import ray
     import ray.data
 
-    fingerprint = prepared_manifest["fingerprint"]
-    shards = {s["file"]: s["rows"] for s in prepared_manifest["shards"]}
+    fingerprint = prepared_manifest.fingerprint
+    shards = {s.file: s.rows for s in prepared_manifest.shards}
     modes = list(score_cfg.modes)
     pending: dict[str, list[str]] = {}
     for ck in checkpoints:
@@ -137,20 +126,28 @@ def score_checkpoints(
     stats = {"work_units": n_total, "skipped_units": n_total - n_todo, "rows": 0, "tokens": 0,
              "real_tokens": 0, "pad_tokens": 0, "seconds": 0.0}
     if not pending:
-        print(f"[score] up to date: {n_total} (checkpoint, shard) units already committed in {out_dir}")
+        log.info("all %d (checkpoint, shard) units already committed in %s", n_total, out_dir)
         return stats
-    print(f"[score] {n_todo} of {n_total} (checkpoint, shard) units to score; {stats['skipped_units']} already committed")
+    log.info("%d of %d (checkpoint, shard) units to score; %d already committed", n_todo, n_total,
+             stats["skipped_units"])
 
     by_name = {ck.name: ck for ck in checkpoints}
     res = score_cfg.resources
-    # One block per (checkpoint, shard) work unit: a Ray task reads the shard's rows, so each actor
-    # task holds exactly one unit and its scores reach the driver (and are committed) when it ends.
+    # One block per work unit: ``rows_per_task`` consecutive rows of one prepared shard for one
+    # checkpoint, read by a Ray task. Each actor call gets exactly one unit (batch_size=None: no
+    # re-bundling of blocks in arrival order), so every row is scored in the same batch, with the
+    # same padding, on every run: the scores, and the selections made from them, are
+    # deterministic. A shard's scores reach the driver, and are committed, as its units finish.
     # (read_parquet over many small files packs them into one task, which would delay every commit
     # to the end of the run.)
-    units = [{"path": storage.join(prepared_dir, f), "checkpoint": name} for name, files in pending.items() for f in files]
+    step = score_cfg.rows_per_task
+    units = [{"path": storage.join(prepared_dir, f), "checkpoint": name, "lo": lo, "hi": min(lo + step, shards[f])}
+             for name, files in pending.items() for f in files for lo in range(0, shards[f], step)]
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     # num_cpus=0: reading one shard is light I/O, and must never wait for CPUs the scoring actors hold
-    ds = ds.map_batches(_read_unit, batch_size=1, batch_format="pyarrow", num_cpus=0)
+    # A few readers, not one process per unit: every new worker process pays its imports.
+    ds = ds.map_batches(_read_unit, batch_size=1, batch_format="pyarrow", num_cpus=0,
+                        concurrency=max(2, res.max_actors))
     from rayapp.score.actor import LossScorer
 
     ds = ds.map_batches(
@@ -166,7 +163,7 @@ def score_checkpoints(
             num_threads=max(1, int(res.num_cpus)),
             trust_remote_code=trust_remote_code,
         ),
-        batch_size=score_cfg.rows_per_task,
+        batch_size=None,  # one unit per call (see above)
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
         num_cpus=res.num_cpus,
@@ -178,6 +175,8 @@ def score_checkpoints(
     buffers: dict[tuple[str, str], list[pa.Table]] = defaultdict(list)
     counts: dict[tuple[str, str], int] = defaultdict(int)
     committed = 0
+    rows_todo = sum(shards[f] for files in pending.values() for f in files)
+    line = ProgressLine("score", unit="row-scores")
     t0 = time.perf_counter()
     t_first = None
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -197,7 +196,7 @@ def score_checkpoints(
             counts[key] += part.num_rows
             name, shard = key
             if counts[key] > shards[shard]:
-                raise RuntimeError(f"[score] {name}/{shard}: got {counts[key]} rows, expected {shards[shard]}")
+                raise RuntimeError(f"{name}/{shard}: got {counts[key]} rows, expected {shards[shard]}")
             if counts[key] == shards[shard]:
                 ck = by_name[name]
                 ids = storage.read_parquet(storage.join(prepared_dir, shard), ["id"])["id"].to_pylist()
@@ -205,10 +204,13 @@ def score_checkpoints(
                                _meta(fingerprint, ck, modes, shards[shard]), ids)
                 stats["rows"] += rows
                 committed += 1
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                line.update(stats["rows"], rows_todo, f"{stats['real_tokens'] / elapsed:,.0f} tokens/s")
+    line.close()
     stats["seconds"] = time.perf_counter() - t0
     missing = [k for k in buffers]
     if committed != n_todo or missing:
-        raise RuntimeError(f"[score] incomplete: committed {committed} of {n_todo} units; partial: {missing}")
+        raise RuntimeError(f"incomplete: committed {committed} of {n_todo} units; partial: {missing}")
     wall = max(stats["seconds"], 1e-9)
     padded = stats["real_tokens"] + stats["pad_tokens"]
     stats["rows_per_s"] = stats["rows"] / wall
@@ -218,19 +220,17 @@ def score_checkpoints(
     steady = time.perf_counter() - t_first if t_first else 0.0
     stats["steady_tokens_per_s"] = (stats["real_tokens"] - first_tokens) / steady if steady > 0 else 0.0
     stats["first_result_s"] = (t_first - t0) if t_first else 0.0
-    print(
-        f"[score] {stats['rows']} row-scores ({len(pending)} checkpoints) in {wall:.1f}s: "
-        f"{stats['rows_per_s']:.1f} rows/s, {stats['tokens_per_s']:.0f} tokens/s, "
-        f"padding {100 * stats['padding_fraction']:.1f}%"
-    )
+    log.info("%d row-scores (%d checkpoints) in %.1fs: %.1f rows/s, %.0f tokens/s, padding %.1f%%", stats["rows"],
+             len(pending), wall, stats["rows_per_s"], stats["tokens_per_s"], 100 * stats["padding_fraction"])
     return stats
 
 
 def _read_unit(unit: pa.Table) -> pa.Table:
-    """One work unit -> the shard's rows, tagged with the checkpoint and the shard path."""
+    """One work unit -> its rows of the shard, tagged with the checkpoint and the shard path."""
     path = unit["path"][0].as_py()
     name = unit["checkpoint"][0].as_py()
-    t = storage.read_parquet(path, ["id", "input_ids", "labels"])
+    lo, hi = unit["lo"][0].as_py(), unit["hi"][0].as_py()
+    t = storage.read_parquet(path, ["id", "input_ids", "labels"]).slice(lo, hi - lo)
     n = t.num_rows
     t = t.append_column("path", pa.array([path] * n, pa.string()))
     return t.append_column("checkpoint", pa.array([name] * n, pa.string()))

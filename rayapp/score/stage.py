@@ -3,31 +3,24 @@
 from __future__ import annotations
 
 from rayapp.common import storage
+from rayapp.common.hashing import fingerprint
 from rayapp.common.layout import RunLayout
+from rayapp.common.log import get_logger
 from rayapp.common.manifests import (
-    MissingInputError,
+    ScoresManifest,
     file_digest,
-    read_prepared_manifest,
+    read_prepared,
+    reference_checkpoints,
     require_match,
-    require_same_prepared,
 )
 from rayapp.common.raycluster import init_ray
+from rayapp.common.stages import Stage, StageContext
 from rayapp.config import RunConfig
 from rayapp.models.loading import load_tokenizer
-from rayapp.score.engine import Checkpoint, checkpoint_uid, score_checkpoints
+from rayapp.score.engine import score_checkpoints
 from rayapp.score.trajectories import build_trajectories
 
-
-def reference_checkpoints(layout: RunLayout, prepared: dict | None = None) -> list[Checkpoint]:
-    """The reference run's checkpoints, refused if they were trained on other prepared data."""
-    manifest_uri = storage.join(layout.reference, "manifest.json")
-    if not storage.exists(manifest_uri):
-        raise MissingInputError(f"no reference checkpoints at {layout.reference}: run `rayapp reference` first")
-    manifest = storage.read_json(manifest_uri)
-    if prepared is not None:
-        require_same_prepared(f"reference checkpoints in {layout.reference}", manifest.get("prepared_fingerprint"),
-                              prepared, "re-run `rayapp reference` on this data")
-    return [Checkpoint(c["name"], c["path"], checkpoint_uid(c["path"])) for c in manifest["checkpoints"]]
+log = get_logger(__name__)
 
 
 def special_ids(tokenizer) -> tuple[int, int]:
@@ -36,34 +29,46 @@ def special_ids(tokenizer) -> tuple[int, int]:
     return int(bos), int(pad)
 
 
-def run_score(cfg: RunConfig, force: bool = False, checkpoints: list[Checkpoint] | None = None) -> dict:
-    layout = RunLayout(cfg.output_dir)
-    manifest = read_prepared_manifest(layout)
-    checkpoints = checkpoints or reference_checkpoints(layout, manifest)
-    tokenizer = load_tokenizer(manifest["tokenizer"])
-    bos, pad = special_ids(tokenizer)
-    out_dir = layout.scores("reference")
-    if force and storage.exists(out_dir):
-        fs, p = storage.resolve(out_dir)
-        fs.delete_dir_contents(p)
-    init_ray(cfg)
-    stats = score_checkpoints(
-        layout.prepared, manifest, checkpoints, out_dir, cfg.score, bos, pad,
-        trust_remote_code=cfg.models.reference.trust_remote_code,
-    )
-    traj = build_trajectories(out_dir, [c.name for c in checkpoints])
-    require_match("trajectory rows", layout.trajectories, traj.num_rows, manifest["rows"],
-                  "the scores do not cover the prepared data: re-run `rayapp score --force`")
-    storage.write_parquet(layout.trajectories, traj)
-    storage.write_json(storage.join(out_dir, "manifest.json"), {
-        "stage": "score",
-        "prepared_fingerprint": manifest["fingerprint"],
-        "checkpoints": [c.__dict__ for c in checkpoints],
-        "modes": list(cfg.score.modes),
-        "rows": traj.num_rows,
-        "trajectories": layout.trajectories,
-        "trajectories_sha256": file_digest(layout.trajectories),
-        "last_run": stats,
-    })
-    print(f"[score] trajectories for {traj.num_rows} rows x {len(checkpoints)} checkpoints: {layout.trajectories}")
-    return stats
+class ScoreStage(Stage):
+    name = "score"
+    help = "per-sample response losses for every checkpoint (Ray Data actor pool)"
+    manifest_type = ScoresManifest
+    # committed (checkpoint, shard) units resume a cut-off run; --force scores everything again
+    reset_on_force = ("reference", "trajectories.parquet")
+
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
+        prepared = read_prepared(layout)
+        # what the scores depend on; batch sizes and resources do not change them
+        return fingerprint(prepared=prepared.fingerprint, checkpoints=[c.uid for c in reference_checkpoints(layout, prepared)],
+                           modes=sorted(cfg.score.modes), dtype=cfg.score.dtype)
+
+    def outputs_complete(self, m: ScoresManifest, layout: RunLayout) -> bool:
+        return storage.exists(m.trajectories) and file_digest(m.trajectories) == m.trajectories_sha256
+
+    def run(self, ctx: StageContext) -> ScoresManifest:
+        cfg, layout = ctx.cfg, ctx.layout
+        prepared = read_prepared(layout)
+        checkpoints = reference_checkpoints(layout, prepared)
+        bos, pad = special_ids(load_tokenizer(prepared.tokenizer))
+        out_dir = layout.scores("reference")
+        init_ray(cfg)
+        stats = score_checkpoints(layout.prepared, prepared, checkpoints, out_dir, cfg.score, bos, pad,
+                                  trust_remote_code=cfg.models.reference.trust_remote_code)
+        traj = build_trajectories(out_dir, [c.name for c in checkpoints])
+        require_match("trajectory rows", layout.trajectories, traj.num_rows, prepared.rows,
+                      "the scores do not cover the prepared data: re-run `rayapp score --force`")
+        storage.write_parquet(layout.trajectories, traj)
+        log.info("trajectories for %d rows x %d checkpoints: %s", traj.num_rows, len(checkpoints), layout.trajectories)
+        return ScoresManifest(
+            prepared_fingerprint=prepared.fingerprint, checkpoints=checkpoints, modes=list(cfg.score.modes),
+            rows=traj.num_rows, trajectories=layout.trajectories,
+            trajectories_sha256=file_digest(layout.trajectories),
+            stats={k: v for k, v in stats.items() if isinstance(v, (int, float))},
+        )
+
+    def summary(self, m: ScoresManifest, layout: RunLayout) -> list[str]:
+        s = m.stats
+        if s.get("rows"):
+            return [f"{s['rows']} row-scores, {s['tokens_per_s']:.0f} tokens/s, padding "
+                    f"{100 * s['padding_fraction']:.1f}% -> {m.trajectories}"]
+        return [f"{m.rows} rows x {len(m.checkpoints)} checkpoints -> {m.trajectories}"]

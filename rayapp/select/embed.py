@@ -30,6 +30,10 @@ class Embedder:
 
     def __init__(self, model_path: str, batch_size: int = 64, num_threads: int = 1, max_tokens: int = 256):
         import torch
+
+        from rayapp.models.loading import lean_transformers
+
+        lean_transformers()
         from sentence_transformers import SentenceTransformer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,17 +50,28 @@ class Embedder:
         return {"id": batch["id"], "embedding": vecs.astype(np.float32)}
 
 
+def _read_texts(item: pa.Table) -> pa.Table:
+    from rayapp.common import storage
+
+    return storage.read_parquet(item["path"][0].as_py(), ["id", "instruction", "input", "output"])
+
+
 def embed_prepared(files: list[str], model_name: str, batch_size: int, num_cpus: float, max_actors: int,
                    num_gpus: float = 0, max_tokens: int = 256,
                    resources: dict[str, float] | None = None) -> tuple[list[str], np.ndarray]:
     import ray.data
 
-    ds = ray.data.read_parquet(files).select_columns(["id", "instruction", "input", "output"])
+    # One block per prepared shard, and one actor call per block (batch_size=None): every row is
+    # encoded in the same batch on every run (Ray Data would otherwise re-bundle blocks in arrival
+    # order), so the embeddings, and the k-means clusters made from them, are deterministic.
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(_read_texts, batch_size=1, batch_format="pyarrow", num_cpus=0,
+                        concurrency=max(2, max_actors))  # a few readers, not one new process per shard
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"model_path": resolve_embedding_model(model_name), "batch_size": batch_size,
                                "num_threads": max(1, int(num_cpus)), "max_tokens": max_tokens},
-        batch_size=max(batch_size * 4, 256),
+        batch_size=None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
         num_cpus=num_cpus,

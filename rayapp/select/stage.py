@@ -3,7 +3,6 @@ the selected shard with the original rows and ids, selection.json provenance, an
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -11,23 +10,34 @@ import pyarrow.compute as pc
 
 from rayapp import __version__
 from rayapp.common import storage
-from rayapp.common.hashing import sha256_bytes
+from rayapp.common.errors import RayappError
+from rayapp.common.hashing import fingerprint, short_digest
 from rayapp.common.layout import RunLayout
+from rayapp.common.log import get_logger
 from rayapp.common.manifests import (
-    MissingInputError,
+    PreparedManifest,
+    ScoresManifest,
+    SelectionManifest,
+    SelectionRecord,
     file_digest,
-    read_prepared_manifest,
+    read_prepared,
+    reference_checkpoints,
+    require_manifest,
     require_match,
     require_same_prepared,
 )
+from rayapp.common.stages import Stage, StageContext
 from rayapp.config import RunConfig, SelectConfig
-from rayapp.select.report import write_report
+from rayapp.select.clusters import clusters_for, start_ahead
 from rayapp.select.metrics import learning_percentage, learning_percentage_approx, no_response_rows
+from rayapp.select.report import write_report
 from rayapp.select.strategies import Trajectories, n_chunks, select
 
+log = get_logger(__name__)
 
-class SelectError(RuntimeError):
-    pass
+
+class SelectError(RayappError):
+    """Selection cannot run on these inputs (missing columns, text needed but absent)."""
 
 
 def selection_tag(method: str, chunk: str, budget: float) -> str:
@@ -51,13 +61,7 @@ def load_external_trajectories(path: str, prefix: str) -> tuple[Trajectories, st
     P = np.stack([np.asarray(t[c], dtype=np.float64) for c in cols], axis=1)
     ids = np.asarray([str(x) for x in t[id_col].to_pylist()])
     n_tok = np.asarray(t[f"{prefix}n_tokens"]) if f"{prefix}n_tokens" in t.column_names else None
-    return Trajectories(ids=ids, P=P, n_tokens=n_tok), sha256_bytes(storage.read_bytes(path))[:16]
-
-
-def load_run_trajectories(layout: RunLayout) -> Trajectories:
-    if not storage.exists(layout.trajectories):
-        raise SelectError(f"no trajectories at {layout.trajectories}: run `rayapp score` first")
-    return trajectories_from_table(storage.read_parquet(layout.trajectories))
+    return Trajectories(ids=ids, P=P, n_tokens=n_tok), file_digest(path)
 
 
 def trajectories_from_table(t: pa.Table) -> Trajectories:
@@ -72,56 +76,27 @@ def trajectories_from_table(t: pa.Table) -> Trajectories:
                         response_length=n_tok)
 
 
-def check_scores(layout: RunLayout, prepared: dict) -> dict:
+def check_scores(layout: RunLayout, prepared: PreparedManifest) -> ScoresManifest:
     """The score manifest, once the trajectories are shown to be this run's: same prepared data,
     the file the score stage wrote (hash), every prepared row, and the current reference checkpoints."""
-    from rayapp.score.stage import reference_checkpoints
-
-    uri = storage.join(layout.scores("reference"), "manifest.json")
-    if not storage.exists(uri) or not storage.exists(layout.trajectories):
-        raise MissingInputError(f"no scores at {layout.scores('reference')}: run `rayapp score` first")
-    sm = storage.read_json(uri)
-    where = f"scores in {layout.scores('reference')}"
-    require_same_prepared(where, sm.get("prepared_fingerprint"), prepared, "re-run `rayapp score`")
-    require_match("rows", where, sm.get("rows"), prepared["rows"], "re-run `rayapp score`")
-    require_match("content hashes", layout.trajectories, file_digest(layout.trajectories), sm.get("trajectories_sha256"),
-                  "the file changed after the score stage wrote it: re-run `rayapp score`")
-    if storage.exists(storage.join(layout.reference, "manifest.json")):
+    sm: ScoresManifest = require_manifest(layout, "score")  # type: ignore[assignment]
+    where = f"scores in {layout.scores_root}"
+    require_same_prepared(where, sm.prepared_fingerprint, prepared, "re-run `rayapp score`")
+    require_match("rows", where, sm.rows, prepared.rows, "re-run `rayapp score`")
+    require_match("content hashes", layout.trajectories,
+                  file_digest(layout.trajectories) if storage.exists(layout.trajectories) else None,
+                  sm.trajectories_sha256, "the file changed after the score stage wrote it: re-run `rayapp score`")
+    if storage.exists(layout.manifest("reference")):
         current = [c.uid for c in reference_checkpoints(layout, prepared)]
-        require_match("reference checkpoints", where, [c.get("uid") for c in sm["checkpoints"]], current,
+        require_match("reference checkpoints", where, [c.uid for c in sm.checkpoints], current,
                       "the reference model was trained again after scoring: re-run `rayapp score`")
     return sm
 
 
-def _clusters(cfg: RunConfig, layout: RunLayout, prepared: dict, ids: np.ndarray) -> np.ndarray:
-    """k-means cluster per row (cached beside the embeddings, keyed by inputs and settings)."""
-    from rayapp.common.raycluster import init_ray
-    from rayapp.select.embed import embed_prepared, embeddings_table, kmeans
-
-    sc = cfg.select
-    key = f"{prepared['fingerprint']}|{sc.embedding_model}|{sc.embed_max_tokens}|{sc.n_clusters}|{sc.seed}"
-    if storage.exists(layout.embeddings):
-        t = storage.read_parquet(layout.embeddings)
-        if (t.schema.metadata or {}).get(b"rayapp.key") == key.encode():
-            by_id = dict(zip(t["id"].to_pylist(), np.asarray(t["cluster"])))
-            print(f"[select] reusing embeddings and {sc.n_clusters} clusters from {layout.embeddings}")
-            return np.asarray([by_id[i] for i in ids])
-    init_ray(cfg)
-    files = [storage.join(layout.prepared, s["file"]) for s in prepared["shards"]]
-    t0 = time.perf_counter()
-    res = cfg.score.resources
-    from rayapp.common.raycluster import pool_size_leaving_a_cpu
-
-    actors = pool_size_leaving_a_cpu(cfg, res.num_cpus, res.max_actors)
-    emb_ids, vecs = embed_prepared(files, sc.embedding_model, sc.embed_batch_size, res.num_cpus, actors,
-                                   res.num_gpus, sc.embed_max_tokens, res.resources)
-    t1 = time.perf_counter()
-    labels = kmeans(vecs, sc.n_clusters, sc.seed)
-    print(f"[select] embedded {len(emb_ids)} rows in {t1 - t0:.1f}s; k-means ({min(sc.n_clusters, len(vecs))} "
-          f"clusters) in {time.perf_counter() - t1:.1f}s")
-    table = embeddings_table(emb_ids, vecs, labels).replace_schema_metadata({b"rayapp.key": key.encode()})
-    storage.write_parquet(layout.embeddings, table)
-    by_id = dict(zip(emb_ids, labels))
+def _clusters(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, ids: np.ndarray,
+              force: bool) -> np.ndarray:
+    """k-means cluster per trajectory row."""
+    by_id = clusters_for(cfg, layout, prepared, force)
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise SelectError(f"{len(missing)} trajectory ids are not in the prepared data (e.g. {missing[0]})")
@@ -136,22 +111,55 @@ def _metrics_columns(t: Trajectories, sc: SelectConfig) -> dict[str, np.ndarray]
     return cols
 
 
-def run_select(cfg: RunConfig, force: bool = False) -> dict:
+class SelectStage(Stage):
+    name = "select"
+    help = "learning-percentage ranking and baselines -> selected shard + report"
+    manifest_type = SelectionManifest
+    reset_on_force = ("embeddings.parquet",)  # the cached sentence embeddings and clusters
+
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
+        sc = cfg.select
+        if sc.trajectories is not None:
+            if not storage.exists(sc.trajectories):
+                raise SelectError(f"select.trajectories: file not found: {sc.trajectories}")
+            return fingerprint(trajectories=file_digest(sc.trajectories), select=sc)
+        prepared = read_prepared(layout)
+        sm = check_scores(layout, prepared)
+        return fingerprint(prepared=prepared.fingerprint, scores=sm.fingerprint, trajectories=sm.trajectories_sha256,
+                           select=sc)
+
+    def outputs_complete(self, m: SelectionManifest, layout: RunLayout) -> bool:
+        return all(storage.exists(e.path) and file_digest(e.path) == e.sha256 for e in m.selections.values())
+
+    def start_ahead(self, cfg: RunConfig, layout: RunLayout) -> None:
+        """The clusters need only the prepared data: start them while earlier stages run."""
+        sc = cfg.select
+        if sc.trajectories is None and (sc.stratified or "clust_rand" in sc.baselines):
+            start_ahead(cfg, layout, read_prepared(layout))
+
+    def run(self, ctx: StageContext) -> SelectionManifest:
+        return select_rows(ctx.cfg, ctx.layout, ctx.force)
+
+    def summary(self, m: SelectionManifest, layout: RunLayout) -> list[str]:
+        main = m.main_selection
+        others = ", ".join(f"{k} {e.rows}" for k, e in m.selections.items() if k != m.main)
+        return [f"{m.main}: {main.rows} rows -> {main.path}", f"baselines: {others}", f"report: {m.report}"]
+
+
+def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False) -> SelectionManifest:
     sc = cfg.select
-    layout = RunLayout(cfg.output_dir)
-    t_start = time.perf_counter()
     external = sc.trajectories is not None
     if external:
         traj, traj_digest = load_external_trajectories(sc.trajectories, sc.trajectory_prefix)
         prepared = None
         source = {"trajectories": sc.trajectories, "prefix": sc.trajectory_prefix, "sha256": traj_digest}
     else:
-        prepared = read_prepared_manifest(layout)
+        prepared = read_prepared(layout)
         sm = check_scores(layout, prepared)
-        traj = load_run_trajectories(layout)
-        source = {"trajectories": layout.trajectories, "prepared_fingerprint": prepared["fingerprint"],
-                  "trajectories_sha256": sm["trajectories_sha256"],
-                  "score_checkpoints": [c["name"] for c in sm["checkpoints"]]}
+        traj = trajectories_from_table(storage.read_parquet(layout.trajectories))
+        source = {"trajectories": layout.trajectories, "prepared_fingerprint": prepared.fingerprint,
+                  "trajectories_sha256": sm.trajectories_sha256,
+                  "score_checkpoints": [c.name for c in sm.checkpoints]}
 
     methods = [sc.method] + [m for m in sc.baselines if m != sc.method]
     needs_clusters = sc.stratified or "clust_rand" in methods
@@ -164,16 +172,16 @@ def run_select(cfg: RunConfig, force: bool = False) -> dict:
                     "use --set select.stratified=false (the global variant)"
                 )
             methods = [m for m in methods if m != "clust_rand"]
-            print("[select] clust_rand skipped: external trajectories have no text to cluster")
+            log.info("clust_rand skipped: external trajectories have no text to cluster")
         else:
-            clusters = _clusters(cfg, layout, prepared, traj.ids)
+            clusters = _clusters(cfg, layout, prepared, traj.ids, force)
     for m in list(methods):
         if m == "ifd" and traj.nll_response_only is None:
             methods.remove(m)
-            print("[select] ifd skipped: no response-only scores (add response_only to score.modes)")
+            log.info("ifd skipped: no response-only scores (add response_only to score.modes)")
         if m == "longest" and traj.response_length is None:
             methods.remove(m)
-            print("[select] longest skipped: no response lengths in these trajectories")
+            log.info("longest skipped: no response lengths in these trajectories")
     if sc.method not in methods:
         raise SelectError(f"method {sc.method!r} cannot run on these inputs (see above)")
 
@@ -203,16 +211,16 @@ def run_select(cfg: RunConfig, force: bool = False) -> dict:
         "lp_app_p1_from": "a 1-epoch reference run" if n_ck == 2 else f"epoch 1 of a {n_ck - 1}-epoch reference run",
         "keep_empty_responses": sc.keep_empty_responses,
         "config_digest": cfg.digest(),
-        "input_manifest_sha256": sha256_bytes(storage.read_bytes(layout.prepared_manifest))[:16] if prepared else None,
+        "input_manifest_sha256": file_digest(layout.prepared_manifest) if prepared else None,
         **source,
     }
-    out = {"main": None, "prepared_fingerprint": prepared["fingerprint"] if prepared else None, "selections": {}}
+    records: dict[str, SelectionRecord] = {}
     prepared_table = None
     if prepared is not None:
         prepared_table = storage.read_parquet_dir(layout.prepared)
     for m in methods:
         tag = selection_tag(m, sc.chunk if m not in ("random", "clust_rand") else "low", sc.budget)
-        folder = storage.join(layout.selection, tag)
+        folder = layout.selection_dir(tag)
         idx = selections[m]
         chosen_ids = traj.ids[idx]
         extra = {k: v[idx] for k, v in metric_cols.items()}
@@ -231,10 +239,9 @@ def run_select(cfg: RunConfig, force: bool = False) -> dict:
         shard = storage.join(folder, "selected.parquet")
         storage.write_parquet(shard, rows)
         prov = {"method": m, "tag": tag, **provenance_common, **infos[m],
-                "selected_ids_sha256": sha256_bytes("\n".join(sorted(chosen_ids)).encode())[:16]}
+                "selected_ids_sha256": short_digest("\n".join(sorted(chosen_ids)).encode())}
         storage.write_json(storage.join(folder, "selection.json"), prov)
-        out["selections"][m] = {"tag": tag, "rows": int(len(idx)), "path": shard, "sha256": file_digest(shard)}
-    out["main"] = sc.method
+        records[m] = SelectionRecord(method=m, tag=tag, rows=int(len(idx)), path=shard, sha256=file_digest(shard))
 
     # report (local folder; copied as files when output_dir is remote)
     eligible = np.ones(len(traj.ids), dtype=bool) if sc.keep_empty_responses else ~no_response_rows(traj.P, traj.n_tokens)
@@ -248,13 +255,13 @@ def run_select(cfg: RunConfig, force: bool = False) -> dict:
         text = {r["id"]: r for r in prepared_table.select(["id", "instruction", "output"]).to_pylist()
                 if r["id"] in wanted}
         examples = [{"lp": float(lp[i]), **text[traj.ids[i]]} for i in pick]
-    report_uri = storage.join(layout.selection, "report")
+    report_uri = layout.selection_report
     report_dir = storage.local_path(report_uri)
     if storage.is_remote(report_uri):  # drawn locally, then uploaded beside the other outputs
         import tempfile
 
         report_dir = tempfile.mkdtemp(prefix="rayapp-report-")
-    main_tag = out["selections"][sc.method]["tag"]
+    main_tag = records[sc.method].tag
     html_path = write_report(
         report_dir, f"rayapp selection: {main_tag} ({cfg.name})", traj.P, lp, selections[sc.method], eligible,
         traj.response_length, clusters, {m: traj.ids[i] for m, i in selections.items()}, examples,
@@ -264,14 +271,13 @@ def run_select(cfg: RunConfig, force: bool = False) -> dict:
     if storage.is_remote(report_uri):
         storage.upload_dir(report_dir, report_uri)
         html_path = storage.join(report_uri, "report.html")
-    out["report"] = html_path
-    out["seconds"] = round(time.perf_counter() - t_start, 2)
-    storage.write_json(storage.join(layout.selection, "manifest.json"), out)
-    print(f"[select] {sc.method}: kept {len(selections[sc.method])} of {len(traj.ids)} rows "
-          f"(budget {sc.budget:.0%}, {'stratified over ' + str(provenance_common['n_clusters']) + ' clusters' if clusters is not None and sc.stratified else 'global'}; "
-          f"{infos[sc.method]['excluded_no_response']} rows with no response tokens excluded)")
+    where = (f"stratified over {provenance_common['n_clusters']} clusters" if clusters is not None and sc.stratified
+             else "global")
+    log.info("%s: kept %d of %d rows (budget %.0f%%, %s; %d rows with no response tokens excluded)", sc.method,
+             len(selections[sc.method]), len(traj.ids), 100 * sc.budget, where,
+             infos[sc.method]["excluded_no_response"])
     for m in methods[1:]:
-        print(f"[select]   baseline {m:<10} {len(selections[m])} rows -> {out['selections'][m]['tag']}")
-    print(f"[select] shard: {out['selections'][sc.method]['path']}")
-    print(f"[select] report: {html_path}  ({out['seconds']:.1f}s)")
-    return out
+        log.info("  baseline %-10s %d rows -> %s", m, len(selections[m]), records[m].tag)
+    log.info("report: %s", html_path)
+    return SelectionManifest(prepared_fingerprint=prepared.fingerprint if prepared else None, main=sc.method,
+                             selections=records, report=html_path)

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rayapp.config import SELECT_METHODS as METHODS
 from rayapp.select.metrics import ifd, learning_percentage, learning_percentage_approx
-
-METHODS = ("lp", "lp_app", "ppl_high", "ppl_low", "ifd", "longest", "random", "clust_rand", "full")
 
 
 @dataclass

@@ -15,12 +15,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import uuid
 
 from rayapp.common import storage
+from rayapp.common.artifacts import EXPORT_MARKER, export_complete, mark_export  # noqa: F401  (re-exported)
 
 PROGRESS = "rayapp_progress.json"
-EXPORT_MARKER = "rayapp_checkpoint.json"
 
 
 def step_dir(ckpt_root: str, step: int) -> str:
@@ -46,14 +45,6 @@ def latest_complete(ckpt_root: str) -> tuple[str, dict] | None:
 
 def write_json(path: str, obj: dict) -> None:
     storage.write_json(path, obj)  # atomic: temporary name, then rename (one PUT on object stores)
-
-
-def export_complete(path: str) -> bool:
-    return storage.exists(storage.join(path, EXPORT_MARKER))
-
-
-def mark_export(path: str, info: dict) -> None:
-    write_json(storage.join(path, EXPORT_MARKER), {"uid": uuid.uuid4().hex, **info})
 
 
 def prune(ckpt_root: str, keep: int) -> None:
@@ -94,15 +85,3 @@ def load_location(step_uri: str, rank: int, staging: str | None) -> str:
     if not storage.is_remote(step_uri):
         return step_uri
     return storage.download_dir(step_uri, os.path.join(staging, f"rank-{rank}", "resume"))
-
-
-def claim_work_dir(work: str, fingerprint: str, force: bool) -> None:
-    """Make ``work`` ready for a training run with these inputs. When the inputs or settings
-    changed (or ``force``), old checkpoints and exports are removed so they are never resumed from;
-    otherwise they stay, and the run resumes from them."""
-    marker = storage.join(work, "fingerprint.txt")
-    stale = storage.exists(marker) and storage.read_bytes(marker).decode().strip() != fingerprint
-    if force or stale:
-        for sub in ("checkpoints", "exports", "stats", "ray_train"):
-            storage.remove_dir(storage.join(work, sub))
-    storage.write_text(marker, fingerprint)

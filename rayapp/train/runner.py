@@ -1,84 +1,124 @@
-"""Driver side of a training run: Ray Data input, TorchTrainer with FSDP2/DDP workers, failures."""
+"""Driver side of a training run: a TorchTrainer of FSDP2/DDP workers, failures, a progress line."""
 
 from __future__ import annotations
 
 import os
+import threading
+from dataclasses import dataclass
 
 from rayapp.common import storage
+from rayapp.common.log import current_level, get_logger
+from rayapp.common.progress import ProgressLine
 from rayapp.config import TrainConfig
 
+log = get_logger("rayapp.train")
 
-def run_training(
-    stage: str,
-    train_cfg: TrainConfig,
-    train_files: list[str],
-    total_rows: int,
-    init_model: str,
-    tokenizer: str,
-    work_dir: str,
-    export_every_epoch: bool,
-    trust_remote_code: bool = False,
-    eval_file: str | None = None,
-    runtime_env: dict | None = None,
-) -> dict:
-    """Fine-tune ``init_model`` on the prepared rows in ``train_files``.
 
-    ``work_dir`` (a local or shared path) receives checkpoints/ (sharded, for resume), exports/
-    (save_pretrained) and stats/. Returns the last reported metrics."""
+def _watch_progress(jobs: list[tuple[str, str]], stop: threading.Event) -> None:
+    """Draw rank 0's progress (stats/progress.json, written every log step) as one line per job."""
+    lines: dict[str, ProgressLine] = {}
+    seen: dict[str, dict] = {}
+    while not stop.wait(1.0):
+        for label, stats_dir in jobs:
+            uri = storage.join(stats_dir, "progress.json")
+            try:
+                p = storage.read_json(uri) if storage.exists(uri) else None
+            except (OSError, ValueError):
+                p = None
+            if p and p != seen.get(label):
+                seen[label] = p
+                line = lines.setdefault(label, ProgressLine(label, unit="steps"))
+                mfu = f" mfu {p['mfu']:.1%}" if "mfu" in p else ""
+                line.update(p["step"], p["total_steps"],
+                            f"epoch {p['epoch']}/{p['epochs']} loss {p['loss']:.4f} {p['tokens_per_s']:,.0f} tokens/s{mfu}")
+    for line in lines.values():
+        line.close()
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One model to train: what from, on which rows, and where its outputs go."""
+
+    label: str  # e.g. "finetune (full)"
+    init_model: str
+    tokenizer: str
+    train_files: list[str]
+    total_rows: int
+    work_dir: str  # checkpoints/, exports/ and stats/ (a local or shared path, or an object store)
+    export_every_epoch: bool = False
+    eval_file: str | None = None  # held-out rows for the eval loss
+    trust_remote_code: bool = False
+
+
+def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runtime_env: dict | None = None) -> list[dict]:
+    """Fine-tune each job's model on its rows, one job after the other on one Ray Train worker group
+    (its processes, imports and process group are set up once). Returns rank 0's final stats per job."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from rayapp.train.loop import train_loop_per_worker
-
-    # A shared path is used as it is; on an object store (s3://, gs://) checkpoints and exports go
-    # through node-local staging folders and are uploaded (see train/checkpoints.py).
-    remote = storage.is_remote(work_dir)
-    if not remote:
-        work_dir = os.path.abspath(work_dir)
     from rayapp.train.checkpoints import staging_root
+    from rayapp.train.worker import WorkerConfig, train_loop_per_worker
 
-    staging = staging_root(work_dir) if remote else None
+    worker_cfgs = []
+    for job in jobs:
+        # A shared path is used as it is; on an object store (s3://, gs://) checkpoints and exports
+        # go through node-local staging folders and are uploaded (see train/checkpoints.py).
+        remote = storage.is_remote(job.work_dir)
+        work_dir = job.work_dir if remote else os.path.abspath(job.work_dir)
+        worker_cfgs.append(WorkerConfig(
+            stage=stage, train=train_cfg, init_model=job.init_model, tokenizer=job.tokenizer,
+            total_rows=job.total_rows, train_files=tuple(job.train_files), work_dir=work_dir,
+            staging_dir=staging_root(work_dir) if remote else None, export_every_epoch=job.export_every_epoch,
+            eval_file=job.eval_file, trust_remote_code=job.trust_remote_code, log_level=current_level(),
+        ))
+    first = worker_cfgs[0]
     # Each worker reads the training files itself (tokenized instruction sets are tens of MB even
     # at paper scale) and takes its rows from a seeded DistributedSampler: the data order is then
-    # the same in every attempt, which exact resume needs (see train/loop.py).
+    # the same in every attempt, which exact resume needs (see train/worker.py).
     resources = {"CPU": train_cfg.cpus_per_worker}
     if train_cfg.use_gpu:
         resources["GPU"] = train_cfg.gpus_per_worker
+    # Ray Train's own run state only (rayapp keeps its checkpoints itself): beside the first job's
+    # outputs, or node-local when they are on an object store (no checkpoint is reported to Ray).
+    ray_state = (os.path.join(first.staging_dir, "ray_train") if first.staging_dir
+                 else os.path.join(first.work_dir, "ray_train"))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "stage": stage,
-            "train": train_cfg.model_dump(),
-            "init_model": init_model,
-            "tokenizer": tokenizer,
-            "total_rows": total_rows,
-            "train_files": list(train_files),
-            "checkpoint_dir": storage.join(work_dir, "checkpoints"),
-            "export_dir": storage.join(work_dir, "exports"),
-            "stats_dir": storage.join(work_dir, "stats"),
-            "staging_dir": staging,
-            "export_every_epoch": export_every_epoch,
-            "checkpoint_every_steps": train_cfg.checkpoint_every_steps,
-            "eval_file": eval_file,
-            "trust_remote_code": trust_remote_code,
-        },
+        train_loop_config={"jobs": [c.model_dump(mode="json") for c in worker_cfgs]},
         torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu, resources_per_worker=resources
-        ),
+        # num_workers=0: Ray Train's local mode (no worker actors, no resources to reserve)
+        scaling_config=ray.train.ScalingConfig(num_workers=0) if train_cfg.num_workers == 0 else
+        ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=f"{stage}-train",
-            # Ray Train's own run state only (rayapp keeps its checkpoints itself); local when the
-            # work dir is on an object store, since no checkpoint is reported through Ray.
-            storage_path=os.path.join(staging, "ray_train") if remote else os.path.join(work_dir, "ray_train"),
+            name=f"{stage}-{os.path.basename(first.work_dir.rstrip('/'))}",
+            storage_path=ray_state,
             failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             worker_runtime_env=runtime_env,
         ),
     )
-    result = trainer.fit()
+    local_mode = train_cfg.num_workers == 0
+    if local_mode:  # the training function runs in this process: keep its torch settings as they were
+        import torch
+
+        threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_progress, args=([(j.label, c.stats_dir) for j, c in zip(jobs, worker_cfgs)],
+                                                            stop), daemon=True)
+    watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+        if local_mode:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic)
     if result.error:
         raise RuntimeError(f"{stage}: training failed: {result.error}")
-    stats_file = storage.join(work_dir, "stats", "rank-0.json")
-    stats = storage.read_json(stats_file) if storage.exists(stats_file) else {}
-    return {**dict(result.metrics or {}), **stats}
+    out = []
+    for c in worker_cfgs:
+        stats_file = storage.join(c.stats_dir, "rank-0.json")
+        out.append(storage.read_json(stats_file) if storage.exists(stats_file) else {})
+    return out

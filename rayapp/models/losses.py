@@ -1,4 +1,5 @@
-"""Per-sample response-token losses with plain torch (no Ray): the math the actors run."""
+"""Response-token losses with plain torch (no Ray): the math scoring actors run per sample, and
+training uses for its batches and its held-out eval loss."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from rayapp.common.labels import IGNORE_INDEX
 
 
 def response_only_sequence(input_ids: Sequence[int], labels: Sequence[int], bos_id: int) -> tuple[list[int], list[int]]:

@@ -1,0 +1,118 @@
+"""The newcomer's first run, timed: `rayapp run -c configs/tiny.yaml` at a baseline commit and at
+this checkout, side by side on the same machine in one invocation.
+
+    python -m benchmarks demo --baseline 2c6cd9d
+
+The baseline runs from a git worktree of that commit (removed afterwards) with this checkout's
+virtual environment, so both use the same installed packages; each run gets a fresh output dir and
+its own local Ray cluster. Per-stage times come from the `[run]` lines of each run's output (the
+baseline's format) or from its summary.json (this checkout's). Results: benchmarks/results/
+demo-cpu<N>.json and .png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks.score_bench import _machine
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stage_seconds(out_dir: str, log: str) -> dict[str, float]:
+    summary = os.path.join(out_dir, "summary.json")
+    stages: dict[str, float] = {}
+    if os.path.exists(summary):
+        for name, entry in json.load(open(summary))["stages"].items():
+            stages[name] = float(entry.get("seconds", 0.0))
+    # the baseline prints "[run] <stage> done in 12.3s"; its finetune line covers every subset
+    for name, secs in re.findall(r"\[run\] (\w+) done in ([\d.]+)s", log):
+        stages[name] = float(secs)
+    return stages
+
+
+def run_once(code_dir: str, label: str, work: str, runs_dir: str) -> dict:
+    out_dir = os.path.join(work, label)
+    env = {**os.environ, "PYTHONPATH": code_dir}
+    cmd = [sys.executable, "-m", "rayapp", "run", "-c", "configs/tiny.yaml", "--set", f"output_dir={out_dir}"]
+    print(f"[bench] {label}: {' '.join(cmd)} (in {code_dir})", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=code_dir, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    log = proc.stdout + proc.stderr
+    with open(os.path.join(runs_dir, f"demo-{label}.log"), "w") as f:
+        f.write(log)
+    if proc.returncode != 0:
+        raise SystemExit(f"{label} run failed ({proc.returncode}):\n{log[-3000:]}")
+    lines = [line for line in log.splitlines() if line.strip()]
+    return {"label": label, "wall_s": round(wall, 1), "stages_s": _stage_seconds(out_dir, log),
+            "output_lines": len(lines), "ray_info_lines": sum(bool(re.search(r"\bINFO\b", line)) for line in lines)}
+
+
+def run(baseline: str, out: str) -> dict:
+    work = tempfile.mkdtemp(prefix="rayapp-demo-bench-")
+    base_dir = os.path.join(work, "baseline-src")
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", base_dir, baseline], cwd=REPO, check=True)
+    # the baseline resolves ../shared/data from its working dir: give its worktree the same neighbour
+    shared = os.path.join(os.path.dirname(REPO), "shared")
+    link = os.path.join(work, "shared")
+    if os.path.isdir(shared) and not os.path.exists(link):
+        os.symlink(shared, link)
+    os.makedirs(out, exist_ok=True)
+    try:
+        before = run_once(base_dir, "baseline", work, out)
+        after = run_once(REPO, "current", work, out)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", base_dir], cwd=REPO)
+        shutil.rmtree(work, ignore_errors=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", baseline], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    results = {"machine": _machine(), "baseline_commit": commit, "config": "configs/tiny.yaml",
+               "runs": [before, after], "speedup": round(before["wall_s"] / after["wall_s"], 2)}
+    stem = os.path.join(out, f"demo-cpu{os.cpu_count()}")
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=2)
+    _plot(results, stem + ".png")
+    print(json.dumps(results, indent=2))
+    return results
+
+
+def _plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def group(name: str) -> str:
+        return "finetune" if name.startswith("finetune") else name
+
+    order = ["prepare", "reference", "score", "select", "finetune", "evaluate"]
+    fig, ax = plt.subplots(figsize=(8, 2.6))
+    colors = plt.get_cmap("tab10").colors
+    for y, r in enumerate(results["runs"]):
+        per = {}
+        for name, secs in r["stages_s"].items():
+            per[group(name)] = per.get(group(name), 0.0) + secs
+        left = 0.0
+        for i, name in enumerate(order):
+            secs = per.get(name, 0.0)
+            ax.barh(y, secs, left=left, color=colors[i], label=name if y == 0 else None)
+            if secs > 12:
+                ax.text(left + secs / 2, y, f"{secs:.0f}", ha="center", va="center", fontsize=8, color="white")
+            left += secs
+        ax.text(r["wall_s"] + 3, y, f"{r['wall_s']:.0f} s wall", va="center", fontsize=9)
+    ax.set_yticks([0, 1], [f"baseline {results['baseline_commit']}", "this commit"])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds (rayapp run -c configs/tiny.yaml, 2-core CPU)")
+    ax.set_xlim(0, max(r["wall_s"] for r in results["runs"]) * 1.2)
+    ax.legend(ncol=6, fontsize=8, loc="lower right", bbox_to_anchor=(1, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,145 @@
+"""What a pipeline stage is, and the one runner every stage goes through.
+
+A stage has a name, a fingerprint of what its output is made from (its config section and its
+upstream manifests), a ``run`` that returns its typed manifest, and the summary lines it
+contributes. ``run_stage`` does the rest for every stage alike: the up-to-date check, ``--force``,
+claiming the work folder (clearing what the stage says is stale), timing, and writing the
+manifest last. ``rayapp run``, the CLI's stage commands and the Ray job entrypoints all call it.
+
+To add a stage: subclass ``Stage`` in the stage's package, give it a manifest model in
+``common/manifests.py`` and a folder in ``common/layout.py``, and list it in ``rayapp/pipeline.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from rayapp.common import storage
+from rayapp.common.layout import RunLayout
+from rayapp.common.log import get_logger
+from rayapp.common.manifests import StageManifest, read_manifest, write_manifest
+from rayapp.config import RunConfig
+
+FINGERPRINT_FILE = "fingerprint.txt"
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage's ``run`` gets: the config, where things live, and the run's fingerprint."""
+
+    cfg: RunConfig
+    layout: RunLayout
+    fingerprint: str
+    force: bool
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+    help: ClassVar[str]
+    manifest_type: ClassVar[type[StageManifest]]
+    # Entries of the work folder removed before a run: on --force, and when the fingerprint
+    # changed (e.g. training checkpoints of other inputs must never be resumed from).
+    reset_on_force: ClassVar[tuple[str, ...]] = ()
+    reset_on_change: ClassVar[tuple[str, ...]] = ()
+
+    variant: str | None = None  # e.g. the finetune subset; one work folder per variant
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.variant})" if self.variant else self.name
+
+    def work_dir(self, layout: RunLayout) -> str:
+        return layout.stage_dir(self.name, self.variant)
+
+    def manifest_uri(self, layout: RunLayout) -> str:
+        return layout.manifest(self.name, self.variant)
+
+    @abstractmethod
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
+        """Identity of the inputs and settings; reading upstream manifests (MissingInputError
+        when one is absent)."""
+
+    @abstractmethod
+    def run(self, ctx: StageContext) -> StageManifest:
+        """Do the work; return the manifest (the runner fills in fingerprint, timing, version)."""
+
+    @classmethod
+    def run_many(cls, stages: list["Stage"], ctxs: list[StageContext]) -> list[StageManifest]:
+        """Run several variants of this stage in one go (e.g. the target trained on the selection
+        and on the full set, by one worker group). By default, one after the other."""
+        return [stage.run(ctx) for stage, ctx in zip(stages, ctxs)]
+
+    def outputs_complete(self, manifest: StageManifest, layout: RunLayout) -> bool:
+        """Whether the files the manifest names are all still there."""
+        return True
+
+    @abstractmethod
+    def summary(self, manifest: StageManifest, layout: RunLayout) -> list[str]:
+        """Lines for the end-of-run summary."""
+
+    def start_ahead(self, cfg: RunConfig, layout: RunLayout) -> None:
+        """Start work that needs only the prepared data in the background (`rayapp run` calls this
+        once prepare is done), so it overlaps the stages before this one. Optional."""
+
+
+@dataclass
+class StageResult:
+    stage: Stage
+    manifest: StageManifest
+    skipped: bool  # up to date: nothing was run
+    seconds: float
+
+
+def claim_work_dir(work: str, fingerprint: str, force: bool, reset_on_force: tuple[str, ...],
+                   reset_on_change: tuple[str, ...]) -> None:
+    """Make ``work`` ready for a run with this fingerprint: on --force, or when the work folder
+    belongs to other inputs, the stage's stale entries are removed first; otherwise they stay, and
+    the stage resumes from them."""
+    marker = storage.join(work, FINGERPRINT_FILE)
+    changed = storage.exists(marker) and storage.read_bytes(marker).decode().strip() != fingerprint
+    stale = set(reset_on_force if force else ()) | set(reset_on_change if (force or changed) else ())
+    for entry in sorted(stale):
+        storage.remove(storage.join(work, entry))
+    storage.write_text(marker, fingerprint)
+
+
+def run_stage(stage: Stage, cfg: RunConfig, force: bool = False) -> StageResult:
+    return run_stages([stage], cfg, force)[0]
+
+
+def run_stages(stages: list[Stage], cfg: RunConfig, force: bool = False) -> list[StageResult]:
+    """Run variants of one stage (all of one type) through the contract; those up to date are
+    skipped, the rest run together (``Stage.run_many``) and each gets its manifest."""
+    layout = RunLayout(cfg.output_dir)
+    t0 = time.perf_counter()
+    results: dict[int, StageResult] = {}
+    todo: list[tuple[int, Stage, StageContext]] = []
+    for i, stage in enumerate(stages):
+        slog = get_logger(f"rayapp.{stage.name}")
+        fp = stage.fingerprint(cfg, layout)
+        if not force:
+            done = read_manifest(stage.manifest_uri(layout), stage.manifest_type)
+            if done is not None and done.fingerprint == fp and stage.outputs_complete(done, layout):
+                slog.info("up to date%s (%s)", _variant(stage), stage.work_dir(layout))
+                results[i] = StageResult(stage, done, skipped=True, seconds=time.perf_counter() - t0)
+                continue
+        claim_work_dir(stage.work_dir(layout), fp, force, stage.reset_on_force, stage.reset_on_change)
+        todo.append((i, stage, StageContext(cfg, layout, fp, force)))
+    if todo:
+        manifests = type(todo[0][1]).run_many([s for _, s, _ in todo], [c for _, _, c in todo])
+        seconds = time.perf_counter() - t0
+        for (i, stage, ctx), manifest in zip(todo, manifests):
+            manifest.fingerprint = ctx.fingerprint
+            manifest.config_digest = cfg.digest()
+            manifest.seconds = round(seconds, 2)
+            write_manifest(stage.manifest_uri(layout), manifest)  # last: the stage counts as done from here on
+            get_logger(f"rayapp.{stage.name}").info("done%s in %.1fs", _variant(stage), seconds)
+            results[i] = StageResult(stage, manifest, skipped=False, seconds=seconds)
+    return [results[i] for i in range(len(stages))]
+
+
+def _variant(stage: Stage) -> str:
+    return f" ({stage.variant})" if stage.variant else ""

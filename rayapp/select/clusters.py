@@ -1,0 +1,93 @@
+"""Clusters for stratified selection: sentence embeddings of every prepared row, then k-means.
+
+They depend on the prepared data alone, not on the scores, so `rayapp run` starts them as soon
+as prepare is done (``start_ahead``), in a Ray task beside the reference training and the
+scoring, and select then only reads the cache. Cached in ``select/embeddings.parquet``, keyed by
+the prepared data and the clustering settings.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from rayapp.common import storage
+from rayapp.common.hashing import fingerprint
+from rayapp.common.layout import RunLayout
+from rayapp.common.log import get_logger
+from rayapp.common.manifests import PreparedManifest
+from rayapp.config import RunConfig
+
+log = get_logger("rayapp.select")
+
+_AHEAD: dict[str, object] = {}  # cache key -> the Ray task computing it
+
+
+def clusters_key(cfg: RunConfig, prepared: PreparedManifest) -> str:
+    sc = cfg.select
+    return fingerprint(prepared=prepared.fingerprint, model=sc.embedding_model, max_tokens=sc.embed_max_tokens,
+                       n_clusters=sc.n_clusters, seed=sc.seed)
+
+
+def cached(layout: RunLayout, key: str) -> dict[str, int] | None:
+    if not storage.exists(layout.embeddings):
+        return None
+    t = storage.read_parquet(layout.embeddings, ["id", "cluster"])
+    if (t.schema.metadata or {}).get(b"rayapp.key") != key.encode():
+        return None
+    return dict(zip(t["id"].to_pylist(), np.asarray(t["cluster"]).tolist()))
+
+
+def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: str) -> dict[str, int]:
+    """Embed every prepared row (Ray Data actor pool), cluster, and write the cache."""
+    from rayapp.common.raycluster import init_ray, pool_size_leaving_a_cpu
+    from rayapp.select.embed import embed_prepared, embeddings_table, kmeans
+
+    sc, res = cfg.select, cfg.score.resources
+    init_ray(cfg)
+    t0 = time.perf_counter()
+    actors = pool_size_leaving_a_cpu(cfg, res.num_cpus, res.max_actors)
+    ids, vecs = embed_prepared(prepared.shard_paths(layout), sc.embedding_model, sc.embed_batch_size, res.num_cpus,
+                               actors, res.num_gpus, sc.embed_max_tokens, res.resources)
+    t1 = time.perf_counter()
+    labels = kmeans(vecs, sc.n_clusters, sc.seed)
+    log.info("embedded %d rows in %.1fs; k-means (%d clusters) in %.1fs", len(ids), t1 - t0,
+             min(sc.n_clusters, len(vecs)), time.perf_counter() - t1)
+    table = embeddings_table(ids, vecs, labels).replace_schema_metadata({b"rayapp.key": key.encode()})
+    storage.write_parquet(layout.embeddings, table)
+    return dict(zip(ids, labels.tolist()))
+
+
+def start_ahead(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest) -> None:
+    """Start computing the clusters in the background (a Ray task), unless they are cached."""
+    import ray
+
+    from rayapp.common.raycluster import init_ray
+
+    key = clusters_key(cfg, prepared)
+    if key in _AHEAD or cached(layout, key) is not None:
+        return
+    init_ray(cfg)
+    # num_cpus=0: the task only drives Ray Data; the embedding actor asks for its own CPU
+    _AHEAD[key] = ray.remote(num_cpus=0, max_retries=0)(compute).remote(cfg, layout, prepared, key)
+    log.info("clustering the prepared rows in the background")
+
+
+def clusters_for(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, force: bool) -> dict[str, int]:
+    """Cluster per row id: from the task started ahead, the cache, or computed now."""
+    import ray
+
+    key = clusters_key(cfg, prepared)
+    ahead = _AHEAD.pop(key, None)
+    if ahead is not None:
+        try:
+            return ray.get(ahead)
+        except Exception as exc:  # the background attempt failed: compute in the foreground, loudly
+            log.warning("background clustering failed (%s); computing it now", exc)
+    elif not force:
+        hit = cached(layout, key)
+        if hit is not None:
+            log.info("reusing embeddings and %d clusters from %s", cfg.select.n_clusters, layout.embeddings)
+            return hit
+    return compute(cfg, layout, prepared, key)

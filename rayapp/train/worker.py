@@ -1,0 +1,402 @@
+"""The training worker: one recipe for the reference model and the target, in named steps.
+
+``FineTuneRecipe`` runs on every Ray Train worker (and on its own, without Ray, for benchmarks):
+``setup_model`` (load, activation checkpointing, FSDP2 ``fully_shard`` per decoder layer or DDP),
+``setup_optimizer`` (AdamW with warm-up and a cosine/linear schedule), ``setup_data`` (a seeded
+``DistributedSampler`` over the training files), ``resume`` (the newest complete sharded
+checkpoint), ``train`` (response-only loss, gradient accumulation, clipping), ``save_checkpoint``
+(DCP shards), ``export`` (consolidated safetensors) and ``evaluate`` (held-out loss).
+
+Data order is a pure function of (seed, epoch, rank), so a resumed run skips exactly the batches
+the lost attempt trained on and ends with the same weights as one that never stopped. (Ray Data's
+streaming split hands blocks to whichever worker asks first, so which rows a rank sees would
+differ between attempts.)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict
+
+from rayapp.common import storage
+from rayapp.common.log import get_logger
+from rayapp.config import TrainConfig
+
+class WorkerConfig(BaseModel):
+    """Everything a worker needs, typed and frozen (Ray passes it as a dict)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stage: str
+    train: TrainConfig
+    init_model: str
+    tokenizer: str
+    total_rows: int
+    train_files: tuple[str, ...]
+    work_dir: str  # checkpoints/, exports/ and stats/ live here (local, shared or object store)
+    staging_dir: str | None  # node-local stand-in while writing to an object store
+    export_every_epoch: bool
+    eval_file: str | None  # held-out rows for the eval loss
+    trust_remote_code: bool = False
+    log_level: int = 20
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return storage.join(self.work_dir, "checkpoints")
+
+    @property
+    def export_dir(self) -> str:
+        return storage.join(self.work_dir, "exports")
+
+    @property
+    def stats_dir(self) -> str:
+        return storage.join(self.work_dir, "stats")
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    rank: int
+    world: int
+    local_rank: int
+    distributed: bool  # a process group is up (world > 1 under Ray Train)
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epochs completed when a checkpoint was taken
+    batch_in_epoch: int = 0
+    global_step: int = 0
+    last_loss: float = float("nan")
+    resumed_from: int | None = None
+
+
+def decoder_layers(model):
+    for attr in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        try:
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+            return list(obj)
+        except AttributeError:
+            continue
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
+
+
+def micro_batch_weight(batch_index: int, batches_per_epoch: int, accum: int) -> float:
+    """The weight of one micro-batch's mean loss in its accumulation group: one over the number
+    of micro-batches the group really has (an epoch's last group may be shorter than ``accum``),
+    so every optimizer step follows the mean loss of the batches it saw."""
+    group_start = (batch_index // accum) * accum
+    return 1.0 / min(accum, batches_per_epoch - group_start)
+
+
+def shard_fsdp2(model, bf16: bool, cpu_offload: bool):
+    """FSDP2: ``fully_shard`` each decoder layer, then the root (parameters become DTensors)."""
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mp_policy=mp, offload_policy=offload)
+    return model
+
+
+class FineTuneRecipe:
+    def __init__(self, cfg: WorkerConfig, env: WorkerEnv, report: Callable[[dict], None] = lambda m: None,
+                 wrap_ddp: Callable | None = None, fault_hook: Callable[[int, int], None] | None = None):
+        import torch
+
+        self.cfg, self.tc, self.env = cfg, cfg.train, env
+        self.report, self.wrap_ddp, self.fault_hook = report, wrap_ddp, fault_hook
+        self.use_gpu = self.tc.use_gpu and torch.cuda.is_available()
+        self.device = f"cuda:{env.local_rank}" if self.use_gpu else "cpu"
+        if self.use_gpu:
+            torch.cuda.set_device(self.device)
+        else:
+            # a fixed thread count and deterministic kernels: the same run gives the same weights
+            torch.set_num_threads(max(1, int(self.tc.cpus_per_worker)))
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(self.tc.seed)
+        self.bf16 = self.tc.mixed_precision == "bf16" or (self.tc.mixed_precision == "auto" and self.use_gpu)
+        self.progress = Progress()
+
+    # ---- set-up --------------------------------------------------------------------------------
+
+    def setup_model(self) -> None:
+        import torch
+
+        from rayapp.models.loading import load_causal_lm, load_tokenizer
+
+        cfg, tc = self.cfg, self.tc
+        self.model = load_causal_lm(cfg.init_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        if tc.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
+        self.sharded = tc.fsdp and self.env.world > 1 and self.env.distributed
+        if self.sharded:
+            self.model.to(self.device)
+            self.train_model = shard_fsdp2(self.model, self.bf16, tc.cpu_offload)
+        elif self.wrap_ddp is not None:
+            self.train_model = self.wrap_ddp(self.model)
+        else:
+            self.train_model = self.model.to(self.device)
+        self.local_params = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                                for p in self.model.parameters())
+
+    def setup_data(self) -> None:
+        from torch.utils.data import DistributedSampler
+
+        from rayapp.train.collate import TrainRows
+
+        cfg, env = self.cfg, self.env
+        self.rows = TrainRows(list(cfg.train_files))
+        if len(self.rows) != cfg.total_rows:
+            raise ValueError(f"the training files hold {len(self.rows)} rows, their manifest says {cfg.total_rows}")
+        self.sampler = DistributedSampler(self.rows, num_replicas=env.world, rank=env.rank, shuffle=True,
+                                          seed=self.tc.seed, drop_last=True)
+        rows_per_worker = cfg.total_rows // env.world  # what DistributedSampler(drop_last=True) gives a rank
+        self.batches_per_epoch = max(1, math.ceil(rows_per_worker / self.tc.per_device_batch_size))
+        self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / self.tc.gradient_accumulation_steps))
+        self.total_steps = self.steps_per_epoch * self.tc.epochs
+
+    def setup_optimizer(self) -> None:
+        import torch
+        from transformers import get_scheduler
+
+        tc = self.tc
+        self.optimizer = torch.optim.AdamW(self.train_model.parameters(), lr=tc.learning_rate,
+                                           weight_decay=tc.weight_decay, betas=(0.9, 0.999))
+        self.scheduler = get_scheduler(tc.lr_scheduler, self.optimizer,
+                                       num_warmup_steps=int(math.ceil(tc.warmup_ratio * self.total_steps)),
+                                       num_training_steps=self.total_steps)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Load the newest complete sharded checkpoint, if there is one."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from rayapp.train import checkpoints as ck
+
+        latest = ck.latest_complete(self.cfg.checkpoint_dir)
+        if latest is None:
+            return
+        path, saved = latest
+        model_sd, optim_sd = get_state_dict(self.train_model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=ck.load_location(path, self.env.rank, self.cfg.staging_dir),
+                 no_dist=not self.env.distributed)
+        set_state_dict(self.train_model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        p = self.progress
+        p.epoch, p.batch_in_epoch, p.global_step = saved["epoch"], saved["batch_in_epoch"], saved["global_step"]
+        p.last_loss = saved.get("loss", float("nan"))
+        p.resumed_from = p.global_step
+        for _ in range(p.global_step):
+            self.scheduler.step()
+        where = f"epoch {p.epoch + 1}" if p.epoch < self.tc.epochs else "training done, exporting"
+        self._log(f"resumed from {path}: {where}, step {p.global_step}/{self.total_steps}")
+        if p.batch_in_epoch == 0 and p.epoch > 0 and self.cfg.export_every_epoch:
+            # stopped between an epoch's last checkpoint and its export: the restored weights are
+            # that epoch's, so export them now (a no-op when the export is already complete)
+            self.export(self.epoch_export(p.epoch), {"epoch": p.epoch, "step": p.global_step})
+
+    def save_checkpoint(self, epoch: int, batch_in_epoch: int) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from rayapp.train import checkpoints as ck
+
+        path = ck.step_dir(self.cfg.checkpoint_dir, self.progress.global_step)
+        model_sd, optim_sd = get_state_dict(self.train_model, self.optimizer)
+        local = ck.save_location(path, self.env.rank, self.cfg.staging_dir)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local, no_dist=not self.env.distributed)
+        ck.publish(local, path)  # each rank uploads its own shards (object stores only)
+        if self.env.distributed:
+            dist.barrier()
+        if self.env.rank == 0:
+            storage.write_json(storage.join(path, ck.PROGRESS),
+                               {"epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                "global_step": self.progress.global_step, "loss": self.progress.last_loss})
+            ck.prune(self.cfg.checkpoint_dir, keep=self.tc.keep_checkpoints)
+        if self.env.distributed:
+            dist.barrier()
+
+    def epoch_export(self, epoch: int) -> str:
+        return storage.join(self.cfg.export_dir, f"epoch-{epoch}")
+
+    def export(self, path: str, info: dict) -> None:
+        """Consolidated safetensors export that from_pretrained and vLLM load (all ranks take part)."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from rayapp.train import checkpoints as ck
+
+        full = get_model_state_dict(self.train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.env.rank == 0 and not ck.export_complete(path):
+            local = ck.save_location(path, self.env.rank, self.cfg.staging_dir)
+            self.model.save_pretrained(local, state_dict=full, safe_serialization=True)
+            self.tokenizer.save_pretrained(local)
+            ck.publish(local, path)
+            ck.mark_export(path, info)  # last: the export counts as complete from here on
+        if self.env.distributed:
+            dist.barrier()
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: list[dict], weights: list[float]) -> tuple[float, int]:
+        """One optimizer step over ``micro_batches`` (gradient accumulation): each micro-batch's
+        mean response-token loss counts with its weight. Returns (the group's mean loss, tokens)."""
+        import torch
+
+        autocast = self.bf16 and self.use_gpu and not self.sharded
+        loss_total, tokens = 0.0, 0
+        for inputs, weight in zip(micro_batches, weights):
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
+                out = self.train_model(**inputs)
+            (out.loss * weight).backward()
+            loss_total += float(out.loss.detach()) * weight
+            tokens += int(inputs["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), self.tc.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_total, tokens
+
+    def train(self) -> dict:
+        from rayapp.train.collate import collate
+
+        tc, p, env = self.tc, self.progress, self.env
+        accum = tc.gradient_accumulation_steps
+        every = tc.checkpoint_every_steps or 0
+        bs = tc.per_device_batch_size
+        tokens_seen = tokens_since_log = 0
+        t_log = t0 = time.perf_counter()
+        self.train_model.train()
+        for epoch in range(p.epoch, tc.epochs):
+            self.sampler.set_epoch(epoch)
+            order = list(self.sampler)
+            first = p.batch_in_epoch if epoch == p.epoch else 0  # batches consumed before the checkpoint
+            for group_start in range(first, self.batches_per_epoch, accum):
+                group = range(group_start, min(group_start + accum, self.batches_per_epoch))
+                micro = [collate(self.rows.batch(order[b * bs:(b + 1) * bs]), self.pad_id, self.device) for b in group]
+                weights = [micro_batch_weight(b, self.batches_per_epoch, accum) for b in group]
+                p.last_loss, n_tok = self.train_step(micro, weights)
+                p.global_step += 1
+                tokens_seen += n_tok
+                tokens_since_log += n_tok
+                if self.fault_hook:
+                    self.fault_hook(p.global_step, env.rank)
+                if p.global_step % tc.log_every_steps == 0 or p.global_step == self.total_steps:
+                    dt = max(time.perf_counter() - t_log, 1e-9)
+                    self._log_step(epoch, tokens_since_log * env.world / dt)
+                    t_log, tokens_since_log = time.perf_counter(), 0
+                end = group[-1] + 1
+                if every and p.global_step % every == 0 and end < self.batches_per_epoch:
+                    self.save_checkpoint(epoch, end)
+            # end of epoch: resumable state, then (optionally) a consolidated export
+            self.save_checkpoint(epoch + 1, 0)
+            if self.cfg.export_every_epoch:
+                self.export(self.epoch_export(epoch + 1), {"epoch": epoch + 1, "step": p.global_step})
+        return {"tokens_seen": tokens_seen, "train_seconds": time.perf_counter() - t0}
+
+    def evaluate(self) -> float | None:
+        """Mean response-token loss over the first ``eval_rows`` held-out rows; every rank runs the
+        same rows (FSDP forward passes are collective), so every rank gets the same number."""
+        from rayapp.models.losses import mean_response_nll
+
+        if not self.cfg.eval_file or not self.tc.eval_rows:
+            return None
+        rows = storage.read_parquet(self.cfg.eval_file, ["input_ids", "labels"]).slice(0, self.tc.eval_rows).to_pylist()
+        self.train_model.eval()
+        loss = mean_response_nll(self.train_model, rows, self.pad_id, self.device)
+        self.train_model.train()
+        return loss
+
+    # ---- the whole run ---------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        self.setup_model()
+        self.setup_data()
+        self.setup_optimizer()
+        self.resume()
+        stats = self.train()
+        eval_loss = self.evaluate()
+        p = self.progress
+        self.export(storage.join(self.cfg.export_dir, "final"),
+                    {"epoch": self.tc.epochs, "step": p.global_step, "eval_loss": eval_loss})
+        final = {"rank": self.env.rank, "world": self.env.world, "params": self.n_params,
+                 "local_params": self.local_params, "global_step": p.global_step, "total_steps": self.total_steps,
+                 "last_loss": p.last_loss, "eval_loss": eval_loss, "resumed_from_step": p.resumed_from,
+                 "sharded": self.sharded, **stats}
+        self.report({"done": 1, "step": p.global_step, "loss": p.last_loss, "eval_loss": eval_loss})
+        storage.write_json(storage.join(self.cfg.stats_dir, f"rank-{self.env.rank}.json"), final)
+        return final
+
+    def _log(self, msg: str) -> None:
+        if self.env.rank == 0:
+            get_logger(f"rayapp.{self.cfg.stage}").info("%s", msg)
+
+    def _log_step(self, epoch: int, tokens_per_s: float) -> None:
+        p, tc = self.progress, self.tc
+        metrics = {"epoch": epoch + 1, "epochs": tc.epochs, "step": p.global_step, "total_steps": self.total_steps,
+                   "loss": p.last_loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s}
+        if tc.peak_flops and self.use_gpu:
+            metrics["mfu"] = 6 * self.n_params * tokens_per_s / (tc.peak_flops * self.env.world)
+        if self.env.rank == 0:
+            # the driver draws its progress line from this file (and `rayapp status` can read it)
+            storage.write_json(storage.join(self.cfg.stats_dir, "progress.json"), {**metrics, "time": time.time()})
+            mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+            get_logger(f"rayapp.{self.cfg.stage}").debug("epoch %d/%d step %d/%d loss %.4f lr %.2e %s tokens/s%s", epoch + 1,
+                      tc.epochs, p.global_step, self.total_steps, p.last_loss, metrics["lr"],
+                      f"{tokens_per_s:,.0f}", mfu)
+        self.report(metrics)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The function Ray Train runs on every worker: each job of the run in turn (e.g. the target
+    on the selection, then on the full set), on one worker group. A job whose final export is
+    complete was done by an earlier attempt and is skipped."""
+    import gc
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from rayapp.common import log as logs
+    from rayapp.testing.faults import train_kill_hook
+
+    jobs = [WorkerConfig.model_validate(job) for job in config["jobs"]]
+    logs.configure(jobs[0].log_level)
+    ctx = ray.train.get_context()
+    env = WorkerEnv(rank=ctx.get_world_rank(), world=ctx.get_world_size(), local_rank=ctx.get_local_rank(),
+                    distributed=dist.is_available() and dist.is_initialized())
+    wrap_ddp = (lambda m: ray.train.torch.prepare_model(m, parallel_strategy="ddp" if env.world > 1 else None))
+    for cfg in jobs:
+        if job_done(cfg, env.rank):
+            continue
+        FineTuneRecipe(cfg, env, report=ray.train.report, wrap_ddp=wrap_ddp,
+                       fault_hook=train_kill_hook(cfg.stats_dir)).run()
+        gc.collect()  # the next job's model replaces this one's
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def job_done(cfg: WorkerConfig, rank: int) -> bool:
+    from rayapp.common.artifacts import export_complete
+
+    return (export_complete(storage.join(cfg.export_dir, "final"))
+            and storage.exists(storage.join(cfg.stats_dir, f"rank-{rank}.json")))

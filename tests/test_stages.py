@@ -1,0 +1,207 @@
+"""The stage contract: one runner for every stage (up-to-date check, --force, stale state, manifest
+written last), typed manifests, the CLI's errors and exit codes, and the package's layering."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayapp.common import storage
+from rayapp.common.layout import RunLayout
+from rayapp.common.manifests import StageManifest
+from rayapp.common.stages import Stage, StageContext, run_stage
+from tests.conftest import REPO
+
+
+class CountingManifest(StageManifest):
+    stage: str = "count"
+    runs: int
+
+
+class CountingStage(Stage):
+    """A real stage on real files: writes ``work/out.txt`` and counts its runs in ``work/runs``."""
+
+    name = "prepare"  # borrows prepare's folder and manifest path in the layout
+    help = "test stage"
+    manifest_type = CountingManifest
+    reset_on_force = ("scratch",)
+    reset_on_change = ("state",)
+
+    def __init__(self, setting: str = "a", fail: bool = False):
+        self.setting, self.fail = setting, fail
+
+    def fingerprint(self, cfg, layout):
+        from rayapp.common.hashing import fingerprint
+
+        return fingerprint(setting=self.setting)
+
+    def outputs_complete(self, m, layout):
+        return storage.exists(storage.join(self.work_dir(layout), "out.txt"))
+
+    def run(self, ctx: StageContext):
+        work = self.work_dir(ctx.layout)
+        runs_file = storage.join(work, "runs")
+        runs = int(storage.read_bytes(runs_file)) + 1 if storage.exists(runs_file) else 1
+        storage.write_text(runs_file, str(runs))
+        for entry in ("scratch", "state"):
+            storage.write_text(storage.join(work, entry, "x"), self.setting)
+        if self.fail:
+            raise RuntimeError("stage failed half-way")
+        storage.write_text(storage.join(work, "out.txt"), self.setting)
+        return CountingManifest(runs=runs)
+
+    def summary(self, m, layout):
+        return [f"ran {m.runs} times"]
+
+
+@pytest.fixture
+def cfg(make_config, tmp_path):
+    return make_config([{"path": str(tmp_path / "none.jsonl")}])
+
+
+def test_runner_skips_up_to_date_work_and_force_redoes_it(cfg):
+    layout = RunLayout(cfg.output_dir)
+    first = run_stage(CountingStage(), cfg)
+    assert not first.skipped and first.manifest.runs == 1 and first.manifest.fingerprint
+    manifest = json.loads(Path(layout.manifest("prepare")).read_text())
+    assert manifest["runs"] == 1 and manifest["config_digest"] == cfg.digest() and manifest["seconds"] >= 0
+    again = run_stage(CountingStage(), cfg)
+    assert again.skipped and again.manifest.runs == 1  # nothing ran
+    forced = run_stage(CountingStage(), cfg, force=True)
+    assert not forced.skipped and forced.manifest.runs == 2
+    # an output the manifest relies on is gone: the stage runs again
+    Path(layout.prepared, "out.txt").unlink()
+    assert run_stage(CountingStage(), cfg).manifest.runs == 3
+
+
+def test_runner_clears_stale_state_on_force_and_on_other_inputs(cfg):
+    work = Path(RunLayout(cfg.output_dir).prepared)
+    run_stage(CountingStage("a"), cfg)
+    (work / "scratch" / "keep").write_text("?")
+    (work / "state" / "keep").write_text("?")
+    run_stage(CountingStage("b"), cfg)  # other inputs: 'state' (e.g. checkpoints) must not be resumed from
+    assert (work / "scratch" / "keep").exists() and not (work / "state" / "keep").exists()
+    (work / "state" / "keep").write_text("?")
+    run_stage(CountingStage("b"), cfg, force=True)  # --force: both go
+    assert not (work / "scratch" / "keep").exists() and not (work / "state" / "keep").exists()
+
+
+def test_a_failed_stage_leaves_no_manifest_and_resumes_its_state(cfg):
+    layout = RunLayout(cfg.output_dir)
+    with pytest.raises(RuntimeError, match="half-way"):
+        run_stage(CountingStage("a", fail=True), cfg)
+    assert not storage.exists(layout.manifest("prepare"))  # written last: nothing counts as done
+    (Path(layout.prepared) / "state" / "keep").write_text("partial")
+    done = run_stage(CountingStage("a"), cfg)  # same inputs: the partial state stays to resume from
+    assert done.manifest.runs == 2 and (Path(layout.prepared) / "state" / "keep").exists()
+
+
+def test_a_manifest_that_does_not_validate_counts_as_not_done(cfg):
+    layout = RunLayout(cfg.output_dir)
+    run_stage(CountingStage(), cfg)
+    Path(layout.manifest("prepare")).write_text(json.dumps({"stage": "count", "runs": "many"}))
+    assert not run_stage(CountingStage(), cfg).skipped
+
+
+def test_every_stage_has_its_folder_and_manifest_in_the_layout():
+    from rayapp import pipeline
+    from rayapp.common.manifests import MANIFEST_TYPES
+    from rayapp.config import load_config
+
+    layout = RunLayout("/runs/x")
+    cfg = load_config(REPO / "configs/tiny.yaml")
+    assert pipeline.STAGES == list(MANIFEST_TYPES)
+    for name in pipeline.STAGES:
+        stage = pipeline.stage(name, cfg)
+        assert stage.manifest_type is MANIFEST_TYPES[name]
+        assert stage.manifest_uri(layout) == f"{stage.work_dir(layout)}/manifest.json"
+    # the embeddings cache that `select --force` must redo is inside select's work folder
+    select = pipeline.stage("select", cfg)
+    assert [storage.join(select.work_dir(layout), e) for e in select.reset_on_force] == [layout.embeddings]
+    plan = [s.label for s in pipeline.plan(cfg)]
+    assert plan == ["prepare", "reference", "score", "select", "finetune (selected)", "finetune (full)", "evaluate"]
+    assert [s.label for s in pipeline.plan(cfg, until="finetune")][-1] == "finetune (selected)"
+
+
+def _rayapp(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "rayapp", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_cli_errors_are_one_line_with_their_exit_codes(tmp_path):
+    bad = _rayapp("prepare", "--config", str(tmp_path / "nope.yaml"))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"rayapp prepare: error: config file not found: {tmp_path / 'nope.yaml'}"]
+    missing = _rayapp("score", "--config", "configs/tiny.yaml", "--set", f"output_dir={tmp_path}/run")
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+    assert "no complete prepare output" in missing.stderr and "run `rayapp prepare" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_a_bug_is_not_dressed_up_as_a_user_error(cfg, monkeypatch):
+    """Anything that is not a RayappError propagates with its traceback (exit code 1 from Python)."""
+    from rayapp import cli, pipeline
+
+    class Broken(CountingStage):
+        def run(self, ctx):
+            return {}["missing"]  # a KeyError: a bug, not the user's problem
+
+    monkeypatch.setattr(pipeline, "stage", lambda name, c: Broken())
+    cfg_file = Path(cfg.output_dir).parent / "cfg.yaml"
+    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json", by_alias=True)))
+    with pytest.raises(KeyError):
+        cli.main(["prepare", "--config", str(cfg_file)])
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def test_shared_pieces_import_no_stage():
+    """config, common/ and models/ sit below the stages; a stage imports common, models and train,
+    never another stage's internals (the pipeline module and the CLI tie them together)."""
+    pkg = REPO / "rayapp"
+    stages = ("prepare", "reference", "score", "select", "finetune", "evaluate")
+    low = [pkg / "config.py", *sorted((pkg / "common").glob("*.py")), *sorted((pkg / "models").glob("*.py")),
+           *sorted((pkg / "train").glob("*.py"))]
+    for path in low:
+        bad = {m for m in _imports(path) if m.split(".")[:2] in [["rayapp", s] for s in stages]}
+        assert not bad, f"{path.relative_to(REPO)} imports a stage: {bad}"
+    for stage in stages:
+        for path in sorted((pkg / stage).glob("*.py")):
+            for m in _imports(path):
+                parts = m.split(".")
+                if parts[0] == "rayapp" and len(parts) > 1 and parts[1] in stages and parts[1] != stage:
+                    pytest.fail(f"{path.relative_to(REPO)} imports {m}")
+
+
+def test_package_data_globs_match_files():
+    """Defect: pyproject shipped `configs/*.yaml` as package data, which matches nothing."""
+    import tomllib
+
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["rayapp"]
+    for pattern in data:
+        assert list((REPO / "rayapp").glob(pattern)), f"package-data {pattern!r} matches no file"
+
+
+def test_ray_start_leaves_hub_access_to_the_environment(tmp_path):
+    """Defect: init_ray set HF_HUB_OFFLINE=0 when it was unset, although no stage should reach the
+    hub unless the environment allows it."""
+    code = ("import os; from rayapp.common.raycluster import init_ray; from rayapp.config import load_config; "
+            "init_ray(load_config('configs/tiny.yaml')); print(repr(os.environ.get('HF_HUB_OFFLINE')))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_HUB_OFFLINE"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "None"
