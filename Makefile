@@ -43,7 +43,7 @@ test: $(VENV)/.vllm
 	  echo "chromium not installed: the report screenshot test will be skipped"; }
 	$(PY) -m pytest -q -p no:cacheprovider --durations=12 -m "not extended" tests
 
-# The tests beyond CI's 20-minute budget on 2 cores (~17 minutes): the cluster-level faults (a
+# The tests left out of CI's run on 2 cores (~13 minutes): the cluster-level faults (a
 # stopped and re-submitted pipeline job, a node killed mid-scoring), vLLM generation with a served
 # judge, and FSDP training that checkpoints to s3 and resumes.
 test-extended: $(VENV)/.vllm

@@ -81,7 +81,7 @@ def test_vllm_generation_and_served_judge(tiny_models, vllm_server, ray_local):
     path.write_text(yaml.safe_dump(cfg))
     # secrets reach the stage only through the environment, and must never be written anywhere
     canaries = {"RAYAPP_TEST_JUDGE_KEY": "sk-c4nary-judge-9f3a", "HF_TOKEN": "hf_c4nary_token_9f3a"}
-    env = {**os.environ, "RAYAPP_DEBUG": "1", **canaries}
+    env = {**os.environ, **canaries}
     # Generation (two vLLM engines, one per model) runs while the judge server is still starting;
     # the judge is only asked once both models have answered, and the test checks the server is up
     # before that can happen.
@@ -90,7 +90,7 @@ def test_vllm_generation_and_served_judge(tiny_models, vllm_server, ray_local):
     _wait_ready(proc, base_url, log)
     output, _ = run.communicate(timeout=600)
     assert run.returncode == 0, output[-5000:]
-    assert output.index("judging a vs b") > output.index("b: generating")
+    assert output.index("judging a vs b") > output.index("generating 8 answers each with vllm: a, b")
 
     gens = {m: pq.read_table(out / "evaluate" / "generations" / f"{m}.parquet").to_pylist() for m in ("a", "b")}
     assert all(len(g) == 8 for g in gens.values())
