@@ -21,8 +21,11 @@ from rayapp.common.hashing import short_digest
 # dispatches on them.
 SelectMethod = Literal["lp", "lp_app", "ppl_high", "ppl_low", "ifd", "longest", "random", "clust_rand", "full"]
 SELECT_METHODS: tuple[str, ...] = get_args(SelectMethod)
+# What a target can be fine-tuned on; evaluation names the fine-tuned models by these.
+FinetuneSubset = Literal["selected", "full", "random"]
+FINETUNE_SUBSETS: tuple[str, ...] = get_args(FinetuneSubset)
 
-__all__ = ["ConfigError", "RunConfig", "SELECT_METHODS", "load_config", "dump_config"]
+__all__ = ["ConfigError", "RunConfig", "SELECT_METHODS", "FINETUNE_SUBSETS", "load_config", "dump_config"]
 
 
 _SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token", "token", "password", "api_key", "key",
@@ -267,7 +270,7 @@ class SelectConfig(_Strict):
 
 
 class FinetuneConfig(TrainConfig):
-    subset: Literal["selected", "full", "random"] = "selected"
+    subset: FinetuneSubset = "selected"
 
 
 class GenerationConfig(_Strict):

@@ -183,8 +183,6 @@ MANIFEST_TYPES: dict[str, type[StageManifest]] = {
     "finetune": FinetuneManifest,
     "evaluate": EvaluationManifest,
 }
-RUN_HINT = {"prepare": "rayapp prepare", "reference": "rayapp reference", "score": "rayapp score",
-            "select": "rayapp select", "finetune": "rayapp finetune", "evaluate": "rayapp evaluate"}
 
 M = TypeVar("M", bound=StageManifest)
 
@@ -208,7 +206,7 @@ def require_manifest(layout: RunLayout, stage: str, variant: str | None = None) 
         what = f"{stage} ({variant})" if variant else stage
         extra = f" --set finetune.subset={variant}" if stage == "finetune" and variant else ""
         raise MissingInputError(f"no complete {what} output at {layout.stage_dir(stage, variant)}: "
-                                f"run `{RUN_HINT[stage]} --config ...{extra}` first")
+                                f"run `rayapp {stage} --config ...{extra}` first")
     return m
 
 

@@ -11,20 +11,18 @@ from rayapp.common.log import get_logger
 
 class ProgressLine:
     def __init__(self, label: str, unit: str = "", every_s: float = 15.0):
-        self.label, self.unit, self.every_s = label, unit, every_s
+        self.unit, self.every_s = unit, every_s
         stage, _, variant = label.partition(" ")
         self.log = get_logger(f"rayapp.{stage}")
         self.prefix = f"{variant} " if variant else ""
         self.bar = None
         self.last_log = 0.0
-        self.done = self.total = 0
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(desc=f"[{label}]", unit=f" {unit}" if unit else "it", dynamic_ncols=True, leave=True)
 
     def update(self, done: int, total: int, detail: str = "") -> None:
-        self.done, self.total = done, total
         if self.bar is not None:
             self.bar.total = total
             self.bar.n = done

@@ -49,7 +49,7 @@ class Stage(ABC):
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.variant})" if self.variant else self.name
+        return f"{self.name}{_variant(self)}"
 
     def work_dir(self, layout: RunLayout) -> str:
         return layout.stage_dir(self.name, self.variant)

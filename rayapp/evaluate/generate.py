@@ -211,6 +211,7 @@ def generate(rows: list[dict], models: dict[str, str], gen: GenerationConfig, ma
     else:
         out = generate_hf(rows, models, gen, max_positions, trust_remote_code)
         seconds = dict.fromkeys(models, time.perf_counter() - t0)  # one pool, shared wall time
+    pool_tokens = sum(int(r["new_tokens"]) for r in out)
     results = {}
     for label in models:
         by_id = {r["id"]: r for r in out if r["model"] == label}
@@ -219,9 +220,10 @@ def generate(rows: list[dict], models: dict[str, str], gen: GenerationConfig, ma
             raise RuntimeError(f"generation lost {len(missing)} prompts of {label} (e.g. {missing[:3]})")
         ordered = [{c: by_id[r["id"]][c] for c in OUTPUT_COLUMNS} for r in rows]
         new_tokens = sum(int(r["new_tokens"]) for r in ordered)
-        all_tokens = sum(int(r["new_tokens"]) for r in out)
         wall = seconds[label]
+        # vLLM: this model's engine alone; hf: the shared pool, over every model's tokens
+        produced = new_tokens if gen.backend == "vllm" else pool_tokens
         results[label] = (ordered, {"prompts": len(rows), "seconds": round(wall, 2), "new_tokens": new_tokens,
-                                    "new_tokens_per_s": round(all_tokens / wall, 1) if wall else None,
+                                    "new_tokens_per_s": round(produced / wall, 1) if wall else None,
                                     "models_in_pool": len(models) if gen.backend != "vllm" else 1})
     return results

@@ -23,15 +23,13 @@ from rayapp.common.layout import RunLayout
 from rayapp.common.log import get_logger
 from rayapp.common.manifests import EvaluationManifest, FinetuneManifest, file_digest, require_manifest
 from rayapp.common.stages import Stage, StageContext
-from rayapp.config import RunConfig
+from rayapp.config import FINETUNE_SUBSETS, RunConfig
 from rayapp.evaluate.evalsets import load_eval_set, resolve_set
 from rayapp.evaluate.judge import describe_judge
 from rayapp.evaluate.verdicts import Tally, format_table, tally_by_set, unparseable_kind
 from rayapp.common.template import PromptFormatter
 
 log = get_logger(__name__)
-
-FINETUNE_SUBSETS = ("selected", "full", "random")
 
 
 def resolve_model(cfg: RunConfig, layout: RunLayout, entry: str) -> dict:

@@ -21,15 +21,13 @@ from rayapp.common.manifests import (
 )
 from rayapp.common.raycluster import init_ray
 from rayapp.common.stages import Stage, StageContext
-from rayapp.config import RunConfig
+from rayapp.config import FINETUNE_SUBSETS, RunConfig
 from rayapp.models import registry
 from rayapp.models.loading import load_tokenizer
-from rayapp.train.runner import TrainJob, run_training
+from rayapp.train.runner import TRAINING_STATE, TrainJob, run_training
 
 log = get_logger(__name__)
 
-SUBSETS = ("selected", "full", "random")
-TRAINING_STATE = ("checkpoints", "exports", "stats", "ray_train")
 
 
 def training_data(layout: RunLayout, prepared: PreparedManifest, subset: str) -> tuple[list[str], int, str, str]:
@@ -67,7 +65,7 @@ class FinetuneStage(Stage):
     help = "fine-tune the target model on the selection (Ray Train, FSDP2)"
     manifest_type = FinetuneManifest
     reset_on_force = TRAINING_STATE
-    reset_on_change = TRAINING_STATE  # never resume from checkpoints of other inputs
+    reset_on_change = TRAINING_STATE
 
     def __init__(self, subset: str = "selected"):
         self.variant = subset
@@ -126,5 +124,5 @@ def subsets_to_train(cfg: RunConfig, evaluating: bool) -> list[str]:
     to evaluate (e.g. selected and full), so `rayapp run` ends with all the models evaluation needs."""
     subsets = [cfg.finetune.subset]
     if evaluating:
-        subsets += [m for m in cfg.evaluate.models if m in SUBSETS]
+        subsets += [m for m in cfg.evaluate.models if m in FINETUNE_SUBSETS]
     return list(dict.fromkeys(subsets))

@@ -11,9 +11,7 @@ from rayapp.common.raycluster import init_ray
 from rayapp.common.stages import Stage, StageContext
 from rayapp.config import RunConfig
 from rayapp.models import registry
-from rayapp.train.runner import TrainJob, run_training
-
-TRAINING_STATE = ("checkpoints", "exports", "stats", "ray_train")
+from rayapp.train.runner import TRAINING_STATE, TrainJob, run_training
 
 
 class ReferenceStage(Stage):
@@ -21,7 +19,7 @@ class ReferenceStage(Stage):
     help = "fine-tune the small reference model, checkpoint every epoch"
     manifest_type = ReferenceManifest
     reset_on_force = TRAINING_STATE
-    reset_on_change = TRAINING_STATE  # never resume from checkpoints of other inputs
+    reset_on_change = TRAINING_STATE
 
     def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
         prepared = read_prepared(layout)

@@ -13,6 +13,10 @@ from rayapp.config import TrainConfig
 
 log = get_logger("rayapp.train")
 
+# What a training run keeps in its work dir: resumable state and outputs. A stage that trains
+# clears them when its inputs change, so a run never resumes from checkpoints of other inputs.
+TRAINING_STATE = ("checkpoints", "exports", "stats", "ray_train")
+
 
 def _watch_progress(jobs: list[tuple[str, str]], stop: threading.Event) -> None:
     """Draw rank 0's progress (stats/progress.json, written every log step) as one line per job."""
