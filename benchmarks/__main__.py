@@ -1,4 +1,4 @@
-"""Entry point: python -m benchmarks score|scaling|demo ... (see --help)"""
+"""Entry point: python -m benchmarks score|scaling|demo|memory ... (see --help)"""
 
 import argparse
 import sys
@@ -20,7 +20,15 @@ def main() -> int:
     d = sub.add_parser("demo", help="`rayapp run` on the embedded default: a baseline commit and this checkout")
     d.add_argument("--baseline", required=True, help="the commit to compare with, e.g. 2c6cd9d")
     d.add_argument("--out", default="benchmarks/results")
+    m = sub.add_parser("memory", help="peak memory at real shapes: FSDP2 sharded load and bounded scoring loss, "
+                       "each beside the former path")
+    m.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    if args.which == "memory":
+        from benchmarks.memory import run as run_memory
+
+        run_memory(args.out)
+        return 0
     if args.which == "demo":
         from benchmarks.demo import run as run_demo
 

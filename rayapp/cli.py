@@ -48,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the stages in order (each skips work already complete)")
     _add_common(run)
     run.add_argument("--until", choices=list(STAGE_TYPES), help="stop after this stage")
+    run.add_argument("--skip-plan", action="store_true",
+                     help="start even if `rayapp plan` says a stage will not fit its GPUs")
+    pl = sub.add_parser("plan", help="per-GPU memory each stage needs at the config's shapes, and whether it fits",
+                        description="For each stage: the model's parameters (from its config.json, built on the "
+                        "meta device), the memory per GPU it needs, the GPU it is placed on, and a verdict. "
+                        "Exits 1 when a stage does not fit.")
+    pl.add_argument("--config", "-c", required=True)
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    _verbosity(pl, argparse.SUPPRESS)
     sel = sub.choices["select"]
     sel.add_argument("--trajectories", help="select from trajectories produced elsewhere (Parquet: id/index, P0..Pn)")
     sel.add_argument("--model", help="column prefix model name in --trajectories, e.g. opt-350m")
@@ -76,7 +86,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_stages(cfg, names: list[str] | None, force: bool, until: str | None = None) -> int:
+def _plan(cfg, as_json: bool, verbose: bool) -> int:
+    import json
+
+    from rayapp.plan.check import format_plans, infeasible, plan_config
+
+    try:
+        plans = plan_config(cfg)
+    except OSError as exc:
+        raise RayappError(str(exc)) from None
+    if as_json:
+        print(json.dumps({"config": cfg.name, "fits": not infeasible(plans), "stages": [p.as_dict() for p in plans]},
+                         indent=2))
+    else:
+        print(format_plans(plans, verbose))
+    return 1 if infeasible(plans) else 0
+
+
+def check_plan(cfg) -> None:
+    """What `rayapp plan` checks, before a run starts: a stage that cannot fit its GPUs stops the
+    run now, not when its model is first loaded (CPU-only configs have nothing to check)."""
+    from rayapp.common.log import get_logger
+    from rayapp.plan.check import format_plans, infeasible, plan_config, uses_gpus
+
+    if not uses_gpus(cfg):
+        return
+    try:
+        plans = plan_config(cfg)
+    except OSError as exc:
+        get_logger("rayapp.run").warning("cannot plan memory (%s); starting without the check", exc)
+        return
+    if infeasible(plans):
+        raise RayappError("a stage will not fit its GPUs (`rayapp plan` shows it; --skip-plan starts anyway):\n"
+                          + format_plans(plans))
+
+
+def run_stages(cfg, names: list[str] | None, force: bool, until: str | None = None, skip_plan: bool = False) -> int:
     """`rayapp run` (``names`` None: the whole plan up to ``until``) or one stage command."""
     from rayapp import pipeline
     from rayapp.common.layout import RunLayout
@@ -84,6 +129,8 @@ def run_stages(cfg, names: list[str] | None, force: bool, until: str | None = No
     from rayapp.summary import print_summary
 
     log = get_logger("rayapp.run")
+    if names is None and not skip_plan:
+        check_plan(cfg)
     stages = pipeline.plan(cfg, until) if names is None else [pipeline.stage(n, cfg) for n in names]
     t0 = time.perf_counter()
     results = []
@@ -172,8 +219,10 @@ def _dispatch(args) -> int:
     if args.command == "config":
         print(dump_config(cfg), end="")
         return 0
+    if args.command == "plan":
+        return _plan(cfg, args.json, getattr(args, "verbose", False))
     if args.command == "run":
-        return run_stages(cfg, None, args.force, args.until)
+        return run_stages(cfg, None, args.force, args.until, args.skip_plan)
     return run_stages(cfg, [args.command], args.force)
 
 

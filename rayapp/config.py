@@ -185,7 +185,9 @@ class ResourcesConfig(_Strict):
     num_gpus: float = Field(0, ge=0)
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom resources, e.g. {'A100': 1}")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom resources, e.g. {'gpu_small': 1}")
+    accelerator_type: str | None = Field(
+        None, description="GPU type each actor needs, as Ray labels nodes (e.g. 'A10G'); `rayapp plan` checks against it")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "ResourcesConfig":
@@ -195,7 +197,12 @@ class ResourcesConfig(_Strict):
 
 
 class ScoreConfig(_Strict):
-    batch_tokens: int = Field(8192, ge=64, description="Padded tokens per forward batch")
+    batch_tokens: int | None = Field(
+        None, ge=64, description="Padded tokens per forward batch; unset: sized from the GPU's free memory "
+        "once the model is loaded (8192 on CPU)")
+    cached_models: int | None = Field(
+        None, ge=1, description="Checkpoints an actor keeps loaded; unset: 2 when two take at most half "
+        "the GPU, else 1 (2 on CPU)")
     max_rows_per_batch: int = Field(256, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on GPU, float32 on CPU"
@@ -226,10 +233,20 @@ class TrainConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
+    accelerator_type: str | None = Field(
+        None, description="GPU type the workers need, as Ray labels nodes (e.g. 'A10G', 'A100', 'H100'); "
+        "also what `rayapp plan` checks the memory against")
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on GPU")
     fsdp: bool = Field(True, description="Shard with FSDP2 (fully_shard) per decoder layer")
     activation_checkpointing: bool = False
     cpu_offload: bool = False
+    gradient_sync: Literal["auto", "step", "micro_batch"] = Field(
+        "auto", description="FSDP2 gradient reduce-scatter with gradient accumulation: once per optimizer "
+        "step (each GPU keeps the unsharded fp32 gradients in between: 4 bytes per parameter of the whole "
+        "model) or after every micro-batch (gradient_accumulation_steps x the communication, no unsharded "
+        "gradients); auto: per step when those gradients take at most a quarter of the GPU (always on CPU)")
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the exported weights; auto: bfloat16 when training in bf16, else float32")
     seed: int = 42
     max_failures: int = Field(0, ge=-1, description="Ray Train restarts from the latest checkpoint (-1: forever)")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Sharded checkpoint cadence (also at epoch ends)")
@@ -339,11 +356,19 @@ class RayConfig(_Strict):
     num_gpus: int | None = Field(None, ge=0, description="For a local cluster only")
 
 
+class ClusterConfig(_Strict):
+    """What `rayapp plan` checks stage memory against when a stage names no accelerator_type."""
+
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="GPU memory of the GPUs stages run on, where the config names no accelerator_type")
+
+
 class RunConfig(_Strict):
     name: str = "run"
     output_dir: str = Field("runs/default", description="Local path or s3://, gs:// URI")
     seed: int = 42
     ray: RayConfig = RayConfig()
+    cluster: ClusterConfig = ClusterConfig()
     data: DataConfig
     models: ModelsConfig
     score: ScoreConfig = ScoreConfig()

@@ -159,3 +159,31 @@ def test_a_changed_object_in_the_bucket_makes_prepared_data_stale(s3, tmp_path, 
     storage.write_bytes_atomic(uri, write_jsonl(tmp_path / "b.jsonl", alpaca_rows(21)).read_bytes())
     again = pipeline.run("prepare", cfg)
     assert not again.skipped and again.manifest.rows == 21
+
+
+def test_resume_downloads_a_step_once_per_node_and_removes_it(s3, tmp_path, monkeypatch):
+    """Defect: every rank downloaded the whole step folder for itself (8 copies of weights and
+    Adam state per node at 13B) and never removed it. A node's ranks now share one download."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = tmp_path / "step"
+    src.mkdir()
+    (src / "__0_0.distcp").write_bytes(os.urandom(1 << 16))
+    (src / ".metadata").write_bytes(b"m")
+    uri = "s3://rayapp-test/resume/checkpoints/step-000004"
+    storage.upload_dir(str(src), uri)
+    calls = []
+    real_download = storage.download_dir
+
+    def counted(remote, local):  # the real download, counted
+        calls.append(remote)
+        return real_download(remote, local)
+
+    monkeypatch.setattr(storage, "download_dir", counted)
+    staging = str(tmp_path / "staging")
+    with ThreadPoolExecutor(8) as pool:  # 8 ranks of one node
+        paths = list(pool.map(lambda _: ck.fetch_step(uri, staging), range(8)))
+    assert len(set(paths)) == 1 and calls == [uri]
+    assert sorted(os.listdir(paths[0])) == [".metadata", "__0_0.distcp"]
+    ck.drop_fetched(paths[0], uri)
+    assert not os.path.exists(paths[0]) and os.listdir(os.path.dirname(paths[0])) == []

@@ -125,6 +125,7 @@ def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig,
         num_cpus=r.num_cpus,
         num_gpus=r.num_gpus,
         resources=r.resources or None,
+        accelerator_type=gen.accelerator_type if r.num_gpus else None,
     )
     return ds.take_all()
 

@@ -32,9 +32,66 @@ def pad_batch(seqs: list[Sequence[int]], labs: list[Sequence[int]], pad_id: int)
     return torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(mask)
 
 
+# Model types whose logits are exactly ``output_embeddings(base_model(...).last_hidden_state)``:
+# no logit soft-capping or scaling after the output layer. Others take the full-logits path.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "opt", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2", "phi3",
+                                    "olmo", "olmo2", "smollm3", "gpt_bigcode", "falcon"})
+
+# Bytes of one chunk's logits in the output layer's dtype, its fp32 copy and the cross-entropy's
+# fp32 log-softmax: the memory the loss needs whatever the batch size (64 MiB of fp32 logits).
+LOGIT_CHUNK_FLOATS = 16 * 2**20
+
+
+def _base_and_head(model):
+    """(base model, output layer) when the loss can be taken from hidden states, else None."""
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings()
+    if base is None or head is None or base is model:
+        return None
+    return base, head
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Scored positions per output-layer chunk."""
+    return max(1, LOGIT_CHUNK_FLOATS // max(vocab_size, 1))
+
+
 @torch.inference_mode()
 def batch_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
-    """Sum of token NLLs and count of scored tokens per row (labels != -100), in float32."""
+    """Sum of token NLLs and count of scored tokens per row (labels != -100), in float32.
+
+    Memory is bounded by the response tokens, not by batch tokens x vocabulary: the output layer is
+    applied only at labelled positions (their hidden states gathered first), a chunk of positions at
+    a time, each chunk's cross-entropy in fp32. The per-row numbers equal the full-logits path's
+    (``full_logits_losses``) within fp32 rounding. The results stay on the device until the end of
+    the batch (one copy to the host)."""
+    parts = _base_and_head(model)
+    if parts is None:
+        return full_logits_losses(model, input_ids, labels, attention_mask)
+    base, head = parts
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    shift_labels = labels[:, 1:]
+    valid = shift_labels != IGNORE_INDEX
+    rows, cols = valid.nonzero(as_tuple=True)
+    picked = hidden[rows, cols]  # (scored positions, hidden), row-major
+    del hidden
+    targets = shift_labels[rows, cols]
+    nll = torch.empty(rows.numel(), dtype=torch.float32, device=picked.device)
+    step = chunk_rows(head.out_features if hasattr(head, "out_features") else model.config.vocab_size)
+    for lo in range(0, rows.numel(), step):
+        logits = head(picked[lo:lo + step]).float()
+        nll[lo:lo + step] = torch.nn.functional.cross_entropy(logits, targets[lo:lo + step], reduction="none")
+    per_row = torch.zeros(valid.shape, dtype=torch.float32, device=nll.device)
+    per_row[rows, cols] = nll  # summed per row as the full-logits path does
+    return per_row.sum(dim=1).double().cpu().numpy(), valid.sum(dim=1).cpu().numpy()
+
+
+@torch.inference_mode()
+def full_logits_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
+    """The same numbers from the model's full logits (batch x length x vocabulary): for model types
+    with a non-linear head, and as the reference the bounded path is checked against."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]

@@ -13,24 +13,31 @@ from rayapp.score.batching import token_budget_batches
 from rayapp.testing.faults import score_fault_hook
 
 
+CPU_BATCH_TOKENS = 8192  # batch_tokens unset on CPU
+
+
 class LossScorer:
     """Scores rows for the checkpoint named in each row's ``checkpoint`` column.
 
     Models load through ``from_pretrained`` on first use and stay cached (``cache_size`` models),
-    so an actor loads each checkpoint once even when blocks of several checkpoints interleave."""
+    so an actor loads each checkpoint once even when blocks of several checkpoints interleave. The
+    oldest is evicted before the next one loads, so at most ``cache_size`` are ever resident. Left
+    unset, the cache size and the token budget are sized from the device once the first model is
+    in (plan/memory.py: the same arithmetic `rayapp plan` shows)."""
 
     def __init__(
         self,
         checkpoints: dict[str, str],
         modes: list[str],
-        batch_tokens: int,
+        batch_tokens: int | None,
         max_rows_per_batch: int,
         dtype: str,
         bos_id: int,
         pad_id: int,
         num_threads: int | None = None,
-        cache_size: int = 2,
+        cache_size: int | None = None,
         trust_remote_code: bool = False,
+        max_length: int = 2048,
     ):
         import torch
 
@@ -48,6 +55,7 @@ class LossScorer:
         self.bos_id = bos_id
         self.pad_id = pad_id
         self.cache_size = cache_size
+        self.max_length = max_length
         self.trust_remote_code = trust_remote_code
         self.models: OrderedDict[str, object] = OrderedDict()
         self.batches_done = 0
@@ -59,12 +67,34 @@ class LossScorer:
             return self.models[name]
         from rayapp.models.loading import load_causal_lm
 
+        while self.models and len(self.models) >= (self.cache_size or 1):
+            self.models.popitem(last=False)  # before loading: never one model more than the cache holds
+            if self.device == "cuda":
+                self.torch.cuda.empty_cache()
         model = load_causal_lm(self.checkpoints[name], dtype=self.dtype, trust_remote_code=self.trust_remote_code)
         model.to(self.device).eval()
         self.models[name] = model
-        while len(self.models) > self.cache_size:
-            self.models.popitem(last=False)
+        if self.cache_size is None or self.batch_tokens is None:
+            self._size_for(model)
         return model
+
+    def _size_for(self, model) -> None:
+        """The cache size and token budget left unset, from the model's shape and the GPU."""
+        if self.device != "cuda":
+            self.cache_size = self.cache_size or 2
+            self.batch_tokens = self.batch_tokens or CPU_BATCH_TOKENS
+            return
+        from rayapp.plan import memory
+        from rayapp.plan.shapes import shape_of
+
+        shape = shape_of(model.config, "scored model", "loaded")
+        b = self.torch.finfo(self.dtype).bits // 8
+        free, total = self.torch.cuda.mem_get_info()
+        if self.cache_size is None:
+            self.cache_size = memory.cached_models(shape, total, b)
+        if self.batch_tokens is None:
+            room = free - (self.cache_size - 1) * shape.params * b  # for the next checkpoint
+            self.batch_tokens = memory.auto_batch_tokens(shape, room, b, self.max_length)
 
     def _score(self, model, seqs, labs):
         n = len(seqs)

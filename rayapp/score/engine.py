@@ -162,6 +162,8 @@ def score_checkpoints(
             pad_id=pad_id,
             num_threads=max(1, int(res.num_cpus)),
             trust_remote_code=trust_remote_code,
+            cache_size=score_cfg.cached_models,
+            max_length=prepared_manifest.max_length,
         ),
         batch_size=None,  # one unit per call (see above)
         batch_format="numpy",
@@ -169,6 +171,7 @@ def score_checkpoints(
         num_cpus=res.num_cpus,
         num_gpus=res.num_gpus,
         resources=res.resources or None,
+        accelerator_type=res.accelerator_type,
         runtime_env=runtime_env,
     )
 

@@ -58,7 +58,8 @@ def _read_texts(item: pa.Table) -> pa.Table:
 
 def embed_prepared(files: list[str], model_name: str, batch_size: int, num_cpus: float, max_actors: int,
                    num_gpus: float = 0, max_tokens: int = 256,
-                   resources: dict[str, float] | None = None) -> tuple[list[str], np.ndarray]:
+                   resources: dict[str, float] | None = None,
+                   accelerator_type: str | None = None) -> tuple[list[str], np.ndarray]:
     import ray.data
 
     # One block per prepared shard, and one actor call per block (batch_size=None): every row is
@@ -77,6 +78,7 @@ def embed_prepared(files: list[str], model_name: str, batch_size: int, num_cpus:
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         resources=resources or None,  # the scoring pool's node-type labels, if any
+        accelerator_type=accelerator_type if num_gpus else None,
     )
     ids: list[str] = []
     vecs = []

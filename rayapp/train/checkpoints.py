@@ -80,8 +80,44 @@ def publish(local: str, target_uri: str) -> None:
     shutil.rmtree(local, ignore_errors=True)
 
 
-def load_location(step_uri: str, rank: int, staging: str | None) -> str:
-    """A local copy of a complete step checkpoint to load from (downloads it from an object store)."""
+def fetch_step(step_uri: str, staging: str | None) -> str:
+    """A local copy of a complete step checkpoint to load from.
+
+    From an object store the step folder is downloaded once per node, into the node's staging
+    folder, under a file lock: a node's ranks share one copy (at 13B, weights and Adam state are
+    ~156 GB, eight copies would not fit a node's disk). ``drop_fetched`` removes it once every rank
+    has loaded. A shared filesystem path is read in place."""
+    import fcntl
+
     if not storage.is_remote(step_uri):
         return step_uri
-    return storage.download_dir(step_uri, os.path.join(staging, f"rank-{rank}", "resume"))
+    local = os.path.join(staging, "resume", os.path.basename(step_uri.rstrip("/")))
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with open(f"{local}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not os.path.exists(f"{local}.complete"):  # another rank of this node may have fetched it
+            shutil.rmtree(local, ignore_errors=True)
+            storage.download_dir(step_uri, local)
+            open(f"{local}.complete", "w").close()
+    return local
+
+
+def drop_fetched(local: str, step_uri: str) -> None:
+    """Remove a node's downloaded step folder (call on one rank per node, after a barrier)."""
+    if local == step_uri:
+        return
+    for path in (f"{local}.complete", f"{local}.lock"):
+        if os.path.exists(path):
+            os.remove(path)
+    shutil.rmtree(local, ignore_errors=True)
+
+def set_config_dtype(export_dir: str, dtype) -> None:
+    """Record the dtype an export's weights are stored in, in its config.json (local folder)."""
+    import json
+
+    path = os.path.join(export_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)

@@ -93,7 +93,7 @@ def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runti
         # num_workers=0: Ray Train's local mode (no worker actors, no resources to reserve)
         scaling_config=ray.train.ScalingConfig(num_workers=0) if train_cfg.num_workers == 0 else
         ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
-                                resources_per_worker=resources),
+                                resources_per_worker=resources, accelerator_type=train_cfg.accelerator_type),
         run_config=ray.train.RunConfig(
             name=f"{stage}-{os.path.basename(first.work_dir.rstrip('/'))}",
             storage_path=ray_state,

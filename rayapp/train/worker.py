@@ -134,24 +134,58 @@ class FineTuneRecipe:
         from rayapp.models.loading import load_causal_lm, load_tokenizer
 
         cfg, tc = self.cfg, self.tc
-        self.model = load_causal_lm(cfg.init_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.n_params = sum(p.numel() for p in self.model.parameters())
-        if tc.activation_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model.config.use_cache = False
         self.sharded = tc.fsdp and self.env.world > 1 and self.env.distributed
         if self.sharded:
-            self.model.to(self.device)
-            self.train_model = shard_fsdp2(self.model, self.bf16, tc.cpu_offload)
-        elif self.wrap_ddp is not None:
-            self.train_model = self.wrap_ddp(self.model)
+            self.model = self._sharded_model()
         else:
-            self.train_model = self.model.to(self.device)
+            self.model = load_causal_lm(cfg.init_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+            self._checkpoint_activations()
+            self.train_model = self.wrap_ddp(self.model) if self.wrap_ddp is not None else self.model.to(self.device)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.defer_sync = self._defer_gradient_sync()
         self.local_params = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
                                 for p in self.model.parameters())
+
+    def _defer_gradient_sync(self) -> bool:
+        """Reduce-scatter once per optimizer step rather than after every micro-batch (FSDP2)."""
+        import torch
+
+        from rayapp.plan.memory import defer_gradient_sync
+
+        if not self.sharded or self.tc.gradient_sync == "micro_batch":
+            return False
+        if self.tc.gradient_sync == "step":
+            return True
+        total = torch.cuda.mem_get_info()[1] if self.use_gpu else None
+        return defer_gradient_sync(self.n_params, total, self.sharded)
+
+    def _checkpoint_activations(self) -> None:
+        if self.tc.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
+
+    def _sharded_model(self):
+        """FSDP2 without a full copy on any rank: build on the meta device, shard, allocate this
+        rank's shards and read only their rows from the safetensors (models/sharded.py). The
+        weights equal from_pretrained's in fp32; the optimizer keeps fp32 master weights and
+        compute runs in bf16 under mixed precision."""
+        import torch
+
+        from rayapp.models import sharded
+        from rayapp.models.loading import materialize
+
+        folder = materialize(self.cfg.init_model)  # an object-store export: once per node, under a lock
+        config = sharded.load_config(folder, self.cfg.trust_remote_code)
+        self.model = sharded.empty_causal_lm(config, torch.float32, self.cfg.trust_remote_code)
+        self._checkpoint_activations()
+        buffers = sharded.real_buffers(self.model)
+        self.train_model = shard_fsdp2(self.model, self.bf16, self.tc.cpu_offload)
+        self.model.to_empty(device="cpu" if self.tc.cpu_offload else self.device)
+        sharded.load_local_shards(self.model, folder, torch.float32, buffers)
+        return self.model
 
     def setup_data(self) -> None:
         from torch.utils.data import DistributedSampler
@@ -184,6 +218,7 @@ class FineTuneRecipe:
 
     def resume(self) -> None:
         """Load the newest complete sharded checkpoint, if there is one."""
+        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -195,8 +230,12 @@ class FineTuneRecipe:
         path, saved = latest
         model_sd, optim_sd = get_state_dict(self.train_model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=ck.load_location(path, self.env.rank, self.cfg.staging_dir),
-                 no_dist=not self.env.distributed)
+        local = ck.fetch_step(path, self.cfg.staging_dir)
+        dcp.load(state, checkpoint_id=local, no_dist=not self.env.distributed)
+        if self.env.distributed:
+            dist.barrier()  # every rank of the node has read the shared copy
+        if self.env.local_rank == 0:
+            ck.drop_fetched(local, path)
         set_state_dict(self.train_model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         p = self.progress
@@ -247,12 +286,25 @@ class FineTuneRecipe:
         full = get_model_state_dict(self.train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.env.rank == 0 and not ck.export_complete(path):
             local = ck.save_location(path, self.env.rank, self.cfg.staging_dir)
+            dtype = self.export_dtype()
+            full = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}
             self.model.save_pretrained(local, state_dict=full, safe_serialization=True)
+            ck.set_config_dtype(local, dtype)  # save_pretrained records the fp32 master weights' dtype
             self.tokenizer.save_pretrained(local)
             ck.publish(local, path)
             ck.mark_export(path, info)  # last: the export counts as complete from here on
         if self.env.distributed:
             dist.barrier()
+
+    def export_dtype(self):
+        """The dtype exports are written in: the training compute dtype unless set (bf16 under
+        mixed precision: half the bytes to upload, load and serve, and what vLLM serves anyway)."""
+        import torch
+
+        name = self.tc.export_dtype
+        if name == "auto":
+            return torch.bfloat16 if self.bf16 else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
     # ---- training ------------------------------------------------------------------------------
 
@@ -263,7 +315,12 @@ class FineTuneRecipe:
 
         autocast = self.bf16 and self.use_gpu and not self.sharded
         loss_total, tokens = 0.0, 0
-        for inputs, weight in zip(micro_batches, weights):
+        defer_sync = self.defer_sync and len(micro_batches) > 1
+        for k, (inputs, weight) in enumerate(zip(micro_batches, weights)):
+            if defer_sync:
+                # reduce-scatter once per optimizer step, on the last micro-batch's backward (the
+                # unsharded gradients accumulate locally until then: see TrainConfig.gradient_sync)
+                self.train_model.set_requires_gradient_sync(k == len(micro_batches) - 1)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
                 out = self.train_model(**inputs)
             (out.loss * weight).backward()

@@ -1,0 +1,207 @@
+"""`rayapp plan`: for each stage of a config, the model it loads, the per-GPU memory it will need,
+the memory of the GPU it is placed on, and a verdict, with a suggestion where it does not fit.
+
+``rayapp run`` (and so ``jobs/run_pipeline.py``) runs the same check before starting anything, so a
+job that cannot fit fails in seconds rather than an hour in, when its model is first loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rayapp.config import RunConfig, TrainConfig
+from rayapp.plan import memory
+from rayapp.plan.accelerators import GIB, gpu_bytes
+from rayapp.plan.shapes import ModelShape, model_shape, shape_of
+
+FITS, TOO_BIG, UNKNOWN, CPU = "fits", "does not fit", "unknown GPU", "CPU"
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    model: str
+    shape: ModelShape | None
+    placement: str  # e.g. "8 x A100 (39.4 GiB)"
+    need: int = 0  # bytes per GPU
+    have: int | None = None
+    parts: dict[str, int] = field(default_factory=dict)
+    verdict: str = CPU
+    detail: str = ""  # what the need is made of, in words
+    advice: str = ""
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "model": self.model, "params": self.shape.params if self.shape else None,
+                "placement": self.placement, "need_gib": round(self.need / GIB, 2),
+                "have_gib": round(self.have / GIB, 2) if self.have else None, "verdict": self.verdict,
+                "parts_gib": {k: round(v / GIB, 3) for k, v in self.parts.items()}, "advice": self.advice}
+
+
+def _gpu(cfg: RunConfig, accelerator_type: str | None) -> tuple[int | None, str]:
+    if accelerator_type:
+        have = gpu_bytes(accelerator_type)
+        if have is None and cfg.cluster.gpu_memory_gib:
+            have = int(cfg.cluster.gpu_memory_gib * GIB)
+        return have, accelerator_type
+    if cfg.cluster.gpu_memory_gib:
+        return int(cfg.cluster.gpu_memory_gib * GIB), "GPU"
+    return None, "GPU"
+
+
+def _shape(cfg: RunConfig, role: str) -> ModelShape:
+    spec = getattr(cfg.models, role)
+    if spec.name_or_path == "tiny":
+        from transformers import LlamaConfig
+
+        t = spec.tiny
+        config = LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                             num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                             max_position_embeddings=max(cfg.data.max_length, 512), tie_word_embeddings=True)
+        return shape_of(config, "tiny", "tiny config")
+    return model_shape(spec.name_or_path, spec.trust_remote_code)
+
+
+def _verdict(plan: StagePlan) -> StagePlan:
+    if plan.have is None:
+        plan.verdict = UNKNOWN
+        plan.advice = "name the GPU (accelerator_type) or set cluster.gpu_memory_gib to check it"
+    else:
+        plan.verdict = FITS if plan.need <= plan.have else TOO_BIG
+    return plan
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def plan_training(cfg: RunConfig, stage: str, tc: TrainConfig, shape: ModelShape) -> StagePlan:
+    world = max(tc.num_workers, 1)
+    if not tc.use_gpu:
+        return StagePlan(stage, shape.name, shape, f"{world} CPU worker(s)")
+    have, gpu = _gpu(cfg, tc.accelerator_type)
+    sharded = tc.fsdp and world > 1
+    bf16 = tc.mixed_precision in ("bf16", "auto")
+    tokens = tc.per_device_batch_size * cfg.data.max_length
+
+    def need(w: int, ckpt: bool, sync: str) -> dict[str, int]:
+        sh = tc.fsdp and w > 1
+        defer = sh and tc.gradient_accumulation_steps > 1 and (
+            sync == "step" or (sync == "auto" and have is not None and memory.defer_gradient_sync(shape.params, have, sh)))
+        return memory.training_memory(shape, world=w, sharded=sh, micro_batch_tokens=tokens, bf16=bf16,
+                                      activation_checkpointing=ckpt, defer_gradient_sync=defer)
+
+    parts = need(world, tc.activation_checkpointing, tc.gradient_sync)
+    way = f"{world}-way FSDP" if sharded else ("DDP" if world > 1 else "one GPU")
+    plan = StagePlan(stage, shape.name, shape, f"{world} x {gpu}" + (f" ({_gib(have)})" if have else ""),
+                     need=memory.total(parts), have=have, parts=parts,
+                     detail=f"{way}: weights, gradients and AdamW state in fp32, plus activations"
+                            f"{' (checkpointed)' if tc.activation_checkpointing else ''} of "
+                            f"{tc.per_device_batch_size} x {cfg.data.max_length} tokens")
+    _verdict(plan)
+    if plan.verdict == TOO_BIG:
+        ideas = []
+        for w in (2, 4, 8, 16, 32, 64):
+            if w > world and memory.total(need(w, tc.activation_checkpointing, "micro_batch")) <= have:
+                ideas.append(f"{w}+ GPUs (num_workers: {w})")
+                break
+        if not tc.activation_checkpointing and memory.total(need(world, True, tc.gradient_sync)) <= have:
+            ideas.append("activation_checkpointing: true")
+        if tc.gradient_sync != "micro_batch" and memory.total(need(world, tc.activation_checkpointing, "micro_batch")) <= have:
+            ideas.append("gradient_sync: micro_batch")
+        if tc.per_device_batch_size > 1:
+            ideas.append("a smaller per_device_batch_size (raise gradient_accumulation_steps to keep the batch)")
+        ideas.append("a GPU with more memory (accelerator_type: A100 for the gpu-8x node type, A100-80G, H100)")
+        plan.advice = ", or ".join(ideas)
+    return plan
+
+
+def _score_dtype_bytes(cfg: RunConfig, gpu: bool) -> int:
+    d = cfg.score.dtype
+    return 4 if d == "float32" or (d == "auto" and not gpu) else 2
+
+
+def plan_scoring(cfg: RunConfig, shape: ModelShape) -> StagePlan:
+    res = cfg.score.resources
+    if not res.num_gpus:
+        return StagePlan("score", shape.name, shape, f"{res.max_actors} CPU actor(s)")
+    have, gpu = _gpu(cfg, res.accelerator_type)
+    b = _score_dtype_bytes(cfg, True)
+    resident = cfg.score.cached_models or memory.cached_models(shape, have, b)
+    tokens = cfg.score.batch_tokens
+    auto = tokens is None
+    if auto:
+        free = (have or 0) - memory.CUDA_CONTEXT - resident * shape.params * b
+        tokens = memory.auto_batch_tokens(shape, max(free, 0), b, cfg.data.max_length) if have else 8192
+    parts = memory.scoring_memory(shape, dtype_bytes=b, batch_tokens=tokens, max_length=cfg.data.max_length,
+                                  resident_models=resident)
+    plan = StagePlan("score", shape.name, shape, f"{res.max_actors} x {gpu}" + (f" ({_gib(have)})" if have else ""),
+                     need=memory.total(parts), have=have, parts=parts,
+                     detail=f"{resident} cached checkpoint(s) in {'bf16' if b == 2 else 'fp32'}, batches of "
+                            f"{tokens:,} tokens{' (auto)' if auto else ''}, logits at labelled positions only")
+    _verdict(plan)
+    if plan.verdict == TOO_BIG:
+        plan.advice = ("leave score.batch_tokens unset (sized from free memory), set score.cached_models: 1, "
+                       "or place scoring on a larger GPU (score.resources.accelerator_type)")
+    return plan
+
+
+def plan_generation(cfg: RunConfig, shape: ModelShape) -> StagePlan:
+    gen = cfg.evaluate.generation
+    if gen.backend != "vllm" and not gen.resources.num_gpus:
+        return StagePlan("evaluate", shape.name, shape, "CPU (hf generate)")
+    have, gpu = _gpu(cfg, gen.accelerator_type)
+    tp = gen.tensor_parallel_size if gen.backend == "vllm" else 1
+    max_len = min(shape.max_positions, cfg.data.max_length + gen.max_new_tokens)
+    parts = memory.vllm_memory(shape, tensor_parallel=tp, max_model_len=max_len, batch_size=gen.batch_size,
+                               gpu_total=have or 0, utilization=gen.gpu_memory_utilization)
+    usable = int(have * gen.gpu_memory_utilization) if have else None
+    plan = StagePlan("evaluate", shape.name, shape, f"{gen.resources.max_actors} engine(s) x {tp} x {gpu}"
+                     + (f" ({_gib(have)}, {gen.gpu_memory_utilization:.0%} for vLLM)" if have else ""),
+                     need=memory.total(parts), have=usable, parts=parts,
+                     detail=f"vLLM, tensor parallel {tp}: bf16 weights, activations, KV cache for one "
+                            f"{max_len}-token sequence")
+    _verdict(plan)
+    if usable is not None and plan.verdict == FITS:
+        kv_tokens = (usable - memory.total(parts) + parts["KV cache (one full-length sequence)"]) \
+            // memory.kv_bytes_per_token(shape, tp)
+        plan.detail += f"; room for ~{kv_tokens:,} KV tokens ({kv_tokens // max_len} full-length sequences)"
+    if plan.verdict == TOO_BIG:
+        plan.advice = ("raise evaluate.generation.tensor_parallel_size (a power of two, GPUs on one node), "
+                       "or use a larger GPU (accelerator_type)")
+    return plan
+
+
+def plan_config(cfg: RunConfig) -> list[StagePlan]:
+    """Every model-loading stage's plan (prepare and select load no model of the config's)."""
+    ref, target = _shape(cfg, "reference"), _shape(cfg, "target")
+    return [plan_training(cfg, "reference", cfg.reference, ref), plan_scoring(cfg, ref),
+            plan_training(cfg, "finetune", cfg.finetune, target), plan_generation(cfg, target)]
+
+
+def uses_gpus(cfg: RunConfig) -> bool:
+    return bool(cfg.reference.use_gpu or cfg.finetune.use_gpu or cfg.score.resources.num_gpus
+                or cfg.evaluate.generation.backend == "vllm" or cfg.evaluate.generation.resources.num_gpus)
+
+
+def format_plans(plans: list[StagePlan], verbose: bool = False) -> str:
+    rows = [("stage", "model", "params", "on", "need / GPU", "has", "verdict")]
+    for p in plans:
+        rows.append((p.stage, p.model, f"{p.shape.params / 1e9:.2f}B" if p.shape else "-", p.placement,
+                     _gib(p.need) if p.need else "-", _gib(p.have) if p.have else "-", p.verdict))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for p in plans:
+        if p.verdict == TOO_BIG:
+            lines.append(f"{p.stage}: {p.model} needs ~{_gib(p.need)} per GPU ({p.detail}); "
+                         f"{p.placement.split(' (')[0].split(' x ')[-1]} has {_gib(p.have)}: use {p.advice}")
+        elif p.verdict == UNKNOWN:
+            lines.append(f"{p.stage}: {p.model} needs ~{_gib(p.need)} per GPU ({p.detail}); {p.advice}")
+        elif verbose and p.parts:
+            lines.append(f"{p.stage}: {p.detail}")
+        if verbose and p.parts:
+            lines += [f"    {k:<44} {_gib(v):>10}" for k, v in p.parts.items()]
+    return "\n".join(lines)
+
+
+def infeasible(plans: list[StagePlan]) -> list[StagePlan]:
+    return [p for p in plans if p.verdict == TOO_BIG]

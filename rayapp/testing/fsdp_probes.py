@@ -1,0 +1,97 @@
+"""What one rank of a gloo group sees when rayapp builds and shards a model: used by the tests and
+by ``python -m benchmarks memory`` through ``rayapp.testing.gloo.run_gloo`` (no Ray needed)."""
+
+from __future__ import annotations
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux VmHWM). Not ``ru_maxrss``: that survives exec,
+    so a process spawned from a big parent would report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def shard_on_meta(rank: int, world: int, config_file: str) -> dict:
+    """Build the model of ``config_file`` on the meta device and shard it as training does; report
+    this rank's parameter bytes (nothing is allocated: the shards stay on meta)."""
+    from rayapp.models import sharded
+    from rayapp.train.worker import shard_fsdp2
+
+    config = sharded.load_config(config_file)
+    model = sharded.empty_causal_lm(config)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    shard_fsdp2(model, bf16=False, cpu_offload=False)
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    on_meta = all(p.to_local().device.type == "meta" for p in model.parameters())
+    return {"rank": rank, "total_bytes": total, "local_bytes": local, "all_on_meta": on_meta,
+            "peak_rss_bytes": peak_rss_bytes()}
+
+
+def sharded_load(rank: int, world: int, folder: str, full_tensors: bool = True) -> dict:
+    """Load ``folder`` the way training does with FSDP2 (meta build, shard, read own rows)."""
+    import torch
+
+    from rayapp.models import sharded
+    from rayapp.train.worker import shard_fsdp2
+
+    model = sharded.empty_causal_lm(sharded.load_config(folder))
+    buffers = sharded.real_buffers(model)
+    shard_fsdp2(model, bf16=False, cpu_offload=False)
+    model.to_empty(device="cpu")
+    read = sharded.load_local_shards(model, folder, torch.float32, buffers)
+    out = {"rank": rank, "bytes_read": read, "peak_rss_bytes": peak_rss_bytes(),
+           "local_bytes": sum(p.to_local().numel() * p.element_size() for p in model.parameters())}
+    if full_tensors:  # collective: every rank takes part
+        out["state"] = {k: v.full_tensor().numpy() if hasattr(v, "full_tensor") else v.numpy()
+                        for k, v in model.state_dict().items()}
+    return out
+
+
+def full_load_then_shard(rank: int, world: int, folder: str) -> dict:
+    """The path training took before sharded loading: every rank loads the whole model in fp32 with
+    ``from_pretrained``, then shards it (the benchmark's baseline)."""
+    import torch
+
+    from rayapp.models.loading import load_causal_lm
+    from rayapp.train.worker import shard_fsdp2
+
+    model = load_causal_lm(folder, dtype=torch.float32)
+    shard_fsdp2(model, bf16=False, cpu_offload=False)
+    return {"rank": rank, "peak_rss_bytes": peak_rss_bytes(),
+            "local_bytes": sum(p.to_local().numel() * p.element_size() for p in model.parameters())}
+
+
+def train_steps(rank: int, world: int, folder: str, rows_file: str, work_dir: str, sharded_init: bool) -> dict:
+    """A few optimizer steps of the training recipe on ``world`` gloo ranks, from a sharded load
+    (``sharded_init``) or from the former full load on every rank; returns the full weights."""
+    import torch
+
+    from rayapp.config import TrainConfig
+    from rayapp.train.worker import FineTuneRecipe, WorkerConfig, WorkerEnv, shard_fsdp2
+
+    import pyarrow.parquet as pq
+
+    tc = TrainConfig(epochs=1, per_device_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3,
+                     warmup_ratio=0.0, num_workers=world, eval_rows=0, log_every_steps=1000)
+    cfg = WorkerConfig(stage="probe", train=tc, init_model=folder, tokenizer=folder,
+                       total_rows=pq.read_metadata(rows_file).num_rows, train_files=(rows_file,), work_dir=work_dir,
+                       staging_dir=None, export_every_epoch=False, eval_file=None)
+    recipe = FineTuneRecipe(cfg, WorkerEnv(rank=rank, world=world, local_rank=rank, distributed=True))
+    if not sharded_init:
+        def full_load_on_every_rank():
+            from rayapp.models.loading import load_causal_lm
+
+            model = load_causal_lm(folder, dtype=torch.float32)
+            recipe.model = model
+            recipe.train_model = shard_fsdp2(model, recipe.bf16, False)
+            return model
+        recipe._sharded_model = full_load_on_every_rank
+    recipe.setup_model()
+    recipe.setup_data()
+    recipe.setup_optimizer()
+    recipe.train()
+    state = {k: v.full_tensor().numpy() for k, v in recipe.model.state_dict().items() if hasattr(v, "full_tensor")}
+    return {"rank": rank, "steps": recipe.progress.global_step, "state": state, "deferred_sync": recipe.defer_sync}
