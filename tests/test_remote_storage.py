@@ -187,3 +187,30 @@ def test_resume_downloads_a_step_once_per_node_and_removes_it(s3, tmp_path, monk
     assert sorted(os.listdir(paths[0])) == [".metadata", "__0_0.distcp"]
     ck.drop_fetched(paths[0], uri)
     assert not os.path.exists(paths[0]) and os.listdir(os.path.dirname(paths[0])) == []
+
+
+def test_vllm_inputs_read_an_s3_export_without_its_weights(s3, tmp_path):
+    """Defect: vLLM evaluation on an s3:// output_dir failed (AutoConfig was given the s3:// path),
+    and the driver would have downloaded the whole export to tokenize prompts."""
+    from rayapp.common.artifacts import mark_export
+    from rayapp.config import GenerationConfig, TinyModelConfig
+    from rayapp.evaluate.generate import vllm_inputs
+    from rayapp.models import tiny
+
+    rows = alpaca_rows(40)
+    tiny.train_tokenizer((r["instruction"] + " " + r["output"] for r in rows), 400, str(tmp_path / "tok"))
+    tiny.build_model(str(tmp_path / "tok"), TinyModelConfig(vocab_size=400), str(tmp_path / "model"), max_positions=96)
+    uri = "s3://rayapp-test/vllm/finetune/exports/final"
+    storage.upload_dir(str(tmp_path / "model"), uri)
+    mark_export(uri, {"test": True})
+    prompts = [{"set": "s", "id": str(i), "prompt": r["instruction"] * 20} for i, r in enumerate(rows[:5])]
+    fitted, kwargs = vllm_inputs(prompts, uri, GenerationConfig(backend="vllm", max_new_tokens=32), None)
+    assert kwargs["max_model_len"] == 96  # read from the export's config.json
+    from rayapp.models.loading import load_tokenizer
+
+    tok = load_tokenizer(uri)
+    assert all(len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) <= 96 - 32 - 1 for r in fitted)
+    cache = os.environ["RAYAPP_CACHE_DIR"]
+    fetched = [f for _, _, files in os.walk(cache) for f in files]
+    assert "config.json" in fetched and "tokenizer.json" in fetched
+    assert not [f for f in fetched if f.endswith(".safetensors")]  # the weights stayed in the bucket

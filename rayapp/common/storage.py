@@ -175,6 +175,28 @@ def download_dir(uri: str, local_dir: str) -> str:
     return local_dir
 
 
+def download_dir_except(uri: str, local_dir: str, skip_suffixes: tuple[str, ...]) -> str:
+    """Like ``download_dir``, leaving out files whose names end with ``skip_suffixes`` (e.g. the
+    weights, when only a model's config and tokenizer are needed)."""
+    import shutil
+
+    fs, path = resolve(uri)
+    tmp = f"{local_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type != pafs.FileType.File or info.path.endswith(skip_suffixes):
+            continue
+        rel = os.path.relpath(info.path, path)
+        os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+        with fs.open_input_stream(info.path) as src, open(os.path.join(tmp, rel), "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    if os.path.exists(local_dir):
+        shutil.rmtree(local_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(local_dir)), exist_ok=True)
+    os.replace(tmp, local_dir)
+    return local_dir
+
+
 def local_cache_dir(uri: str, kind: str) -> str:
     """A per-URI folder under the node's cache for copies of remote artifacts (models, checkpoints)."""
     from rayapp.common.hashing import short_digest

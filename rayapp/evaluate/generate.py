@@ -136,10 +136,11 @@ def fit_prompts(rows: list[dict], model_path: str, max_new_tokens: int, max_posi
     answer fit the model's context; vLLM would reject them otherwise."""
     from transformers import AutoConfig
 
-    from rayapp.models.loading import load_tokenizer
+    from rayapp.models.loading import load_tokenizer, materialize
 
-    limit = max_positions or getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code),
-                                     "max_position_embeddings", None) or 2048
+    # an s3:// / gs:// export: its config and tokenizer only, not its weights (the engines fetch those)
+    config = AutoConfig.from_pretrained(materialize(model_path, weights=False), trust_remote_code=trust_remote_code)
+    limit = max_positions or getattr(config, "max_position_embeddings", None) or 2048
     budget = max(8, limit - max_new_tokens - 1)  # -1: the BOS the engine adds
     tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     out = []

@@ -30,14 +30,20 @@ def _offline_kwargs(revision: str | None = None) -> dict:
     return kw
 
 
-def materialize(name_or_path: str) -> str:
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".distcp")
+
+
+def materialize(name_or_path: str, weights: bool = True) -> str:
     """A local folder for a model or tokenizer: an ``s3://``/``gs://`` folder (a checkpoint the
     pipeline wrote to an object store) is downloaded once per node into the rayapp cache, its
     marker file checked; hub names and local paths are returned unchanged.
 
     Several processes on a node (scoring actors, training workers) may ask for the same export at
     once: the download runs under an exclusive file lock, and the marker is checked again once the
-    lock is held, so no process replaces a folder another one is reading from or downloading."""
+    lock is held, so no process replaces a folder another one is reading from or downloading.
+
+    ``weights=False`` fetches everything but the weights (config, tokenizer, generation config),
+    into a cache of its own: what a driver needs to tokenize prompts or plan memory."""
     import fcntl
 
     from rayapp.common import storage
@@ -45,7 +51,7 @@ def materialize(name_or_path: str) -> str:
 
     if not storage.is_remote(name_or_path):
         return name_or_path
-    local = storage.local_cache_dir(name_or_path, "models")
+    local = storage.local_cache_dir(name_or_path, "models" if weights else "model-configs")
     remote_marker = storage.join(name_or_path, EXPORT_MARKER)
     want = storage.read_bytes(remote_marker) if storage.exists(remote_marker) else None
 
@@ -63,7 +69,10 @@ def materialize(name_or_path: str) -> str:
     with open(f"{local}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not current():  # another process may have downloaded it while this one waited
-            storage.download_dir(name_or_path, local)
+            if weights:
+                storage.download_dir(name_or_path, local)
+            else:
+                storage.download_dir_except(name_or_path, local, WEIGHT_SUFFIXES)
     return local
 
 
@@ -71,7 +80,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     lean_transformers()
     from transformers import AutoTokenizer
 
-    name_or_path = materialize(name_or_path)
+    name_or_path = materialize(name_or_path, weights=False)  # a tokenizer never needs the weights
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **_offline_kwargs(revision))
     if tok.pad_token is None:
         # OPT/Llama-2 style tokenizers may lack a pad token; padding positions are masked anyway.
