@@ -117,3 +117,52 @@ def test_vllm_generation_and_served_judge(tiny_models, vllm_server, ray_local):
     hf, _ = generate(prompts, {"a": str(tiny_models / "a")}, GenerationConfig(max_new_tokens=16, dtype="float32"))["a"]
     same = sum(h["answer"] == v["answer"] for h, v in zip(hf, gens["a"]))
     assert same >= 6, [(h["answer"], v["answer"]) for h, v in zip(hf, gens["a"])]
+
+
+def test_vllm_generation_from_models_on_s3(tiny_models, tmp_path):
+    """Defect: evaluation with vLLM failed when the models were s3:// exports (an s3:// path went to
+    AutoConfig), and the driver would have fetched every export's weights to tokenize prompts. The
+    engines now fetch the weights on their own nodes (ray.data.llm); the driver reads the config and
+    tokenizer only. S3 API served locally (tests/s3_server.py)."""
+    from rayapp.common import storage
+    from rayapp.common.artifacts import mark_export
+    from tests.s3_server import create_bucket, start_s3_server
+
+    proc, s3_env = start_s3_server()
+    try:
+        env = {**os.environ, **s3_env, "AWS_ENDPOINT_URL_S3": s3_env["AWS_ENDPOINT_URL"],
+               "RAYAPP_CACHE_DIR": str(tmp_path / "cache")}
+        saved = {k: os.environ.get(k) for k in env if k not in os.environ or os.environ[k] != env[k]}
+        os.environ.update(env)
+        try:
+            create_bucket(s3_env, "rayapp-vllm")
+            uri = "s3://rayapp-vllm/run/finetune/exports/a"
+            storage.upload_dir(str(tiny_models / "a"), uri)
+            mark_export(uri, {"test": True})
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        cfg = tiny_config_dict(tmp_path, [{"path": "unused.jsonl"}])
+        cfg["output_dir"] = str(tmp_path / "run")
+        cfg["ray"] = {"num_cpus": 2, "num_gpus": 1}
+        cfg["evaluate"] = {
+            "models": [uri, str(tiny_models / "b")], "sets": ["sinstruct"], "max_prompts": 4,
+            "generation": {"backend": "vllm", "max_new_tokens": 16, "batch_size": 8, "dtype": "float32",
+                           "gpu_memory_utilization": 0.15, "enforce_eager": True},
+            "judge": {"kind": "reference"},
+        }
+        path = tmp_path / "cfg.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        run = subprocess.run([sys.executable, "-m", "rayapp", "evaluate", "--config", str(path)], cwd=REPO,
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+        gens = pq.read_table(tmp_path / "run" / "evaluate" / "generations" / "a.parquet").to_pylist()
+        assert len(gens) == 4 and all(0 < r["new_tokens"] <= 16 for r in gens)
+        # the driver's node cache holds the export's config and tokenizer, not its weights
+        fetched = [f for _, _, files in os.walk(tmp_path / "cache") for f in files]
+        assert "config.json" in fetched and not [f for f in fetched if f.endswith(".safetensors")]
+    finally:
+        proc.terminate()

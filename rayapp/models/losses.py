@@ -43,8 +43,14 @@ LOGIT_CHUNK_FLOATS = 16 * 2**20
 
 
 def _base_and_head(model):
-    """(base model, output layer) when the loss can be taken from hidden states, else None."""
-    if getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+    """(base model, output layer) when the loss can be taken from hidden states, else None.
+
+    Only for a plain model: a DDP wrapper hides it, and calling an FSDP2 model's base directly
+    would skip the root's hooks that gather its embedding and output-layer shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule) or getattr(getattr(model, "config", None), "model_type", None) \
+            not in PLAIN_HEAD_MODEL_TYPES:
         return None
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings()

@@ -183,10 +183,14 @@ def uses_gpus(cfg: RunConfig) -> bool:
                 or cfg.evaluate.generation.backend == "vllm" or cfg.evaluate.generation.resources.num_gpus)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def format_plans(plans: list[StagePlan], verbose: bool = False) -> str:
     rows = [("stage", "model", "params", "on", "need / GPU", "has", "verdict")]
     for p in plans:
-        rows.append((p.stage, p.model, f"{p.shape.params / 1e9:.2f}B" if p.shape else "-", p.placement,
+        rows.append((p.stage, p.model, _count(p.shape.params) if p.shape else "-", p.placement,
                      _gib(p.need) if p.need else "-", _gib(p.have) if p.have else "-", p.verdict))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
