@@ -76,6 +76,21 @@ def materialize(name_or_path: str, weights: bool = True) -> str:
     return local
 
 
+def local_model_dir(name_or_path: str, revision: str | None = None) -> str:
+    """A local folder holding the model's config and safetensors weights, for code that reads the
+    files itself (the sharded FSDP2 load): an object-store export is downloaded once per node, a hub
+    name is fetched into the hub's cache (its own file locks make concurrent ranks safe), and only
+    the safetensors weights, never pickled ones."""
+    from rayapp.common import storage
+
+    if os.path.isdir(name_or_path) or storage.is_remote(name_or_path):
+        return materialize(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name_or_path, revision=revision,
+                             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"])
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
     lean_transformers()
     from transformers import AutoTokenizer

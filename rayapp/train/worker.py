@@ -175,9 +175,9 @@ class FineTuneRecipe:
         import torch
 
         from rayapp.models import sharded
-        from rayapp.models.loading import materialize
+        from rayapp.models.loading import local_model_dir
 
-        folder = materialize(self.cfg.init_model)  # an object-store export: once per node, under a lock
+        folder = local_model_dir(self.cfg.init_model)  # an export (once per node) or a hub snapshot
         config = sharded.load_config(folder, self.cfg.trust_remote_code)
         self.model = sharded.empty_causal_lm(config, torch.float32, self.cfg.trust_remote_code)
         self._checkpoint_activations()
