@@ -159,15 +159,20 @@ def upload_dir(local_dir: str, uri: str) -> None:
                     destination_filesystem=None if is_remote(uri) else pafs.LocalFileSystem())
 
 
-def download_dir(uri: str, local_dir: str) -> str:
+def download_dir(uri: str, local_dir: str, skip_suffixes: tuple[str, ...] = ()) -> str:
     """Copy folder ``uri`` into ``local_dir`` (written under a temporary name, then renamed, so a
-    half-finished download is never taken for a complete one). Returns ``local_dir``."""
+    half-finished download is never taken for a complete one), leaving out files whose names end
+    with ``skip_suffixes`` (e.g. the weights, when only a model's config and tokenizer are needed).
+    Returns ``local_dir``."""
     import shutil
 
     tmp = f"{local_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
     fs, path = resolve(uri)
     os.makedirs(tmp)  # copy_files creates sub-folders, not the destination itself
-    pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    if skip_suffixes:
+        _copy_files_except(fs, path, tmp, skip_suffixes)
+    else:
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     if os.path.exists(local_dir):
         shutil.rmtree(local_dir)
     os.makedirs(os.path.dirname(os.path.abspath(local_dir)), exist_ok=True)
@@ -175,26 +180,16 @@ def download_dir(uri: str, local_dir: str) -> str:
     return local_dir
 
 
-def download_dir_except(uri: str, local_dir: str, skip_suffixes: tuple[str, ...]) -> str:
-    """Like ``download_dir``, leaving out files whose names end with ``skip_suffixes`` (e.g. the
-    weights, when only a model's config and tokenizer are needed)."""
+def _copy_files_except(fs: pafs.FileSystem, path: str, local_dir: str, skip_suffixes: tuple[str, ...]) -> None:
     import shutil
 
-    fs, path = resolve(uri)
-    tmp = f"{local_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
     for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
         if info.type != pafs.FileType.File or info.path.endswith(skip_suffixes):
             continue
-        rel = os.path.relpath(info.path, path)
-        os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
-        with fs.open_input_stream(info.path) as src, open(os.path.join(tmp, rel), "wb") as dst:
+        dest = os.path.join(local_dir, os.path.relpath(info.path, path))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with fs.open_input_stream(info.path) as src, open(dest, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-    if os.path.exists(local_dir):
-        shutil.rmtree(local_dir)
-    os.makedirs(os.path.dirname(os.path.abspath(local_dir)), exist_ok=True)
-    os.replace(tmp, local_dir)
-    return local_dir
 
 
 def local_cache_dir(uri: str, kind: str) -> str:

@@ -69,10 +69,7 @@ def materialize(name_or_path: str, weights: bool = True) -> str:
     with open(f"{local}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not current():  # another process may have downloaded it while this one waited
-            if weights:
-                storage.download_dir(name_or_path, local)
-            else:
-                storage.download_dir_except(name_or_path, local, WEIGHT_SUFFIXES)
+            storage.download_dir(name_or_path, local, skip_suffixes=() if weights else WEIGHT_SUFFIXES)
     return local
 
 

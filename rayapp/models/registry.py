@@ -64,9 +64,13 @@ def model_source(cfg: RunConfig, role: str) -> str:
         from rayapp.models.loading import materialize
 
         _build_in_place(out, lambda o: tiny.build_model(materialize(tok), spec.tiny, o,
-                                                        max_positions=max(cfg.data.max_length, 512)), "config.json")
+                                                        max_positions=tiny_max_positions(cfg)), "config.json")
         mark_export(out, {"built": "tiny", "role": role})  # a uid of its own, like every export
     return out
+
+
+def tiny_max_positions(cfg: RunConfig) -> int:
+    return max(cfg.data.max_length, 512)
 
 
 def trust_remote_code(cfg: RunConfig, role: str) -> bool:

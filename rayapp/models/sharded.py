@@ -95,10 +95,7 @@ class StoredTensor:
     def row_bytes(self) -> int:
         import torch
 
-        n = 1
-        for d in self.shape[1:]:
-            n *= d
-        return n * torch.empty(0, dtype=getattr(torch, self.dtype)).element_size()
+        return math.prod(self.shape[1:]) * getattr(torch, self.dtype).itemsize
 
 
 def _header(path: str) -> dict[str, StoredTensor]:
@@ -158,7 +155,7 @@ def local_rows(param) -> tuple[int, int]:
     from torch.distributed.tensor import DTensor, Shard
 
     if not isinstance(param, DTensor):
-        return 0, param.shape[0] if param.dim() else 0
+        return 0, param.shape[0]
     placements = param.placements
     if len(placements) != 1 or placements[0] != Shard(0):
         raise ValueError(f"expected a dim-0 sharded parameter, got placements {placements}")

@@ -39,24 +39,30 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> None
     hf_tok.save_pretrained(out_dir)
 
 
-def build_model(tokenizer_dir: str, cfg: TinyModelConfig, out_dir: str, max_positions: int) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def llama_config(cfg: TinyModelConfig, vocab_size: int, max_positions: int, **token_ids):
+    """The tiny model's transformers config (``rayapp plan`` sizes it before a tokenizer exists)."""
+    from transformers import LlamaConfig
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tok),
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_attention_heads,
         max_position_embeddings=max_positions,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
+        **token_ids,
     )
+
+
+def build_model(tokenizer_dir: str, cfg: TinyModelConfig, out_dir: str, max_positions: int) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = llama_config(cfg, len(tok), max_positions, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config)
     os.makedirs(out_dir, exist_ok=True)

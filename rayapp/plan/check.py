@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rayapp.config import RunConfig, TrainConfig
+from rayapp.models import registry, tiny
 from rayapp.plan import memory
 from rayapp.plan.accelerators import GIB, gpu_bytes
 from rayapp.plan.shapes import ModelShape, model_shape, shape_of
@@ -50,13 +51,8 @@ def _gpu(cfg: RunConfig, accelerator_type: str | None) -> tuple[int | None, str]
 
 def _shape(cfg: RunConfig, role: str) -> ModelShape:
     spec = getattr(cfg.models, role)
-    if spec.name_or_path == "tiny":
-        from transformers import LlamaConfig
-
-        t = spec.tiny
-        config = LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                             num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                             max_position_embeddings=max(cfg.data.max_length, 512), tie_word_embeddings=True)
+    if spec.name_or_path == registry.TINY:
+        config = tiny.llama_config(spec.tiny, spec.tiny.vocab_size, registry.tiny_max_positions(cfg))
         return shape_of(config, "tiny", "tiny config")
     return model_shape(spec.name_or_path, spec.trust_remote_code)
 
@@ -85,8 +81,8 @@ def plan_training(cfg: RunConfig, stage: str, tc: TrainConfig, shape: ModelShape
 
     def need(w: int, ckpt: bool, sync: str) -> dict[str, int]:
         sh = tc.fsdp and w > 1
-        defer = sh and tc.gradient_accumulation_steps > 1 and (
-            sync == "step" or (sync == "auto" and have is not None and memory.defer_gradient_sync(shape.params, have, sh)))
+        # an unknown GPU (have None) is planned as too small to keep the unsharded gradients
+        defer = tc.gradient_accumulation_steps > 1 and memory.defer_gradient_sync(sync, shape.params, have or 0, sh)
         return memory.training_memory(shape, world=w, sharded=sh, micro_batch_tokens=tokens, bf16=bf16,
                                       activation_checkpointing=ckpt, defer_gradient_sync=defer)
 

@@ -9,7 +9,7 @@ compares them with these numbers.
 
 from __future__ import annotations
 
-from rayapp.models.losses import LOGIT_CHUNK_FLOATS  # one chunk of logits in the bounded loss
+from rayapp.models.losses import LOGIT_CHUNK_FLOATS, chunk_rows  # one chunk of logits in the bounded loss
 from rayapp.plan.shapes import ModelShape
 
 GIB = 2**30
@@ -83,7 +83,7 @@ def scoring_memory(s: ModelShape, *, dtype_bytes: int, batch_tokens: int, max_le
         "activations": T * (live_per_token_layer(s) + s.hidden) * b + T * max_length,  # + the last hidden state, mask
     }
     if bounded_logits:
-        chunk = min(T, max(1, LOGIT_CHUNK_FLOATS // s.vocab))
+        chunk = min(T, chunk_rows(s.vocab))
         parts["logits"] = chunk * s.vocab * (b + 8) + T * s.hidden * b  # chunk + the gathered hidden states
     else:
         parts["logits"] = T * s.vocab * (b + 8)  # logits, their fp32 copy, the fp32 log-softmax
@@ -108,12 +108,14 @@ def cached_models(s: ModelShape, gpu_total: int | None, dtype_bytes: int) -> int
     return 2 if 2 * s.params * dtype_bytes <= gpu_total // 2 else 1
 
 
-def defer_gradient_sync(params: int, gpu_total: int | None, sharded: bool) -> bool:
-    """``gradient_sync: auto``: reduce-scatter once per optimizer step when the unsharded fp32
-    gradients it keeps in between take at most a quarter of the GPU (on CPU: always)."""
-    if not sharded:
+def defer_gradient_sync(setting: str, params: int, gpu_total: int | None, sharded: bool) -> bool:
+    """Whether FSDP2 reduce-scatters once per optimizer step (``TrainConfig.gradient_sync``): always
+    for "step", never for "micro_batch" or an unsharded model; for "auto", when the unsharded fp32
+    gradients it keeps in between take at most a quarter of the GPU (``gpu_total`` None: on CPU,
+    always)."""
+    if not sharded or setting == "micro_batch":
         return False
-    return gpu_total is None or 4 * params <= gpu_total // 4
+    return setting == "step" or gpu_total is None or 4 * params <= gpu_total // 4
 
 
 def vllm_memory(s: ModelShape, *, tensor_parallel: int, max_model_len: int, batch_size: int,

@@ -55,10 +55,17 @@ def find_config(name_or_path: str, trust_remote_code: bool = False):
 
 
 def shape_of(config, name: str, source: str) -> ModelShape:
+    """The shape of the model ``config`` describes (built on the meta device)."""
     from rayapp.models import sharded
+
+    return shape_of_model(sharded.empty_causal_lm(config), name, source)
+
+
+def shape_of_model(model, name: str, source: str) -> ModelShape:
+    """The shape of a built model (on the meta device or loaded)."""
     from rayapp.train.worker import decoder_layers
 
-    model = sharded.empty_causal_lm(config)
+    config = model.config
     layers = decoder_layers(model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = text.hidden_size

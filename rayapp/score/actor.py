@@ -67,7 +67,7 @@ class LossScorer:
             return self.models[name]
         from rayapp.models.loading import load_causal_lm
 
-        while self.models and len(self.models) >= (self.cache_size or 1):
+        while self.models and len(self.models) >= self.cache_size:  # set by the first load
             self.models.popitem(last=False)  # before loading: never one model more than the cache holds
             if self.device == "cuda":
                 self.torch.cuda.empty_cache()
@@ -85,9 +85,9 @@ class LossScorer:
             self.batch_tokens = self.batch_tokens or CPU_BATCH_TOKENS
             return
         from rayapp.plan import memory
-        from rayapp.plan.shapes import shape_of
+        from rayapp.plan.shapes import shape_of_model
 
-        shape = shape_of(model.config, "scored model", "loaded")
+        shape = shape_of_model(model, "scored model", "loaded")
         b = self.torch.finfo(self.dtype).bits // 8
         free, total = self.torch.cuda.mem_get_info()
         if self.cache_size is None:

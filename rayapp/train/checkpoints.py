@@ -111,6 +111,7 @@ def drop_fetched(local: str, step_uri: str) -> None:
             os.remove(path)
     shutil.rmtree(local, ignore_errors=True)
 
+
 def set_config_dtype(export_dir: str, dtype) -> None:
     """Record the dtype an export's weights are stored in, in its config.json (local folder)."""
     import json

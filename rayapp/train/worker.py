@@ -155,12 +155,8 @@ class FineTuneRecipe:
 
         from rayapp.plan.memory import defer_gradient_sync
 
-        if not self.sharded or self.tc.gradient_sync == "micro_batch":
-            return False
-        if self.tc.gradient_sync == "step":
-            return True
         total = torch.cuda.mem_get_info()[1] if self.use_gpu else None
-        return defer_gradient_sync(self.n_params, total, self.sharded)
+        return defer_gradient_sync(self.tc.gradient_sync, self.n_params, total, self.sharded)
 
     def _checkpoint_activations(self) -> None:
         if self.tc.activation_checkpointing:
@@ -301,10 +297,11 @@ class FineTuneRecipe:
         mixed precision: half the bytes to upload, load and serve, and what vLLM serves anyway)."""
         import torch
 
-        name = self.tc.export_dtype
-        if name == "auto":
+        from rayapp.models.loading import resolve_dtype
+
+        if self.tc.export_dtype == "auto":
             return torch.bfloat16 if self.bf16 else torch.float32
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return resolve_dtype(self.tc.export_dtype, self.device)
 
     # ---- training ------------------------------------------------------------------------------
 
