@@ -1,4 +1,4 @@
-"""Entry point: python -m benchmarks score|scaling|demo|memory ... (see --help)"""
+"""Entry point: python -m benchmarks score|scaling|demo|memory|prepare ... (see --help)"""
 
 import argparse
 import sys
@@ -23,7 +23,14 @@ def main() -> int:
     m = sub.add_parser("memory", help="peak memory at real shapes: FSDP2 sharded load and bounded scoring loss, "
                        "each beside the former path")
     m.add_argument("--out", default="benchmarks/results")
+    pr = sub.add_parser("prepare", help="prepare throughput on the full Alpaca and Dolly files: driver, 1 and 2 workers")
+    pr.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    if args.which == "prepare":
+        from benchmarks.prepare_bench import run as run_prepare
+
+        run_prepare(args.out)
+        return 0
     if args.which == "memory":
         from benchmarks.memory import run as run_memory
 

@@ -136,6 +136,14 @@ class DataConfig(_Strict):
         "ids); the fine-tuned models' eval loss is measured on them. 0: none",
     )
     holdout_seed: int = 0
+    workers: int = Field(
+        0, ge=0, description="Ray Data tasks that read, normalise and tokenize the sources in parallel (blocks "
+        "of block_mb; the tokenizer loaded once per worker); 0: all on the driver. The prepared data are the same")
+    block_mb: float = Field(32, gt=0, description="Size of the blocks a JSONL source is cut into (Parquet: row groups)")
+
+    def content(self) -> dict:
+        """What the prepared data depend on: everything but how the work is spread."""
+        return self.model_dump(mode="json", by_alias=True, exclude={"workers", "block_mb"})
 
 
 # ----------------------------------------------------------------------------------------------

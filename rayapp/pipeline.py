@@ -64,6 +64,9 @@ def prepare_while_ray_starts(group: list[Stage], cfg: RunConfig, force: bool = F
 
     from rayapp.common.raycluster import init_ray
 
+    if cfg.data.workers:  # prepare itself runs on Ray: start it first, in the main thread
+        init_ray(cfg)
+        return run_stages(group, cfg, force)
     with ThreadPoolExecutor(1) as pool:
         prepared = pool.submit(run_stages, group, cfg, force)
         init_ray(cfg)  # in the main thread, as Ray wants

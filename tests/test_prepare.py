@@ -257,3 +257,51 @@ def test_held_out_rows_are_kept_out_of_the_shards_and_chosen_the_same_way_every_
     assert set(storage.read_parquet(m2.holdout.path)["id"].to_pylist()) == set(held["id"].to_pylist())
     with pytest.raises(InputDataError, match="holdout_rows=60 would hold out at least half"):
         run_stage("prepare", make_config([{"path": str(path)}], data__holdout_rows=60, output_dir=str(tmp_path / "r3")))
+
+
+def test_prepare_on_ray_data_gives_the_same_rows_and_rejects(ray_local, tmp_path, make_config):
+    """data.workers: blocks of the sources read, normalised and tokenized as Ray Data tasks. Lines
+    are numbered across blocks, limits hold across blocks, duplicates are found across blocks and
+    files (the first occurrence kept), and the result is the driver's, row for row and reject for
+    reject."""
+    from tests.bad_rows import mixed_corpus
+
+    mixed = tmp_path / "alpaca-mixed.jsonl"
+    mixed_corpus(mixed, alpaca_rows(1200, start=5000), n_bad=240, seed=3, max_chars=20_000)
+    # a Parquet source in row groups of 50, half of it repeating rows of the JSONL file
+    good = {r["instruction"]: r for r in alpaca_rows(1200, start=5000)}
+
+    def good_row(line):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return None
+        return obj if isinstance(obj, dict) and good.get(obj.get("instruction")) == obj else None
+
+    again = [r for r in map(good_row, mixed.read_bytes().splitlines()[:400]) if r]
+    parquet_rows = again[:150] + alpaca_rows(150, start=9000)
+    pq.write_table(pa.Table.from_pylist(parquet_rows), tmp_path / "more.parquet", row_group_size=50)
+    limited = write_jsonl(tmp_path / "limited.jsonl", alpaca_rows(600, start=12000))
+    sources = [{"path": str(mixed)}, {"path": str(tmp_path / "more.parquet")}, {"path": str(limited), "limit": 333}]
+
+    def prepared(name, **data):
+        cfg = make_config(sources, output_dir=str(tmp_path / name), data__max_chars=20_000, data__shard_rows=256,
+                          data__holdout_rows=20, **{f"data__{k}": v for k, v in data.items()})
+        return cfg, run_stage("prepare", cfg)
+
+    cfg0, m0 = prepared("driver")
+    cfg2, m2 = prepared("ray", workers=2, block_mb=0.02)  # ~40 blocks of the mixed file
+    assert _prepared(cfg2).equals(_prepared(cfg0))
+    assert _rejects(cfg2) == _rejects(cfg0)
+    keys = ("rows_read", "rows", "rejected", "reject_reasons", "truncated", "tokens", "response_tokens", "ids_sha256")
+    assert {k: getattr(m2, k) for k in keys} == {k: getattr(m0, k) for k in keys}
+    assert (m2.holdout.rows, m2.holdout.ids_sha256) == (m0.holdout.rows, m0.holdout.ids_sha256)
+    assert m2.sources == m0.sources
+    assert m0.reject_reasons["duplicate row"] >= 150 and m0.sources[2].rows_read == 333
+    # how the work is spread is not part of what was prepared
+    from rayapp.prepare.stage import PrepareStage
+
+    spread = cfg0.model_copy(deep=True)
+    spread.data.workers, spread.data.block_mb = 2, 0.02
+    layout = RunLayout(cfg0.output_dir)
+    assert PrepareStage().fingerprint(spread, layout) == PrepareStage().fingerprint(cfg0, layout)

@@ -23,9 +23,9 @@ from rayapp.common.stages import Stage, StageContext
 from rayapp.config import RunConfig, SourceConfig
 from rayapp.models import registry
 from rayapp.models.loading import load_tokenizer
-from rayapp.prepare.normalize import RowError, detect_schema, normalize_row
-from rayapp.prepare.readers import RawRow, iter_rows, source_identity
 from rayapp.common.template import PromptFormatter
+from rayapp.prepare.blocks import BlockResult, detect, plan_blocks, process_block
+from rayapp.prepare.readers import UnreadableSourceError, source_identity
 from rayapp.prepare.tokenize import tokenize_pairs
 
 log = get_logger(__name__)
@@ -68,6 +68,7 @@ class _Row:
     output: str
     source: str
     source_row: int
+    prompt: str
 
 
 @dataclass
@@ -94,60 +95,87 @@ def _reason_key(reason: str) -> str:
     return reason.split(":")[0] if reason.startswith(("malformed JSON", "invalid UTF-8")) else reason.split(" (first")[0]
 
 
+def _source_name(src: SourceConfig, path: str) -> str:
+    return src.name or os.path.basename(path.rstrip("/")).split(".")[0]
+
+
 def read_sources(cfg: RunConfig) -> tuple[list[_Row], list[Reject], list[SourceReport]]:
+    """Every source, block by block (prepare/blocks.py): in this process, or as Ray Data tasks when
+    ``data.workers`` > 0. The driver then walks the outcomes in source order: it numbers the lines,
+    applies each source's ``limit``, and drops duplicates (the first occurrence is kept), so both
+    ways give the same rows and rejects."""
+    t0 = time.perf_counter()
+    block_bytes = int(cfg.data.block_mb * 2**20)
+    reports: list[SourceReport] = []
+    jobs: list[dict] = []
+    for i, src in enumerate(cfg.data.sources):
+        path = _resolve_source_path(src)
+        blocks = plan_blocks(i, path, src.format, src.split, block_bytes)
+        schema, detected_at = (src.schema_, (0, 0)) if src.schema_ != "auto" else detect(blocks)
+        reports.append(SourceReport(path=path, name=_source_name(src, path), schema=schema or src.schema_,
+                                    identity=source_identity(path, src.format)))
+        jobs += [dict(block=b, schema=schema, detected_at=detected_at, max_chars=cfg.data.max_chars,
+                      template=cfg.data.template, max_rows=src.limit) for b in blocks]
+    if cfg.data.workers:
+        from rayapp.common.raycluster import init_ray
+        from rayapp.prepare.parallel import process_blocks
+
+        init_ray(cfg)
+        results = process_blocks(jobs, cfg.data.workers)
+    else:
+        results = _process_in_order(jobs, cfg)
     rows: list[_Row] = []
     rejects: list[Reject] = []
-    reports: list[SourceReport] = []
     seen: dict[str, str] = {}
-    for src in cfg.data.sources:
-        path = _resolve_source_path(src)
-        name = src.name or os.path.basename(path.rstrip("/")).split(".")[0]
-        report = SourceReport(path=path, name=name, schema=src.schema_, identity=source_identity(path, src.format))
-        schema = None if src.schema_ == "auto" else src.schema_
-        t0 = time.perf_counter()
-
-        def reject(raw: RawRow, fld: str | None, reason: str) -> None:
-            rejects.append(Reject(raw.file, raw.row_kind, raw.row, fld, reason, raw.raw))
-            report.rejected[_reason_key(reason)] += 1
-
-        for raw in iter_rows(path, src.format, src.split):
-            if src.limit is not None and report.rows_read >= src.limit:
-                break
-            report.rows_read += 1
-            if raw.data is None:
-                reject(raw, raw.field, raw.error or "unreadable row")
-                continue
-            if schema is None:
-                schema = detect_schema(raw.data)
-                if schema is None:
-                    reject(raw, None, "cannot tell the schema: no 'output' (Alpaca) or 'response' (Dolly) field")
+    for i, (src, report) in enumerate(zip(cfg.data.sources, reports)):
+        offset = 0
+        for res in (r for r in results if r.block.source == i):
+            if res.error:
+                raise UnreadableSourceError(res.error)
+            for o in res.outcomes:
+                if src.limit is not None and report.rows_read >= src.limit:
+                    break
+                report.rows_read += 1
+                line = o.row + offset
+                if o.reason is None and cfg.data.dedupe and o.id in seen:
+                    o.reason = f"duplicate row (first seen at {seen[o.id]}), id {o.id}"
+                    o.raw = None
+                if o.reason is not None:
+                    rejects.append(Reject(report.path, o.row_kind, line, o.field, o.reason, o.raw))
+                    report.rejected[_reason_key(o.reason)] += 1
                     continue
-                report.schema = schema
-            try:
-                norm = normalize_row(raw.data, schema, cfg.data.max_chars)
-            except RowError as err:
-                raw.raw = raw.raw or json.dumps(raw.data, ensure_ascii=False, default=str)[:300]
-                reject(raw, err.field, err.reason)
-                continue
-            if cfg.data.dedupe and norm.id in seen:
-                reject(raw, None, f"duplicate row (first seen at {seen[norm.id]}), id {norm.id}")
-                continue
-            seen[norm.id] = raw.where
-            rows.append(_Row(raw.file, raw.row_kind, norm.id, norm.instruction, norm.input, norm.output, name, raw.row))
-            report.rows_ok += 1
+                seen[o.id] = f"{report.path}:{o.row_kind} {line}"
+                rows.append(_Row(report.path, o.row_kind, o.id, o.instruction, o.input, o.output, report.name,
+                                 line, o.prompt))
+                report.rows_ok += 1
+            offset += res.span
+        path = report.path
         if report.rows_read and not report.rows_ok:
             first = next((r for r in rejects if r.file == path), None)
             detail = f"; first: {first.row_kind} {first.row}: {first.reason}" if first else ""
             raise InputDataError(f"{path}: no usable rows ({report.rows_read} read, all rejected{detail})")
         if report.rows_read == 0:
             raise InputDataError(f"{path}: no rows")
-        took = time.perf_counter() - t0
-        log.info("read %s: %d rows, %d ok, %d rejected (%s, %.1fs)", path, report.rows_read, report.rows_ok,
-                 sum(report.rejected.values()), report.schema, took)
-        reports.append(report)
+        log.info("read %s: %d rows, %d ok, %d rejected (%s)", path, report.rows_read, report.rows_ok,
+                 sum(report.rejected.values()), report.schema)
+    where = f"{cfg.data.workers} Ray Data workers" if cfg.data.workers else "the driver"
+    log.info("read %d blocks in %.1fs on %s", len(jobs), time.perf_counter() - t0, where)
     return rows, rejects, reports
 
 
+def _process_in_order(jobs: list[dict], cfg: RunConfig) -> list[BlockResult]:
+    """The blocks in this process, in order; a source's blocks stop once its limit is read."""
+    results: list[BlockResult] = []
+    read: Counter = Counter()
+    for job in jobs:
+        block, limit = job["block"], job["max_rows"]
+        left = None if limit is None else limit - read[block.source]
+        if left is not None and left <= 0:
+            continue
+        res = process_block(**{**job, "max_rows": left})
+        read[block.source] += len(res.outcomes)
+        results.append(res)
+    return results
 
 
 def _tokenizer_identity(cfg: RunConfig) -> str:
@@ -179,7 +207,7 @@ class PrepareStage(Stage):
         for src in cfg.data.sources:
             path = _resolve_source_path(src, quiet=True)
             sources.append({"path": path, "identity": source_identity(path, src.format), "limit": src.limit})
-        return fingerprint(data=cfg.data, sources=sources, tokenizer=registry.tokenizer_source(cfg),
+        return fingerprint(data=cfg.data.content(), sources=sources, tokenizer=registry.tokenizer_source(cfg),
                            tokenizer_identity=_tokenizer_identity(cfg))
 
     def outputs_complete(self, manifest: PreparedManifest, layout: RunLayout) -> bool:
@@ -199,7 +227,7 @@ def prepare(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
     t_start = time.perf_counter()
     rows, rejects, reports = read_sources(cfg)
     fmt = PromptFormatter(cfg.data.template)
-    prompts = [fmt.prompt(r.instruction, r.input) for r in rows]
+    prompts = [r.prompt for r in rows]
 
     def training_texts():
         for p, r in zip(prompts, rows):
@@ -212,27 +240,32 @@ def prepare(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
     t_tok = time.perf_counter()
     kept_cols: dict[str, list] = {n: [] for n in SHARD_SCHEMA.names}
     counts: Counter = Counter()
-    batch = 1024
-    for lo in range(0, len(rows), batch):
-        chunk = rows[lo : lo + batch]
-        toks = tokenize_pairs(tokenizer, prompts[lo : lo + batch], [fmt.response(r.output, eos) for r in chunk],
-                              cfg.data.max_length)
-        for row, prompt, tk in zip(chunk, prompts[lo : lo + batch], toks):
-            if tk.truncated and cfg.data.truncation == "drop":
-                rejects.append(Reject(row.file, row.row_kind, row.source_row, None,
-                                      f"too long: {tk.full_length} tokens > max_length {cfg.data.max_length} "
-                                      "(truncation: drop)"))
-                counts["dropped_too_long"] += 1
-                continue
-            counts["truncated"] += tk.truncated
-            counts["no_response_tokens"] += tk.n_response_tokens == 0
-            for name, value in (
-                ("id", row.id), ("instruction", row.instruction), ("input", row.input), ("output", row.output),
-                ("source", row.source), ("source_row", row.source_row), ("prompt", prompt),
-                ("input_ids", tk.input_ids), ("labels", tk.labels), ("n_tokens", len(tk.input_ids)),
-                ("n_response_tokens", tk.n_response_tokens), ("truncated", tk.truncated),
-            ):
-                kept_cols[name].append(value)
+    responses = [fmt.response(r.output, eos) for r in rows]
+    if cfg.data.workers:
+        from rayapp.prepare.parallel import tokenize
+
+        tokens = tokenize(prompts, responses, tok_src, cfg.models.reference.trust_remote_code, cfg.data.max_length,
+                          cfg.data.workers)
+    else:
+        tokens = [tk for lo in range(0, len(rows), 1024)
+                  for tk in tokenize_pairs(tokenizer, prompts[lo:lo + 1024], responses[lo:lo + 1024],
+                                           cfg.data.max_length)]
+    for row, prompt, tk in zip(rows, prompts, tokens):
+        if tk.truncated and cfg.data.truncation == "drop":
+            rejects.append(Reject(row.file, row.row_kind, row.source_row, None,
+                                  f"too long: {tk.full_length} tokens > max_length {cfg.data.max_length} "
+                                  "(truncation: drop)"))
+            counts["dropped_too_long"] += 1
+            continue
+        counts["truncated"] += tk.truncated
+        counts["no_response_tokens"] += tk.n_response_tokens == 0
+        for name, value in (
+            ("id", row.id), ("instruction", row.instruction), ("input", row.input), ("output", row.output),
+            ("source", row.source), ("source_row", row.source_row), ("prompt", prompt),
+            ("input_ids", tk.input_ids), ("labels", tk.labels), ("n_tokens", len(tk.input_ids)),
+            ("n_response_tokens", tk.n_response_tokens), ("truncated", tk.truncated),
+        ):
+            kept_cols[name].append(value)
     tok_seconds = time.perf_counter() - t_tok
     if not kept_cols["id"]:
         raise InputDataError("no rows left after tokenization; see the rejects file")
