@@ -7,8 +7,11 @@ import sys
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     sub = p.add_subparsers(dest="which", required=True)
-    s = sub.add_parser("score", help="scoring throughput: 1 vs 2 actors; token-budget vs fixed batches")
-    s.add_argument("--rows", type=int, default=1500, help="Alpaca rows scored per configuration")
+    s = sub.add_parser("score", help="scoring: start-up and 1 vs 2 actors (optionally beside a baseline commit), "
+                       "padding inside actor batches on Alpaca and Dolly, full Alpaca against a plain loop")
+    s.add_argument("--rows", type=int, default=3000, help="Alpaca rows scored with 1 and 2 actors")
+    s.add_argument("--baseline", help="a commit to run the same 1-vs-2-actor probe on first, e.g. f0d60ed")
+    s.add_argument("--no-full", action="store_true", help="skip the full-Alpaca run against the plain loop")
     s.add_argument("--out", default="benchmarks/results")
     sc = sub.add_parser("scaling", help="scoring and fine-tuning throughput across node counts, with baselines")
     sc.add_argument("--nodes", default="1,2,4", help="comma-separated node counts")
@@ -50,7 +53,7 @@ def main() -> int:
     if args.which == "score":
         from benchmarks.score_bench import run
 
-        run(args.rows, args.out)
+        run(args.rows, args.out, args.baseline, not args.no_full)
     return 0
 
 

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from benchmarks.plain_score import plain_scoring
 from benchmarks.score_bench import ALPACA, _machine
 from rayapp.common import storage
 from rayapp.common.layout import RunLayout
@@ -31,7 +32,6 @@ from rayapp.config import FinetuneConfig, ScoreConfig, load_config
 from rayapp.models import registry
 from rayapp.models.loading import load_causal_lm, load_tokenizer
 from rayapp.pipeline import run as run_stage
-from rayapp.models.losses import batch_losses, pad_batch
 from rayapp.score.stage import special_ids
 
 
@@ -45,30 +45,6 @@ def _prepared(rows: int, work: str):
 
 
 # ---- baselines: one process, no Ray ---------------------------------------------------------------
-
-
-def plain_scoring(model_path: str, table, pad_id: int, batch_rows: int, threads: int) -> dict:
-    import torch
-
-    torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    model = load_causal_lm(model_path).eval()
-    t_loaded = time.perf_counter()
-    ids, labels = table["input_ids"].to_pylist(), table["labels"].to_pylist()
-    losses, real, padded = {}, 0, 0
-    with torch.inference_mode():
-        for lo in range(0, len(ids), batch_rows):
-            x, y, m = pad_batch(ids[lo:lo + batch_rows], labels[lo:lo + batch_rows], pad_id)
-            s, c = batch_losses(model, x, y, m)
-            for rid, ls, n in zip(table["id"].to_pylist()[lo:lo + batch_rows], s, c):
-                losses[rid] = (float(ls), int(n))
-            real += int(m.sum())
-            padded += m.numel()
-    end = time.perf_counter()
-    return {"rows": len(ids), "tokens": real, "seconds": end - t0, "tokens_per_s": real / (end - t0),
-            "steady_tokens_per_s": real / (end - t_loaded), "rows_per_s": len(ids) / (end - t0),
-            "padding_fraction": 1 - real / padded, "batch_rows": batch_rows, "threads": threads,
-            "_losses": losses}
 
 
 def plain_finetune(model_path: str, table, pad_id: int, batch_rows: int, threads: int, lr: float) -> dict:

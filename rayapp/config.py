@@ -221,7 +221,11 @@ class ScoreConfig(_Strict):
     )
     resources: ResourcesConfig = ResourcesConfig()
     rows_per_task: int = Field(
-        512, ge=1, description="Rows of one shard handed to an actor at a time (a work unit, always batched alike)")
+        512, ge=1, description="Rows of one shard handed to an actor at a time, taken in the shard's length order "
+        "(a work unit, always batched alike)")
+    peak_flops: float | None = Field(
+        None, gt=0, description="Per-device peak FLOP/s (e.g. 989e12 for an H100 in bf16): the score stats then "
+        "report the fraction of the forward-FLOP limit (2 x params x tokens/s) each busy actor reaches")
 
 
 class TrainConfig(_Strict):

@@ -15,7 +15,7 @@ from rayapp.config import ScoreConfig
 from rayapp.models import registry
 from rayapp.models.loading import load_causal_lm, load_tokenizer
 from rayapp.testing.faults import SCORE_FAULT_ENV as FAULT_ENV
-from rayapp.score.batching import fixed_size_batches, padding_stats, token_budget_batches
+from rayapp.score.batching import fixed_size_batches, length_ordered_units, padding_stats, token_budget_batches
 from rayapp.common.manifests import CheckpointRecord
 from rayapp.score.engine import score_checkpoints
 from rayapp.models.losses import one_row_losses, response_only_sequence
@@ -37,6 +37,25 @@ def test_token_budget_batches_fit_and_cover():
     real, padded = padding_stats(lengths, batches)
     real_f, padded_f = padding_stats(lengths, fixed_size_batches(len(lengths), 3))
     assert real == real_f == sum(lengths) and padded < padded_f
+
+
+def test_length_ordered_units_cover_every_row_once_and_cut_padding():
+    lengths = alpaca_like_lengths = np.random.default_rng(0).lognormal(5.0, 0.6, size=2000).astype(int) + 8
+
+    def padding(units):
+        real = padded = 0
+        for u in units:
+            r, p = padding_stats(lengths[u], token_budget_batches(lengths[u], 8192, 256))
+            real, padded = real + r, padded + p
+        return 1 - real / padded
+
+    units = length_ordered_units(alpaca_like_lengths, 512)
+    rows = np.concatenate(units)
+    assert len(rows) == len(lengths) and len(set(rows.tolist())) == len(lengths)  # every row, once
+    assert [len(u) for u in units] == [512, 512, 512, 464] and all((np.diff(u) > 0).all() for u in units)
+    assert units[0].tolist() == sorted(np.argsort(-lengths, kind="stable")[:512].tolist())  # the longest first
+    consecutive = [np.arange(lo, min(lo + 512, len(lengths))) for lo in range(0, len(lengths), 512)]
+    assert padding(units) < 0.05 and padding(units) < padding(consecutive) / 2
 
 
 @pytest.fixture(scope="module")

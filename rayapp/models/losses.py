@@ -64,18 +64,26 @@ def chunk_rows(vocab_size: int) -> int:
     return max(1, LOGIT_CHUNK_FLOATS // max(vocab_size, 1))
 
 
-@torch.inference_mode()
 def batch_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
-    """Sum of token NLLs and count of scored tokens per row (labels != -100), in float32.
+    """Sum of token NLLs (float64) and count of scored tokens per row (labels != -100), as numpy
+    arrays: ``device_losses`` copied to the host."""
+    s, c = device_losses(model, input_ids, labels, attention_mask)
+    return s.double().cpu().numpy(), c.cpu().numpy()
+
+
+@torch.inference_mode()
+def device_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
+    """Per-row sum of token NLLs (float32) and count of scored tokens, left on the model's device
+    so a caller scoring many batches copies to the host once, not once per batch (a copy waits for
+    the GPU to finish).
 
     Memory is bounded by the response tokens, not by batch tokens x vocabulary: the output layer is
     applied only at labelled positions (their hidden states gathered first), a chunk of positions at
     a time, each chunk's cross-entropy in fp32. The per-row numbers equal the full-logits path's
-    (``full_logits_losses``) within fp32 rounding. The results stay on the device until the end of
-    the batch (one copy to the host)."""
+    (``full_logits_losses``) within fp32 rounding."""
     parts = _base_and_head(model)
     if parts is None:
-        return full_logits_losses(model, input_ids, labels, attention_mask)
+        return _full_logits_device(model, input_ids, labels, attention_mask)
     base, head = parts
     hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     shift_labels = labels[:, 1:]
@@ -91,13 +99,18 @@ def batch_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attention
         nll[lo:lo + step] = torch.nn.functional.cross_entropy(logits, targets[lo:lo + step], reduction="none")
     per_row = torch.zeros(valid.shape, dtype=torch.float32, device=nll.device)
     per_row[rows, cols] = nll  # summed per row as the full-logits path does
-    return per_row.sum(dim=1).double().cpu().numpy(), valid.sum(dim=1).cpu().numpy()
+    return per_row.sum(dim=1), valid.sum(dim=1)
 
 
-@torch.inference_mode()
 def full_logits_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
     """The same numbers from the model's full logits (batch x length x vocabulary): for model types
     with a non-linear head, and as the reference the bounded path is checked against."""
+    s, c = _full_logits_device(model, input_ids, labels, attention_mask)
+    return s.double().cpu().numpy(), c.cpu().numpy()
+
+
+@torch.inference_mode()
+def _full_logits_device(model, input_ids, labels, attention_mask):
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
@@ -108,7 +121,7 @@ def full_logits_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, att
         reduction="none",
     ).view(shift_labels.shape)
     valid = shift_labels != IGNORE_INDEX
-    return (nll * valid).sum(dim=1).double().cpu().numpy(), valid.sum(dim=1).cpu().numpy()
+    return (nll * valid).sum(dim=1), valid.sum(dim=1)
 
 
 def one_row_losses(model, rows: list[tuple[Sequence[int], Sequence[int]]], device: str = "cpu"):

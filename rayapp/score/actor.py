@@ -1,4 +1,6 @@
-"""The Ray Data callable class: one actor holds model checkpoints and scores batches of rows."""
+"""The Ray Data callable class: one actor holds model checkpoints, reads its work units' rows and
+scores them. A plain class: Ray Data makes actors of it, and the one-shot GPU check
+(``python -m benchmarks gpu``) calls it directly, without Ray."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ from collections import OrderedDict
 import numpy as np
 
 from rayapp.common.labels import IGNORE_INDEX
-from rayapp.models.losses import batch_losses, pad_batch, response_only_sequence
-from rayapp.score.batching import token_budget_batches
+from rayapp.models.losses import device_losses, pad_batch, response_only_sequence
+from rayapp.score.batching import length_ordered_units, token_budget_batches
 from rayapp.testing.faults import score_fault_hook
 
 
@@ -17,13 +19,20 @@ CPU_BATCH_TOKENS = 8192  # batch_tokens unset on CPU
 
 
 class LossScorer:
-    """Scores rows for the checkpoint named in each row's ``checkpoint`` column.
+    """Scores work units: ``rows_per_unit`` rows of one prepared shard, in the shard's length order
+    (``length_ordered_units``), for one checkpoint. The actor reads the rows itself (the last
+    shards read stay cached), so no read stage, and no worker processes of its own, stand between
+    the driver and the first result, and token ids never pass through the object store.
 
     Models load through ``from_pretrained`` on first use and stay cached (``cache_size`` models),
     so an actor loads each checkpoint once even when blocks of several checkpoints interleave. The
     oldest is evicted before the next one loads, so at most ``cache_size`` are ever resident. Left
     unset, the cache size and the token budget are sized from the device once the first model is
-    in (plan/memory.py: the same arithmetic `rayapp plan` shows)."""
+    in (plan/memory.py: the same arithmetic `rayapp plan` shows).
+
+    Given ``first_checkpoint``, the actor starts importing transformers and loading that model on a
+    thread as it is constructed, so the load overlaps Ray Data handing it its first unit and the
+    reading of that unit's rows."""
 
     def __init__(
         self,
@@ -38,6 +47,8 @@ class LossScorer:
         cache_size: int | None = None,
         trust_remote_code: bool = False,
         max_length: int = 2048,
+        rows_per_unit: int = 512,
+        first_checkpoint: str | None = None,
     ):
         import torch
 
@@ -57,14 +68,28 @@ class LossScorer:
         self.cache_size = cache_size
         self.max_length = max_length
         self.trust_remote_code = trust_remote_code
+        self.rows_per_unit = rows_per_unit
         self.models: OrderedDict[str, object] = OrderedDict()
+        self.params: dict[str, int] = {}
+        self.shards: OrderedDict[str, tuple] = OrderedDict()  # path -> (table, units)
         self.batches_done = 0
         self.fault = score_fault_hook()  # tests only: None unless RAYAPP_TEST_SCORE_FAULT is set
+        self.loading = None
+        if first_checkpoint is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.loading = ThreadPoolExecutor(1, thread_name_prefix="rayapp-load").submit(self._load, first_checkpoint)
 
     def _model(self, name: str):
+        if self.loading is not None:
+            loading, self.loading = self.loading, None
+            loading.result()  # the first checkpoint, loaded while the actor started (its errors raise here)
         if name in self.models:
             self.models.move_to_end(name)
             return self.models[name]
+        return self._load(name)
+
+    def _load(self, name: str):
         from rayapp.models.loading import load_causal_lm
 
         while self.models and len(self.models) >= self.cache_size:  # set by the first load
@@ -74,6 +99,7 @@ class LossScorer:
         model = load_causal_lm(self.checkpoints[name], dtype=self.dtype, trust_remote_code=self.trust_remote_code)
         model.to(self.device).eval()
         self.models[name] = model
+        self.params[name] = sum(p.numel() for p in model.parameters())
         if self.cache_size is None or self.batch_tokens is None:
             self._size_for(model)
         return model
@@ -96,28 +122,56 @@ class LossScorer:
             room = free - (self.cache_size - 1) * shape.params * b  # for the next checkpoint
             self.batch_tokens = memory.auto_batch_tokens(shape, room, b, self.max_length)
 
+    def _unit_rows(self, path: str, unit: int):
+        """(ids, token id arrays, label arrays) of one work unit, in the shard's row order."""
+        from rayapp.common import storage
+
+        if path not in self.shards:
+            if len(self.shards) >= 2:
+                self.shards.popitem(last=False)
+            table = storage.read_parquet(path, ["id", "input_ids", "labels", "n_tokens"])
+            self.shards[path] = (table, length_ordered_units(table["n_tokens"].to_numpy(), self.rows_per_unit))
+        table, units = self.shards[path]
+        rows = units[unit]
+        part = table.select(["id", "input_ids", "labels"]).take(rows)
+        return part["id"].to_numpy(zero_copy_only=False), _split(part["input_ids"]), _split(part["labels"])
+
+    def _to_device(self, t):
+        if self.device == "cuda":  # pinned: the copy overlaps the GPU's work, no host wait
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
     def _score(self, model, seqs, labs):
+        """Per-row loss sums and counts: batches cut from the rows by a token budget, the results
+        kept on the device and copied to the host once for the whole unit."""
+        torch = self.torch
         n = len(seqs)
-        loss_sum = np.zeros(n, dtype=np.float64)
-        n_tok = np.zeros(n, dtype=np.int64)
+        lengths = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=n)
+        loss = torch.zeros(n, dtype=torch.float64, device=self.device)
+        count = torch.zeros(n, dtype=torch.int64, device=self.device)
         pad = np.zeros(n, dtype=np.int64)
-        lengths = [len(s) for s in seqs]
         for b in token_budget_batches(lengths, self.batch_tokens, self.max_rows):
             ids, labels, mask = pad_batch([seqs[i] for i in b], [labs[i] for i in b], self.pad_id)
-            s, c = batch_losses(model, ids.to(self.device), labels.to(self.device), mask.to(self.device))
-            width = ids.shape[1]
-            for j, i in enumerate(b):
-                loss_sum[i], n_tok[i], pad[i] = s[j], c[j], width - lengths[i]
-        return loss_sum, n_tok, pad, np.asarray(lengths)
+            s, c = device_losses(model, self._to_device(ids), self._to_device(labels), self._to_device(mask))
+            where = self._to_device(torch.as_tensor(b))
+            loss[where], count[where] = s.double(), c
+            pad[b] = ids.shape[1] - lengths[b]
+        return loss.cpu().numpy(), count.cpu().numpy(), pad, lengths
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One work unit (a one-row batch: ``path``, ``checkpoint``, ``unit``) -> one row per
+        scored row of it."""
         t0 = time.perf_counter()
-        names = batch["checkpoint"]
-        n = len(names)
+        if len(batch["unit"]) != 1:
+            raise ValueError(f"LossScorer takes one work unit per call, got {len(batch['unit'])}")
+        path, name, unit = str(batch["path"][0]), str(batch["checkpoint"][0]), int(batch["unit"][0])
+        ids, seqs, labs = self._unit_rows(path, unit)  # while the first model may still be loading
+        model = self._model(name)
+        n = len(ids)
         out = {
-            "id": batch["id"],
-            "checkpoint": names,
-            "path": batch["path"],
+            "id": ids,
+            "checkpoint": np.full(n, name, dtype=object),
+            "path": np.full(n, path, dtype=object),
             "loss_sum": np.full(n, np.nan),
             "n_tokens": np.zeros(n, dtype=np.int64),
             "response_only_loss_sum": np.full(n, np.nan),
@@ -125,28 +179,33 @@ class LossScorer:
             "real_tokens": np.zeros(n, dtype=np.int64),
             "pad_tokens": np.zeros(n, dtype=np.int64),
         }
-        units = np.char.add(np.asarray(names, dtype=str), np.char.add("\x1f", np.asarray(batch["path"], dtype=str)))
-        for unit in np.unique(units):  # one (checkpoint, shard) unit per call, but never mix two in a batch
-            rows = np.nonzero(units == unit)[0]
-            name = str(names[rows[0]])
-            model = self._model(name)
-            ids = [batch["input_ids"][i] for i in rows]
-            labs = [batch["labels"][i] for i in rows]
-            if "prompted" in self.modes:
-                s, c, pad, lens = self._score(model, ids, labs)
-                out["loss_sum"][rows], out["n_tokens"][rows] = s, c
-                out["pad_tokens"][rows] += pad
-                out["real_tokens"][rows] += lens
-            if self.fault:
-                self.fault(self.batches_done)  # mid-block: some of this batch is scored, none of it returned
-            if "response_only" in self.modes:
-                pairs = [response_only_sequence(i, l, self.bos_id) for i, l in zip(ids, labs)]
-                s, c, pad, lens = self._score(model, [p[0] for p in pairs], [p[1] for p in pairs])
-                out["response_only_loss_sum"][rows], out["response_only_n_tokens"][rows] = s, c
-                out["pad_tokens"][rows] += pad
-                out["real_tokens"][rows] += lens
+        if "prompted" in self.modes:
+            s, c, pad, lens = self._score(model, seqs, labs)
+            out["loss_sum"], out["n_tokens"] = s, c
+            out["pad_tokens"] += pad
+            out["real_tokens"] += lens
+        if self.fault:
+            self.fault(self.batches_done)  # mid-unit: some of it is scored, none of it returned
+        if "response_only" in self.modes:
+            pairs = [response_only_sequence(i, l, self.bos_id) for i, l in zip(seqs, labs)]
+            s, c, pad, lens = self._score(model, [p[0] for p in pairs], [p[1] for p in pairs])
+            out["response_only_loss_sum"], out["response_only_n_tokens"] = s, c
+            out["pad_tokens"] += pad
+            out["real_tokens"] += lens
         if "prompted" not in self.modes:
-            out["n_tokens"] = np.array([int((np.asarray(l) != IGNORE_INDEX).sum()) for l in batch["labels"]])
+            out["n_tokens"] = np.array([int((l != IGNORE_INDEX).sum()) for l in labs], dtype=np.int64)
+        # for the forward-FLOP rate: 2 x params x tokens over the seconds this call took
+        out["model_params"] = np.full(n, self.params[name], dtype=np.int64)
         out["seconds"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
         self.batches_done += 1
         return out
+
+
+def _split(column) -> list[np.ndarray]:
+    """A Parquet list column -> one numpy view per row (no Python lists of ints)."""
+    import pyarrow as pa
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    values = arr.values.to_numpy(zero_copy_only=False)
+    offsets = arr.offsets.to_numpy()
+    return [values[offsets[i]:offsets[i + 1]] for i in range(len(arr))]

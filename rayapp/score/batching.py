@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def token_budget_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int) -> list[list[int]]:
     """Group row indices into batches whose padded size (rows x longest row) fits ``batch_tokens``.
@@ -41,3 +43,13 @@ def padding_stats(lengths: Sequence[int], batches: list[list[int]]) -> tuple[int
         real += sum(lengths[i] for i in b)
         padded += width * len(b)
     return real, padded
+
+
+def length_ordered_units(lengths: Sequence[int], rows_per_unit: int) -> list[np.ndarray]:
+    """Cut a shard's rows into work units of ``rows_per_unit`` rows taken in length order (longest
+    first; ties in row order), so each unit, and each batch cut from it, holds rows of similar
+    length. Consecutive rows in file order have unrelated lengths, so units of consecutive rows
+    padded every batch to its longest row (17% of the computed tokens on Alpaca, against 0.1%
+    when the whole set is sorted). Row indices inside a unit are sorted, for a cheap ``take``."""
+    order = np.lexsort((np.arange(len(lengths)), -np.asarray(lengths, dtype=np.int64)))
+    return [np.sort(order[lo:lo + rows_per_unit]) for lo in range(0, len(order), rows_per_unit)]

@@ -124,7 +124,7 @@ def score_checkpoints(
     n_total = len(checkpoints) * len(shards)
     n_todo = sum(len(v) for v in pending.values())
     stats = {"work_units": n_total, "skipped_units": n_total - n_todo, "rows": 0, "tokens": 0,
-             "real_tokens": 0, "pad_tokens": 0, "seconds": 0.0}
+             "real_tokens": 0, "pad_tokens": 0, "seconds": 0.0, "busy_seconds": 0.0, "forward_flop": 0.0}
     if not pending:
         log.info("all %d (checkpoint, shard) units already committed in %s", n_total, out_dir)
         return stats
@@ -133,21 +133,16 @@ def score_checkpoints(
 
     by_name = {ck.name: ck for ck in checkpoints}
     res = score_cfg.resources
-    # One block per work unit: ``rows_per_task`` consecutive rows of one prepared shard for one
-    # checkpoint, read by a Ray task. Each actor call gets exactly one unit (batch_size=None: no
-    # re-bundling of blocks in arrival order), so every row is scored in the same batch, with the
-    # same padding, on every run: the scores, and the selections made from them, are
-    # deterministic. A shard's scores reach the driver, and are committed, as its units finish.
-    # (read_parquet over many small files packs them into one task, which would delay every commit
-    # to the end of the run.)
+    # A work unit: ``rows_per_task`` rows of one prepared shard, taken in the shard's length order
+    # (batching.length_ordered_units), for one checkpoint; the actor reads them itself. Each actor
+    # call gets exactly one unit (batch_size=None: no re-bundling of blocks in arrival order), so
+    # every row is scored in the same batch, with the same padding, on every run: the scores, and
+    # the selections made from them, are deterministic. A shard's scores reach the driver, and are
+    # committed, as its units finish.
     step = score_cfg.rows_per_task
-    units = [{"path": storage.join(prepared_dir, f), "checkpoint": name, "lo": lo, "hi": min(lo + step, shards[f])}
-             for name, files in pending.items() for f in files for lo in range(0, shards[f], step)]
+    units = [{"path": storage.join(prepared_dir, f), "checkpoint": name, "unit": k}
+             for name, files in pending.items() for f in files for k in range(-(-shards[f] // step))]
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    # num_cpus=0: reading one shard is light I/O, and must never wait for CPUs the scoring actors hold
-    # A few readers, not one process per unit: every new worker process pays its imports.
-    ds = ds.map_batches(_read_unit, batch_size=1, batch_format="pyarrow", num_cpus=0,
-                        concurrency=max(2, res.max_actors))
     from rayapp.score.actor import LossScorer
 
     ds = ds.map_batches(
@@ -164,6 +159,8 @@ def score_checkpoints(
             trust_remote_code=trust_remote_code,
             cache_size=score_cfg.cached_models,
             max_length=prepared_manifest.max_length,
+            rows_per_unit=step,
+            first_checkpoint=next(iter(pending)),  # the first units' checkpoint: loaded as the actor starts
         ),
         batch_size=None,  # one unit per call (see above)
         batch_format="numpy",
@@ -192,6 +189,9 @@ def score_checkpoints(
         stats["real_tokens"] += int(np.asarray(batch["real_tokens"]).sum())
         stats["pad_tokens"] += int(np.asarray(batch["pad_tokens"]).sum())
         stats["tokens"] += int(np.asarray(batch["n_tokens"]).sum())
+        stats["busy_seconds"] += float(np.asarray(batch["seconds"]).sum())
+        stats["forward_flop"] += 2.0 * float(np.dot(np.asarray(batch["model_params"], dtype=np.float64),
+                                                  np.asarray(batch["real_tokens"], dtype=np.float64)))
         for key in dict.fromkeys(keys):
             mask = pa.array([k == key for k in keys])
             part = batch.filter(mask)
@@ -223,17 +223,23 @@ def score_checkpoints(
     steady = time.perf_counter() - t_first if t_first else 0.0
     stats["steady_tokens_per_s"] = (stats["real_tokens"] - first_tokens) / steady if steady > 0 else 0.0
     stats["first_result_s"] = (t_first - t0) if t_first else 0.0
-    log.info("%d row-scores (%d checkpoints) in %.1fs: %.1f rows/s, %.0f tokens/s, padding %.1f%%", stats["rows"],
-             len(pending), wall, stats["rows_per_s"], stats["tokens_per_s"], 100 * stats["padding_fraction"])
+    stats.update(scoring_rates(stats, score_cfg.peak_flops))
+    limit = (f", {stats['forward_flop_fraction']:.0%} of the forward-FLOP limit per actor"
+             if "forward_flop_fraction" in stats else "")
+    log.info("%d row-scores (%d checkpoints) in %.1fs: %.1f rows/s, %.0f tokens/s (%.0f per busy actor%s), "
+             "padding %.1f%%, first result after %.1fs", stats["rows"], len(pending), wall, stats["rows_per_s"],
+             stats["tokens_per_s"], stats["actor_tokens_per_s"], limit, 100 * stats["padding_fraction"],
+             stats["first_result_s"])
     return stats
 
 
-def _read_unit(unit: pa.Table) -> pa.Table:
-    """One work unit -> its rows of the shard, tagged with the checkpoint and the shard path."""
-    path = unit["path"][0].as_py()
-    name = unit["checkpoint"][0].as_py()
-    lo, hi = unit["lo"][0].as_py(), unit["hi"][0].as_py()
-    t = storage.read_parquet(path, ["id", "input_ids", "labels"]).slice(lo, hi - lo)
-    n = t.num_rows
-    t = t.append_column("path", pa.array([path] * n, pa.string()))
-    return t.append_column("checkpoint", pa.array([name] * n, pa.string()))
+def scoring_rates(stats: dict, peak_flops: float | None) -> dict:
+    """Per-actor rates while actors work (their busy seconds; start-up and waiting excluded): tokens
+    per second, and with the device's peak the fraction of the forward-FLOP limit
+    (2 x params x tokens per second over the peak), as training reports MFU."""
+    busy = stats["busy_seconds"]
+    out = {"actor_tokens_per_s": stats["real_tokens"] / busy if busy > 0 else 0.0,
+           "actor_flop_per_s": stats["forward_flop"] / busy if busy > 0 else 0.0}
+    if peak_flops:
+        out["forward_flop_fraction"] = out["actor_flop_per_s"] / peak_flops
+    return out
