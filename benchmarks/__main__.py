@@ -28,7 +28,16 @@ def main() -> int:
     m.add_argument("--out", default="benchmarks/results")
     pr = sub.add_parser("prepare", help="prepare throughput on the full Alpaca and Dolly files: driver, 1 and 2 workers")
     pr.add_argument("--out", default="benchmarks/results")
+    g = sub.add_parser("gpu", help="the one-shot GPU check (no Ray needed): scoring rate against the forward-FLOP "
+                       "limit, bf16/fp32 agreement, an FSDP2 step's MFU, peak memory against the plan")
+    g.add_argument("--out", default="benchmarks/results")
+    g.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU (the default without one)")
     args = p.parse_args()
+    if args.which == "gpu":
+        from benchmarks.gpu import run as run_gpu
+
+        run_gpu(args.out, True if args.tiny else None)
+        return 0
     if args.which == "prepare":
         from benchmarks.prepare_bench import run as run_prepare
 

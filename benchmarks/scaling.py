@@ -11,8 +11,8 @@ efficiency against N=1, padding fraction; MFU where a GPU and its peak are known
 The same run measures two baselines on the same rows, each a single process without Ray:
   - plain scoring: a transformers model, fixed-size batches in file order (what one writes by hand);
   - plain fine-tuning: the same model, AdamW, fixed-size batches.
-and compares scoring backends: rayapp's torch actor and vLLM ``prompt_logprobs`` (when vLLM is
-installed), checking that their losses agree before comparing their speed.
+and compares scoring backends on 1 node: rayapp's torch actor and ``score.backend: vllm`` (vLLM's
+``prompt_logprobs``, when vLLM is installed), with their per-row losses' agreement.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def plain_finetune(model_path: str, table, pad_id: int, batch_rows: int, threads
 
 
 def rayapp_on_nodes(n: int, cpus_per_node: int, cfg, manifest, files, work: str, bos: int, pad: int,
-                    address: str | None) -> dict:
+                    address: str | None, backend: str = "torch", train: bool = True) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -98,13 +98,16 @@ def rayapp_on_nodes(n: int, cpus_per_node: int, cfg, manifest, files, work: str,
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
         model = registry.model_source(cfg, "reference")
-        sc = ScoreConfig(batch_tokens=8192, rows_per_task=64, modes=["prompted"],
+        engine = {"engine_kwargs": {"gpu_memory_utilization": 0.15, "enforce_eager": True}} if backend == "vllm" else {}
+        sc = ScoreConfig(batch_tokens=8192, rows_per_task=64, modes=["prompted"], backend=backend, **engine,
                          resources={"num_cpus": cpus_per_node, "min_actors": n, "max_actors": n,
                                     "resources": {"bench_node": 1}})
         t0 = time.perf_counter()
         score = score_checkpoints(RunLayout(cfg.output_dir).prepared, manifest, [CheckpointRecord(name="epoch-0", path=model, uid=f"n{n}")],
-                                  storage.join(work, f"scores-n{n}"), sc, bos, pad)
+                                  storage.join(work, f"scores-{backend}-n{n}"), sc, bos, pad)
         score["wall_with_startup_s"] = time.perf_counter() - t0
+        if not train:
+            return {"nodes": n, "cpus_per_node": cpus_per_node, "score": score}
         tc = FinetuneConfig(epochs=1, learning_rate=1e-3, per_device_batch_size=16, num_workers=n,
                             cpus_per_worker=cpus_per_node, fsdp=False, eval_rows=0, log_every_steps=5)
         t0 = time.perf_counter()
@@ -127,36 +130,12 @@ def rayapp_on_nodes(n: int, cpus_per_node: int, cfg, manifest, files, work: str,
 # ---- vLLM prompt_logprobs as a scoring backend -------------------------------------------------------
 
 
-def vllm_scoring(model_path: str, table, losses_ref: dict, gpu_memory_utilization: float) -> dict | None:
-    """Response-token losses from vLLM's prompt_logprobs; None when vLLM is not installed."""
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError:
-        return None
-    t0 = time.perf_counter()
-    llm = LLM(model=model_path, dtype="float32", gpu_memory_utilization=gpu_memory_utilization,
-              enforce_eager=True, max_model_len=512, seed=0)
-    t_loaded = time.perf_counter()
-    ids, labels, row_ids = table["input_ids"].to_pylist(), table["labels"].to_pylist(), table["id"].to_pylist()
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-    outs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
-    end = time.perf_counter()
-    diffs, tokens = [], 0
-    for rid, out, y in zip(row_ids, outs, labels):
-        lps = out.prompt_logprobs  # position t: {token: Logprob} for the token at t, given < t
-        total, n = 0.0, 0
-        for t in range(1, len(y)):
-            if y[t] != -100:
-                total -= lps[t][y[t]].logprob
-                n += 1
-        tokens += len(y)
-        ref_sum, ref_n = losses_ref[rid]
-        if n and ref_n:
-            diffs.append(abs(total / n - ref_sum / ref_n))
-    del llm
-    return {"rows": len(ids), "tokens": tokens, "seconds": end - t0, "tokens_per_s": tokens / (end - t0),
-            "steady_tokens_per_s": tokens / (end - t_loaded), "max_abs_nll_diff": float(max(diffs)),
-            "mean_abs_nll_diff": float(np.mean(diffs))}
+def nll_agreement(work: str) -> dict:
+    """Per-row mean NLL of the vLLM backend against the torch actor's (1 node each)."""
+    a = storage.read_parquet_dir(storage.join(work, "scores-torch-n1", "epoch-0")).to_pandas().set_index("id")
+    b = storage.read_parquet_dir(storage.join(work, "scores-vllm-n1", "epoch-0")).to_pandas().set_index("id")
+    diff = np.abs(a["mean_nll"] - b.loc[a.index, "mean_nll"])
+    return {"max_abs_nll_diff": float(diff.max()), "mean_abs_nll_diff": float(diff.mean())}
 
 
 def run(nodes: list[int], rows: int, cpus_per_node: int, out_dir: str, address: str | None, with_vllm: bool) -> dict:
@@ -170,15 +149,16 @@ def run(nodes: list[int], rows: int, cpus_per_node: int, out_dir: str, address: 
                "model": "tiny reference (configs/tiny.yaml)", "max_length": 256, "runs": []}
     print(f"[bench] plain single-process baselines ({threads} thread(s), fixed batches of 16 rows)", flush=True)
     base = plain_scoring(model, table, pad, 16, threads)
-    losses = base.pop("_losses")
+    base.pop("_losses")
     results["baseline_score"] = base
     results["baseline_finetune"] = plain_finetune(model, table, pad, 16, threads, 1e-3)
     for n in nodes:
         print(f"[bench] rayapp on {n} node(s) x {cpus_per_node} CPU", flush=True)
         results["runs"].append(rayapp_on_nodes(n, cpus_per_node, cfg, manifest, files, work, bos, pad, address))
-    if with_vllm:  # last: its engine processes should not share the machine with the Ray runs
-        print("[bench] vLLM prompt_logprobs scoring", flush=True)
-        results["vllm_score"] = vllm_scoring(model, table, losses, 0.15)
+    if with_vllm and _has_vllm():  # last: its engine processes should not share the machine with the Ray runs
+        print("[bench] rayapp on 1 node, score.backend: vllm (prompt_logprobs)", flush=True)
+        v = rayapp_on_nodes(1, cpus_per_node, cfg, manifest, files, work, bos, pad, address, "vllm", train=False)
+        results["vllm_score"] = {**v["score"], **nll_agreement(work)}
     one = results["runs"][0]
     for r in results["runs"]:
         k = r["nodes"] / one["nodes"]
@@ -199,6 +179,14 @@ def run(nodes: list[int], rows: int, cpus_per_node: int, out_dir: str, address: 
     return results
 
 
+def _has_vllm() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def table_md(results: dict) -> str:
     b, bf = results["baseline_score"], results["baseline_finetune"]
     lines = ["| run | score rows/s | score tokens/s (e2e) | score tokens/s (steady) | efficiency (steady) | "
@@ -209,9 +197,9 @@ def table_md(results: dict) -> str:
                  f"{bf['tokens_per_s']:,.0f} | {bf['steady_tokens_per_s']:,.0f} | - |")
     v = results.get("vllm_score")
     if v:
-        lines.append(f"| vLLM prompt_logprobs, 1 process | {v['rows'] / v['seconds']:.1f} | {v['tokens_per_s']:,.0f} | "
+        lines.append(f"| rayapp, 1 node, score.backend vllm | {v['rows'] / v['seconds']:.1f} | {v['tokens_per_s']:,.0f} | "
                      f"{v['steady_tokens_per_s']:,.0f} | - | {v['steady_tokens_per_s'] / b['steady_tokens_per_s']:.2f} | "
-                     f"- | - | - | - |")
+                     f"{v['padding_fraction']:.1%} | - | - | - |")
     for r in results["runs"]:
         s, t = r["score"], r["finetune"]
         lines.append(

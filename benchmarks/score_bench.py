@@ -93,7 +93,8 @@ def shard_lengths(prepared_dir: str) -> list[np.ndarray]:
             for f in storage.list_files(prepared_dir, ".parquet")]
 
 
-def padding_by_unit_order(shards: list[np.ndarray], rows_per_unit: int, batch_tokens: int, max_rows: int) -> dict:
+def padding_by_unit_order(shards: list[np.ndarray], rows_per_unit: int, batch_tokens: int, max_rows: int,
+                          max_padding: float) -> dict:
     """Padding share of computed tokens when every unit is batched by token budget, for units of
     consecutive rows (the former engine), units in each shard's length order (this engine), and the
     whole set batched at once (the floor)."""
@@ -103,7 +104,7 @@ def padding_by_unit_order(shards: list[np.ndarray], rows_per_unit: int, batch_to
         real = padded = 0
         for lengths, units in units_per_shard:
             for u in units:
-                r, p = padding_stats(lengths[u], token_budget_batches(lengths[u], batch_tokens, max_rows))
+                r, p = padding_stats(lengths[u], token_budget_batches(lengths[u], batch_tokens, max_rows, max_padding))
                 real, padded = real + r, padded + p
         return 1 - real / padded
 
@@ -112,7 +113,7 @@ def padding_by_unit_order(shards: list[np.ndarray], rows_per_unit: int, batch_to
     ordered = [(x, length_ordered_units(x, rows_per_unit)) for x in shards]
     everything = np.concatenate(shards)
     return {"rows": int(len(everything)), "shards": len(shards), "rows_per_unit": rows_per_unit,
-            "batch_tokens": batch_tokens, "consecutive_units": share(consecutive),
+            "batch_tokens": batch_tokens, "max_batch_padding": max_padding, "consecutive_units": share(consecutive),
             "length_ordered_units": share(ordered), "whole_set": share([(everything, [np.arange(len(everything))])])}
 
 
@@ -185,7 +186,8 @@ def run(rows: int, out_dir: str, baseline: str | None = None, full: bool = True)
         from rayapp.common.layout import RunLayout
 
         results["padding"][name] = padding_by_unit_order(shard_lengths(RunLayout(cfg.output_dir).prepared),
-                                                          defaults.rows_per_task, 8192, defaults.max_rows_per_batch)
+                                                          defaults.rows_per_task, 8192, defaults.max_rows_per_batch,
+                                                          defaults.max_batch_padding)
     if full:
         results["full_alpaca"] = full_alpaca(*alpaca_cfg, work)
     shutil.rmtree(work, ignore_errors=True)

@@ -205,6 +205,12 @@ class ResourcesConfig(_Strict):
 
 
 class ScoreConfig(_Strict):
+    backend: Literal["torch", "vllm"] = Field(
+        "torch", description="torch: rayapp's actor (token-budget batches, loss at labelled positions); vllm: a vLLM "
+        "engine's prompt_logprobs (needs vllm; the same losses, checked by a test)")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="vllm backend: extra vLLM engine arguments (e.g. gpu_memory_utilization, "
+        "enforce_eager)")
     batch_tokens: int | None = Field(
         None, ge=64, description="Padded tokens per forward batch; unset: sized from the GPU's free memory "
         "once the model is loaded (8192 on CPU)")
@@ -212,6 +218,9 @@ class ScoreConfig(_Strict):
         None, ge=1, description="Checkpoints an actor keeps loaded; unset: 2 when two take at most half "
         "the GPU, else 1 (2 on CPU)")
     max_rows_per_batch: int = Field(256, ge=1)
+    max_batch_padding: float = Field(
+        0.1, gt=0, le=1, description="A forward batch closes before a row shorter than (1 - this) x its longest "
+        "row, so at most this share of a batch is padding (1: the token budget alone decides)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on GPU, float32 on CPU"
     )

@@ -37,6 +37,11 @@ def test_token_budget_batches_fit_and_cover():
     real, padded = padding_stats(lengths, batches)
     real_f, padded_f = padding_stats(lengths, fixed_size_batches(len(lengths), 3))
     assert real == real_f == sum(lengths) and padded < padded_f
+    # a padding bound splits batches the token budget alone would keep: no batch is over 10% padding
+    bounded = token_budget_batches(lengths, batch_tokens=10_000, max_rows=8, max_padding=0.1)
+    assert sorted(i for b in bounded for i in b) == list(range(len(lengths)))
+    assert all(min(lengths[i] for i in b) >= 0.9 * max(lengths[i] for i in b) for b in bounded)
+    assert len(bounded) > len(token_budget_batches(lengths, batch_tokens=10_000, max_rows=8))
 
 
 def test_length_ordered_units_cover_every_row_once_and_cut_padding():

@@ -166,3 +166,41 @@ def test_vllm_generation_from_models_on_s3(tiny_models, tmp_path):
         assert "config.json" in fetched and not [f for f in fetched if f.endswith(".safetensors")]
     finally:
         proc.terminate()
+
+
+def test_vllm_scoring_backend_matches_the_torch_actor(tiny_models, ray_local, tmp_path):
+    """score.backend: vllm scores the same work units with a vLLM engine's prompt_logprobs (in a
+    Ray Data actor, as the torch actor runs): every row's prompted and response-only loss sums and
+    token counts equal the torch actor's, and the stats report no padding (vLLM packs rows)."""
+    import numpy as np
+
+    from rayapp.common import storage
+    from rayapp.common.layout import RunLayout
+    from rayapp.common.manifests import CheckpointRecord
+    from rayapp.config import RunConfig, ScoreConfig
+    from rayapp.models.loading import load_tokenizer
+    from rayapp.score.engine import score_checkpoints
+    from rayapp.score.stage import special_ids
+    from tests.conftest import ALPACA, run_stage
+
+    cfg = RunConfig.model_validate(tiny_config_dict(tmp_path, [{"path": str(ALPACA), "limit": 48}],
+                                                    models__tokenizer=str(tiny_models / "tok"), data__shard_rows=24))
+    manifest = run_stage("prepare", cfg)
+    bos, pad = special_ids(load_tokenizer(manifest.tokenizer))
+    ck = [CheckpointRecord(name="a", path=str(tiny_models / "a"), uid="a")]
+    common = dict(modes=["prompted", "response_only"], dtype="float32", rows_per_task=16,
+                  resources={"num_cpus": 1, "min_actors": 1, "max_actors": 1})
+    scores, stats = {}, {}
+    for backend, extra in (("torch", {}), ("vllm", {"engine_kwargs": {"gpu_memory_utilization": 0.15,
+                                                                      "enforce_eager": True}})):
+        out = str(tmp_path / backend)
+        stats[backend] = score_checkpoints(RunLayout(cfg.output_dir).prepared, manifest, ck, out,
+                                           ScoreConfig(backend=backend, **common, **extra), bos, pad)
+        scores[backend] = storage.read_parquet_dir(storage.join(out, "a")).to_pandas().set_index("id").sort_index()
+    t, v = scores["torch"], scores["vllm"]
+    assert list(t.index) == list(v.index) and len(t) == manifest.rows
+    assert (t.n_tokens == v.n_tokens).all() and (t.n_tokens > 0).any()
+    for col in ("loss_sum", "response_only_loss_sum"):
+        np.testing.assert_allclose(v[col], t[col], rtol=1e-4, atol=1e-4)
+    assert stats["vllm"]["pad_tokens"] == 0 < stats["torch"]["pad_tokens"]
+    assert stats["vllm"]["real_tokens"] == stats["torch"]["real_tokens"]

@@ -63,7 +63,7 @@ def shape_of(config, name: str, source: str) -> ModelShape:
 
 def shape_of_model(model, name: str, source: str) -> ModelShape:
     """The shape of a built model (on the meta device or loaded)."""
-    from rayapp.train.worker import decoder_layers
+    from rayapp.train.fsdp import decoder_layers
 
     config = model.config
     layers = decoder_layers(model)

@@ -49,6 +49,7 @@ class LossScorer:
         max_length: int = 2048,
         rows_per_unit: int = 512,
         first_checkpoint: str | None = None,
+        max_batch_padding: float = 1.0,
     ):
         import torch
 
@@ -63,6 +64,7 @@ class LossScorer:
         self.modes = modes
         self.batch_tokens = batch_tokens
         self.max_rows = max_rows_per_batch
+        self.max_padding = max_batch_padding
         self.bos_id = bos_id
         self.pad_id = pad_id
         self.cache_size = cache_size
@@ -150,7 +152,7 @@ class LossScorer:
         loss = torch.zeros(n, dtype=torch.float64, device=self.device)
         count = torch.zeros(n, dtype=torch.int64, device=self.device)
         pad = np.zeros(n, dtype=np.int64)
-        for b in token_budget_batches(lengths, self.batch_tokens, self.max_rows):
+        for b in token_budget_batches(lengths, self.batch_tokens, self.max_rows, self.max_padding):
             ids, labels, mask = pad_batch([seqs[i] for i in b], [labs[i] for i in b], self.pad_id)
             s, c = device_losses(model, self._to_device(ids), self._to_device(labels), self._to_device(mask))
             where = self._to_device(torch.as_tensor(b))

@@ -7,11 +7,15 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def token_budget_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int) -> list[list[int]]:
+def token_budget_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int,
+                         max_padding: float = 1.0) -> list[list[int]]:
     """Group row indices into batches whose padded size (rows x longest row) fits ``batch_tokens``.
 
     Rows are taken longest first, so each batch holds rows of similar length; a row longer than
-    the budget gets a batch of its own rather than being dropped."""
+    the budget gets a batch of its own rather than being dropped. ``max_padding`` < 1 also closes a
+    batch before a row shorter than ``(1 - max_padding)`` x the batch's longest, so no batch is more
+    than that share padding: with a GPU-sized budget, the sparse long tail of a length
+    distribution would otherwise share batches with rows half their length."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
@@ -19,7 +23,8 @@ def token_budget_batches(lengths: Sequence[int], batch_tokens: int, max_rows: in
     for i in order:
         n = max(int(lengths[i]), 1)
         width = max(longest, n)
-        if current and ((len(current) + 1) * width > batch_tokens or len(current) >= max_rows):
+        if current and ((len(current) + 1) * width > batch_tokens or len(current) >= max_rows
+                        or n < (1 - max_padding) * width):
             batches.append(current)
             current, longest = [], 0
             width = n

@@ -143,15 +143,23 @@ def score_checkpoints(
     units = [{"path": storage.join(prepared_dir, f), "checkpoint": name, "unit": k}
              for name, files in pending.items() for f in files for k in range(-(-shards[f] // step))]
     ds = ray.data.from_items(units, override_num_blocks=len(units))
-    from rayapp.score.actor import LossScorer
+    if score_cfg.backend == "vllm":
+        from rayapp.score.vllm_actor import VllmLossScorer as scorer
 
+        backend_kwargs = {"engine_kwargs": score_cfg.engine_kwargs}
+    else:
+        from rayapp.score.actor import LossScorer as scorer
+
+        backend_kwargs = {}
     ds = ds.map_batches(
-        LossScorer,
+        scorer,
         fn_constructor_kwargs=dict(
+            **backend_kwargs,
             checkpoints={ck.name: ck.path for ck in checkpoints},
             modes=modes,
             batch_tokens=score_cfg.batch_tokens,
             max_rows_per_batch=score_cfg.max_rows_per_batch,
+            max_batch_padding=score_cfg.max_batch_padding,
             dtype=score_cfg.dtype,
             bos_id=bos_id,
             pad_id=pad_id,

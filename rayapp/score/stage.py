@@ -39,8 +39,10 @@ class ScoreStage(Stage):
     def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
         prepared = read_prepared(layout)
         # what the scores depend on; batch sizes and resources do not change them
+        # (the backend only where it is not the default: earlier runs' fingerprints stay valid)
+        backend = {} if cfg.score.backend == "torch" else {"backend": cfg.score.backend}
         return fingerprint(prepared=prepared.fingerprint, checkpoints=[c.uid for c in reference_checkpoints(layout, prepared)],
-                           modes=sorted(cfg.score.modes), dtype=cfg.score.dtype)
+                           modes=sorted(cfg.score.modes), dtype=cfg.score.dtype, **backend)
 
     def outputs_complete(self, m: ScoresManifest, layout: RunLayout) -> bool:
         return storage.exists(m.trajectories) and file_digest(m.trajectories) == m.trajectories_sha256

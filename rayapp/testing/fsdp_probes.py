@@ -18,7 +18,7 @@ def shard_on_meta(rank: int, world: int, config_file: str) -> dict:
     """Build the model of ``config_file`` on the meta device and shard it as training does; report
     this rank's parameter bytes (nothing is allocated: the shards stay on meta)."""
     from rayapp.models import sharded
-    from rayapp.train.worker import shard_fsdp2
+    from rayapp.train.fsdp import shard_fsdp2
 
     config = sharded.load_config(config_file)
     model = sharded.empty_causal_lm(config)
@@ -35,7 +35,7 @@ def sharded_load(rank: int, world: int, folder: str, full_tensors: bool = True) 
     import torch
 
     from rayapp.models import sharded
-    from rayapp.train.worker import shard_fsdp2
+    from rayapp.train.fsdp import shard_fsdp2
 
     model = sharded.empty_causal_lm(sharded.load_config(folder))
     buffers = sharded.real_buffers(model)
@@ -56,7 +56,7 @@ def full_load_then_shard(rank: int, world: int, folder: str) -> dict:
     import torch
 
     from rayapp.models.loading import load_causal_lm
-    from rayapp.train.worker import shard_fsdp2
+    from rayapp.train.fsdp import shard_fsdp2
 
     model = load_causal_lm(folder, dtype=torch.float32)
     shard_fsdp2(model, bf16=False, cpu_offload=False)

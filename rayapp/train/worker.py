@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from rayapp.common import storage
 from rayapp.common.log import get_logger
 from rayapp.config import TrainConfig
+from rayapp.train.fsdp import decoder_layers, micro_batch_weight, optimizer_step, shard_fsdp2  # noqa: F401  (re-exported)
 
 class WorkerConfig(BaseModel):
     """Everything a worker needs, typed and frozen (Ray passes it as a dict)."""
@@ -72,39 +73,6 @@ class Progress:
     global_step: int = 0
     last_loss: float = float("nan")
     resumed_from: int | None = None
-
-
-def decoder_layers(model):
-    for attr in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
-        obj = model
-        try:
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-            return list(obj)
-        except AttributeError:
-            continue
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
-
-
-def micro_batch_weight(batch_index: int, batches_per_epoch: int, accum: int) -> float:
-    """The weight of one micro-batch's mean loss in its accumulation group: one over the number
-    of micro-batches the group really has (an epoch's last group may be shorter than ``accum``),
-    so every optimizer step follows the mean loss of the batches it saw."""
-    group_start = (batch_index // accum) * accum
-    return 1.0 / min(accum, batches_per_epoch - group_start)
-
-
-def shard_fsdp2(model, bf16: bool, cpu_offload: bool):
-    """FSDP2: ``fully_shard`` each decoder layer, then the root (parameters become DTensors)."""
-    import torch
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=mp, offload_policy=offload)
-    fully_shard(model, mp_policy=mp, offload_policy=offload)
-    return model
 
 
 class FineTuneRecipe:
@@ -306,28 +274,11 @@ class FineTuneRecipe:
     # ---- training ------------------------------------------------------------------------------
 
     def train_step(self, micro_batches: list[dict], weights: list[float]) -> tuple[float, int]:
-        """One optimizer step over ``micro_batches`` (gradient accumulation): each micro-batch's
-        mean response-token loss counts with its weight. Returns (the group's mean loss, tokens)."""
-        import torch
-
-        autocast = self.bf16 and self.use_gpu and not self.sharded
-        loss_total, tokens = 0.0, 0
-        defer_sync = self.defer_sync and len(micro_batches) > 1
-        for k, (inputs, weight) in enumerate(zip(micro_batches, weights)):
-            if defer_sync:
-                # reduce-scatter once per optimizer step, on the last micro-batch's backward (the
-                # unsharded gradients accumulate locally until then: see TrainConfig.gradient_sync)
-                self.train_model.set_requires_gradient_sync(k == len(micro_batches) - 1)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
-                out = self.train_model(**inputs)
-            (out.loss * weight).backward()
-            loss_total += float(out.loss.detach()) * weight
-            tokens += int(inputs["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), self.tc.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_total, tokens
+        """One optimizer step over ``micro_batches`` (train/fsdp.optimizer_step)."""
+        return optimizer_step(self.train_model, self.optimizer, self.scheduler, micro_batches, weights,
+                              max_grad_norm=self.tc.max_grad_norm,
+                              autocast_bf16=self.bf16 and self.use_gpu and not self.sharded,
+                              defer_sync=self.defer_sync)
 
     def train(self) -> dict:
         from rayapp.train.collate import collate

@@ -1,0 +1,36 @@
+"""The one-shot GPU check (`python -m benchmarks gpu`) stays runnable where it will run: a machine
+with torch and transformers but no Ray, no vLLM and no pydantic. Here it runs its tiny CPU shapes
+with those three packages made unimportable, through the same scoring actor and training step code
+the pipeline uses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+BLOCKED = ("pydantic", "ray", "vllm")
+
+
+def test_gpu_check_runs_without_ray_vllm_or_pydantic(tmp_path):
+    code = ("import sys, runpy\n"
+            f"for m in {BLOCKED!r}: sys.modules[m] = None  # import raises ImportError\n"
+            f"sys.argv = ['benchmarks', 'gpu', '--tiny', '--out', {str(tmp_path)!r}]\n"
+            "runpy.run_module('benchmarks', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("gpu-*.json")
+    r = json.loads(result.read_text())
+    assert r["tiny_shapes"] and (tmp_path / result.name.replace(".json", ".png")).exists()
+    assert [s["model"] for s in r["scoring"]] == ["facebook/opt-350m", "facebook/opt-1.3b"]
+    for s in r["scoring"]:
+        assert s["tokens"] > 0 and s["tokens_per_s"] > 0 and 0 <= s["padding_fraction"] < 0.5
+        assert s["plan_memory_bytes"] > 0 and s["fraction_of_measured_matmul"] > 0
+    agree = r["bf16_vs_fp32"]
+    assert agree["rows"] == 64 and 0 < agree["max_relative_error"] < 0.05  # bf16 is close to, not equal to, fp32
+    ac_off, ac_on = r["training"]
+    assert (ac_off["activation_checkpointing"], ac_on["activation_checkpointing"]) == (False, True)
+    assert ac_off["tokens_per_s"] > 0 and ac_on["tokens_per_s"] > 0 and ac_off["params"] == ac_on["params"]
+    assert r["vllm"]["measured"] is False and "vLLM" in r["vllm"]["why"]
