@@ -32,7 +32,14 @@ def main() -> int:
                        "limit, bf16/fp32 agreement, an FSDP2 step's MFU, peak memory against the plan")
     g.add_argument("--out", default="benchmarks/results")
     g.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU (the default without one)")
+    sub.add_parser("estimates", help="scoring time and cost on 1, 8 and 64 GPUs, on paper (from the measured "
+                   "start-up and the GPU check's rate where there is one)")
     args = p.parse_args()
+    if args.which == "estimates":
+        from benchmarks.estimates import run as run_estimates
+
+        run_estimates()
+        return 0
     if args.which == "gpu":
         from benchmarks.gpu import run as run_gpu
 

@@ -71,6 +71,8 @@ class ScoreStage(Stage):
     def summary(self, m: ScoresManifest, layout: RunLayout) -> list[str]:
         s = m.stats
         if s.get("rows"):
-            return [f"{s['rows']} row-scores, {s['tokens_per_s']:.0f} tokens/s, padding "
+            limit = (f" ({s['forward_flop_fraction']:.0%} of the forward-FLOP limit per busy actor)"
+                     if "forward_flop_fraction" in s else "")
+            return [f"{s['rows']} row-scores, {s['tokens_per_s']:.0f} tokens/s{limit}, padding "
                     f"{100 * s['padding_fraction']:.1f}% -> {m.trajectories}"]
         return [f"{m.rows} rows x {len(m.checkpoints)} checkpoints -> {m.trajectories}"]
