@@ -47,9 +47,10 @@ def _machine() -> dict:
 # ---- 1. actors: 1 vs 2, this checkout and a baseline ------------------------------------------------
 
 
-def probe(code_dir: str, rows: int) -> dict:
+def probe(code_dir: str, rows: int, actors: str = "1,2") -> dict:
     env = {**os.environ, "PYTHONPATH": code_dir}
-    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "score_probe.py"), ALPACA, "--rows", str(rows)]
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "score_probe.py"), ALPACA, "--rows", str(rows),
+           "--actors", actors]
     print(f"[bench] score probe in {code_dir}", flush=True)
     proc = subprocess.run(cmd, cwd=code_dir, env=env, capture_output=True, text=True)
     line = [x for x in proc.stdout.splitlines() if x.startswith("PROBE ")]
@@ -95,16 +96,16 @@ def shard_lengths(prepared_dir: str) -> list[np.ndarray]:
 
 def padding_by_unit_order(shards: list[np.ndarray], rows_per_unit: int, batch_tokens: int, max_rows: int,
                           max_padding: float) -> dict:
-    """Padding share of computed tokens when every unit is batched by token budget, for units of
-    consecutive rows (the former engine), units in each shard's length order (this engine), and the
-    whole set batched at once (the floor)."""
+    """Padding share of computed tokens when every unit is batched by token budget: units of
+    consecutive rows (the former engine), units in each shard's length order, the same with batches
+    bounded to ``max_padding`` (this engine), and the whole set batched at once (the floor)."""
     from rayapp.score.batching import length_ordered_units, padding_stats, token_budget_batches
 
-    def share(units_per_shard) -> float:
+    def share(units_per_shard, bound: float = 1.0) -> float:
         real = padded = 0
         for lengths, units in units_per_shard:
             for u in units:
-                r, p = padding_stats(lengths[u], token_budget_batches(lengths[u], batch_tokens, max_rows, max_padding))
+                r, p = padding_stats(lengths[u], token_budget_batches(lengths[u], batch_tokens, max_rows, bound))
                 real, padded = real + r, padded + p
         return 1 - real / padded
 
@@ -113,8 +114,10 @@ def padding_by_unit_order(shards: list[np.ndarray], rows_per_unit: int, batch_to
     ordered = [(x, length_ordered_units(x, rows_per_unit)) for x in shards]
     everything = np.concatenate(shards)
     return {"rows": int(len(everything)), "shards": len(shards), "rows_per_unit": rows_per_unit,
-            "batch_tokens": batch_tokens, "max_batch_padding": max_padding, "consecutive_units": share(consecutive),
-            "length_ordered_units": share(ordered), "whole_set": share([(everything, [np.arange(len(everything))])])}
+            "batch_tokens": batch_tokens, "max_batch_padding": max_padding,
+            "consecutive_units": share(consecutive), "length_ordered_units": share(ordered),
+            "length_ordered_bounded": share(ordered, max_padding),
+            "whole_set": share([(everything, [np.arange(len(everything))])])}
 
 
 # ---- 3. full Alpaca: rayapp against a plain loop --------------------------------------------------------
@@ -171,7 +174,7 @@ def run(rows: int, out_dir: str, baseline: str | None = None, full: bool = True)
     results: dict = {"machine": _machine(), "model": "tiny (configs/tiny.yaml reference)", "rows": rows}
     if baseline:
         results["baseline"] = probe_baseline(baseline, rows)
-    results["current"] = probe(REPO, rows)
+    results["current"] = probe(REPO, rows, "1,2,0")
     from rayapp.config import ScoreConfig
 
     defaults = ScoreConfig()
@@ -210,16 +213,17 @@ def summary_md(results: dict) -> str:
             continue
         label = f"baseline `{results[key]['commit']}`" if key == "baseline" else "this commit"
         for r in results[key]["runs"]:
-            lines.append(f"| {label} | {r['actors']} | {r['first_result_s']:.1f} s | {r['wall_s']:.1f} s | "
+            lines.append(f"| {label} | {r['actors'] or 'none (score.local)'} | {r['first_result_s']:.1f} s | {r['wall_s']:.1f} s | "
                          f"{r['tokens_per_s']:,.0f} | {r['steady_tokens_per_s']:,.0f} | {r['padding_fraction']:.1%} |")
     for key in ("baseline", "current"):
         if key in results:
-            one, two = results[key]["runs"][:2]
+            one, two = results[key]["runs"][:2]  # 1 and 2 actors
             lines.append(f"\n{key}: 2 actors / 1 actor = x{one['wall_s'] / two['wall_s']:.2f} end to end, "
                          f"x{two['steady_tokens_per_s'] / one['steady_tokens_per_s']:.2f} steady")
     for name, p in results["padding"].items():
         lines.append(f"padding on all of {name} ({p['rows']} rows): consecutive units {p['consecutive_units']:.1%}, "
-                     f"length-ordered units {p['length_ordered_units']:.2%}, whole set {p['whole_set']:.2%}")
+                     f"length-ordered units {p['length_ordered_units']:.2%}, and bounded "
+                     f"{p['length_ordered_bounded']:.2%}, whole set {p['whole_set']:.2%}")
     f = results.get("full_alpaca")
     if f:
         lines.append(f"full Alpaca ({f['rows']} rows): rayapp {f['rayapp']['wall_s']:.0f} s, plain loop "
@@ -245,7 +249,8 @@ def _plot(results: dict, path: str) -> None:
     labels, first, rest = [], [], []
     for key, g in groups:
         for r in g["runs"]:
-            labels.append(f"{'baseline ' + g['commit'] if key == 'baseline' else 'this commit'}\n{r['actors']} actor(s)")
+            who = f"{r['actors']} actor(s)" if r["actors"] else "score.local (no actor)"
+            labels.append(f"{'baseline ' + g['commit'] if key == 'baseline' else 'this commit'}\n{who}")
             first.append(r["first_result_s"])
             rest.append(r["wall_s"] - r["first_result_s"])
     y = np.arange(len(labels))
@@ -258,10 +263,12 @@ def _plot(results: dict, path: str) -> None:
     a.legend(fontsize=7, loc="lower right")
     names = list(results["padding"])
     x = np.arange(len(names))
-    for i, (k, color, lab) in enumerate((("consecutive_units", "#c0392b", "units of consecutive rows (before)"),
-                                         ("length_ordered_units", "#2c7fb8", "units in length order (now)"),
-                                         ("whole_set", "#7f8c8d", "whole set sorted (floor)"))):
-        b.bar(x + (i - 1) * 0.27, [100 * results["padding"][n][k] for n in names], 0.27, color=color, label=lab)
+    bars = (("consecutive_units", "#c0392b", "units of consecutive rows (before)"),
+            ("length_ordered_units", "#8fb9d8", "units in length order"),
+            ("length_ordered_bounded", "#2c7fb8", "... and batches <= 10% padding (now)"),
+            ("whole_set", "#7f8c8d", "whole set sorted (floor)"))
+    for i, (k, color, lab) in enumerate(bars):
+        b.bar(x + (i - 1.5) * 0.2, [100 * results["padding"][n][k] for n in names], 0.2, color=color, label=lab)
     b.set_xticks(x, [f"{n} ({results['padding'][n]['rows']:,} rows)" for n in names])
     b.set_ylabel("padding, % of computed tokens")
     b.set_title("Padding inside actor batches (default settings)")

@@ -22,7 +22,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("alpaca")
     p.add_argument("--rows", type=int, default=3000)
-    p.add_argument("--actors", default="1,2")
+    p.add_argument("--actors", default="1,2", help="actor counts; 0: score.local (no actors)")
     a = p.parse_args()
 
     import ray
@@ -52,7 +52,10 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     runs = []
     for n in (int(x) for x in a.actors.split(",")):
-        sc = ScoreConfig(modes=["prompted"], resources={"num_cpus": 1, "min_actors": n, "max_actors": n})
+        # 0: score.local, in this process (1 thread, as one 1-CPU actor has)
+        local = {"local": True} if n == 0 else {}
+        sc = ScoreConfig(modes=["prompted"], resources={"num_cpus": 1, "min_actors": max(n, 1), "max_actors": max(n, 1)},
+                         **local)
         t0 = time.perf_counter()
         stats = score_checkpoints(RunLayout(cfg.output_dir).prepared, manifest, ck,
                                   storage.join(work, f"scores-{n}"), sc, bos, pad)

@@ -229,6 +229,10 @@ class ScoreConfig(_Strict):
         description="prompted: response given prompt; response_only: prompt dropped (for IFD)",
     )
     resources: ResourcesConfig = ResourcesConfig()
+    local: bool = Field(
+        False, description="Score in the driver's process, one work unit after another, with no actors: nothing "
+        "to start or import (for small models on one machine, e.g. the embedded default); the same units, "
+        "batches and scores as the actor pool, on resources.num_cpus threads")
     rows_per_task: int = Field(
         512, ge=1, description="Rows of one shard handed to an actor at a time, taken in the shard's length order "
         "(a work unit, always batched alike)")

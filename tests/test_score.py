@@ -139,6 +139,25 @@ def test_engine_matches_one_row_loop_and_is_batch_invariant(ray_local, scored_se
     assert not np.allclose(_load(big, "epoch-0").loss_sum, _load(big, "other").loss_sum)
 
 
+def test_local_scoring_in_this_process_matches_the_actor_pool(scored_setup, clean_scores, tmp_path):
+    """score.local: the same units and batches in the driver's process, with no actor: the same
+    scores, bit for bit (one thread each), and the driver's torch thread count is left as it was."""
+    import torch
+
+    cfg, manifest, ckpts, bos, pad, good_ids = scored_setup
+    threads = torch.get_num_threads()
+    out = str(tmp_path / "local")
+    stats = _run(scored_setup, out, batch_tokens=4096, local=True)
+    assert torch.get_num_threads() == threads
+    assert stats["rows"] == len(good_ids) * len(ckpts) and stats["first_result_s"] < stats["seconds"]
+    clean, _ = clean_scores
+    for ck in ckpts:
+        a, b = _load(out, ck.name), _load(clean, ck.name)
+        assert a.index.is_unique and set(a.index) == good_ids
+        for col in ("loss_sum", "n_tokens", "response_only_loss_sum"):
+            np.testing.assert_array_equal(a[col], b.loc[a.index, col])
+
+
 def _selections(out, ckpts):
     traj = trajectories_from_table(build_trajectories(out, [ck.name for ck in ckpts]))
     return {m: sorted(traj.ids[select(m, traj, 0.3)[0]]) for m in ("ppl_high", "ifd", "random")}

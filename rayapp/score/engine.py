@@ -109,9 +109,6 @@ def score_checkpoints(
     trust_remote_code: bool = False,
     runtime_env: dict | None = None,
 ) -> dict:
-    import ray
-    import ray.data
-
     fingerprint = prepared_manifest.fingerprint
     shards = {s.file: s.rows for s in prepared_manifest.shards}
     modes = list(score_cfg.modes)
@@ -134,15 +131,13 @@ def score_checkpoints(
     by_name = {ck.name: ck for ck in checkpoints}
     res = score_cfg.resources
     # A work unit: ``rows_per_task`` rows of one prepared shard, taken in the shard's length order
-    # (batching.length_ordered_units), for one checkpoint; the actor reads them itself. Each actor
-    # call gets exactly one unit (batch_size=None: no re-bundling of blocks in arrival order), so
-    # every row is scored in the same batch, with the same padding, on every run: the scores, and
-    # the selections made from them, are deterministic. A shard's scores reach the driver, and are
-    # committed, as its units finish.
+    # (batching.length_ordered_units), for one checkpoint; the scorer reads them itself. Each call
+    # gets exactly one unit, so every row is scored in the same batch, with the same padding, on
+    # every run: the scores, and the selections made from them, are deterministic. A shard's
+    # scores reach the driver, and are committed, as its units finish.
     step = score_cfg.rows_per_task
     units = [{"path": storage.join(prepared_dir, f), "checkpoint": name, "unit": k}
              for name, files in pending.items() for f in files for k in range(-(-shards[f] // step))]
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
     if score_cfg.backend == "vllm":
         from rayapp.score.vllm_actor import VllmLossScorer as scorer
 
@@ -151,34 +146,27 @@ def score_checkpoints(
         from rayapp.score.actor import LossScorer as scorer
 
         backend_kwargs = {}
-    ds = ds.map_batches(
-        scorer,
-        fn_constructor_kwargs=dict(
-            **backend_kwargs,
-            checkpoints={ck.name: ck.path for ck in checkpoints},
-            modes=modes,
-            batch_tokens=score_cfg.batch_tokens,
-            max_rows_per_batch=score_cfg.max_rows_per_batch,
-            max_batch_padding=score_cfg.max_batch_padding,
-            dtype=score_cfg.dtype,
-            bos_id=bos_id,
-            pad_id=pad_id,
-            num_threads=max(1, int(res.num_cpus)),
-            trust_remote_code=trust_remote_code,
-            cache_size=score_cfg.cached_models,
-            max_length=prepared_manifest.max_length,
-            rows_per_unit=step,
-            first_checkpoint=next(iter(pending)),  # the first units' checkpoint: loaded as the actor starts
-        ),
-        batch_size=None,  # one unit per call (see above)
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-        num_cpus=res.num_cpus,
-        num_gpus=res.num_gpus,
-        resources=res.resources or None,
-        accelerator_type=res.accelerator_type,
-        runtime_env=runtime_env,
+    scorer_kwargs = dict(
+        **backend_kwargs,
+        checkpoints={ck.name: ck.path for ck in checkpoints},
+        modes=modes,
+        batch_tokens=score_cfg.batch_tokens,
+        max_rows_per_batch=score_cfg.max_rows_per_batch,
+        max_batch_padding=score_cfg.max_batch_padding,
+        dtype=score_cfg.dtype,
+        bos_id=bos_id,
+        pad_id=pad_id,
+        num_threads=max(1, int(res.num_cpus)),
+        trust_remote_code=trust_remote_code,
+        cache_size=score_cfg.cached_models,
+        max_length=prepared_manifest.max_length,
+        rows_per_unit=step,
+        first_checkpoint=next(iter(pending)),  # the first units' checkpoint: loaded as the scorer starts
     )
+    if score_cfg.local:
+        results = _in_this_process(scorer, scorer_kwargs, units)
+    else:
+        results = _on_actor_pool(scorer, scorer_kwargs, units, res, runtime_env)
 
     buffers: dict[tuple[str, str], list[pa.Table]] = defaultdict(list)
     counts: dict[tuple[str, str], int] = defaultdict(int)
@@ -187,7 +175,7 @@ def score_checkpoints(
     line = ProgressLine("score", unit="row-scores")
     t0 = time.perf_counter()
     t_first = None
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in results:
         if t_first is None:
             t_first = time.perf_counter()
             first_tokens = int(np.asarray(batch["real_tokens"]).sum())
@@ -239,6 +227,42 @@ def score_checkpoints(
              stats["tokens_per_s"], stats["actor_tokens_per_s"], limit, 100 * stats["padding_fraction"],
              stats["first_result_s"])
     return stats
+
+
+def _on_actor_pool(scorer, scorer_kwargs: dict, units: list[dict], res, runtime_env: dict | None):
+    """Ray Data: one block per unit, an actor pool of scorers; results stream back as they finish."""
+    import ray
+    import ray.data
+
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(
+        scorer,
+        fn_constructor_kwargs=scorer_kwargs,
+        batch_size=None,  # one unit per call, never re-bundled in arrival order (see score_checkpoints)
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+        num_cpus=res.num_cpus,
+        num_gpus=res.num_gpus,
+        resources=res.resources or None,
+        accelerator_type=res.accelerator_type,
+        runtime_env=runtime_env,
+    )
+    return ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def _in_this_process(scorer, scorer_kwargs: dict, units: list[dict]):
+    """score.local: the same scorer, units and batches, one unit after another in this process. No
+    actor process starts and imports torch and transformers (most of a small run's time)."""
+    import torch
+
+    threads = torch.get_num_threads()  # the scorer sets its own; the caller's come back after
+    try:
+        s = scorer(**scorer_kwargs)
+        for u in units:
+            yield pa.table(s({"path": np.array([u["path"]]), "checkpoint": np.array([u["checkpoint"]]),
+                              "unit": np.array([u["unit"]])}))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def scoring_rates(stats: dict, peak_flops: float | None) -> dict:

@@ -53,7 +53,8 @@ class ScoreStage(Stage):
         checkpoints = reference_checkpoints(layout, prepared)
         bos, pad = special_ids(load_tokenizer(prepared.tokenizer))
         out_dir = layout.scores("reference")
-        init_ray(cfg)
+        if not cfg.score.local:
+            init_ray(cfg)
         stats = score_checkpoints(layout.prepared, prepared, checkpoints, out_dir, cfg.score, bos, pad,
                                   trust_remote_code=cfg.models.reference.trust_remote_code)
         traj = build_trajectories(out_dir, [c.name for c in checkpoints])
