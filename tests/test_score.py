@@ -150,7 +150,11 @@ def test_local_scoring_in_this_process_matches_the_actor_pool(scored_setup, clea
     stats = _run(scored_setup, out, batch_tokens=4096, local=True)
     assert torch.get_num_threads() == threads
     assert stats["rows"] == len(good_ids) * len(ckpts) and stats["first_result_s"] < stats["seconds"]
-    clean, _ = clean_scores
+    _assert_same_scores(out, clean_scores[0], ckpts, good_ids)
+
+
+def _assert_same_scores(out, clean, ckpts, good_ids):
+    """One score per good row and checkpoint, bit for bit the uninterrupted actor run's."""
     for ck in ckpts:
         a, b = _load(out, ck.name), _load(clean, ck.name)
         assert a.index.is_unique and set(a.index) == good_ids
@@ -175,12 +179,7 @@ def test_killed_actor_mid_block_is_restarted_and_the_scores_match(ray_local, sco
         os.kill(killed_pid, 0)  # that actor process is gone
     assert stats["skipped_units"] == 0 and stats["rows"] == len(good_ids) * len(ckpts)
     clean, _ = clean_scores
-    for ck in ckpts:
-        a, b = _load(out, ck.name), _load(clean, ck.name)
-        assert a.index.is_unique and set(a.index) == good_ids
-        for col in ("loss_sum", "n_tokens", "response_only_loss_sum"):
-            # bit for bit: the re-run unit is batched exactly as in the clean run
-            np.testing.assert_array_equal(a[col], b.loc[a.index, col])
+    _assert_same_scores(out, clean, ckpts, good_ids)  # the re-run unit is batched exactly as in the clean run
     assert _selections(out, ckpts) == _selections(clean, ckpts)
 
 

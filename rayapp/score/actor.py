@@ -80,7 +80,9 @@ class LossScorer:
         if first_checkpoint is not None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self.loading = ThreadPoolExecutor(1, thread_name_prefix="rayapp-load").submit(self._load, first_checkpoint)
+            pool = ThreadPoolExecutor(1, thread_name_prefix="rayapp-load")
+            self.loading = pool.submit(self._load, first_checkpoint)
+            pool.shutdown(wait=False)  # its one thread ends with the load
 
     def _model(self, name: str):
         if self.loading is not None:
