@@ -352,6 +352,13 @@ class JudgeConfig(_Strict):
     max_concurrency: int = Field(8, ge=1)
     timeout_s: float = Field(120, gt=0)
     retries: int = Field(3, ge=0)
+    prompt_file: str | None = Field(
+        None, description="The pairwise prompt: a text file with {question}, {answer_1} and {answer_2}; unset: "
+        "rayapp/assets/judge/pairwise.txt. Its hash is recorded with every judgment")
+    system_prompt: str | None = Field(None, description="The judge's system message; unset: rayapp's default")
+    length_neutral: bool = Field(
+        False, description="Append a sentence telling the judge that length must not sway it (off by default, "
+        "as in the published protocols; LP's subsets favour long answers, so it can change the outcome)")
 
     @model_validator(mode="after")
     def _endpoint_named(self) -> "JudgeConfig":

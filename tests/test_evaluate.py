@@ -41,6 +41,38 @@ def test_judge_both_orders_and_verdicts(monkeypatch):
     assert all(r["review_ab"] and r["review_ba"] for r in records)  # raw judge text kept
 
 
+def test_the_judge_prompt_is_a_file_with_its_hash_recorded(tmp_path):
+    """The prompt the endpoint receives is the configured file's text (answers with braces intact);
+    the length-neutral sentence is an option that changes the prompt and its hash; a file without
+    the three fields is refused, naming the file and what is missing."""
+    from rayapp.evaluate.judge import DEFAULT_PROMPT_FILE, LENGTH_NEUTRAL, judge_prompt, prompt_record
+
+    mine = tmp_path / "mine.txt"
+    mine.write_text("Q: {question}\nFIRST: {answer_1}\nSECOND: {answer_2}\nScores on line one.\n")
+    items = [{"set": "s", "id": "1", "question": "q1 {x}", "answer_a": "a GOOD {answer_2}", "answer_b": "meh"}]
+    with ScriptedJudgeServer() as server:
+        # 'biased' answers "9 5" whatever the prompt looks like: a tie over both orders
+        records = judge_pairs(_endpoint(server, "biased", prompt_file=str(mine)), items, 1)
+        sent = [r["body"]["messages"][-1]["content"] for r in server.requests]
+    assert records[0]["verdict"] == "tie"
+    assert sorted(sent) == ["Q: q1 {x}\nFIRST: a GOOD {answer_2}\nSECOND: meh\nScores on line one.",
+                            "Q: q1 {x}\nFIRST: meh\nSECOND: a GOOD {answer_2}\nScores on line one."]
+
+    default = JudgeConfig(kind="endpoint", base_url="http://127.0.0.1:1/v1", model="m")
+    neutral = default.model_copy(update={"length_neutral": True})
+    assert judge_prompt(default).source == DEFAULT_PROMPT_FILE and LENGTH_NEUTRAL not in judge_prompt(default).template
+    assert judge_prompt(neutral).template.endswith(LENGTH_NEUTRAL)
+    hashes = {prompt_record(c)["judge_prompt_sha256"] for c in (default, neutral,
+              default.model_copy(update={"prompt_file": str(mine)}))}
+    assert len(hashes) == 3 and all(len(h) == 64 for h in hashes)
+    assert prompt_record(JudgeConfig(kind="reference")) == {"judge_prompt_sha256": None}
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Which is better, {answer_1} or {answer_2}?")
+    with pytest.raises(JudgeError, match=r"bad.txt: the template lacks \{question\}"):
+        judge_prompt(default.model_copy(update={"prompt_file": str(bad)}))
+
+
 def test_position_biased_judge_gives_ties():
     with ScriptedJudgeServer() as server:
         records = judge_pairs(_endpoint(server, "biased"), _items())

@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from rayapp.config import JudgeConfig
@@ -20,25 +23,59 @@ from rayapp.evaluate.verdicts import Unparseable, verdict_from_reviews
 
 JUDGE_SYSTEM = "You are a careful, impartial reviewer of answers written by AI assistants."
 
-# The pairwise review protocol of this line of work, in our words: both answers rated 1-10,
-# the two scores alone on the first line, the reasons after.
-JUDGE_TEMPLATE = """[Question]
-{question}
+# The pairwise review protocol of this line of work, in our words (rayapp/assets/judge/
+# pairwise.txt): both answers rated 1-10, the two scores alone on the first line, the reasons
+# after. A config can name its own file (judge.prompt_file) to match a published protocol.
+DEFAULT_PROMPT_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "judge", "pairwise.txt")
+PROMPT_FIELDS = ("question", "answer_1", "answer_2")
+_FIELD = re.compile(r"\{(question|answer_1|answer_2)\}")
+# judge.length_neutral: appended to the prompt. LP's small subsets favour long answers (~460-550
+# characters against ~280 for random ones), so this sentence can change a comparison's outcome.
+LENGTH_NEUTRAL = "Their length must not sway you either: a longer answer is not a better one for being longer."
 
-[Assistant 1's answer starts]
-{answer_1}
-[Assistant 1's answer ends]
 
-[Assistant 2's answer starts]
-{answer_2}
-[Assistant 2's answer ends]
+@dataclass(frozen=True)
+class JudgePrompt:
+    system: str
+    template: str  # with {question}, {answer_1}, {answer_2}
+    source: str
+    length_neutral: bool
 
-[Task]
-Rate how helpful, relevant, accurate and detailed each assistant's answer to the question is, \
-on a scale from 1 to 10 where higher is better.
-On the first line write only the two scores, Assistant 1's then Assistant 2's, separated by a space.
-From the second line on, explain your ratings. Judge the content only: the order in which the \
-answers appear and their length must not sway you."""
+    @property
+    def sha256(self) -> str:
+        """What the judge is told, hashed: recorded with every judgment."""
+        return hashlib.sha256(f"{self.system}\x00{self.template}".encode()).hexdigest()
+
+    def render(self, question: str, answer_1: str, answer_2: str) -> str:
+        # one pass over the template, not str.format or chained replaces: an answer may hold braces,
+        # even "{answer_2}", and must reach the judge as written
+        values = {"question": question, "answer_1": answer_1, "answer_2": answer_2}
+        return _FIELD.sub(lambda m: values[m.group(1)], self.template)
+
+    def describe(self) -> str:
+        where = "rayapp's default" if self.source == DEFAULT_PROMPT_FILE else self.source
+        return (f"prompt {where} (sha256 {self.sha256[:12]}), length-neutral sentence "
+                f"{'on' if self.length_neutral else 'off'}")
+
+
+def judge_prompt(cfg: JudgeConfig) -> JudgePrompt:
+    """The judge prompt a config names: its file (rayapp's default unless set), checked for the three
+    fields, plus the length-neutral sentence when asked for."""
+    path = cfg.prompt_file or DEFAULT_PROMPT_FILE
+    try:
+        with open(path, encoding="utf-8") as f:
+            template = f.read().strip()
+    except OSError as exc:
+        raise JudgeError(f"evaluate.judge.prompt_file: cannot read {path}: {exc.strerror}") from None
+    missing = [name for name in PROMPT_FIELDS if "{" + name + "}" not in template]
+    if missing:
+        raise JudgeError(f"evaluate.judge.prompt_file {path}: the template lacks "
+                         f"{', '.join('{' + m + '}' for m in missing)} (it needs {{question}}, {{answer_1}} "
+                         f"and {{answer_2}})")
+    if cfg.length_neutral:
+        template = f"{template}\n{LENGTH_NEUTRAL}"
+    return JudgePrompt(system=cfg.system_prompt or JUDGE_SYSTEM, template=template, source=path,
+                       length_neutral=cfg.length_neutral)
 
 
 class JudgeError(RuntimeError):
@@ -51,8 +88,19 @@ def _is_loopback(url: str) -> bool:
 
 
 def describe_judge(cfg: JudgeConfig) -> str:
-    """The judge's name for reports, from its config alone (no client built, no key needed)."""
-    return ReferenceJudge.name if cfg.kind == "reference" else f"{cfg.model} @ {cfg.base_url}"
+    """The judge's name for reports, from its config alone (no client built, no key needed): for a
+    judge model, with the prompt it is given (file, hash, length-neutral sentence)."""
+    if cfg.kind == "reference":
+        return ReferenceJudge.name
+    return f"{cfg.model} @ {cfg.base_url}; {judge_prompt(cfg).describe()}"
+
+
+def prompt_record(cfg: JudgeConfig) -> dict:
+    """What every judgment file records about the prompt (none for the ROUGE-L reference judge)."""
+    if cfg.kind == "reference":
+        return {"judge_prompt_sha256": None}
+    p = judge_prompt(cfg)
+    return {"judge_prompt_sha256": p.sha256, "judge_prompt_file": p.source, "length_neutral": p.length_neutral}
 
 
 class EndpointJudge:
@@ -70,15 +118,15 @@ class EndpointJudge:
                                  f"variable {cfg.api_key_env} (keys are never read from config files)")
             key = "unused"  # a local `vllm serve` without --api-key accepts any key
         self.cfg = cfg
+        self.prompt = judge_prompt(cfg)
         self.name = describe_judge(cfg)
         self.client = OpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=cfg.retries)
 
     def review(self, question: str, answer_1: str, answer_2: str, reference: str | None = None) -> str:
         resp = self.client.chat.completions.create(
             model=self.cfg.model,
-            messages=[{"role": "system", "content": JUDGE_SYSTEM},
-                      {"role": "user", "content": JUDGE_TEMPLATE.format(
-                          question=question, answer_1=answer_1, answer_2=answer_2)}],
+            messages=[{"role": "system", "content": self.prompt.system},
+                      {"role": "user", "content": self.prompt.render(question, answer_1, answer_2)}],
             temperature=self.cfg.temperature,
             max_tokens=self.cfg.max_tokens,
         )

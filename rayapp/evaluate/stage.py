@@ -119,11 +119,12 @@ def _generations(cfg: RunConfig, layout: RunLayout, models: list[dict], prompts:
 
 def _judge(cfg: RunConfig, layout: RunLayout, a: dict, b: dict, prompts: list[dict], answers: dict,
            force: bool) -> list[dict]:
-    from rayapp.evaluate.judge import judge_pairs, make_judge
+    from rayapp.evaluate.judge import judge_pairs, make_judge, prompt_record
 
     jc = cfg.evaluate.judge
     ids = [p["id"] for p in prompts]
-    fp = fingerprint(judge=jc, a=[answers[a["label"]][i] for i in ids], b=[answers[b["label"]][i] for i in ids], ids=ids)
+    prompt = prompt_record(jc)  # the prompt's hash: a changed prompt file means new judgments
+    fp = fingerprint(judge=jc, prompt=prompt, a=[answers[a["label"]][i] for i in ids], b=[answers[b["label"]][i] for i in ids], ids=ids)
     uri = layout.judgments(a["label"], b["label"])
     meta_uri = uri + ".meta.json"
     if not force and storage.exists(meta_uri) and storage.read_json(meta_uri).get("fingerprint") == fp:
@@ -137,9 +138,9 @@ def _judge(cfg: RunConfig, layout: RunLayout, a: dict, b: dict, prompts: list[di
     records = judge_pairs(judge, items, jc.max_concurrency)
     for rec, item in zip(records, items):
         rec.update(question=item["question"], answer_a=item["answer_a"], answer_b=item["answer_b"],
-                   model_a=a["label"], model_b=b["label"])
+                   model_a=a["label"], model_b=b["label"], **prompt)
     storage.write_text(uri, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    storage.write_json(meta_uri, {"fingerprint": fp, "judge": judge.name, "rows": len(records)})
+    storage.write_json(meta_uri, {"fingerprint": fp, "judge": judge.name, "rows": len(records), **prompt})
     return records
 
 
