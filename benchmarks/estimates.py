@@ -33,8 +33,8 @@ ROWS = {"Alpaca (52,002 rows)": 52_002, "1M rows": 1_000_000}
 GPUS = (1, 8, 64)
 LOAD_BYTES_PER_S = 1e9
 TARGET_EFFICIENCY = {"facebook/opt-350m": 0.45, "meta-llama/Llama-2-7b-hf": 0.60}
-# card: (dense bf16 FLOP/s, assumed on-demand USD per GPU-hour: AWS g5.xlarge, p5.48xlarge / 8)
-CARDS = {"A10G": (70e12, 1.01), "H100": (989.4e12, 6.88)}
+# card: assumed on-demand USD per GPU-hour (AWS g5.xlarge, p5.48xlarge / 8); peaks: plan/accelerators.py
+PRICE_PER_GPU_HOUR = {"A10G": 1.01, "H100": 6.88}
 
 
 def _measured_rate(card: str, model: str) -> float | None:
@@ -48,15 +48,17 @@ def _measured_rate(card: str, model: str) -> float | None:
 
 
 def run(out_dir: str = RESULTS) -> dict:
+    from rayapp.plan.accelerators import ACCELERATOR_BF16_FLOPS
     from rayapp.plan.shapes import model_shape
 
+    cards = {card: (ACCELERATOR_BF16_FLOPS[card], price) for card, price in PRICE_PER_GPU_HOUR.items()}
     d = np.load(os.path.join(HERE, "data", "alpaca-lengths.npz"))
     tokens_per_row = float(np.mean(np.minimum(d["prompt_tokens"].astype(int) + d["response_tokens"], 512)))
     startup = json.load(open(os.path.join(RESULTS, "score-cpu2.json")))["current"]["runs"][0]["first_result_s"]
     rows_out = []
     for model, eff in TARGET_EFFICIENCY.items():
         params = model_shape(model).params
-        for card, (peak, price) in CARDS.items():
+        for card, (peak, price) in cards.items():
             measured = _measured_rate(card, model)
             rate = measured or eff * peak / (2 * params)
             load = CHECKPOINTS * 2 * params / LOAD_BYTES_PER_S
@@ -69,7 +71,7 @@ def run(out_dir: str = RESULTS) -> dict:
                                      f"target {eff:.0%} of bf16 peak", "startup_s": startup, "load_s": load,
                                      "seconds": seconds, "usd": g * seconds / 3600 * price})
     out = {"estimate": True, "tokens_per_row": tokens_per_row, "checkpoints": CHECKPOINTS,
-           "load_bytes_per_s": LOAD_BYTES_PER_S, "cards": CARDS, "rows": rows_out}
+           "load_bytes_per_s": LOAD_BYTES_PER_S, "cards": cards, "rows": rows_out}
     with open(os.path.join(out_dir, "score-estimates.json"), "w") as f:
         json.dump(out, f, indent=2)
     print(table_md(out))

@@ -34,8 +34,6 @@ LENGTHS = os.path.join(HERE, "data", "alpaca-lengths.npz")
 MAX_LENGTH = 512  # rayapp's default data.max_length
 # The paper presets' scoring settings (configs/paper-*.yaml): 8,192-row shards, 4,096-row work units.
 SHARD_ROWS, ROWS_PER_UNIT = 8192, 4096
-# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s), by a word in the device name.
-PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "A10G": 70e12, "L4": 121e12, "L40S": 362e12}
 # A ~1.1B Llama (TinyLlama's shape): the largest Llama that trains unsharded in one GPU's memory
 # with fp32 AdamW state and still says something about a 7B/13B layer's kernels.
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -108,10 +106,12 @@ def _synthetic_shards(folder: str, prompt: np.ndarray, response: np.ndarray, voc
 def _device():
     import torch
 
+    from rayapp.plan.accelerators import ACCELERATOR_BF16_FLOPS, accelerator_in
+
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        kind = next((k for k in PEAK_BF16 if k in name.upper()), None)
-        return "cuda", name, kind, PEAK_BF16.get(kind)
+        kind = accelerator_in(name)
+        return "cuda", name, kind, ACCELERATOR_BF16_FLOPS.get(kind)
     return "cpu", platform.processor() or "cpu", None, None
 
 
@@ -208,7 +208,7 @@ def score_shape(name: str, tiny: bool, rows: int | None, work: str, peak: float 
     t0 = time.perf_counter()
     for path, n in shards:
         for k in range(-(-n // ROWS_PER_UNIT)):
-            out = scorer({"path": np.array([path]), "checkpoint": np.array(["m"]), "unit": np.array([k])})
+            out = scorer.score_unit(path, "m", k)
             real += int(out["real_tokens"].sum())
             pad += int(out["pad_tokens"].sum())
     seconds = time.perf_counter() - t0
@@ -242,7 +242,7 @@ def bf16_agreement(name: str, tiny: bool, rows: int, work: str) -> dict:
     for dtype in ("bfloat16", "float32"):
         scorer = LossScorer({"m": folder}, ["prompted"], batch_tokens=None, max_rows_per_batch=256, dtype=dtype,
                             bos_id=2, pad_id=1, max_length=MAX_LENGTH, rows_per_unit=n, num_threads=os.cpu_count())
-        out = scorer({"path": np.array([path]), "checkpoint": np.array(["m"]), "unit": np.array([0])})
+        out = scorer.score_unit(path, "m", 0)
         nll[dtype] = out["loss_sum"] / np.maximum(out["n_tokens"], 1)
         del scorer
     rel = np.abs(nll["bfloat16"] - nll["float32"]) / np.abs(nll["float32"])

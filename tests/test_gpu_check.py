@@ -34,3 +34,12 @@ def test_gpu_check_runs_without_ray_vllm_or_pydantic(tmp_path):
     assert (ac_off["activation_checkpointing"], ac_on["activation_checkpointing"]) == (False, True)
     assert ac_off["tokens_per_s"] > 0 and ac_on["tokens_per_s"] > 0 and ac_off["params"] == ac_on["params"]
     assert r["vllm"]["measured"] is False and "vLLM" in r["vllm"]["why"]
+
+
+def test_device_names_map_to_their_accelerator_type():
+    from rayapp.plan.accelerators import accelerator_in
+
+    assert accelerator_in("NVIDIA H100 80GB HBM3") == "H100" and accelerator_in("NVIDIA H200") == "H200"
+    assert accelerator_in("NVIDIA A10G") == "A10G" and accelerator_in("NVIDIA A100-SXM4-40GB") == "A100"
+    assert accelerator_in("NVIDIA L40S") == "L40S"  # not "L4", which it also contains
+    assert accelerator_in("cpu") is None

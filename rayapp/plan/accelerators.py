@@ -22,6 +22,25 @@ ACCELERATOR_GIB: dict[str, float] = {
 }
 
 
+# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s): what MFU and scoring's
+# forward-FLOP share are measured against (the A10G, AWS's variant of the A10, has 70 of the A10's 125).
+ACCELERATOR_BF16_FLOPS: dict[str, float] = {
+    "A10G": 70e12,
+    "L4": 121e12,
+    "L40S": 362e12,
+    "A100": 312e12,
+    "H100": 989.4e12,
+    "H200": 989.4e12,
+}
+
+
+def accelerator_in(device_name: str) -> str | None:
+    """The accelerator type a device name (``torch.cuda.get_device_name()``) names, e.g. "H100" in
+    "NVIDIA H100 80GB HBM3": the longest known type it contains, so "L40S" is not taken for "L4"."""
+    found = [k for k in ACCELERATOR_BF16_FLOPS if k in device_name.upper()]
+    return max(found, key=len) if found else None
+
+
 def gpu_bytes(accelerator_type: str | None) -> int | None:
     if accelerator_type is None:
         return None

@@ -163,12 +163,15 @@ class LossScorer:
         return loss.cpu().numpy(), count.cpu().numpy(), pad, lengths
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One work unit (a one-row batch: ``path``, ``checkpoint``, ``unit``) -> one row per
-        scored row of it."""
-        t0 = time.perf_counter()
+        """Ray Data's call: one work unit (a one-row batch: ``path``, ``checkpoint``, ``unit``)."""
         if len(batch["unit"]) != 1:
             raise ValueError(f"LossScorer takes one work unit per call, got {len(batch['unit'])}")
-        path, name, unit = str(batch["path"][0]), str(batch["checkpoint"][0]), int(batch["unit"][0])
+        return self.score_unit(str(batch["path"][0]), str(batch["checkpoint"][0]), int(batch["unit"][0]))
+
+    def score_unit(self, path: str, name: str, unit: int) -> dict[str, np.ndarray]:
+        """Work unit ``unit`` of the shard at ``path``, scored with checkpoint ``name``: one entry
+        per row of it."""
+        t0 = time.perf_counter()
         ids, seqs, labs = self._unit_rows(path, unit)  # while the first model may still be loading
         model = self._model(name)
         n = len(ids)

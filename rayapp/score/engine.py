@@ -259,8 +259,7 @@ def _in_this_process(scorer, scorer_kwargs: dict, units: list[dict]):
     try:
         s = scorer(**scorer_kwargs)
         for u in units:
-            yield pa.table(s({"path": np.array([u["path"]]), "checkpoint": np.array([u["checkpoint"]]),
-                              "unit": np.array([u["unit"]])}))
+            yield pa.table(s.score_unit(u["path"], u["checkpoint"], u["unit"]))
     finally:
         torch.set_num_threads(threads)
 
