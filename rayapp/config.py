@@ -8,6 +8,7 @@ parsed as YAML, so ``--set score.batch_tokens=8192`` gives an int and ``--set x=
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -19,13 +20,48 @@ from rayapp.common.hashing import short_digest
 
 # The selection methods, defined once: the config validates against them, the selection math
 # dispatches on them.
-SelectMethod = Literal["lp", "lp_app", "ppl_high", "ppl_low", "ifd", "longest", "random", "clust_rand", "full"]
+SelectMethod = Literal["lp", "lp_app", "ppl_high", "ppl_low", "ifd", "ifd_cherry", "longest", "random",
+                       "clust_rand", "full"]
 SELECT_METHODS: tuple[str, ...] = get_args(SelectMethod)
-# What a target can be fine-tuned on; evaluation names the fine-tuned models by these.
-FinetuneSubset = Literal["selected", "full", "random"]
-FINETUNE_SUBSETS: tuple[str, ...] = get_args(FinetuneSubset)
+# Where a method ranks its rows: within each k-means cluster (the LP paper's chunking) or over all.
+SCOPES = ("stratified", "global")
+# Methods whose scope is part of their definition: random is a global draw, clust_rand the same
+# per-cluster counts drawn at random, Cherry-LLM's IFD a global top-k.
+FIXED_SCOPE = {"random": "global", "clust_rand": "stratified", "ifd_cherry": "global", "full": "global"}
 
-__all__ = ["ConfigError", "RunConfig", "SELECT_METHODS", "FINETUNE_SUBSETS", "load_config", "dump_config"]
+__all__ = ["ConfigError", "RunConfig", "SELECT_METHODS", "load_config", "dump_config", "parse_selection",
+           "is_finetune_subset"]
+
+
+def parse_selection(spec: str) -> tuple[str, str | None]:
+    """``METHOD`` or ``METHOD:global`` / ``METHOD:stratified`` -> (method, scope or None for the
+    run's default). Raises ValueError naming what is wrong."""
+    method, sep, scope = spec.partition(":")
+    if method not in SELECT_METHODS:
+        raise ValueError(f"unknown selection method {method!r}; known: {', '.join(SELECT_METHODS)}")
+    if not sep:
+        return method, None
+    if scope not in SCOPES:
+        raise ValueError(f"{spec!r}: the scope after ':' is 'global' or 'stratified'")
+    if method in FIXED_SCOPE and FIXED_SCOPE[method] != scope:
+        raise ValueError(f"{spec!r}: {method} is always {FIXED_SCOPE[method]}")
+    return method, scope
+
+
+def is_finetune_subset(entry: str) -> bool:
+    """Whether an entry of evaluate.models names training data (then finetune trains a model on it):
+    'selected', 'full', a selection the select stage makes (e.g. clust_rand, ppl_high:global), or a
+    selection file (.parquet, with an id column); anything else is a model ('base', a path, a name)."""
+    if entry in ("selected", "full") or entry.endswith(".parquet"):
+        return True
+    tag = re.fullmatch(r"([a-z_]+)(-global)?-(low|mid|high)-[0-9.]+pct", entry)
+    if tag:
+        return tag.group(1) in SELECT_METHODS
+    try:
+        parse_selection(entry)
+    except ValueError:
+        return False
+    return True
 
 
 _SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token", "token", "password", "api_key", "key",
@@ -228,6 +264,10 @@ class ScoreConfig(_Strict):
         default_factory=lambda: ["prompted"],
         description="prompted: response given prompt; response_only: prompt dropped (for IFD)",
     )
+    response_only_prefix: str = Field(
+        "", description="Text before the response in the response_only mode (the IFD denominator): '' scores "
+        "BOS + the response's tokens (rayapp's IFD); '### Response:' is the unconditioned text Cherry-LLM "
+        "builds for its IFD")
     resources: ResourcesConfig = ResourcesConfig()
     local: bool = Field(
         False, description="Score in the driver's process, one work unit after another, with no actors: nothing "
@@ -289,13 +329,20 @@ class ReferenceConfig(TrainConfig):
 
 class SelectConfig(_Strict):
     method: SelectMethod = Field("lp", description=" | ".join(SELECT_METHODS))
-    baselines: list[SelectMethod] = Field(
-        default_factory=lambda: ["clust_rand", "random", "ppl_high", "ifd", "longest"],
-        description="Peer methods computed at the same budget (for the report and finetune subsets)",
+    baselines: list[str] = Field(
+        default_factory=lambda: ["clust_rand", "random", "ppl_high", "ppl_high:global", "ifd", "ifd_cherry",
+                                 "longest", "longest:global"],
+        description="Peer methods computed at the same budget (for the report and finetune subsets): a method, "
+        "or METHOD:global / METHOD:stratified for one scope (unsuffixed: the scope `stratified` sets; random, "
+        "clust_rand and ifd_cherry have a fixed one)",
     )
     budget: float = Field(0.33, gt=0, le=1, description="Fraction of rows kept (1%..33% in the paper)")
     chunk: Literal["low", "mid", "high"] = Field("low", description="Which chunk per cluster (low = hardest)")
     stratified: bool = Field(True, description="Cluster-stratified selection (the paper's); else global")
+    match_size: bool = Field(
+        True, description="Global selections keep exactly as many rows as the main selection, so every compared "
+        "subset has the same size (per-cluster chunks make a stratified selection up to 2x larger than "
+        "budget x rows at 1%); false: round(budget x rows) (Cherry-LLM: budget x its IFD <= 1 rows)")
     lp_epoch: int = Field(1, ge=1, description="i in LP(i)")
     n_clusters: int = Field(1000, ge=1)
     seed: int = 42
@@ -310,9 +357,27 @@ class SelectConfig(_Strict):
     )
     trajectory_prefix: str = Field("", description="Column prefix in `trajectories`, e.g. 'opt-350m_'")
 
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, v: list[str]) -> list[str]:
+        for spec in v:
+            parse_selection(spec)
+        return v
+
 
 class FinetuneConfig(TrainConfig):
-    subset: FinetuneSubset = "selected"
+    subset: str = Field(
+        "selected", description="What the target trains on: selected (select.method's selection), full, a "
+        "selection the select stage makes (a select.baselines entry such as clust_rand or ppl_high:global, or "
+        "its tag such as clust_rand-low-5pct), or a selection file (.parquet with an id column)")
+
+    @field_validator("subset")
+    @classmethod
+    def _a_subset(cls, v: str) -> str:
+        if not is_finetune_subset(v):
+            raise ValueError(f"{v!r} names no training data: selected, full, a selection method "
+                             f"({', '.join(SELECT_METHODS)}), optionally :global/:stratified, its tag, or a .parquet file")
+        return v
 
 
 class GenerationConfig(_Strict):
@@ -369,8 +434,10 @@ class JudgeConfig(_Strict):
 
 class EvaluateConfig(_Strict):
     models: list[str] = Field(
-        default_factory=lambda: ["selected", "full"], min_length=2,
-        description="First is compared with each other one. A finetune subset (selected/full/random), "
+        default_factory=lambda: ["selected", "clust_rand", "full"], min_length=2,
+        description="First is compared with each other one. Training data (selected, full, a selection such as "
+        "clust_rand (the same per-cluster counts at random) or random (LP's row count drawn globally), or a "
+        "selection .parquet: finetune trains a model on each), "
         "'base' (the untrained target), or a model path",
     )
     sets: list[str] = Field(default_factory=lambda: ["vicuna", "koala", "wizardlm", "sinstruct", "lima"],

@@ -13,6 +13,8 @@ import time
 import uuid
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -176,7 +178,22 @@ def test_trajectories_selection_and_provenance(pipeline_run):
     # the selection is the hardest chunk of each cluster
     for _, group in sel.groupby("cluster"):
         assert len(group) >= 1
-    assert set(manifest["selections"]) >= {"clust_rand", "random", "ppl_high", "ifd", "longest"}
+    assert set(manifest["selections"]) >= {"clust_rand", "random", "ppl_high", "ppl_high:global", "ifd",
+                                           "ifd_cherry", "longest", "longest:global"}
+    # every compared subset is as large as LP's: clust_rand by its per-cluster counts, the global
+    # ones (random among them) by drawing exactly LP's row count
+    assert {e["rows"] for e in manifest["selections"].values()} == {main["rows"]}
+    provs = {k: json.loads((out / "select" / e["tag"] / "selection.json").read_text())
+             for k, e in manifest["selections"].items()}
+    assert provs["random"]["scope"] == "global" and provs["random"]["size_matched_to"] == main["rows"]
+    assert provs["clust_rand"]["scope"] == provs["ppl_high"]["scope"] == "stratified"
+    assert manifest["selections"]["ppl_high:global"]["tag"] == "ppl_high-global-low-25pct"
+    # "Long Is More": the longest response texts, by characters, not by tokens left after truncation
+    assert provs["longest:global"]["length_measure"] == "characters of the response text"
+    shards = sorted((out / "prepared").glob("shard-*.parquet"))
+    chars = pd.concat([pq.read_table(f, columns=["id", "output"]).to_pandas() for f in shards]).set_index("id").output.str.len()
+    longest = pq.read_table(manifest["selections"]["longest:global"]["path"])["id"].to_pylist()
+    assert chars[longest].min() >= chars.sort_values().iloc[-len(longest)]
 
 
 def test_finetuned_target_exists_and_reloads(pipeline_run):
@@ -188,6 +205,32 @@ def test_finetuned_target_exists_and_reloads(pipeline_run):
 
     model = AutoModelForCausalLM.from_pretrained(m["export"], use_safetensors=True)
     assert model.config.num_hidden_layers == 2 and np.isfinite(m["metrics"]["eval_loss"])
+
+
+def test_finetune_on_a_selection_file(pipeline_run, tmp_path):
+    """A selection made elsewhere (a Parquet of ids) trains the target on exactly those prepared
+    rows; an id that is not a prepared training row is an error naming the file, row and field."""
+    from rayapp.common.errors import RayappError
+    from rayapp.config import load_config
+    from tests.conftest import run_stage
+
+    run_a, proc, _ = pipeline_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    x = tmp_path / "run"
+    _copy_run(run_a, x)
+    clust = json.loads((x / "select" / "manifest.json").read_text())["selections"]["clust_rand"]
+    ids = pq.read_table(clust["path"])["id"].to_pylist()[:12][::-1]
+    chosen = tmp_path / "my picks.parquet"
+    pq.write_table(pa.table({"id": ids, "note": ["mine"] * len(ids)}), chosen)
+    cfg = load_config(pipeline_config(tmp_path), [f"output_dir={x}", f"finetune.subset={chosen}",
+                                                   "finetune.num_workers=0", "finetune.eval_rows=0"])
+    m = run_stage("finetune", cfg)
+    assert m.subset == str(chosen) and m.rows == 12 and "(12 rows)" in m.data
+    trained = pq.read_table(x / "finetune" / "file-my_picks" / "data" / "selected.parquet")
+    assert trained["id"].to_pylist() == ids and "input_ids" in trained.column_names
+    pq.write_table(pa.table({"id": ids + ["no-such-row"]}), chosen)
+    with pytest.raises(RayappError, match=r"my picks.parquet: row 12: field 'id': 'no-such-row' is not a prepared"):
+        run_stage("finetune", cfg)
 
 
 def test_report_renders_in_headless_chromium(pipeline_run, tmp_path):

@@ -114,3 +114,59 @@ def test_selection_properties(args):
     assert len(set(idx.tolist())) == len(idx) and set(ids[idx]) <= set(ids)  # a subset, no repeats
     again, _ = select(method, t, budget, clusters=clusters, chunk=chunk, seed=seed)
     assert np.array_equal(idx, again)  # deterministic for a seed
+
+
+def cherry_reference(nll_prompted: np.ndarray, nll_alone: np.ndarray, rate: float) -> list[int]:
+    """Cherry-LLM's data_by_IFD.py loop, restated: rows with a mean-loss ratio above 1 are skipped,
+    the rest sorted by (ratio, row) ascending, the last int(len * rate) kept."""
+    rates = []
+    for i, (a, b) in enumerate(zip(nll_prompted, nll_alone)):
+        if not b > 0:
+            continue
+        r = a / b
+        if r > 1:
+            continue
+        rates.append((r, i))
+    rates = sorted(rates)
+    k = int(len(rates) * rate)
+    return sorted(i for _, i in rates[len(rates) - k:]) if k else []
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 80).flatmap(lambda n: st.tuples(
+    st.lists(st.floats(0.05, 6.0), min_size=n, max_size=n), st.lists(st.floats(0.0, 6.0), min_size=n, max_size=n),
+    st.sampled_from([0.05, 0.1, 0.25, 0.33, 0.5]))))
+def test_ifd_cherry_is_cherry_llms_rule(args):
+    prompted, alone, rate = (np.array(args[0]), np.array(args[1]), args[2])
+    prompted = np.log(np.exp(prompted))  # what rayapp reads back from P0 = exp(mean NLL)
+    n = len(prompted)
+    t = Trajectories(ids=np.array([f"r{i}" for i in range(n)]), P=np.stack([np.exp(prompted), np.exp(prompted)], 1),
+                     n_tokens=np.full(n, 5), nll_response_only=alone)
+    ratio = prompted / np.where(alone > 0, alone, 1)
+    if len(set(np.round(ratio[alone > 0], 12))) < (alone > 0).sum():
+        return  # ties: Cherry breaks them by row index, descending; rayapp keeps row order (documented)
+    idx, info = select("ifd_cherry", t, rate)
+    assert idx.tolist() == cherry_reference(prompted, alone, rate)
+    assert info["scope"] == "global"
+    assert info["dropped_ifd_above_1_or_undefined"] == int((~((alone > 0) & (ratio <= 1))).sum())
+
+
+def test_global_baselines_match_the_stratified_selections_size():
+    """At 1 % with many small clusters, per-cluster chunks keep far more than 1 % of the rows; a
+    global baseline asked for the same size keeps exactly as many, from its end of the order."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    clusters = rng.integers(0, 1000, n)
+    P = np.stack([rng.uniform(2, 9, n), rng.uniform(1.5, 5, n), rng.uniform(1, 2, n)], 1)
+    t = Trajectories(ids=np.array([f"r{i}" for i in range(n)]), P=P, n_tokens=np.full(n, 4),
+                     response_length=rng.integers(1, 900, n))
+    lp, _ = select("lp", t, 0.01, clusters=clusters)
+    glob, _ = select("random", t, 0.01)
+    assert len(lp) > 2 * len(glob)  # the confound: the stratified subset gets twice the data
+    for method in ("random", "ppl_high", "longest"):
+        idx, info = select(method, t, 0.01, size=len(lp))
+        assert len(idx) == len(lp) and info["size_matched_to"] == len(lp) and info["scope"] == "global"
+    longest, _ = select("longest", t, 0.01, size=len(lp))
+    assert t.response_length[longest].min() >= np.sort(t.response_length)[-len(lp)]
+    clust_rand, info = select("clust_rand", t, 0.01, clusters=clusters)
+    assert len(clust_rand) == len(lp) and info["scope"] == "stratified"

@@ -124,7 +124,12 @@ def test_every_stage_has_its_folder_and_manifest_in_the_layout():
     select = pipeline.stage("select", cfg)
     assert [storage.join(select.work_dir(layout), e) for e in select.reset_on_force] == [layout.embeddings]
     plan = [s.label for s in pipeline.plan(cfg)]
-    assert plan == ["prepare", "reference", "score", "select", "finetune (selected)", "finetune (full)", "evaluate"]
+    assert plan == ["prepare", "reference", "score", "select", "finetune (selected)", "finetune (clust_rand)",
+                    "finetune (full)", "evaluate"]
+    # any selection can be trained on and compared; its work folder and model name are path-safe
+    other = load_config(REPO / "configs/tiny.yaml", ["evaluate.models=[selected, 'ppl_high:global', /d/my.parquet]"])
+    assert [s.label for s in pipeline.plan(other)][4:7] == [
+        "finetune (selected)", "finetune (ppl_high-global)", "finetune (file-my)"]
     assert [s.label for s in pipeline.plan(cfg, until="finetune")][-1] == "finetune (selected)"
 
 

@@ -198,13 +198,15 @@ def read_manifest(uri: str, kind: type[M]) -> M | None:
         return None
 
 
-def require_manifest(layout: RunLayout, stage: str, variant: str | None = None) -> StageManifest:
-    """An upstream stage's manifest, or a MissingInputError that says which command makes it."""
+def require_manifest(layout: RunLayout, stage: str, variant: str | None = None,
+                     subset: str | None = None) -> StageManifest:
+    """An upstream stage's manifest, or a MissingInputError that says which command makes it
+    (``subset``: the finetune subset whose work folder ``variant`` is)."""
     uri = layout.manifest(stage, variant)
     m = read_manifest(uri, MANIFEST_TYPES[stage])
     if m is None:
         what = f"{stage} ({variant})" if variant else stage
-        extra = f" --set finetune.subset={variant}" if stage == "finetune" and variant else ""
+        extra = f" --set finetune.subset={subset or variant}" if stage == "finetune" and variant else ""
         raise MissingInputError(f"no complete {what} output at {layout.stage_dir(stage, variant)}: "
                                 f"run `rayapp {stage} --config ...{extra}` first")
     return m

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import os
 
-from rayapp.evaluate.verdicts import Tally, format_table
+from rayapp.evaluate.verdicts import Tally, format_table, with_rows
 
 
 def plot_tallies(pairs: dict[str, dict[str, Tally]], path: str) -> None:
@@ -45,14 +45,15 @@ def plot_tallies(pairs: dict[str, dict[str, Tally]], path: str) -> None:
 
 
 def write_report(out_dir: str, title: str, judge_name: str, pairs: dict[str, dict[str, Tally]],
-                 model_info: dict[str, dict], rouge: dict[str, dict[str, float]], examples: list[dict]) -> str:
+                 model_info: dict[str, dict], rouge: dict[str, dict[str, float]], examples: list[dict],
+                 sizes: dict[str, tuple[int | None, int | None]] | None = None) -> str:
     """report.html, results.md and results.png in ``out_dir`` (local); returns the HTML path."""
     os.makedirs(out_dir, exist_ok=True)
     plot_tallies(pairs, os.path.join(out_dir, "results.png"))
     md = [f"# {title}", "", f"Judge: {judge_name}", ""]
     for pair, tallies in pairs.items():
         a, b = pair.split(" vs ")
-        md += [format_table(tallies, a, b), ""]
+        md += [format_table(tallies, a, b, *(sizes or {}).get(pair, (None, None))), ""]
     if rouge:
         sets = sorted({s for per in rouge.values() for s in per})
         md += ["ROUGE-L F1 against reference answers (sets that have them):", "",
@@ -74,8 +75,13 @@ def write_report(out_dir: str, title: str, judge_name: str, pairs: dict[str, dic
         return f"<table>{head}{body}</table>"
 
     models = "".join(f"<tr><th>{html.escape(m)}</th><td>{html.escape(str(i.get('path')))}</td>"
-                     f"<td>{html.escape(str(i.get('data', '')))}</td></tr>" for m, i in model_info.items())
-    tables = "".join(f"<h2>{html.escape(p)}</h2>{table_html(t)}" for p, t in pairs.items())
+                     f"<td>{html.escape(str(i.get('data', '')))}</td>"
+                     f"<td>{'' if i.get('rows') is None else i['rows']}</td></tr>" for m, i in model_info.items())
+    def pair_title(pair: str) -> str:
+        (a, b), (ra, rb) = pair.split(" vs "), (sizes or {}).get(pair, (None, None))
+        return html.escape(f"{with_rows(a, ra)} vs {with_rows(b, rb)}")
+
+    tables = "".join(f"<h2>{pair_title(p)}</h2>{table_html(t)}" for p, t in pairs.items())
     ex = "".join(
         f"<tr><td>{html.escape(e['set'])}</td><td>{html.escape(e['question'][:400])}</td>"
         f"<td>{html.escape(e['answer_a'][:400])}</td><td>{html.escape(e['answer_b'][:400])}</td>"
@@ -86,7 +92,7 @@ table{{border-collapse:collapse;margin:.5em 0 1.5em}}th,td{{border:1px solid #cc
 td{{max-width:380px}}</style></head><body>
 <h1>{html.escape(title)}</h1><p>Judge: {html.escape(judge_name)}. A model wins a prompt if it wins both
 presentation orders, or wins one and ties the other; winning score = (W&minus;L)/N + 1, win-tie rate = (W+T)/N.</p>
-<table><tr><th>model</th><th>path</th><th>trained on</th></tr>{models}</table>
+<table><tr><th>model</th><th>path</th><th>trained on</th><th>rows</th></tr>{models}</table>
 {tables}<figure><img src="results.png" alt="win / tie / lose per set"></figure>
 <h2>Some answers side by side</h2><table><tr><th>set</th><th>prompt</th><th>A</th><th>B</th><th>verdict for A</th></tr>{ex}</table>
 </body></html>"""

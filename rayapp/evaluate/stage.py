@@ -23,7 +23,7 @@ from rayapp.common.layout import RunLayout
 from rayapp.common.log import get_logger
 from rayapp.common.manifests import EvaluationManifest, FinetuneManifest, file_digest, require_manifest
 from rayapp.common.stages import Stage, StageContext
-from rayapp.config import FINETUNE_SUBSETS, RunConfig
+from rayapp.config import RunConfig, is_finetune_subset
 from rayapp.evaluate.evalsets import load_eval_set, resolve_set
 from rayapp.evaluate.judge import describe_judge
 from rayapp.evaluate.verdicts import Tally, format_table, tally_by_set, unparseable_kind
@@ -33,18 +33,22 @@ log = get_logger(__name__)
 
 
 def resolve_model(cfg: RunConfig, layout: RunLayout, entry: str) -> dict:
-    """{label, path, identity, data} for a finetune subset, 'base', or a model path/name."""
-    if entry in FINETUNE_SUBSETS:
-        m: FinetuneManifest = require_manifest(layout, "finetune", entry)  # type: ignore[assignment]
-        path, data = m.export, m.data
+    """{label, path, identity, data, rows} for training data (a finetune subset), 'base', or a model
+    path/name; ``rows``: how many rows the model was fine-tuned on (None: not by this run)."""
+    rows = None
+    if is_finetune_subset(entry):
+        from rayapp.finetune.stage import subset_folder
+
+        label = subset_folder(entry)
+        m: FinetuneManifest = require_manifest(layout, "finetune", label, subset=entry)  # type: ignore[assignment]
+        path, data, rows = m.export, m.data, m.rows
     elif entry == "base":
         from rayapp.models import registry
 
-        path, data = registry.model_source(cfg, "target"), "nothing (the untrained target)"
+        label, path, data, rows = "base", registry.model_source(cfg, "target"), "nothing (the untrained target)", 0
     else:
-        path, data = entry, "given by path"
-    label = entry if entry in FINETUNE_SUBSETS or entry == "base" else entry.rstrip("/").rsplit("/", 1)[-1]
-    return {"label": label, "path": path, "identity": artifact_uid(path), "data": data}
+        label, path, data = entry.rstrip("/").rsplit("/", 1)[-1], entry, "given by path"
+    return {"label": label, "path": path, "identity": artifact_uid(path), "data": data, "rows": rows}
 
 
 def load_prompts(cfg: RunConfig) -> tuple[list[dict], list[str]]:
@@ -170,7 +174,8 @@ class EvaluateStage(Stage):
         for pair, tallies in m.pairs.items():
             a, b = pair.split(" vs ")
             t = {s: Tally(v["win"], v["tie"], v["lose"], v["unparseable"], v["unjudged"]) for s, v in tallies.items()}
-            lines.extend(format_table(t, a, b).splitlines())
+            lines.extend(format_table(t, a, b, m.models.get(a, {}).get("rows"),
+                                      m.models.get(b, {}).get("rows")).splitlines())
         if m.report:
             lines.append(f"report: {m.report}")
         return lines
@@ -212,11 +217,13 @@ def evaluate(cfg: RunConfig, layout: RunLayout, force: bool = False) -> Evaluati
 
     a = models[0]
     pairs: dict[str, dict[str, Tally]] = {}
+    sizes: dict[str, tuple[int | None, int | None]] = {}  # rows each model of a pair was fine-tuned on
     unparseable: dict[str, dict[str, int]] = {}
     examples: list[dict] = []
     for b in models[1:]:
         records = _judge(cfg, layout, a, b, prompts, answers, force)
         key = f"{a['label']} vs {b['label']}"
+        sizes[key] = (a["rows"], b["rows"])
         pairs[key] = tally_by_set((r["set"], r["verdict"]) for r in records)
         unparseable[key] = dict(Counter(unparseable_kind(r["reason"]) for r in records if r["verdict"] == "unparseable"))
         examples += [r for r in records if r["verdict"] in ("win", "tie", "lose")][:4]
@@ -233,21 +240,22 @@ def evaluate(cfg: RunConfig, layout: RunLayout, force: bool = False) -> Evaluati
     else:
         out_local = storage.local_path(layout.evaluation)
     report = write_report(out_local, f"rayapp evaluation: {cfg.name}", judge_name, pairs,
-                          {m["label"]: m for m in models}, rouge, examples)
+                          {m["label"]: m for m in models}, rouge, examples, sizes)
     if remote:
         storage.upload_dir(out_local, layout.evaluation)
         report = storage.join(layout.evaluation, "report.html")
     results = EvaluationManifest(
         judge=judge_name, sets=[resolve_set(e, ec.eval_dir, ec.prompt_field)[0] for e in ec.sets],
         judged_sets=judged_sets, prompts=len(prompts),
-        models={m["label"]: {"path": m["path"], "data": m["data"], "generation": gen_stats[m["label"]]} for m in models},
+        models={m["label"]: {"path": m["path"], "data": m["data"], "rows": m["rows"],
+                             "generation": gen_stats[m["label"]]} for m in models},
         pairs={k: {s: t.as_dict() for s, t in v.items()} for k, v in pairs.items()},
         unparseable_reasons=unparseable, rouge_l=rouge, report=report,
     )
     storage.write_json(layout.results, results.model_dump(mode="json"))
     for key, tallies in pairs.items():
         x, y = key.split(" vs ")
-        for line in format_table(tallies, x, y).splitlines():
+        for line in format_table(tallies, x, y, *sizes[key]).splitlines():
             log.info("%s", line)
     log.info("judge: %s%s", judge_name, f"; report: {report}" if report else "")
     return results

@@ -125,9 +125,16 @@ def tally_by_set(rows: Iterable[tuple[str, str]]) -> dict[str, Tally]:
     return per
 
 
-def format_table(tallies: dict[str, Tally], model_a: str, model_b: str) -> str:
-    """A Markdown table of A's results against B, one row per set and 'overall' last."""
-    head = (f"| set ({model_a} vs {model_b}) | win | tie | lose | N | winning score | win-tie rate | unparseable |\n"
+def with_rows(model: str, rows: int | None) -> str:
+    """A model's name with the rows it was fine-tuned on, e.g. 'selected [125 rows]'."""
+    return model if rows is None else f"{model} [{rows} rows]"
+
+
+def format_table(tallies: dict[str, Tally], model_a: str, model_b: str, rows_a: int | None = None,
+                 rows_b: int | None = None) -> str:
+    """A Markdown table of A's results against B, one row per set and 'overall' last; the header
+    gives each model's training rows when known (a comparison at unequal sizes shows it)."""
+    head = (f"| set ({with_rows(model_a, rows_a)} vs {with_rows(model_b, rows_b)}) | win | tie | lose | N | winning score | win-tie rate | unparseable |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     names = [n for n in tallies if n != "overall"] + (["overall"] if "overall" in tallies else [])

@@ -1,7 +1,10 @@
-"""The finetune stage: the target model trains on what the small model chose (or on the full set /
-a random subset, for the paper's comparisons). One work folder per training subset."""
+"""The finetune stage: the target model trains on what the small model chose, or on any other
+selection (clust_rand, a global baseline, a selection file) or the full set, for the paper's
+comparisons. One work folder per training subset."""
 
 from __future__ import annotations
+
+import re
 
 from rayapp.common import storage
 from rayapp.common.artifacts import artifact_uid, export_complete
@@ -13,6 +16,7 @@ from rayapp.common.manifests import (
     FinetuneManifest,
     PreparedManifest,
     SelectionManifest,
+    SelectionRecord,
     file_digest,
     read_prepared,
     require_manifest,
@@ -21,7 +25,7 @@ from rayapp.common.manifests import (
 )
 from rayapp.common.raycluster import init_ray
 from rayapp.common.stages import Stage, StageContext
-from rayapp.config import FINETUNE_SUBSETS, RunConfig
+from rayapp.config import RunConfig, is_finetune_subset
 from rayapp.models import registry
 from rayapp.models.loading import load_tokenizer
 from rayapp.train.runner import TRAINING_STATE, TrainJob, run_training
@@ -30,20 +34,81 @@ log = get_logger(__name__)
 
 
 
-def training_data(layout: RunLayout, prepared: PreparedManifest, subset: str) -> tuple[list[str], int, str, str]:
-    """(files, rows, description, content identity) of the rows the target trains on."""
-    if subset == "full":
-        return (prepared.shard_paths(layout), prepared.rows, f"full prepared set ({prepared.rows} rows)",
-                prepared.fingerprint)
+def subset_folder(subset: str) -> str:
+    """The work folder and model name of a training subset: 'ppl_high:global' -> 'ppl_high-global',
+    a selection file -> 'file-<its stem>'."""
+    if subset.endswith(".parquet"):
+        stem = subset.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+        return "file-" + re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
+    return subset.replace(":", "-")
+
+
+def _selection_entry(layout: RunLayout, prepared: PreparedManifest, subset: str) -> SelectionRecord:
+    """The select stage's selection a subset names: 'selected' (the main method), a key such as
+    clust_rand or ppl_high:global, or a tag such as clust_rand-low-5pct."""
     sel: SelectionManifest = require_manifest(layout, "select")  # type: ignore[assignment]
-    method = sel.main if subset == "selected" else "random"
-    if method not in sel.selections:
-        raise MissingInputError(f"no '{method}' selection in {layout.manifest('select')}; add it to select.baselines")
-    entry = sel.selections[method]
+    key = sel.main if subset == "selected" else subset
+    entry = sel.selections.get(key) or next((e for e in sel.selections.values() if e.tag == subset), None)
+    if entry is None:
+        have = ", ".join(f"{k} ({e.tag})" for k, e in sel.selections.items())
+        raise MissingInputError(f"no '{subset}' selection in {layout.manifest('select')} (it has: {have}); "
+                                "add it to select.baselines and re-run `rayapp select`")
     require_same_prepared(f"the selection in {layout.selection}", sel.prepared_fingerprint, prepared,
                           "re-run `rayapp score` and `rayapp select` on this data")
     require_match("content hashes", entry.path, file_digest(entry.path), entry.sha256,
                   "the shard changed after the select stage wrote it: re-run `rayapp select`")
+    return entry
+
+
+def _rows_of_file(layout: RunLayout, prepared: PreparedManifest, path: str, out: str) -> int:
+    """The prepared training rows a selection file names by id, written to ``out`` in the file's
+    order. An id that is not a prepared training row (a typo, another dataset, a held-out row) is
+    an error naming the file and row: nothing is trained on silently less than was asked."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chosen = storage.read_parquet(path)
+    if "id" not in chosen.column_names:
+        raise RayappError(f"{path}: a selection file needs an 'id' column (has: {', '.join(chosen.column_names)})")
+    ids = [str(i) for i in chosen["id"].to_pylist()]
+    seen: dict[str, int] = {}
+    for row, rid in enumerate(ids):
+        if rid in seen:
+            raise RayappError(f"{path}: row {row}: field 'id': {rid!r} repeats row {seen[rid]}")
+        seen[rid] = row
+    table = storage.read_parquet_dir(layout.prepared)
+    rows = table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
+    have = set(rows["id"].to_pylist())
+    missing = [(r, i) for r, i in enumerate(ids) if i not in have]
+    if missing:
+        row, rid = missing[0]
+        held = " (a held-out row: those are never trained on)" if prepared.holdout and rid in set(
+            storage.read_parquet(prepared.holdout.path)["id"].to_pylist()) else ""
+        raise RayappError(f"{path}: row {row}: field 'id': {rid!r} is not a prepared training row{held}; "
+                          f"{len(missing)} of {len(ids)} ids are not")
+    rows = rows.take(pa.array(sorted(range(rows.num_rows), key=lambda j: seen[rows["id"][j].as_py()])))
+    storage.write_parquet(out, rows)
+    return rows.num_rows
+
+
+def training_data(layout: RunLayout, prepared: PreparedManifest, subset: str,
+                  write: bool = False) -> tuple[list[str], int, str, str]:
+    """(files, rows, description, content identity) of the rows the target trains on. A selection
+    file's rows are joined with the prepared data when ``write`` (in the subset's work folder)."""
+    if subset == "full":
+        return (prepared.shard_paths(layout), prepared.rows, f"full prepared set ({prepared.rows} rows)",
+                prepared.fingerprint)
+    if subset.endswith(".parquet"):
+        if not storage.exists(subset):
+            raise MissingInputError(f"finetune.subset: selection file not found: {subset}")
+        digest = file_digest(subset)
+        out = storage.join(layout.finetune(subset_folder(subset)), "data", "selected.parquet")
+        if write:
+            rows = _rows_of_file(layout, prepared, subset, out)
+        else:
+            rows = storage.read_parquet(subset).num_rows
+        return [out], rows, f"{subset} ({rows} rows)", fingerprint(file=digest, prepared=prepared.fingerprint)
+    entry = _selection_entry(layout, prepared, subset)
     return [entry.path], entry.rows, f"{entry.tag} ({entry.rows} rows)", entry.sha256
 
 
@@ -68,11 +133,12 @@ class FinetuneStage(Stage):
     reset_on_change = TRAINING_STATE
 
     def __init__(self, subset: str = "selected"):
-        self.variant = subset
+        self.subset = subset
+        self.variant = subset_folder(subset)
 
     def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
         prepared = read_prepared(layout)
-        _, _, _, data_identity = training_data(layout, prepared, self.variant)
+        _, _, _, data_identity = training_data(layout, prepared, self.subset)
         init_model = registry.model_source(cfg, "target")
         train = cfg.finetune.model_copy(update={"subset": "selected"})  # the subset is the variant
         return fingerprint(prepared=prepared.fingerprint, data=data_identity, init_model=artifact_uid(init_model),
@@ -94,9 +160,9 @@ class FinetuneStage(Stage):
         holdout = prepared.holdout
         jobs, described = [], []
         for stage in stages:
-            files, rows, what, _ = training_data(layout, prepared, stage.variant)
+            files, rows, what, _ = training_data(layout, prepared, stage.subset, write=True)
             described.append((rows, what))
-            log.info("(%s) target %s on %s; FSDP %s, %d workers", stage.variant, init_model, what,
+            log.info("(%s) target %s on %s; FSDP %s, %d workers", stage.subset, init_model, what,
                      "on" if fc.fsdp else "off", fc.num_workers)
             jobs.append(TrainJob(label=stage.label, init_model=init_model, tokenizer=prepared.tokenizer,
                                  train_files=files, total_rows=rows, work_dir=storage.local_path(layout.finetune(stage.variant)),
@@ -109,7 +175,7 @@ class FinetuneStage(Stage):
             export = storage.join(job.work_dir, "exports", "final")
             if not export_complete(export):
                 raise RuntimeError(f"finetune: training ended without the export {export}")
-            out.append(FinetuneManifest(subset=stage.variant, data=what, rows=rows, init_model=init_model,
+            out.append(FinetuneManifest(subset=stage.subset, data=what, rows=rows, init_model=init_model,
                                         export=export, export_uid=artifact_uid(export),
                                         eval_rows=min(fc.eval_rows, holdout.rows) if holdout else 0, metrics=metrics))
         return out
@@ -124,5 +190,5 @@ def subsets_to_train(cfg: RunConfig, evaluating: bool) -> list[str]:
     to evaluate (e.g. selected and full), so `rayapp run` ends with all the models evaluation needs."""
     subsets = [cfg.finetune.subset]
     if evaluating:
-        subsets += [m for m in cfg.evaluate.models if m in FINETUNE_SUBSETS]
+        subsets += [m for m in cfg.evaluate.models if is_finetune_subset(m)]
     return list(dict.fromkeys(subsets))

@@ -11,13 +11,16 @@ import torch
 from rayapp.common.labels import IGNORE_INDEX
 
 
-def response_only_sequence(input_ids: Sequence[int], labels: Sequence[int], bos_id: int) -> tuple[list[int], list[int]]:
-    """The response alone (prompt dropped), for IFD: BOS + the same response token ids.
+def response_only_sequence(input_ids: Sequence[int], labels: Sequence[int], bos_id: int,
+                           prefix_ids: Sequence[int] = ()) -> tuple[list[int], list[int]]:
+    """The response alone (prompt dropped), for IFD: BOS + ``prefix_ids`` (e.g. Cherry-LLM's
+    "### Response:") + the same response token ids, the loss on the response only.
 
     Reusing the prompted run's token ids (rather than re-tokenizing the response) scores exactly
     the same tokens in both modes, which is what the IFD ratio compares."""
     resp = [int(t) for t, lab in zip(input_ids, labels) if lab != IGNORE_INDEX]
-    return [bos_id] + resp, [IGNORE_INDEX] + resp
+    head = [bos_id, *(int(t) for t in prefix_ids)]
+    return head + resp, [IGNORE_INDEX] * len(head) + resp
 
 
 def pad_batch(seqs: list[Sequence[int]], labs: list[Sequence[int]], pad_id: int):

@@ -4,6 +4,8 @@ scores them. A plain class: Ray Data makes actors of it, and the one-shot GPU ch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import time
 from collections import OrderedDict
 
@@ -50,6 +52,7 @@ class LossScorer:
         rows_per_unit: int = 512,
         first_checkpoint: str | None = None,
         max_batch_padding: float = 1.0,
+        prefix_ids: Sequence[int] = (),
     ):
         import torch
 
@@ -66,6 +69,7 @@ class LossScorer:
         self.max_rows = max_rows_per_batch
         self.max_padding = max_batch_padding
         self.bos_id = bos_id
+        self.prefix_ids = list(prefix_ids)  # before the response in response_only mode
         self.pad_id = pad_id
         self.cache_size = cache_size
         self.max_length = max_length
@@ -194,7 +198,7 @@ class LossScorer:
         if self.fault:
             self.fault(self.batches_done)  # mid-unit: some of it is scored, none of it returned
         if "response_only" in self.modes:
-            pairs = [response_only_sequence(i, l, self.bos_id) for i, l in zip(seqs, labs)]
+            pairs = [response_only_sequence(i, l, self.bos_id, self.prefix_ids) for i, l in zip(seqs, labs)]
             s, c, pad, lens = self._score(model, [p[0] for p in pairs], [p[1] for p in pairs])
             out["response_only_loss_sum"], out["response_only_n_tokens"] = s, c
             out["pad_tokens"] += pad

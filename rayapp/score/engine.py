@@ -38,13 +38,17 @@ SCORE_SCHEMA = pa.schema(
 )
 
 
-def _meta(fingerprint: str, ck: CheckpointRecord, modes: list[str], rows: int) -> dict[bytes, bytes]:
-    return {
+def _meta(fingerprint: str, ck: CheckpointRecord, modes: list[str], rows: int,
+          response_only_prefix: str = "") -> dict[bytes, bytes]:
+    meta = {
         b"rayapp.prepared_fingerprint": fingerprint.encode(),
         b"rayapp.checkpoint_uid": ck.uid.encode(),
         b"rayapp.modes": ",".join(sorted(modes)).encode(),
         b"rayapp.rows": str(rows).encode(),
     }
+    if response_only_prefix and "response_only" in modes:  # absent when empty: older units stay valid
+        meta[b"rayapp.response_only_prefix"] = response_only_prefix.encode()
+    return meta
 
 
 def is_committed(uri: str, want: dict[bytes, bytes]) -> bool:
@@ -108,6 +112,7 @@ def score_checkpoints(
     pad_id: int,
     trust_remote_code: bool = False,
     runtime_env: dict | None = None,
+    prefix_ids: list[int] | None = None,
 ) -> dict:
     fingerprint = prepared_manifest.fingerprint
     shards = {s.file: s.rows for s in prepared_manifest.shards}
@@ -115,7 +120,7 @@ def score_checkpoints(
     pending: dict[str, list[str]] = {}
     for ck in checkpoints:
         todo = [f for f, rows in shards.items()
-                if not is_committed(storage.join(out_dir, ck.name, f), _meta(fingerprint, ck, modes, rows))]
+                if not is_committed(storage.join(out_dir, ck.name, f), _meta(fingerprint, ck, modes, rows, score_cfg.response_only_prefix))]
         if todo:
             pending[ck.name] = todo
     n_total = len(checkpoints) * len(shards)
@@ -156,6 +161,7 @@ def score_checkpoints(
         dtype=score_cfg.dtype,
         bos_id=bos_id,
         pad_id=pad_id,
+        prefix_ids=list(prefix_ids or []),
         num_threads=max(1, int(res.num_cpus)),
         trust_remote_code=trust_remote_code,
         cache_size=score_cfg.cached_models,
@@ -200,7 +206,7 @@ def score_checkpoints(
                 ck = by_name[name]
                 ids = storage.read_parquet(storage.join(prepared_dir, shard), ["id"])["id"].to_pylist()
                 rows = _commit(storage.join(out_dir, name, shard), buffers.pop(key),
-                               _meta(fingerprint, ck, modes, shards[shard]), ids)
+                               _meta(fingerprint, ck, modes, shards[shard], score_cfg.response_only_prefix), ids)
                 stats["rows"] += rows
                 committed += 1
                 elapsed = max(time.perf_counter() - t0, 1e-9)

@@ -41,6 +41,8 @@ class ScoreStage(Stage):
         # what the scores depend on; batch sizes and resources do not change them
         # (the backend only where it is not the default: earlier runs' fingerprints stay valid)
         backend = {} if cfg.score.backend == "torch" else {"backend": cfg.score.backend}
+        if cfg.score.response_only_prefix and "response_only" in cfg.score.modes:
+            backend["response_only_prefix"] = cfg.score.response_only_prefix
         return fingerprint(prepared=prepared.fingerprint, checkpoints=[c.uid for c in reference_checkpoints(layout, prepared)],
                            modes=sorted(cfg.score.modes), dtype=cfg.score.dtype, **backend)
 
@@ -51,12 +53,15 @@ class ScoreStage(Stage):
         cfg, layout = ctx.cfg, ctx.layout
         prepared = read_prepared(layout)
         checkpoints = reference_checkpoints(layout, prepared)
-        bos, pad = special_ids(load_tokenizer(prepared.tokenizer))
+        tokenizer = load_tokenizer(prepared.tokenizer)
+        bos, pad = special_ids(tokenizer)
+        prefix = tokenizer.encode(cfg.score.response_only_prefix, add_special_tokens=False) \
+            if cfg.score.response_only_prefix else []
         out_dir = layout.scores("reference")
         if not cfg.score.local:
             init_ray(cfg)
         stats = score_checkpoints(layout.prepared, prepared, checkpoints, out_dir, cfg.score, bos, pad,
-                                  trust_remote_code=cfg.models.reference.trust_remote_code)
+                                  trust_remote_code=cfg.models.reference.trust_remote_code, prefix_ids=prefix)
         traj = build_trajectories(out_dir, [c.name for c in checkpoints])
         require_match("trajectory rows", layout.trajectories, traj.num_rows, prepared.rows,
                       "the scores do not cover the prepared data: re-run `rayapp score --force`")

@@ -34,6 +34,7 @@ def write_report(
     selections: dict[str, np.ndarray],
     examples: list[dict] | None,
     provenance: dict,
+    length_label: str = "response tokens",
 ) -> str:
     """Write report.html and its PNGs into ``out_dir`` (local); returns the HTML path."""
     plt = _plt()
@@ -88,7 +89,7 @@ def write_report(
         if sel_mask.any():
             ax.hist(rt[sel_mask], bins=bins, density=True, alpha=0.6, color="#c0392b",
                     label=f"selected (mean {rt[sel_mask].mean():.0f})")
-        ax.set_xlabel("response tokens")
+        ax.set_xlabel(length_label)
         ax.legend()
         save(fig, "lengths.png", "Response length: LP is known to favour long responses; compare with `longest`.")
 

@@ -27,7 +27,7 @@ from rayapp.common.manifests import (
     require_same_prepared,
 )
 from rayapp.common.stages import Stage, StageContext
-from rayapp.config import RunConfig, SelectConfig
+from rayapp.config import FIXED_SCOPE, RunConfig, SelectConfig, parse_selection
 from rayapp.select.clusters import clusters_for, start_ahead
 from rayapp.select.metrics import learning_percentage, learning_percentage_approx, no_response_rows
 from rayapp.select.report import write_report
@@ -40,8 +40,26 @@ class SelectError(RayappError):
     """Selection cannot run on these inputs (missing columns, text needed but absent)."""
 
 
-def selection_tag(method: str, chunk: str, budget: float) -> str:
-    return f"{method}-{chunk}-{round(budget * 100, 2):g}pct" if method != "full" else "full"
+def selection_tag(method: str, chunk: str, budget: float, scope: str = "stratified") -> str:
+    """e.g. lp-low-33pct, ppl_high-global-low-5pct (random and clust_rand name their own scope)."""
+    if method == "full":
+        return "full"
+    where = "-global" if scope == "global" and method not in FIXED_SCOPE else ""
+    return f"{method}{where}-{chunk}-{round(budget * 100, 2):g}pct"
+
+
+def selection_specs(sc: SelectConfig) -> dict[str, tuple[str, str]]:
+    """{key: (method, scope)} for the main method and each baseline, in order, without repeats. A
+    key is the method's name when it runs in its default scope (FIXED_SCOPE, else the one
+    ``select.stratified`` sets), else METHOD:SCOPE."""
+    default = "stratified" if sc.stratified else "global"
+    out: dict[str, tuple[str, str]] = {}
+    for spec in [sc.method, *sc.baselines]:
+        method, scope = parse_selection(spec)
+        natural = FIXED_SCOPE.get(method, default)
+        scope = scope or natural
+        out.setdefault(method if scope == natural else f"{method}:{scope}", (method, scope))
+    return out
 
 
 def load_external_trajectories(path: str, prefix: str) -> tuple[Trajectories, str]:
@@ -74,6 +92,15 @@ def trajectories_from_table(t: pa.Table) -> Trajectories:
     n_tok = np.asarray(t["n_tokens"])
     return Trajectories(ids=np.asarray(t["id"].to_pylist()), P=P, n_tokens=n_tok, nll_response_only=ro,
                         response_length=n_tok)
+
+
+def response_characters(prepared_table: pa.Table, ids: np.ndarray) -> np.ndarray:
+    """Characters of each row's response text (``output``), in the order of ``ids``."""
+    chars = dict(zip(prepared_table["id"].to_pylist(), pc.utf8_length(prepared_table["output"]).to_pylist()))
+    missing = [i for i in ids if i not in chars]
+    if missing:
+        raise SelectError(f"{len(missing)} trajectory ids are not in the prepared data (e.g. {missing[0]})")
+    return np.asarray([chars[i] for i in ids], dtype=np.int64)
 
 
 def check_scores(layout: RunLayout, prepared: PreparedManifest) -> ScoresManifest:
@@ -161,39 +188,51 @@ def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False) -> Selec
                   "trajectories_sha256": sm.trajectories_sha256,
                   "score_checkpoints": [c.name for c in sm.checkpoints]}
 
-    methods = [sc.method] + [m for m in sc.baselines if m != sc.method]
-    needs_clusters = sc.stratified or "clust_rand" in methods
+    prepared_table = storage.read_parquet_dir(layout.prepared) if prepared is not None else None
+    length_measure = "response tokens scored (after truncation)"
+    if prepared_table is not None:
+        # "Long Is More": the response text's length, not what truncation left of its tokens
+        traj.response_length = response_characters(prepared_table, traj.ids)
+        length_measure = "characters of the response text"
+    ifd_text = ("BOS + the response's tokens" if not cfg.score.response_only_prefix
+                else f"{cfg.score.response_only_prefix!r} + the response's tokens")
+    specs = selection_specs(sc)
+    needs_clusters = any(scope == "stratified" for _, scope in specs.values())
     clusters = None
     if needs_clusters:
         if external:
-            if sc.stratified:
+            if specs[sc.method][1] == "stratified":
                 raise SelectError(
                     "stratified selection clusters the rows' text, and external trajectories come without it: "
                     "use --set select.stratified=false (the global variant)"
                 )
-            methods = [m for m in methods if m != "clust_rand"]
-            log.info("clust_rand skipped: external trajectories have no text to cluster")
+            dropped = [k for k, (_, scope) in specs.items() if scope == "stratified"]
+            specs = {k: v for k, v in specs.items() if k not in dropped}
+            log.info("%s skipped: external trajectories have no text to cluster", ", ".join(dropped))
         else:
             clusters = _clusters(cfg, layout, prepared, traj.ids, force)
-    for m in list(methods):
-        if m == "ifd" and traj.nll_response_only is None:
-            methods.remove(m)
-            log.info("ifd skipped: no response-only scores (add response_only to score.modes)")
+    for key, (m, _) in list(specs.items()):
+        if m in ("ifd", "ifd_cherry") and traj.nll_response_only is None:
+            del specs[key]
+            log.info("%s skipped: no response-only scores (add response_only to score.modes)", key)
         if m == "longest" and traj.response_length is None:
-            methods.remove(m)
-            log.info("longest skipped: no response lengths in these trajectories")
-    if sc.method not in methods:
+            del specs[key]
+            log.info("%s skipped: no response texts or lengths in these trajectories", key)
+    if sc.method not in specs:
         raise SelectError(f"method {sc.method!r} cannot run on these inputs (see above)")
 
     selections: dict[str, np.ndarray] = {}
     infos: dict[str, dict] = {}
-    for m in methods:
+    for key, (m, scope) in specs.items():
+        # equal sizes: a global selection keeps as many rows as the main one (stratified ones
+        # already do: the same per-cluster chunks)
+        size = len(selections[sc.method]) if sc.match_size and scope == "global" and key != sc.method else None
         idx, info = select(
-            m, traj, sc.budget, clusters=clusters if (sc.stratified or m == "clust_rand") else None,
+            m, traj, sc.budget, clusters=clusters if scope == "stratified" else None,
             chunk=sc.chunk if m not in ("random", "clust_rand") else "low", lp_epoch=sc.lp_epoch, seed=sc.seed,
-            keep_empty_responses=sc.keep_empty_responses,
+            keep_empty_responses=sc.keep_empty_responses, size=size,
         )
-        selections[m], infos[m] = idx, info
+        selections[key], infos[key] = idx, info
 
     metric_cols = _metrics_columns(traj, sc)
     n_ck = traj.P.shape[1]
@@ -215,13 +254,10 @@ def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False) -> Selec
         **source,
     }
     records: dict[str, SelectionRecord] = {}
-    prepared_table = None
-    if prepared is not None:
-        prepared_table = storage.read_parquet_dir(layout.prepared)
-    for m in methods:
-        tag = selection_tag(m, sc.chunk if m not in ("random", "clust_rand") else "low", sc.budget)
+    for key, (m, scope) in specs.items():
+        tag = selection_tag(m, sc.chunk if m not in ("random", "clust_rand") else "low", sc.budget, scope)
         folder = layout.selection_dir(tag)
-        idx = selections[m]
+        idx = selections[key]
         chosen_ids = traj.ids[idx]
         extra = {k: v[idx] for k, v in metric_cols.items()}
         if clusters is not None:
@@ -238,10 +274,14 @@ def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False) -> Selec
             rows = rows.append_column(k, pa.array(v))
         shard = storage.join(folder, "selected.parquet")
         storage.write_parquet(shard, rows)
-        prov = {"method": m, "tag": tag, **provenance_common, **infos[m],
+        prov = {"method": m, "selection": key, "tag": tag, **provenance_common, **infos[key],
                 "selected_ids_sha256": short_digest("\n".join(sorted(chosen_ids)).encode())}
+        if m in ("ifd", "ifd_cherry"):
+            prov["ifd_unconditioned_text"] = ifd_text
+        if m == "longest":
+            prov["length_measure"] = length_measure
         storage.write_json(storage.join(folder, "selection.json"), prov)
-        records[m] = SelectionRecord(method=m, tag=tag, rows=int(len(idx)), path=shard, sha256=file_digest(shard))
+        records[key] = SelectionRecord(method=m, tag=tag, rows=int(len(idx)), path=shard, sha256=file_digest(shard))
 
     # report (local folder; copied as files when output_dir is remote)
     eligible = np.ones(len(traj.ids), dtype=bool) if sc.keep_empty_responses else ~no_response_rows(traj.P, traj.n_tokens)
@@ -267,17 +307,18 @@ def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False) -> Selec
         traj.response_length, clusters, {m: traj.ids[i] for m, i in selections.items()}, examples,
         {"method": sc.method, "rows": len(traj.ids), "selected": int(len(selections[sc.method])),
          "no_response_rows (excluded)": infos[sc.method]["excluded_no_response"], **provenance_common},
+        length_label="response characters" if prepared_table is not None else "response tokens",
     )
     if storage.is_remote(report_uri):
         storage.upload_dir(report_dir, report_uri)
         html_path = storage.join(report_uri, "report.html")
-    where = (f"stratified over {provenance_common['n_clusters']} clusters" if clusters is not None and sc.stratified
-             else "global")
+    where = (f"stratified over {provenance_common['n_clusters']} clusters"
+             if infos[sc.method]["scope"] == "stratified" else "global")
     log.info("%s: kept %d of %d rows (budget %.0f%%, %s; %d rows with no response tokens excluded)", sc.method,
              len(selections[sc.method]), len(traj.ids), 100 * sc.budget, where,
              infos[sc.method]["excluded_no_response"])
-    for m in methods[1:]:
-        log.info("  baseline %-10s %d rows -> %s", m, len(selections[m]), records[m].tag)
+    for key in list(specs)[1:]:
+        log.info("  baseline %-16s %d rows (%s) -> %s", key, len(selections[key]), infos[key]["scope"], records[key].tag)
     log.info("report: %s", html_path)
     return SelectionManifest(prepared_fingerprint=prepared.fingerprint if prepared else None, main=sc.method,
                              selections=records, report=html_path)

@@ -3,7 +3,13 @@
 Every method reduces to a *sort key* (ascending = chosen first by the "low" chunk). Within each
 cluster rows are sorted by the key and split into ``round(1 / budget)`` chunks with
 ``numpy.array_split`` semantics; the "low" chunk is the first, "mid" the middle one, "high" the
-last. The global (unstratified) variant is the same with one cluster holding every row.
+last. The global (unstratified) variant is the same with one cluster holding every row, or, given
+a size (the main selection's row count, so compared subsets are equally large), that many rows from
+the chosen end of the global order.
+
+Cherry-LLM's IFD (``ifd_cherry``) is its own rule, as its authors compute it: rows whose IFD is
+above 1 (the prompt does not help) or undefined are dropped, then the highest IFDs are kept,
+globally: ``int(budget x rows left)`` of them, or the given size.
 """
 
 from __future__ import annotations
@@ -46,11 +52,13 @@ def sort_key(method: str, t: Trajectories, lp_epoch: int = 1, seed: int = 42) ->
     if method == "ppl_low":
         return t.P[:, 0]
     if method == "ifd":
-        if t.nll_response_only is None:
-            raise ValueError("ifd needs response-only scores (score.modes must include response_only)")
-        score = ifd(np.log(t.P[:, 0]), t.nll_response_only)
-        # high IFD first; IFD >= 1 (the prompt does not help at all) and NaN go last, as Cherry-LLM filters them
+        score = ifd_scores(t)
+        # high IFD first; IFD >= 1 (the prompt does not help at all) and NaN go last
         return np.where(np.isnan(score) | (score >= 1), np.inf, -score)
+    if method == "ifd_cherry":
+        score = ifd_scores(t)
+        # Cherry-LLM keeps IFD == 1 (it skips only `mean_rate > 1`); select() drops the rest
+        return np.where(np.isnan(score) | (score > 1), np.inf, -score)
     if method == "longest":
         if t.response_length is None:
             raise ValueError("longest needs response lengths")
@@ -61,6 +69,13 @@ def sort_key(method: str, t: Trajectories, lp_epoch: int = 1, seed: int = 42) ->
     if method == "full":
         return np.zeros(n)
     raise ValueError(f"unknown selection method {method!r}; known: {', '.join(METHODS)}")
+
+
+def ifd_scores(t: Trajectories) -> np.ndarray:
+    """IFD per row: mean NLL of the response given its prompt over its mean NLL alone (epoch 0)."""
+    if t.nll_response_only is None:
+        raise ValueError("ifd needs response-only scores (score.modes must include response_only)")
+    return ifd(np.log(t.P[:, 0]), t.nll_response_only)
 
 
 def chunk_index(chunk: str, k: int) -> int:
@@ -82,6 +97,15 @@ def stratified_select(key: np.ndarray, clusters: np.ndarray, budget: float, chun
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
+def take_from_end(key: np.ndarray, size: int, chunk: str = "low") -> np.ndarray:
+    """``size`` indices from the chosen end of the global order (low: smallest keys first, high: the
+    largest, mid: the middle), sorted ascending."""
+    ordered = np.argsort(np.asarray(key, dtype=np.float64), kind="stable")
+    size = min(size, len(ordered))
+    start = {"low": 0, "mid": (len(ordered) - size) // 2, "high": len(ordered) - size}[chunk]
+    return np.sort(ordered[start:start + size])
+
+
 def select(
     method: str,
     t: Trajectories,
@@ -91,11 +115,14 @@ def select(
     lp_epoch: int = 1,
     seed: int = 42,
     keep_empty_responses: bool = False,
+    size: int | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Indices into ``t`` of the selected rows, and counts for provenance.
 
-    Rows with no response tokens are excluded before ranking (their LP is 0 by definition, so the
-    original code ranks them hardest) unless ``keep_empty_responses`` reproduces that behaviour."""
+    Given ``clusters`` the selection is stratified (per-cluster chunks), else global: the global
+    chunk, or exactly ``size`` rows when given. Rows with no response tokens are excluded before
+    ranking (their LP is 0 by definition, so the original code ranks them hardest) unless
+    ``keep_empty_responses`` reproduces that behaviour."""
     from rayapp.select.metrics import no_response_rows
 
     n = len(t.ids)
@@ -104,12 +131,27 @@ def select(
     info = {"rows": n, "no_response_rows": int(empty.sum()), "excluded_no_response": int((~eligible).sum())}
     if method == "full":
         idx = np.nonzero(eligible)[0]
-        return idx, {**info, "selected": len(idx)}
-    stratify = clusters if (clusters is not None and method != "random") else np.zeros(n, dtype=np.int64)
+        return idx, {**info, "selected": len(idx), "scope": "global"}
     if method == "clust_rand" and clusters is None:
         raise ValueError("clust_rand needs clusters")
+    matched = size
+    if method in ("random", "ifd_cherry"):
+        clusters = None  # global by definition
+    if method == "ifd_cherry":
+        score = ifd_scores(t)
+        keep = ~np.isnan(score) & (score <= 1)  # Cherry-LLM: `if mean_rate > 1: continue`
+        info["dropped_ifd_above_1_or_undefined"] = int((eligible & ~keep).sum())
+        eligible &= keep
+        if size is None:
+            size = int(eligible.sum() * budget)
     key = sort_key(method, t, lp_epoch=lp_epoch, seed=seed)
     pos = np.nonzero(eligible)[0]
-    chosen = pos[stratified_select(key[pos], np.asarray(stratify)[pos], budget, chunk)]
+    if clusters is not None:
+        chosen = pos[stratified_select(key[pos], np.asarray(clusters)[pos], budget, chunk)]
+    elif size is not None:
+        chosen = pos[take_from_end(key[pos], size, chunk)]
+    else:
+        chosen = pos[stratified_select(key[pos], np.zeros(len(pos), dtype=np.int64), budget, chunk)]
     return chosen, {**info, "selected": int(len(chosen)), "chunks": n_chunks(budget),
-                    "stratified": method != "random" and clusters is not None}
+                    "scope": "stratified" if clusters is not None else "global",
+                    **({"size_matched_to": matched} if matched is not None and clusters is None else {})}
