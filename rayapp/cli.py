@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--models", required=True, help="comma-separated models, e.g. opt-350m,opt-1.3b")
     cmp_.add_argument("--out", help="write the table (Markdown) and plot (PNG) here")
     jr = sub.add_parser("judge-report", help="win / tie / lose from existing pairwise judgments (JSONL)")
-    jr.add_argument("--judgments", required=True,
+    jr.add_argument("--judgments",
                     help="a .jsonl file or a folder of them (one per set): fields review, review_reverse")
+    jr.add_argument("--human", help="choices exported from evaluate/human/index.html (JSONL); needs --key")
+    jr.add_argument("--key", help="the page's key.json (which side is which model), beside index.html")
     jr.add_argument("--names", default="model 1,model 2", help="names of the answer_1 and answer_2 models")
     jr.add_argument("--out", help="write the table (Markdown) and plot (PNG) here")
     sb = sub.add_parser("submit", help="submit a command as a Ray job, stream its logs, exit with its status",
@@ -194,6 +196,17 @@ def _submit(args) -> int:
 def _judge_report(args) -> int:
     from rayapp.evaluate.judge_report import main as judge_report
 
+    if args.human:
+        from rayapp.evaluate.judge_report import human_main
+
+        if not args.key:
+            raise ConfigError("--human needs --key: the key.json beside the page the choices came from")
+        try:
+            return human_main(args.human, args.key, args.out)
+        except (FileNotFoundError, ValueError) as exc:
+            raise RayappError(str(exc)) from None
+    if not args.judgments:
+        raise ConfigError("give --judgments (a judge's reviews) or --human with --key (people's choices)")
     names = [n.strip() for n in args.names.split(",")]
     if len(names) != 2:
         raise ConfigError("--names takes two names, e.g. --names lp-selected,full")

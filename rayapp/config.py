@@ -447,6 +447,9 @@ class EvaluateConfig(_Strict):
     max_prompts: int | None = Field(None, ge=1, description="Per set (a slice for demos)")
     generation: GenerationConfig = GenerationConfig()
     judge: JudgeConfig = JudgeConfig(kind="reference")
+    human_page: bool = Field(
+        True, description="Also write evaluate/human/index.html: every pair blind, one prompt at a time, for people "
+        "to judge (exported choices -> `rayapp judge-report --human`); its key.json names the models")
 
 
 class RayConfig(_Strict):

@@ -154,7 +154,16 @@ def test_evaluation_compares_selected_with_full(pipeline_run):
         gens = pq.read_table(out / "evaluate" / "generations" / f"{m}.parquet").to_pylist()
         assert len(gens) == 6 and all(isinstance(g["answer"], str) for g in gens)
     assert (out / "evaluate" / "results.png").stat().st_size > 5000
-    assert "selected vs full" in (out / "evaluate" / "report.html").read_text()
+    sized = f"selected [{selected['rows']} rows] vs full [{full['rows']} rows]"
+    assert sized in (out / "evaluate" / "report.html").read_text()
+    assert sized in proc.stdout  # every table states the sizes of the models it compares
+    # the blind page for people: every pair's prompts, no model names on it; the key says which is which
+    key = json.loads((out / "evaluate" / "human" / "key.json").read_text())
+    assert len(key["items"]) == 6 and results["human_page"].endswith("human/index.html")
+    page = (out / "evaluate" / "human" / "index.html").read_text()
+    data = json.loads(page.split('id="data">')[1].split("</script>")[0])
+    assert data["page_id"] == key["page_id"] and len(data["items"]) == 6
+    assert all(set(it) == {"item", "set", "question", "left", "right"} for it in data["items"])  # no names
 
 
 def test_trajectories_selection_and_provenance(pipeline_run):

@@ -173,6 +173,7 @@ class EvaluationManifest(StageManifest):
     unparseable_reasons: dict[str, dict[str, int]]
     rouge_l: dict[str, dict[str, float]]
     report: str | None
+    human_page: str | None = None  # the blind pairwise page for people (its key.json beside it)
 
 
 MANIFEST_TYPES: dict[str, type[StageManifest]] = {

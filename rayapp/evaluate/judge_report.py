@@ -60,6 +60,29 @@ def read_judgments(path: str) -> tuple[dict[str, Tally], dict[str, int]]:
     return tally_by_set(verdicts), dict(reasons)
 
 
+def human_main(choices: str, key: str, out: str | None) -> int:
+    """The table of people's blind choices, one per compared pair."""
+    from rayapp.evaluate.human import read_choices
+
+    pairs = read_choices(choices, key)
+    for pair, tallies in pairs.items():
+        a, b = pair.split(" vs ")
+        print(format_table(tallies, a, b))
+        o = tallies["overall"]
+        print(f"\n{pair}: {o.judged} prompts judged by people (one random order each), {o.unjudged} not yet"
+              + (f"; winning score {o.winning_score:.3f}, win-tie rate {o.win_tie_rate:.3f}" if o.judged else "")
+              + "\n")
+    if out:
+        from rayapp.evaluate.report import plot_tallies
+
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "human-report.md"), "w") as f:
+            f.write("\n\n".join(format_table(t, *p.split(" vs ")) for p, t in pairs.items()) + "\n")
+        plot_tallies(pairs, os.path.join(out, "human-report.png"))
+        print(f"table and plot in {out}")
+    return 0
+
+
 def main(path: str, name_a: str, name_b: str, out: str | None) -> int:
     tallies, reasons = read_judgments(path)
     table = format_table(tallies, name_a, name_b)

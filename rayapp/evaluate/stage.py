@@ -11,6 +11,7 @@ Outputs under ``<output_dir>/evaluate/``:
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import pyarrow as pa
@@ -178,6 +179,8 @@ class EvaluateStage(Stage):
                                       m.models.get(b, {}).get("rows")).splitlines())
         if m.report:
             lines.append(f"report: {m.report}")
+        if m.human_page:
+            lines.append(f"blind judging by people: {m.human_page}")
         return lines
 
 
@@ -241,16 +244,27 @@ def evaluate(cfg: RunConfig, layout: RunLayout, force: bool = False) -> Evaluati
         out_local = storage.local_path(layout.evaluation)
     report = write_report(out_local, f"rayapp evaluation: {cfg.name}", judge_name, pairs,
                           {m["label"]: m for m in models}, rouge, examples, sizes)
+    human_page = None
+    if ec.human_page:
+        from rayapp.evaluate import human
+
+        items, key = human.build_items([(a["label"], b["label"]) for b in models[1:]],
+                                       [{**p, "question": _question(p)} for p in prompts], answers, seed=cfg.seed)
+        human_page = human.write_page(os.path.join(out_local, "human"), f"Which answer is better? ({cfg.name})",
+                                      items, key)
+        log.info("page for people to judge the pairs blind: %s (the key to its models: %s)", human_page,
+                 os.path.join(os.path.dirname(human_page), human.KEY))
     if remote:
         storage.upload_dir(out_local, layout.evaluation)
         report = storage.join(layout.evaluation, "report.html")
+        human_page = storage.join(layout.evaluation, "human", "index.html") if human_page else None
     results = EvaluationManifest(
         judge=judge_name, sets=[resolve_set(e, ec.eval_dir, ec.prompt_field)[0] for e in ec.sets],
         judged_sets=judged_sets, prompts=len(prompts),
         models={m["label"]: {"path": m["path"], "data": m["data"], "rows": m["rows"],
                              "generation": gen_stats[m["label"]]} for m in models},
         pairs={k: {s: t.as_dict() for s, t in v.items()} for k, v in pairs.items()},
-        unparseable_reasons=unparseable, rouge_l=rouge, report=report,
+        unparseable_reasons=unparseable, rouge_l=rouge, report=report, human_page=human_page,
     )
     storage.write_json(layout.results, results.model_dump(mode="json"))
     for key, tallies in pairs.items():
