@@ -32,9 +32,19 @@ def main() -> int:
                        "limit, bf16/fp32 agreement, an FSDP2 step's MFU, peak memory against the plan")
     g.add_argument("--out", default="benchmarks/results")
     g.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU (the default without one)")
+    lv = sub.add_parser("lp-vs-baselines", help="the paper's comparison with a real model: LP vs clust_rand, longest "
+                        "and ppl_high at equal sizes (5%%, 10%%) and the full set; held-out NLL, ROUGE-L, pairwise")
+    lv.add_argument("--config", default="benchmarks/lp_vs_baselines/cpu.yaml", help="cpu.yaml here, gpu.yaml on a GPU node")
+    lv.add_argument("--budgets", default="0.05,0.10")
+    lv.add_argument("--out", default="benchmarks/results")
     sub.add_parser("estimates", help="scoring time and cost on 1, 8 and 64 GPUs, on paper (from the measured "
                    "start-up and the GPU check's rate where there is one)")
     args = p.parse_args()
+    if args.which == "lp-vs-baselines":
+        from benchmarks.lp_vs_baselines import run as run_lp
+
+        run_lp(args.config, args.out, tuple(float(b) for b in args.budgets.split(",")))
+        return 0
     if args.which == "estimates":
         from benchmarks.estimates import run as run_estimates
 

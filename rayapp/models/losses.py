@@ -75,7 +75,8 @@ def batch_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attention
 
 
 @torch.inference_mode()
-def device_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
+def device_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                  count: str = "labelled"):
     """Per-row sum of token NLLs (float32) and count of scored tokens, left on the model's device
     so a caller scoring many batches copies to the host once, not once per batch (a copy waits for
     the GPU to finish).
@@ -83,10 +84,15 @@ def device_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attentio
     Memory is bounded by the response tokens, not by batch tokens x vocabulary: the output layer is
     applied only at labelled positions (their hidden states gathered first), a chunk of positions at
     a time, each chunk's cross-entropy in fp32. The per-row numbers equal the full-logits path's
-    (``full_logits_losses``) within fp32 rounding."""
+    (``full_logits_losses``) within fp32 rounding.
+
+    ``count="nonzero"`` counts, as the paper's code does (``torch.count_nonzero`` of the per-token
+    loss), only the labelled tokens whose loss is not exactly 0: a token predicted with probability
+    1 in the working precision then drops out of the perplexity's denominator."""
     parts = _base_and_head(model)
     if parts is None:
-        return _full_logits_device(model, input_ids, labels, attention_mask)
+        s, nll, valid = _full_logits_device(model, input_ids, labels, attention_mask, per_token=True)
+        return s, (nll != 0).sum(dim=1) if count == "nonzero" else valid.sum(dim=1)
     base, head = parts
     hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     shift_labels = labels[:, 1:]
@@ -102,7 +108,7 @@ def device_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attentio
         nll[lo:lo + step] = torch.nn.functional.cross_entropy(logits, targets[lo:lo + step], reduction="none")
     per_row = torch.zeros(valid.shape, dtype=torch.float32, device=nll.device)
     per_row[rows, cols] = nll  # summed per row as the full-logits path does
-    return per_row.sum(dim=1), valid.sum(dim=1)
+    return per_row.sum(dim=1), (per_row != 0).sum(dim=1) if count == "nonzero" else valid.sum(dim=1)
 
 
 def full_logits_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
@@ -113,7 +119,7 @@ def full_logits_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, att
 
 
 @torch.inference_mode()
-def _full_logits_device(model, input_ids, labels, attention_mask):
+def _full_logits_device(model, input_ids, labels, attention_mask, per_token: bool = False):
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
@@ -124,7 +130,10 @@ def _full_logits_device(model, input_ids, labels, attention_mask):
         reduction="none",
     ).view(shift_labels.shape)
     valid = shift_labels != IGNORE_INDEX
-    return (nll * valid).sum(dim=1), valid.sum(dim=1)
+    nll = nll * valid
+    if per_token:
+        return nll.sum(dim=1), nll, valid
+    return nll.sum(dim=1), valid.sum(dim=1)
 
 
 def one_row_losses(model, rows: list[tuple[Sequence[int], Sequence[int]]], device: str = "cpu"):

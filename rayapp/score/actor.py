@@ -53,6 +53,7 @@ class LossScorer:
         first_checkpoint: str | None = None,
         max_batch_padding: float = 1.0,
         prefix_ids: Sequence[int] = (),
+        token_count: str = "labelled",
     ):
         import torch
 
@@ -70,6 +71,7 @@ class LossScorer:
         self.max_padding = max_batch_padding
         self.bos_id = bos_id
         self.prefix_ids = list(prefix_ids)  # before the response in response_only mode
+        self.token_count = token_count  # the perplexity's denominator: labelled or nonzero-loss tokens
         self.pad_id = pad_id
         self.cache_size = cache_size
         self.max_length = max_length
@@ -160,7 +162,8 @@ class LossScorer:
         pad = np.zeros(n, dtype=np.int64)
         for b in token_budget_batches(lengths, self.batch_tokens, self.max_rows, self.max_padding):
             ids, labels, mask = pad_batch([seqs[i] for i in b], [labs[i] for i in b], self.pad_id)
-            s, c = device_losses(model, self._to_device(ids), self._to_device(labels), self._to_device(mask))
+            s, c = device_losses(model, self._to_device(ids), self._to_device(labels), self._to_device(mask),
+                                 count=self.token_count)
             where = self._to_device(torch.as_tensor(b))
             loss[where], count[where] = s.double(), c
             pad[b] = ids.shape[1] - lengths[b]

@@ -39,7 +39,7 @@ SCORE_SCHEMA = pa.schema(
 
 
 def _meta(fingerprint: str, ck: CheckpointRecord, modes: list[str], rows: int,
-          response_only_prefix: str = "") -> dict[bytes, bytes]:
+          response_only_prefix: str = "", token_count: str = "labelled") -> dict[bytes, bytes]:
     meta = {
         b"rayapp.prepared_fingerprint": fingerprint.encode(),
         b"rayapp.checkpoint_uid": ck.uid.encode(),
@@ -48,6 +48,8 @@ def _meta(fingerprint: str, ck: CheckpointRecord, modes: list[str], rows: int,
     }
     if response_only_prefix and "response_only" in modes:  # absent when empty: older units stay valid
         meta[b"rayapp.response_only_prefix"] = response_only_prefix.encode()
+    if token_count != "labelled":
+        meta[b"rayapp.token_count"] = token_count.encode()
     return meta
 
 
@@ -117,10 +119,13 @@ def score_checkpoints(
     fingerprint = prepared_manifest.fingerprint
     shards = {s.file: s.rows for s in prepared_manifest.shards}
     modes = list(score_cfg.modes)
+
+    def meta(ck: CheckpointRecord, rows: int) -> dict[bytes, bytes]:
+        return _meta(fingerprint, ck, modes, rows, score_cfg.response_only_prefix, score_cfg.token_count)
+
     pending: dict[str, list[str]] = {}
     for ck in checkpoints:
-        todo = [f for f, rows in shards.items()
-                if not is_committed(storage.join(out_dir, ck.name, f), _meta(fingerprint, ck, modes, rows, score_cfg.response_only_prefix))]
+        todo = [f for f, rows in shards.items() if not is_committed(storage.join(out_dir, ck.name, f), meta(ck, rows))]
         if todo:
             pending[ck.name] = todo
     n_total = len(checkpoints) * len(shards)
@@ -162,6 +167,7 @@ def score_checkpoints(
         bos_id=bos_id,
         pad_id=pad_id,
         prefix_ids=list(prefix_ids or []),
+        token_count=score_cfg.token_count,
         num_threads=max(1, int(res.num_cpus)),
         trust_remote_code=trust_remote_code,
         cache_size=score_cfg.cached_models,
@@ -205,8 +211,7 @@ def score_checkpoints(
             if counts[key] == shards[shard]:
                 ck = by_name[name]
                 ids = storage.read_parquet(storage.join(prepared_dir, shard), ["id"])["id"].to_pylist()
-                rows = _commit(storage.join(out_dir, name, shard), buffers.pop(key),
-                               _meta(fingerprint, ck, modes, shards[shard], score_cfg.response_only_prefix), ids)
+                rows = _commit(storage.join(out_dir, name, shard), buffers.pop(key), meta(ck, shards[shard]), ids)
                 stats["rows"] += rows
                 committed += 1
                 elapsed = max(time.perf_counter() - t0, 1e-9)

@@ -43,6 +43,8 @@ class ScoreStage(Stage):
         backend = {} if cfg.score.backend == "torch" else {"backend": cfg.score.backend}
         if cfg.score.response_only_prefix and "response_only" in cfg.score.modes:
             backend["response_only_prefix"] = cfg.score.response_only_prefix
+        if cfg.score.token_count != "labelled":
+            backend["token_count"] = cfg.score.token_count
         return fingerprint(prepared=prepared.fingerprint, checkpoints=[c.uid for c in reference_checkpoints(layout, prepared)],
                            modes=sorted(cfg.score.modes), dtype=cfg.score.dtype, **backend)
 

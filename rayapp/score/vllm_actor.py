@@ -61,8 +61,9 @@ class VllmLossScorer(LossScorer):
             # position t holds {token: Logprob} for the token at t given those before it (None at 0)
             lps = out.prompt_logprobs
             for t in np.nonzero(np.asarray(y[1:]) != IGNORE_INDEX)[0] + 1:
-                loss[r] -= lps[t][int(y[t])].logprob
-                count[r] += 1
+                lp = lps[t][int(y[t])].logprob
+                loss[r] -= lp
+                count[r] += 1 if (self.token_count == "labelled" or lp != 0) else 0
         lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=n)
         return loss, count, np.zeros(n, dtype=np.int64), lengths
 

