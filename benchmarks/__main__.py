@@ -37,9 +37,18 @@ def main() -> int:
     lv.add_argument("--config", default="benchmarks/lp_vs_baselines/cpu.yaml", help="cpu.yaml here, gpu.yaml on a GPU node")
     lv.add_argument("--budgets", default="0.05,0.10")
     lv.add_argument("--out", default="benchmarks/results")
+    fd = sub.add_parser("fidelity", help="measured effects of rayapp's differences from the authors' code "
+                        "(tokenizer boundary, duplicates, k-means order, perplexity denominator, bf16)")
+    fd.add_argument("--run", help="a finished run of configs/smollm2.yaml, for the denominator and bf16 measurements")
+    fd.add_argument("--out", default="benchmarks/results")
     sub.add_parser("estimates", help="scoring time and cost on 1, 8 and 64 GPUs, on paper (from the measured "
                    "start-up and the GPU check's rate where there is one)")
     args = p.parse_args()
+    if args.which == "fidelity":
+        from benchmarks.fidelity import run as run_fidelity
+
+        run_fidelity(args.out, args.run)
+        return 0
     if args.which == "lp-vs-baselines":
         from benchmarks.lp_vs_baselines import run as run_lp
 

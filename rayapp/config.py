@@ -264,6 +264,10 @@ class ScoreConfig(_Strict):
         default_factory=lambda: ["prompted"],
         description="prompted: response given prompt; response_only: prompt dropped (for IFD)",
     )
+    ifd_model: Literal["reference", "target"] = Field(
+        "reference", description="Whose untrained losses the IFD baselines use: the reference model's epoch-0 "
+        "scores (free), or the untrained target's (Cherry-LLM scores with the model it selects for: one more "
+        "scoring pass, prompted and response-only, at the target's size)")
     token_count: Literal["labelled", "nonzero"] = Field(
         "labelled", description="The perplexity's denominator: every labelled response token (rayapp), or, for "
         "exact reproduction of the paper's code, those whose loss is not exactly 0 (its torch.count_nonzero: a "

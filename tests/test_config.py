@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,15 @@ def test_credentials_in_uris_are_refused(tmp_path, key, uri, what):
     tree["data"]["sources"][0]["path"] = "s3://bucket/data/alpaca.jsonl"
     tree["evaluate"]["judge"] = {"kind": "reference"}
     assert load_config(_write(tmp_path, tree)).output_dir.startswith("s3://")
+
+
+def test_selections_and_training_subsets_are_checked_and_named():
+    cfg = load_config(REPO / "configs/tiny.yaml", ["select.baselines=[clust_rand, 'ppl_high:global', ifd_cherry]",
+                                                   "finetune.subset=clust_rand-low-5pct"])
+    assert cfg.select.baselines[1] == "ppl_high:global" and cfg.finetune.subset == "clust_rand-low-5pct"
+    for bad, msg in (("select.baselines=[hardest]", "unknown selection method 'hardest'"),
+                     ("select.baselines=['random:stratified']", "random is always global"),
+                     ("select.baselines=['ppl_high:sideways']", "the scope after ':' is 'global' or 'stratified'"),
+                     ("finetune.subset=my-model", "'my-model' names no training data")):
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            load_config(REPO / "configs/tiny.yaml", [bad])

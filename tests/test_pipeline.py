@@ -242,6 +242,34 @@ def test_finetune_on_a_selection_file(pipeline_run, tmp_path):
         run_stage("finetune", cfg)
 
 
+def test_ifd_from_the_untrained_target(pipeline_run, tmp_path):
+    """score.ifd_model: target scores the untrained target too (the reference scores already
+    committed are kept), and the IFD baselines use its losses, as Cherry-LLM scores with the model
+    it selects for."""
+    from rayapp.config import load_config
+    from rayapp.models.loading import load_causal_lm
+    from rayapp.models.losses import one_row_losses
+    from tests.conftest import run_stage
+
+    run_a, proc, _ = pipeline_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    x = tmp_path / "run"
+    _copy_run(run_a, x)
+    cfg = load_config(pipeline_config(tmp_path), [f"output_dir={x}", "score.ifd_model=target", "score.local=true",
+                                                   "score.resources.resources={}"])
+    run_stage("score", cfg)
+    traj = pq.read_table(x / "scores" / "trajectories.parquet").to_pandas().set_index("id")
+    shard = pq.read_table(sorted((x / "prepared").glob("shard-*.parquet"))[0]).to_pylist()[:4]
+    target = load_causal_lm(str(x / "models" / "target-init")).eval()
+    for row, (loss, n) in zip(shard, one_row_losses(target, [(r["input_ids"], r["labels"]) for r in shard])):
+        if n:
+            assert traj.loc[row["id"], "ifd_nll0"] == pytest.approx(loss / n, rel=1e-4)
+    assert not np.allclose(traj.ifd_nll0, traj.nll0)  # not the reference's epoch-0 scores
+    sel = run_stage("select", cfg)
+    prov = json.loads((x / "select" / sel.selections["ifd_cherry"].tag / "selection.json").read_text())
+    assert prov["ifd_scored_by"] == "the untrained target model"
+
+
 def test_report_renders_in_headless_chromium(pipeline_run, tmp_path):
     out, proc, _ = pipeline_run
     assert proc.returncode == 0, proc.stderr[-3000:]

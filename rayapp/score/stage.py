@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 from rayapp.common import storage
 from rayapp.common.hashing import fingerprint
 from rayapp.common.layout import RunLayout
 from rayapp.common.log import get_logger
 from rayapp.common.manifests import (
+    CheckpointRecord,
     ScoresManifest,
     file_digest,
     read_prepared,
@@ -29,12 +32,41 @@ def special_ids(tokenizer) -> tuple[int, int]:
     return int(bos), int(pad)
 
 
+def _target_checkpoint(cfg: RunConfig) -> CheckpointRecord:
+    from rayapp.common.artifacts import artifact_uid
+    from rayapp.models import registry
+
+    path = registry.model_source(cfg, "target")
+    return CheckpointRecord(name="target-init", path=path, uid=artifact_uid(path))
+
+
+def _with_target_ifd_scores(cfg: RunConfig, layout: RunLayout, prepared, traj, bos: int, pad: int, prefix):
+    """The untrained target's prompted and response-only NLLs as ``ifd_nll0`` / ``ifd_ro_nll0``
+    (the IFD baselines then use them): one scoring pass of the target model, resumable like the rest."""
+    import numpy as np
+
+    from rayapp.finetune.stage import check_same_tokenizer
+
+    target = _target_checkpoint(cfg)
+    check_same_tokenizer(target.path, prepared.tokenizer, cfg.models.target.trust_remote_code)
+    out_dir = layout.scores("target")
+    log.info("IFD from the untrained target (%s): scoring it too", target.path)
+    score_checkpoints(layout.prepared, prepared, [target], out_dir,
+                      cfg.score.model_copy(update={"modes": ["prompted", "response_only"]}), bos, pad,
+                      trust_remote_code=cfg.models.target.trust_remote_code, prefix_ids=prefix)
+    t = build_trajectories(out_dir, [target.name])
+    order = {rid: i for i, rid in enumerate(t["id"].to_pylist())}
+    take = np.asarray([order[rid] for rid in traj["id"].to_pylist()])
+    traj = traj.append_column("ifd_nll0", pa.array(np.asarray(t["nll0"])[take]))
+    return traj.append_column("ifd_ro_nll0", pa.array(np.asarray(t["ro_nll0"])[take]))
+
+
 class ScoreStage(Stage):
     name = "score"
     help = "per-sample response losses for every checkpoint (Ray Data actor pool)"
     manifest_type = ScoresManifest
     # committed (checkpoint, shard) units resume a cut-off run; --force scores everything again
-    reset_on_force = ("reference", "trajectories.parquet")
+    reset_on_force = ("reference", "target", "trajectories.parquet")
 
     def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
         prepared = read_prepared(layout)
@@ -45,6 +77,8 @@ class ScoreStage(Stage):
             backend["response_only_prefix"] = cfg.score.response_only_prefix
         if cfg.score.token_count != "labelled":
             backend["token_count"] = cfg.score.token_count
+        if cfg.score.ifd_model == "target":
+            backend["ifd_model"] = _target_checkpoint(cfg).uid
         return fingerprint(prepared=prepared.fingerprint, checkpoints=[c.uid for c in reference_checkpoints(layout, prepared)],
                            modes=sorted(cfg.score.modes), dtype=cfg.score.dtype, **backend)
 
@@ -65,6 +99,8 @@ class ScoreStage(Stage):
         stats = score_checkpoints(layout.prepared, prepared, checkpoints, out_dir, cfg.score, bos, pad,
                                   trust_remote_code=cfg.models.reference.trust_remote_code, prefix_ids=prefix)
         traj = build_trajectories(out_dir, [c.name for c in checkpoints])
+        if cfg.score.ifd_model == "target":
+            traj = _with_target_ifd_scores(cfg, layout, prepared, traj, bos, pad, prefix)
         require_match("trajectory rows", layout.trajectories, traj.num_rows, prepared.rows,
                       "the scores do not cover the prepared data: re-run `rayapp score --force`")
         storage.write_parquet(layout.trajectories, traj)

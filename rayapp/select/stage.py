@@ -88,10 +88,12 @@ def trajectories_from_table(t: pa.Table) -> Trajectories:
     while f"P{n}" in t.column_names:
         n += 1
     P = np.stack([np.asarray(t[f"P{i}"], dtype=np.float64) for i in range(n)], axis=1)
-    ro = np.asarray(t["ro_nll0"], dtype=np.float64) if "ro_nll0" in t.column_names else None
+    def column(name):
+        return np.asarray(t[name], dtype=np.float64) if name in t.column_names else None
+
     n_tok = np.asarray(t["n_tokens"])
-    return Trajectories(ids=np.asarray(t["id"].to_pylist()), P=P, n_tokens=n_tok, nll_response_only=ro,
-                        response_length=n_tok)
+    return Trajectories(ids=np.asarray(t["id"].to_pylist()), P=P, n_tokens=n_tok, nll_response_only=column("ro_nll0"),
+                        response_length=n_tok, ifd_nll=column("ifd_nll0"), ifd_nll_response_only=column("ifd_ro_nll0"))
 
 
 def response_characters(prepared_table: pa.Table, ids: np.ndarray) -> np.ndarray:
@@ -212,7 +214,7 @@ def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False) -> Selec
         else:
             clusters = _clusters(cfg, layout, prepared, traj.ids, force)
     for key, (m, _) in list(specs.items()):
-        if m in ("ifd", "ifd_cherry") and traj.nll_response_only is None:
+        if m in ("ifd", "ifd_cherry") and traj.nll_response_only is None and traj.ifd_nll_response_only is None:
             del specs[key]
             log.info("%s skipped: no response-only scores (add response_only to score.modes)", key)
         if m == "longest" and traj.response_length is None:
@@ -278,6 +280,8 @@ def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False) -> Selec
                 "selected_ids_sha256": short_digest("\n".join(sorted(chosen_ids)).encode())}
         if m in ("ifd", "ifd_cherry"):
             prov["ifd_unconditioned_text"] = ifd_text
+            prov["ifd_scored_by"] = ("the untrained target model" if traj.ifd_nll is not None
+                                     else "the reference model before training (epoch 0)")
         if m == "longest":
             prov["length_measure"] = length_measure
         storage.write_json(storage.join(folder, "selection.json"), prov)

@@ -31,6 +31,10 @@ class Trajectories:
     n_tokens: np.ndarray | None = None  # response tokens
     nll_response_only: np.ndarray | None = None  # epoch-0 NLL of the response without its prompt
     response_length: np.ndarray | None = None  # characters or tokens of the response
+    # the model IFD is measured with, when not the reference's epoch 0 (e.g. the untrained target):
+    # its mean NLL of the response with and without the prompt
+    ifd_nll: np.ndarray | None = None
+    ifd_nll_response_only: np.ndarray | None = None
 
 
 def n_chunks(budget: float) -> int:
@@ -73,6 +77,8 @@ def sort_key(method: str, t: Trajectories, lp_epoch: int = 1, seed: int = 42) ->
 
 def ifd_scores(t: Trajectories) -> np.ndarray:
     """IFD per row: mean NLL of the response given its prompt over its mean NLL alone (epoch 0)."""
+    if t.ifd_nll is not None and t.ifd_nll_response_only is not None:
+        return ifd(t.ifd_nll, t.ifd_nll_response_only)
     if t.nll_response_only is None:
         raise ValueError("ifd needs response-only scores (score.modes must include response_only)")
     return ifd(np.log(t.P[:, 0]), t.nll_response_only)
