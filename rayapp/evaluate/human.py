@@ -60,24 +60,21 @@ def read_choices(choices_path: str, key_path: str) -> dict[str, dict[str, Tally]
     """{'A vs B': tallies per set (+ overall)} for model A of each pair, from an exported JSONL."""
     with open(key_path, encoding="utf-8") as f:
         key = json.load(f)
+    from rayapp.evaluate.judge_report import jsonl_records
+
     chosen: dict[str, str] = {}
     with open(choices_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{choices_path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if rec.get("page_id") != key["page_id"]:
-                raise ValueError(f"{choices_path}:{lineno}: field 'page_id': {rec.get('page_id')!r} is another "
-                                 f"page's (this key is for {key['page_id']!r})")
-            if rec.get("item") not in key["items"]:
-                raise ValueError(f"{choices_path}:{lineno}: field 'item': {rec.get('item')!r} is not on the page")
-            if rec.get("choice") not in ("left", "right", "tie"):
-                raise ValueError(f"{choices_path}:{lineno}: field 'choice': {rec.get('choice')!r} is not "
-                                 "left, right or tie")
-            chosen[rec["item"]] = rec["choice"]  # a later line is a changed mind
+        text = f.read()
+    for lineno, rec in jsonl_records(choices_path, text):
+        if rec.get("page_id") != key["page_id"]:
+            raise ValueError(f"{choices_path}:{lineno}: field 'page_id': {rec.get('page_id')!r} is another "
+                             f"page's (this key is for {key['page_id']!r})")
+        if rec.get("item") not in key["items"]:
+            raise ValueError(f"{choices_path}:{lineno}: field 'item': {rec.get('item')!r} is not on the page")
+        if rec.get("choice") not in ("left", "right", "tie"):
+            raise ValueError(f"{choices_path}:{lineno}: field 'choice': {rec.get('choice')!r} is not "
+                             "left, right or tie")
+        chosen[rec["item"]] = rec["choice"]  # a later line is a changed mind
     rows: dict[str, list[tuple[str, str]]] = {}
     for item, k in key["items"].items():
         pair = f"{k['model_a']} vs {k['model_b']}"
