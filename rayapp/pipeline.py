@@ -62,9 +62,13 @@ def prepare_while_ray_starts(group: list[Stage], cfg: RunConfig, force: bool = F
     seconds to come up) while the driver reads and tokenizes the data in a thread."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from rayapp.common.raycluster import init_ray
+    from rayapp.common.raycluster import existing_cluster_address, init_ray
 
-    if cfg.data.workers:  # prepare itself runs on Ray: start it first, in the main thread
+    # Joining a running cluster takes no time worth hiding, and inside a Ray job ray.init can
+    # unpack the job's working_dir again under the driver (see raycluster._init_ray): a thread
+    # reading or importing meanwhile finds no current directory. So: Ray first, then prepare.
+    # Prepare on Ray (data.workers) needs the cluster first anyway.
+    if cfg.data.workers or existing_cluster_address(cfg):
         init_ray(cfg)
         return run_stages(group, cfg, force)
     with ThreadPoolExecutor(1) as pool:

@@ -93,8 +93,10 @@ def held_out_nll(cfg, models: dict[str, str], shared: str) -> dict[str, dict[str
 def run(config: str, out_dir: str, budgets=BUDGETS, shared: str = "../shared/data") -> dict:
     from rayapp import pipeline
     from rayapp.common import storage
+    from rayapp.common.log import configure
     from rayapp.config import load_config
 
+    configure()  # the stages' progress lines, as `rayapp run` prints them
     t0 = time.time()
     base = load_config(config)
     name = base.name

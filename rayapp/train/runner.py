@@ -103,6 +103,10 @@ def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runti
         ),
     )
     local_mode = train_cfg.num_workers == 0
+    workers = max(1, train_cfg.num_workers)
+    log.info("effective batch %d rows (%d per device x %d accumulation steps x %d worker%s; the paper: 128)",
+             train_cfg.per_device_batch_size * train_cfg.gradient_accumulation_steps * workers,
+             train_cfg.per_device_batch_size, train_cfg.gradient_accumulation_steps, workers, "s" * (workers > 1))
     if local_mode:  # the training function runs in this process: keep its torch settings as they were
         import torch
 
