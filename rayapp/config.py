@@ -30,7 +30,7 @@ SCOPES = ("stratified", "global")
 FIXED_SCOPE = {"random": "global", "clust_rand": "stratified", "ifd_cherry": "global", "full": "global"}
 
 __all__ = ["ConfigError", "RunConfig", "SELECT_METHODS", "load_config", "dump_config", "parse_selection",
-           "is_finetune_subset"]
+           "is_finetune_subset", "subset_folder"]
 
 
 def parse_selection(spec: str) -> tuple[str, str | None]:
@@ -99,6 +99,15 @@ def _walk(node: Any, prefix: str = ""):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def subset_folder(subset: str) -> str:
+    """The work folder and model name of a training subset: 'ppl_high:global' -> 'ppl_high-global',
+    a selection file -> 'file-<its stem>'."""
+    if subset.endswith(".parquet"):
+        stem = subset.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+        return "file-" + re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
+    return subset.replace(":", "-")
 
 
 # ----------------------------------------------------------------------------------------------

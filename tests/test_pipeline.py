@@ -120,7 +120,8 @@ def test_run_finishes_with_a_summary(pipeline_run):
                                        "finetune (full)", "evaluate"]
     assert not any(s["skipped"] for s in summary["stages"].values())
     # ends with the win / tie / lose table of the LP selection against the full set
-    assert "| set (selected vs full) | win | tie | lose |" in proc.stdout.split("finished in")[-1]
+    table = proc.stdout.split("finished in")[-1]
+    assert "| set (selected [" in table and " rows] vs full [144 rows]) | win | tie | lose |" in table
 
 
 def test_stage_actors_ran_on_both_gpu_nodes(pipeline_run, three_nodes):
@@ -200,7 +201,9 @@ def test_trajectories_selection_and_provenance(pipeline_run):
     # "Long Is More": the longest response texts, by characters, not by tokens left after truncation
     assert provs["longest:global"]["length_measure"] == "characters of the response text"
     shards = sorted((out / "prepared").glob("shard-*.parquet"))
-    chars = pd.concat([pq.read_table(f, columns=["id", "output"]).to_pandas() for f in shards]).set_index("id").output.str.len()
+    rows = pd.concat([pq.read_table(f, columns=["id", "output", "n_response_tokens"]).to_pandas() for f in shards])
+    rows = rows[rows.n_response_tokens > 0]  # rows whose prompt fills max_length are not ranked
+    chars = rows.set_index("id").output.str.len()
     longest = pq.read_table(manifest["selections"]["longest:global"]["path"])["id"].to_pylist()
     assert chars[longest].min() >= chars.sort_values().iloc[-len(longest)]
 

@@ -135,7 +135,7 @@ def run(config: str, out_dir: str, budgets=BUDGETS, shared: str = "../shared/dat
 
     from rayapp.common.layout import RunLayout
     from rayapp.common.manifests import FinetuneManifest, read_manifest
-    from rayapp.finetune.stage import subset_folder
+    from rayapp.config import subset_folder
 
     layout = RunLayout(base.output_dir)
     exports = {}

@@ -24,7 +24,7 @@ from rayapp.common.layout import RunLayout
 from rayapp.common.log import get_logger
 from rayapp.common.manifests import EvaluationManifest, FinetuneManifest, file_digest, require_manifest
 from rayapp.common.stages import Stage, StageContext
-from rayapp.config import RunConfig, is_finetune_subset
+from rayapp.config import RunConfig, is_finetune_subset, subset_folder
 from rayapp.evaluate.evalsets import load_eval_set, resolve_set
 from rayapp.evaluate.judge import describe_judge
 from rayapp.evaluate.verdicts import Tally, format_table, tally_by_set, unparseable_kind
@@ -38,8 +38,6 @@ def resolve_model(cfg: RunConfig, layout: RunLayout, entry: str) -> dict:
     path/name; ``rows``: how many rows the model was fine-tuned on (None: not by this run)."""
     rows = None
     if is_finetune_subset(entry):
-        from rayapp.finetune.stage import subset_folder
-
         label = subset_folder(entry)
         m: FinetuneManifest = require_manifest(layout, "finetune", label, subset=entry)  # type: ignore[assignment]
         path, data, rows = m.export, m.data, m.rows

@@ -4,7 +4,6 @@ comparisons. One work folder per training subset."""
 
 from __future__ import annotations
 
-import re
 
 from rayapp.common import storage
 from rayapp.common.artifacts import artifact_uid, export_complete
@@ -25,22 +24,13 @@ from rayapp.common.manifests import (
 )
 from rayapp.common.raycluster import init_ray
 from rayapp.common.stages import Stage, StageContext
-from rayapp.config import RunConfig, is_finetune_subset
+from rayapp.config import RunConfig, is_finetune_subset, subset_folder
 from rayapp.models import registry
-from rayapp.models.loading import load_tokenizer
+from rayapp.models.loading import check_same_tokenizer
 from rayapp.train.runner import TRAINING_STATE, TrainJob, run_training
 
 log = get_logger(__name__)
 
-
-
-def subset_folder(subset: str) -> str:
-    """The work folder and model name of a training subset: 'ppl_high:global' -> 'ppl_high-global',
-    a selection file -> 'file-<its stem>'."""
-    if subset.endswith(".parquet"):
-        stem = subset.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
-        return "file-" + re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
-    return subset.replace(":", "-")
 
 
 def _selection_entry(layout: RunLayout, prepared: PreparedManifest, subset: str) -> SelectionRecord:
@@ -110,19 +100,6 @@ def training_data(layout: RunLayout, prepared: PreparedManifest, subset: str,
         return [out], rows, f"{subset} ({rows} rows)", fingerprint(file=digest, prepared=prepared.fingerprint)
     entry = _selection_entry(layout, prepared, subset)
     return [entry.path], entry.rows, f"{entry.tag} ({entry.rows} rows)", entry.sha256
-
-
-def check_same_tokenizer(target: str, prepared_tokenizer: str, trust_remote_code: bool) -> None:
-    """The prepared token ids are only valid for the target if it uses the same vocabulary."""
-    if target == prepared_tokenizer:
-        return
-    a = load_tokenizer(target, trust_remote_code=trust_remote_code).get_vocab()
-    b = load_tokenizer(prepared_tokenizer).get_vocab()
-    if a != b:
-        raise RayappError(
-            f"the target model {target} uses another tokenizer than the prepared data ({prepared_tokenizer}); "
-            "set models.tokenizer to the target's tokenizer and re-run prepare (the paper's pairs share one)"
-        )
 
 
 class FinetuneStage(Stage):

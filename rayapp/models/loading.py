@@ -137,3 +137,18 @@ def load_causal_lm(
 
 def is_local_model_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
+
+
+def check_same_tokenizer(target: str, prepared_tokenizer: str, trust_remote_code: bool) -> None:
+    """The prepared token ids are only valid for the target if it uses the same vocabulary."""
+    if target == prepared_tokenizer:
+        return
+    a = load_tokenizer(target, trust_remote_code=trust_remote_code).get_vocab()
+    b = load_tokenizer(prepared_tokenizer).get_vocab()
+    if a != b:
+        from rayapp.common.errors import RayappError
+
+        raise RayappError(
+            f"the target model {target} uses another tokenizer than the prepared data ({prepared_tokenizer}); "
+            "set models.tokenizer to the target's tokenizer and re-run prepare (the paper's pairs share one)"
+        )

@@ -19,7 +19,7 @@ from rayapp.common.manifests import (
 from rayapp.common.raycluster import init_ray
 from rayapp.common.stages import Stage, StageContext
 from rayapp.config import RunConfig
-from rayapp.models.loading import load_tokenizer
+from rayapp.models.loading import check_same_tokenizer, load_tokenizer
 from rayapp.score.engine import score_checkpoints
 from rayapp.score.trajectories import build_trajectories
 
@@ -44,8 +44,6 @@ def _with_target_ifd_scores(cfg: RunConfig, layout: RunLayout, prepared, traj, b
     """The untrained target's prompted and response-only NLLs as ``ifd_nll0`` / ``ifd_ro_nll0``
     (the IFD baselines then use them): one scoring pass of the target model, resumable like the rest."""
     import numpy as np
-
-    from rayapp.finetune.stage import check_same_tokenizer
 
     target = _target_checkpoint(cfg)
     check_same_tokenizer(target.path, prepared.tokenizer, cfg.models.target.trust_remote_code)
