@@ -37,6 +37,7 @@ def main() -> int:
     lv.add_argument("--config", default="benchmarks/lp_vs_baselines/cpu.yaml", help="cpu.yaml here, gpu.yaml on a GPU node")
     lv.add_argument("--budgets", default="0.05,0.10")
     lv.add_argument("--out", default="benchmarks/results")
+    lv.add_argument("--no-full", action="store_true", help="leave out the model trained on the full set (the longest run)")
     fd = sub.add_parser("fidelity", help="measured effects of rayapp's differences from the authors' code "
                         "(tokenizer boundary, duplicates, k-means order, perplexity denominator, bf16)")
     fd.add_argument("--run", help="a finished run of configs/smollm2.yaml, for the denominator and bf16 measurements")
@@ -52,7 +53,7 @@ def main() -> int:
     if args.which == "lp-vs-baselines":
         from benchmarks.lp_vs_baselines import run as run_lp
 
-        run_lp(args.config, args.out, tuple(float(b) for b in args.budgets.split(",")))
+        run_lp(args.config, args.out, tuple(float(b) for b in args.budgets.split(",")), full=not args.no_full)
         return 0
     if args.which == "estimates":
         from benchmarks.estimates import run as run_estimates

@@ -90,7 +90,7 @@ def held_out_nll(cfg, models: dict[str, str], shared: str) -> dict[str, dict[str
     return result
 
 
-def run(config: str, out_dir: str, budgets=BUDGETS, shared: str = "../shared/data") -> dict:
+def run(config: str, out_dir: str, budgets=BUDGETS, shared: str = "../shared/data", full: bool = True) -> dict:
     from rayapp import pipeline
     from rayapp.common import storage
     from rayapp.common.log import configure
@@ -130,38 +130,75 @@ def run(config: str, out_dir: str, budgets=BUDGETS, shared: str = "../shared/dat
             mean_chars = float(np.mean(storage.read_parquet(e.path)["output"].to_pandas().str.len()))
             subsets[e.tag]["mean_response_chars"] = round(mean_chars, 1)
             timed(f"finetune {e.tag}", lambda t=e.tag: pipeline.run("finetune", load_config(config, [f"finetune.subset={t}"])))
-    timed("finetune full", lambda: pipeline.run("finetune", load_config(config, ["finetune.subset=full"])))
-    subsets["full"] = {"selection": "full", "budget": 1.0}
-
     from rayapp.common.layout import RunLayout
+
+    if full:
+        timed("finetune full", lambda: pipeline.run("finetune", load_config(config, ["finetune.subset=full"])))
+        subsets["full"] = {"selection": "full", "budget": 1.0}
+        outputs = storage.read_parquet_dir(RunLayout(base.output_dir).prepared)["output"].to_pandas()
+        subsets["full"]["mean_response_chars"] = round(float(outputs.str.len().mean()), 1)
+
     from rayapp.common.manifests import FinetuneManifest, read_manifest
     from rayapp.config import subset_folder
 
     layout = RunLayout(base.output_dir)
     exports = {}
     for tag, info in subsets.items():
+        if tag == "base":
+            continue
         m = read_manifest(layout.manifest("finetune", subset_folder(tag)), FinetuneManifest)
         info.update(rows=m.rows, train_loss=m.metrics.get("last_loss"), train_seconds=m.metrics.get("train_seconds"),
                     heldout_alpaca_loss=m.metrics.get("eval_loss"))
         exports[tag] = m.export
     result["models"] = subsets
+    from rayapp.models import registry
+
+    # the untrained target too: did fine-tuning on a subset help at all?
+    exports["base"] = registry.model_source(base, "target")
+    subsets["base"] = {"selection": "base", "budget": 0.0, "rows": 0}
     nll = timed("held-out NLL", lambda: held_out_nll(base, exports, shared))
     for tag, per in nll.items():
         subsets[tag]["heldout_nll"] = per
     save()
     for b in budgets:
         tags = [next(t for t, i in subsets.items() if i["selection"] == s and i["budget"] == b) for s in SELECTIONS]
-        models = "[" + ", ".join([*tags, "full"]) + "]"
+        others = ["full"] if full else []
+        models = "[" + ", ".join([*tags, *others]) + "]"
         ev = timed(f"evaluate {b:.0%}", lambda m=models: pipeline.run("evaluate", load_config(config, [f"evaluate.models={m}"])).manifest)
-        for tag in [*tags, "full"]:
+        for tag in [*tags, *others]:
             subsets[tag]["rouge_l"] = ev.rouge_l.get(subset_folder(tag), {})
         result.setdefault("pairwise", {}).update({k: v.get("overall") for k, v in ev.pairs.items()})
         result.setdefault("judge", ev.judge)
     result["seconds"] = round(time.time() - t0, 1)
     save()
     plot(result, os.path.join(out_dir, f"{name}.png"))
+    print(table(result), flush=True)
     print(f"[lp-vs-baselines] results: {result_path}", flush=True)
     return result
+
+
+def table(result: dict) -> str:
+    """The results as a Markdown table, one row per model."""
+    head = ("| model | rows | mean response chars | held-out Alpaca loss | NLL Dolly | NLL Self-Instruct refs "
+            "| ROUGE-L Self-Instruct | LP's pairwise winning score against it |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    lp_tags = {i["budget"]: t for t, i in result["models"].items() if i["selection"] == "lp"}
+    pairs = result.get("pairwise", {})
+
+    def fmt(v, digits=3):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    for tag, i in result["models"].items():
+        nll = i.get("heldout_nll", {})
+        if i["selection"] == "lp":
+            versus = "-"
+        else:  # LP at the same budget against this model (the full set: LP at every budget)
+            against = [lp_tags[i["budget"]]] if i["budget"] in lp_tags else list(lp_tags.values())
+            versus = " / ".join(fmt((pairs.get(f"{lp} vs {tag}") or {}).get("winning_score")) for lp in against)
+        lines.append(f"| {tag} | {i.get('rows', '-')} | {fmt(i.get('mean_response_chars'), 0)} | "
+                     f"{fmt(i.get('heldout_alpaca_loss'))} | {fmt(nll.get('dolly'))} | {fmt(nll.get('sinstruct'))} | "
+                     f"{fmt((i.get('rouge_l') or {}).get('sinstruct'))} | {versus} |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: str) -> None:
@@ -177,14 +214,15 @@ def plot(result: dict, path: str) -> None:
               ("ROUGE-L (Self-Instruct)", lambda i: (i.get("rouge_l") or {}).get("sinstruct"))]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     colors = {"lp": "#c0392b", "clust_rand": "#7f8c8d", "longest:global": "#2980b9", "ppl_high": "#8e44ad",
-              "full": "#27ae60"}
+              "full": "#27ae60", "base": "#333333"}
     for ax, (title, get) in zip(axes, panels):
         labels, values, cs = [], [], []
         for tag, info in models.items():
             v = get(info)
             if v is None:
                 continue
-            labels.append(f"{info['selection']}\n{info['budget']:.0%}" if tag != "full" else f"full\n{info.get('rows')}")
+            labels.append(f"{info['selection']}\n{info['budget']:.0%}" if tag not in ("full", "base")
+                          else f"{tag}\n{info.get('rows')} rows")
             values.append(v)
             cs.append(colors.get(info["selection"], "#333"))
         ax.bar(range(len(values)), values, color=cs)
