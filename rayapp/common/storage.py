@@ -192,9 +192,13 @@ def _copy_files_except(fs: pafs.FileSystem, path: str, local_dir: str, skip_suff
             shutil.copyfileobj(src, dst, 1 << 20)
 
 
+def cache_root() -> str:
+    """The node's rayapp cache ($RAYAPP_CACHE_DIR, else ~/.cache/rayapp)."""
+    return os.environ.get("RAYAPP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rayapp")
+
+
 def local_cache_dir(uri: str, kind: str) -> str:
     """A per-URI folder under the node's cache for copies of remote artifacts (models, checkpoints)."""
     from rayapp.common.hashing import short_digest
 
-    base = os.environ.get("RAYAPP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rayapp")
-    return os.path.join(base, kind, short_digest(uri.encode()))
+    return os.path.join(cache_root(), kind, short_digest(uri.encode()))

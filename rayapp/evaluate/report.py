@@ -45,15 +45,17 @@ def plot_tallies(pairs: dict[str, dict[str, Tally]], path: str) -> None:
 
 
 def write_report(out_dir: str, title: str, judge_name: str, pairs: dict[str, dict[str, Tally]],
-                 model_info: dict[str, dict], rouge: dict[str, dict[str, float]], examples: list[dict],
-                 sizes: dict[str, tuple[int | None, int | None]] | None = None) -> str:
+                 model_info: dict[str, dict], rouge: dict[str, dict[str, float]], examples: list[dict]) -> str:
     """report.html, results.md and results.png in ``out_dir`` (local); returns the HTML path."""
     os.makedirs(out_dir, exist_ok=True)
     plot_tallies(pairs, os.path.join(out_dir, "results.png"))
+    def rows(model: str) -> int | None:  # what each model was fine-tuned on, stated in every table
+        return model_info.get(model, {}).get("rows")
+
     md = [f"# {title}", "", f"Judge: {judge_name}", ""]
     for pair, tallies in pairs.items():
         a, b = pair.split(" vs ")
-        md += [format_table(tallies, a, b, *(sizes or {}).get(pair, (None, None))), ""]
+        md += [format_table(tallies, a, b, rows(a), rows(b)), ""]
     if rouge:
         sets = sorted({s for per in rouge.values() for s in per})
         md += ["ROUGE-L F1 against reference answers (sets that have them):", "",
@@ -77,9 +79,10 @@ def write_report(out_dir: str, title: str, judge_name: str, pairs: dict[str, dic
     models = "".join(f"<tr><th>{html.escape(m)}</th><td>{html.escape(str(i.get('path')))}</td>"
                      f"<td>{html.escape(str(i.get('data', '')))}</td>"
                      f"<td>{'' if i.get('rows') is None else i['rows']}</td></tr>" for m, i in model_info.items())
+
     def pair_title(pair: str) -> str:
-        (a, b), (ra, rb) = pair.split(" vs "), (sizes or {}).get(pair, (None, None))
-        return html.escape(f"{with_rows(a, ra)} vs {with_rows(b, rb)}")
+        a, b = pair.split(" vs ")
+        return html.escape(f"{with_rows(a, rows(a))} vs {with_rows(b, rows(b))}")
 
     tables = "".join(f"<h2>{pair_title(p)}</h2>{table_html(t)}" for p, t in pairs.items())
     ex = "".join(

@@ -218,13 +218,11 @@ def evaluate(cfg: RunConfig, layout: RunLayout, force: bool = False) -> Evaluati
 
     a = models[0]
     pairs: dict[str, dict[str, Tally]] = {}
-    sizes: dict[str, tuple[int | None, int | None]] = {}  # rows each model of a pair was fine-tuned on
     unparseable: dict[str, dict[str, int]] = {}
     examples: list[dict] = []
     for b in models[1:]:
         records = _judge(cfg, layout, a, b, prompts, answers, force)
         key = f"{a['label']} vs {b['label']}"
-        sizes[key] = (a["rows"], b["rows"])
         pairs[key] = tally_by_set((r["set"], r["verdict"]) for r in records)
         unparseable[key] = dict(Counter(unparseable_kind(r["reason"]) for r in records if r["verdict"] == "unparseable"))
         examples += [r for r in records if r["verdict"] in ("win", "tie", "lose")][:4]
@@ -241,7 +239,7 @@ def evaluate(cfg: RunConfig, layout: RunLayout, force: bool = False) -> Evaluati
     else:
         out_local = storage.local_path(layout.evaluation)
     report = write_report(out_local, f"rayapp evaluation: {cfg.name}", judge_name, pairs,
-                          {m["label"]: m for m in models}, rouge, examples, sizes)
+                          {m["label"]: m for m in models}, rouge, examples)
     human_page = None
     if ec.human_page:
         from rayapp.evaluate import human
@@ -265,9 +263,10 @@ def evaluate(cfg: RunConfig, layout: RunLayout, force: bool = False) -> Evaluati
         unparseable_reasons=unparseable, rouge_l=rouge, report=report, human_page=human_page,
     )
     storage.write_json(layout.results, results.model_dump(mode="json"))
+    rows = {m["label"]: m["rows"] for m in models}  # each table names the rows its models trained on
     for key, tallies in pairs.items():
         x, y = key.split(" vs ")
-        for line in format_table(tallies, x, y, *sizes[key]).splitlines():
+        for line in format_table(tallies, x, y, rows[x], rows[y]).splitlines():
             log.info("%s", line)
     log.info("judge: %s%s", judge_name, f"; report: {report}" if report else "")
     return results

@@ -4,7 +4,6 @@ comparisons. One work folder per training subset."""
 
 from __future__ import annotations
 
-
 from rayapp.common import storage
 from rayapp.common.artifacts import artifact_uid, export_complete
 from rayapp.common.errors import MissingInputError, RayappError

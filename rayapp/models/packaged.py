@@ -59,8 +59,9 @@ def packaged_model_dir(name: str) -> str:
 
     spec = PACKAGED_MODELS[name]
     gguf = _gguf_path(spec, name)
-    base = os.environ.get("RAYAPP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rayapp")
-    out = os.path.join(base, "packaged", f"{name}-{spec.requirement.split('==')[-1]}")
+    from rayapp.common.storage import cache_root
+
+    out = os.path.join(cache_root(), "packaged", f"{name}-{spec.requirement.split('==')[-1]}")
     marker = os.path.join(out, DONE_MARKER)
     if os.path.exists(marker):
         return out

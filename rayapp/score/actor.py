@@ -4,10 +4,9 @@ scores them. A plain class: Ray Data makes actors of it, and the one-shot GPU ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import numpy as np
 
