@@ -94,7 +94,9 @@ def device_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attentio
         s, nll, valid = _full_logits_device(model, input_ids, labels, attention_mask, per_token=True)
         return s, (nll != 0).sum(dim=1) if count == "nonzero" else valid.sum(dim=1)
     base, head = parts
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # No KV cache: building one copies every layer's keys and values (torch.cat), ~9 % of an
+    # OPT-350M scoring unit on an H100 (benchmarks/results/gpu-h100.json, profile).
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     shift_labels = labels[:, 1:]
     valid = shift_labels != IGNORE_INDEX
     rows, cols = valid.nonzero(as_tuple=True)
@@ -120,7 +122,7 @@ def full_logits_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, att
 
 @torch.inference_mode()
 def _full_logits_device(model, input_ids, labels, attention_mask, per_token: bool = False):
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     nll = torch.nn.functional.cross_entropy(

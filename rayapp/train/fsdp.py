@@ -54,7 +54,7 @@ def optimizer_step(model, optimizer, scheduler, micro_batches: list[dict], weigh
         if defer_sync:
             model.set_requires_gradient_sync(k == len(micro_batches) - 1)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast_bf16):
-            out = model(**inputs)
+            out = model(**inputs, use_cache=False)  # a training step needs no KV cache (it only copies)
         (out.loss * weight).backward()
         loss_total += float(out.loss.detach()) * weight
         tokens += int(inputs["attention_mask"].sum())
