@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--submission-id", help="job id to use (re-submitting the same id is refused by Ray)")
     sb.add_argument("--no-wait", action="store_true", help="return after submitting")
     sb.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command to run")
+    cc = sub.add_parser("check-cluster", help="check cluster files (launcher YAML, KubeRay) and whether a run's "
+                        "stages fit their node types", description="What Ray's schema check cannot see: declared "
+                        "GPUs against the instance types, drivers, AMIs, head permissions, /dev/shm, requests "
+                        "that fit the nodes; with -c, every stage's actors and workers against the node types. "
+                        "Exits 1 on any problem.")
+    cc.add_argument("files", nargs="+", help="cluster/aws.yaml, cluster/gcp.yaml, cluster/kuberay/*.yaml")
+    cc.add_argument("--config", "-c", dest="configs", action="append", default=[], help="a run config (repeatable)")
+    cc.add_argument("--head-policy", help="the AWS head's IAM policy (default: aws-iam/head-policy.json beside it)")
     show = sub.add_parser("config", help="print the validated config with overrides applied")
     show.add_argument("--config", "-c", required=True)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -216,6 +224,20 @@ def _judge_report(args) -> int:
         raise RayappError(str(exc)) from None
 
 
+def _check_cluster(args) -> int:
+    from rayapp.deploy.checks import check_files
+
+    try:
+        errors = check_files(args.files, args.configs, args.head_policy)
+    except (OSError, ValueError) as exc:
+        raise RayappError(str(exc)) from None
+    for e in errors:
+        print(e)
+    if not errors:
+        print(f"ok: {len(args.files)} cluster file(s)" + (f", {len(args.configs)} config(s) placed" if args.configs else ""))
+    return 1 if errors else 0
+
+
 def _dispatch(args) -> int:
     if args.command == "compare":
         return _compare(args)
@@ -223,6 +245,8 @@ def _dispatch(args) -> int:
         return _submit(args)
     if args.command == "judge-report":
         return _judge_report(args)
+    if args.command == "check-cluster":
+        return _check_cluster(args)
     from rayapp.config import dump_config, load_config
 
     if args.command == "select" and args.trajectories:

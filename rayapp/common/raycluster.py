@@ -80,6 +80,8 @@ def _init_ray(cfg: RunConfig | None) -> None:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     if cfg and cfg.ray.num_gpus is not None:
         kwargs["num_gpus"] = cfg.ray.num_gpus
+    if cfg and cfg.ray.resources:
+        kwargs["resources"] = dict(cfg.ray.resources)
     ray.init(**kwargs)
     _quiet_ray_libraries(verbose)
 

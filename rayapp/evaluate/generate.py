@@ -107,9 +107,10 @@ def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig,
                 trust_remote_code: bool) -> list[dict]:
     """Answers of every model in ``models`` (label -> path) to ``rows``, from one actor pool.
 
-    Chunks of ``batch_size`` prompts of one model, one chunk per block and per actor call
-    (batch_size=None: no re-bundling in arrival order): each prompt is answered in the same batch
-    on every run, whichever other models share the pool, so seeded sampling gives the same answers."""
+    Chunks of ``batch_size`` prompts of one model, one chunk (one row) per block and per actor call
+    (batch_size=1: no re-bundling in arrival order, and Ray Data needs an explicit batch size for
+    actors that ask for GPUs): each prompt is answered in the same batch on every run, whichever
+    other models share the pool, so seeded sampling gives the same answers."""
     import ray
 
     r = gen.resources
@@ -120,7 +121,7 @@ def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig,
         HFGenerator,
         fn_constructor_kwargs=dict(models=models, gen=gen.model_dump(), max_positions=max_positions,
                                    trust_remote_code=trust_remote_code, num_threads=r.num_cpus or None),
-        batch_size=None,
+        batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
         num_cpus=r.num_cpus,
         num_gpus=r.num_gpus,
@@ -167,6 +168,15 @@ def vllm_inputs(rows: list[dict], model_path: str, gen: GenerationConfig, max_po
     return rows, engine_kwargs
 
 
+def engine_placement(gen: GenerationConfig) -> dict | None:
+    """One vLLM engine's placement group: a bundle per GPU that also asks for the node-type label
+    (resources.resources), all on one node under STRICT_PACK. None (ray.data.llm's own) when
+    neither a label nor tensor parallelism asks for more."""
+    if not gen.resources.resources and gen.tensor_parallel_size == 1:
+        return None
+    return {"bundle_per_worker": {"GPU": 1, **gen.resources.resources}, "strategy": gen.placement_strategy}
+
+
 def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_positions: int | None,
                   trust_remote_code: bool = False) -> list[dict]:
     """Through ``ray.data.llm``: it sizes placement groups for tensor parallelism itself. Weights
@@ -183,6 +193,7 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
         chat_template_stage=False,  # the fine-tuned models answer the training template, not a chat one
         log_engine_metrics=False,
         accelerator_type=gen.accelerator_type,
+        placement_group_config=engine_placement(gen),
     )
     sampling = dict(temperature=gen.temperature, top_p=gen.top_p if gen.temperature > 0 else 1.0,
                     max_tokens=gen.max_new_tokens, seed=gen.seed,

@@ -38,7 +38,13 @@ class StagePlan:
                 "parts_gib": {k: round(v / GIB, 3) for k, v in self.parts.items()}, "advice": self.advice}
 
 
-def _gpu(cfg: RunConfig, accelerator_type: str | None) -> tuple[int | None, str]:
+def _gpu(cfg: RunConfig, accelerator_type: str | None,
+         resources: dict[str, float] | None = None) -> tuple[int | None, str]:
+    """The GPU memory a stage runs with: its accelerator_type's, else its node-type label's
+    (cluster.gpu_memory_gib_by_resource), else cluster.gpu_memory_gib."""
+    labelled = [r for r in (resources or {}) if r in cfg.cluster.gpu_memory_gib_by_resource]
+    if not accelerator_type and labelled:
+        return int(cfg.cluster.gpu_memory_gib_by_resource[labelled[0]] * GIB), f"GPU of {labelled[0]}"
     if accelerator_type:
         have = gpu_bytes(accelerator_type)
         if have is None and cfg.cluster.gpu_memory_gib:
@@ -74,7 +80,7 @@ def plan_training(cfg: RunConfig, stage: str, tc: TrainConfig, shape: ModelShape
     world = max(tc.num_workers, 1)
     if not tc.use_gpu:
         return StagePlan(stage, shape.name, shape, f"{world} CPU worker(s)")
-    have, gpu = _gpu(cfg, tc.accelerator_type)
+    have, gpu = _gpu(cfg, tc.accelerator_type, tc.resources_per_worker)
     sharded = tc.fsdp and world > 1
     bf16 = tc.mixed_precision in ("bf16", "auto")
     tokens = tc.per_device_batch_size * cfg.data.max_length
@@ -120,7 +126,7 @@ def plan_scoring(cfg: RunConfig, shape: ModelShape) -> StagePlan:
     res = cfg.score.resources
     if not res.num_gpus:
         return StagePlan("score", shape.name, shape, f"{res.max_actors} CPU actor(s)")
-    have, gpu = _gpu(cfg, res.accelerator_type)
+    have, gpu = _gpu(cfg, res.accelerator_type, res.resources)
     b = _score_dtype_bytes(cfg, True)
     resident = cfg.score.cached_models or memory.cached_models(shape, have, b)
     tokens = cfg.score.batch_tokens
@@ -145,7 +151,7 @@ def plan_generation(cfg: RunConfig, shape: ModelShape) -> StagePlan:
     gen = cfg.evaluate.generation
     if gen.backend != "vllm" and not gen.resources.num_gpus:
         return StagePlan("evaluate", shape.name, shape, "CPU (hf generate)")
-    have, gpu = _gpu(cfg, gen.accelerator_type)
+    have, gpu = _gpu(cfg, gen.accelerator_type, gen.resources.resources)
     tp = gen.tensor_parallel_size if gen.backend == "vllm" else 1
     max_len = min(shape.max_positions, cfg.data.max_length + gen.max_new_tokens)
     parts = memory.vllm_memory(shape, tensor_parallel=tp, max_model_len=max_len, batch_size=gen.batch_size,

@@ -249,7 +249,9 @@ def _on_actor_pool(scorer, scorer_kwargs: dict, units: list[dict], res, runtime_
     ds = ds.map_batches(
         scorer,
         fn_constructor_kwargs=scorer_kwargs,
-        batch_size=None,  # one unit per call, never re-bundled in arrival order (see score_checkpoints)
+        # one unit (one row) per call, never re-bundled in arrival order (see score_checkpoints); Ray
+        # Data refuses batch_size=None for actors that ask for GPUs
+        batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
         num_cpus=res.num_cpus,

@@ -50,7 +50,7 @@ def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: 
     actors = pool_size_leaving_a_cpu(cfg, res.num_cpus, res.max_actors)
     ids, vecs = embed_prepared(prepared.shard_paths(layout), sc.embedding_model, sc.embed_batch_size, res.num_cpus,
                                actors, res.num_gpus, sc.embed_max_tokens, res.resources,
-                               res.accelerator_type)
+                               res.accelerator_type, min_actors=res.min_actors)
     t1 = time.perf_counter()
     labels = kmeans(vecs, sc.n_clusters, sc.seed)
     log.info("embedded %d rows in %.1fs; k-means (%d clusters) in %.1fs", len(ids), t1 - t0,

@@ -45,36 +45,35 @@ class Embedder:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = [embedding_text(i, x, o) for i, x, o in zip(batch["instruction"], batch["input"], batch["output"])]
+        """One prepared shard (its path) per call: every row is encoded in the same batch on every
+        run, so the embeddings, and the k-means clusters made from them, are deterministic."""
+        from rayapp.common import storage
+
+        (path,) = batch["path"]
+        rows = storage.read_parquet(str(path), ["id", "instruction", "input", "output"]).to_pydict()
+        texts = [embedding_text(i, x, o) for i, x, o in zip(rows["instruction"], rows["input"], rows["output"])]
         vecs = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
-        return {"id": batch["id"], "embedding": vecs.astype(np.float32)}
-
-
-def _read_texts(item: pa.Table) -> pa.Table:
-    from rayapp.common import storage
-
-    return storage.read_parquet(item["path"][0].as_py(), ["id", "instruction", "input", "output"])
+        return {"id": np.asarray(rows["id"], dtype=object), "embedding": vecs.astype(np.float32)}
 
 
 def embed_prepared(files: list[str], model_name: str, batch_size: int, num_cpus: float, max_actors: int,
                    num_gpus: float = 0, max_tokens: int = 256,
                    resources: dict[str, float] | None = None,
-                   accelerator_type: str | None = None) -> tuple[list[str], np.ndarray]:
+                   accelerator_type: str | None = None, min_actors: int = 1) -> tuple[list[str], np.ndarray]:
     import ray.data
 
-    # One block per prepared shard, and one actor call per block (batch_size=None): every row is
-    # encoded in the same batch on every run (Ray Data would otherwise re-bundle blocks in arrival
-    # order), so the embeddings, and the k-means clusters made from them, are deterministic.
+    # One prepared shard per row and per actor call (batch_size=1; the actor reads the shard): the
+    # shard's rows are encoded together on every run, however Ray Data would bundle rows, and Ray
+    # Data needs an explicit batch size for actors that ask for GPUs.
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    ds = ds.map_batches(_read_texts, batch_size=1, batch_format="pyarrow", num_cpus=0,
-                        concurrency=max(2, max_actors))  # a few readers, not one new process per shard
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"model_path": resolve_embedding_model(model_name), "batch_size": batch_size,
                                "num_threads": max(1, int(num_cpus)), "max_tokens": max_tokens},
-        batch_size=None,
+        batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+        # min_actors = max_actors on an autoscaling cluster (RunConfig: ray.autoscaling)
+        compute=ray.data.ActorPoolStrategy(min_size=min(min_actors, max_actors), max_size=max_actors),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         resources=resources or None,  # the scoring pool's node-type labels, if any

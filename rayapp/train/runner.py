@@ -79,7 +79,7 @@ def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runti
     # Each worker reads the training files itself (tokenized instruction sets are tens of MB even
     # at paper scale) and takes its rows from a seeded DistributedSampler: the data order is then
     # the same in every attempt, which exact resume needs (see train/worker.py).
-    resources = {"CPU": train_cfg.cpus_per_worker}
+    resources = {"CPU": train_cfg.cpus_per_worker, **train_cfg.resources_per_worker}
     if train_cfg.use_gpu:
         resources["GPU"] = train_cfg.gpus_per_worker
     # Ray Train's own run state only (rayapp keeps its checkpoints itself): beside the first job's
@@ -93,7 +93,8 @@ def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runti
         # num_workers=0: Ray Train's local mode (no worker actors, no resources to reserve)
         scaling_config=ray.train.ScalingConfig(num_workers=0) if train_cfg.num_workers == 0 else
         ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
-                                resources_per_worker=resources, accelerator_type=train_cfg.accelerator_type),
+                                resources_per_worker=resources, accelerator_type=train_cfg.accelerator_type,
+                                placement_strategy=train_cfg.placement_strategy),
         run_config=ray.train.RunConfig(
             name=f"{stage}-{os.path.basename(first.work_dir.rstrip('/'))}",
             storage_path=ray_state,
