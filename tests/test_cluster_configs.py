@@ -165,3 +165,23 @@ def test_check_cluster_cli_passes_the_shipped_files_and_names_the_broken_one(tmp
     bad = subprocess.run([sys.executable, "-m", "rayapp", "check-cluster", str(broken)], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and f"{broken}: gpu-8x (a2-highgpu-8g): declares GPU None" in bad.stdout
+
+
+def test_autoscaling_starts_gpu_pools_at_full_size_and_leaves_cpu_pools_alone():
+    """ray.autoscaling: a pool that needs GPUs or a node-type label starts at max_actors (Ray Data
+    does not grow it on a cluster whose GPU nodes start at zero, ray#59144); others keep min_actors."""
+    base = ["ray.autoscaling=true", "score.resources.max_actors=6", "score.resources.min_actors=1"]
+    gpu = load_config(str(REPO / "configs/tiny.yaml"), base + ["score.resources.num_gpus=1"])
+    assert (gpu.score.resources.min_actors, gpu.score.resources.max_actors) == (6, 6)
+    cpu = load_config(str(REPO / "configs/tiny.yaml"), base)
+    assert cpu.score.resources.min_actors == 1
+    fixed = load_config(str(REPO / "configs/tiny.yaml"), base[1:] + ["score.resources.num_gpus=1"])
+    assert fixed.score.resources.min_actors == 1  # a cluster of fixed size: the pool grows as Ray Data likes
+
+
+def test_vllm_engines_ask_for_their_node_type_on_one_node():
+    from rayapp.evaluate.generate import engine_placement
+
+    paper = load_config(str(REPO / PRESETS[0])).evaluate.generation
+    assert engine_placement(paper) == {"bundle_per_worker": {"GPU": 1, "gpu_8x": 1}, "strategy": "STRICT_PACK"}
+    assert engine_placement(load_config(str(REPO / "configs/tiny.yaml")).evaluate.generation) is None
