@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("files", nargs="+", help="cluster/aws.yaml, cluster/gcp.yaml, cluster/kuberay/*.yaml")
     cc.add_argument("--config", "-c", dest="configs", action="append", default=[], help="a run config (repeatable)")
     cc.add_argument("--head-policy", help="the AWS head's IAM policy (default: aws-iam/head-policy.json beside it)")
+    st = sub.add_parser("status", help="where a run stands: each stage done, running (how far, time left), "
+                        "failed or not started", description="Reads the run's output_dir (local, s3://, gs://): "
+                        "manifests, the runner's state markers, training progress and committed scoring units.")
+    where = st.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", "-c", help="the run's config (its output_dir and its plan of stages)")
+    where.add_argument("--output-dir", help="a run's output_dir, without its config")
+    st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
     show = sub.add_parser("config", help="print the validated config with overrides applied")
     show.add_argument("--config", "-c", required=True)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -224,6 +232,18 @@ def _judge_report(args) -> int:
         raise RayappError(str(exc)) from None
 
 
+def _status(output_dir: str, cfg, as_json: bool) -> int:
+    from rayapp.status import as_json as status_json
+    from rayapp.status import format_status, run_status
+
+    try:
+        stages = run_status(output_dir, cfg)
+    except OSError as exc:
+        raise RayappError(f"cannot read {output_dir}: {exc}") from None
+    print(status_json(output_dir, stages) if as_json else format_status(output_dir, stages))
+    return 0
+
+
 def _check_cluster(args) -> int:
     from rayapp.deploy.checks import check_files
 
@@ -247,6 +267,8 @@ def _dispatch(args) -> int:
         return _judge_report(args)
     if args.command == "check-cluster":
         return _check_cluster(args)
+    if args.command == "status" and args.output_dir:
+        return _status(args.output_dir, None, args.json)
     from rayapp.config import dump_config, load_config
 
     if args.command == "select" and args.trajectories:
@@ -258,6 +280,8 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "plan":
         return _plan(cfg, args.json, getattr(args, "verbose", False))
+    if args.command == "status":
+        return _status(cfg.output_dir, cfg, args.json)
     if args.command == "run":
         return run_stages(cfg, None, args.force, args.until, args.skip_plan)
     return run_stages(cfg, [args.command], args.force)

@@ -24,6 +24,9 @@ from rayapp.common.manifests import StageManifest, read_manifest, write_manifest
 from rayapp.config import RunConfig
 
 FINGERPRINT_FILE = "fingerprint.txt"
+# A stage's state while it runs, and after it failed: what `rayapp status` reads (the manifest,
+# written last, says it is done).
+STATE_FILE = "rayapp_state.json"
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,13 @@ def claim_work_dir(work: str, fingerprint: str, force: bool, reset_on_force: tup
     storage.write_text(marker, fingerprint)
 
 
+def _write_state(stage: Stage, layout: RunLayout, state: dict) -> None:
+    try:
+        storage.write_json(storage.join(stage.work_dir(layout), STATE_FILE), state)
+    except Exception as exc:  # the marker is for watching a run; never the reason it fails
+        get_logger(f"rayapp.{stage.name}").warning("cannot write %s: %s", STATE_FILE, exc)
+
+
 def run_stage(stage: Stage, cfg: RunConfig, force: bool = False) -> StageResult:
     return run_stages([stage], cfg, force)[0]
 
@@ -119,7 +129,12 @@ def run_stages(stages: list[Stage], cfg: RunConfig, force: bool = False) -> list
     todo: list[tuple[int, Stage, StageContext]] = []
     for i, stage in enumerate(stages):
         slog = get_logger(f"rayapp.{stage.name}")
-        fp = stage.fingerprint(cfg, layout)
+        try:
+            fp = stage.fingerprint(cfg, layout)  # reads the inputs: a missing one fails here
+        except Exception as exc:
+            _write_state(stage, layout, {"state": "failed", "ended": time.time(),
+                                         "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            raise
         if not force:
             done = read_manifest(stage.manifest_uri(layout), stage.manifest_type)
             if done is not None and done.fingerprint == fp and stage.outputs_complete(done, layout):
@@ -129,13 +144,25 @@ def run_stages(stages: list[Stage], cfg: RunConfig, force: bool = False) -> list
         claim_work_dir(stage.work_dir(layout), fp, force, stage.reset_on_force, stage.reset_on_change)
         todo.append((i, stage, StageContext(cfg, layout, fp, force)))
     if todo:
-        manifests = type(todo[0][1]).run_many([s for _, s, _ in todo], [c for _, _, c in todo])
+        started = time.time()
+        for _, stage, ctx in todo:
+            _write_state(stage, ctx.layout, {"state": "running", "started": started, "fingerprint": ctx.fingerprint})
+        try:
+            manifests = type(todo[0][1]).run_many([s for _, s, _ in todo], [c for _, _, c in todo])
+        except BaseException as exc:  # also a stop (KeyboardInterrupt, SystemExit): it did not finish
+            for _, stage, ctx in todo:
+                _write_state(stage, ctx.layout, {"state": "failed", "started": started, "ended": time.time(),
+                                                 "fingerprint": ctx.fingerprint,
+                                                 "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            raise
         seconds = time.perf_counter() - t0
         for (i, stage, ctx), manifest in zip(todo, manifests):
             manifest.fingerprint = ctx.fingerprint
             manifest.config_digest = cfg.digest()
             manifest.seconds = round(seconds, 2)
             write_manifest(stage.manifest_uri(layout), manifest)  # last: the stage counts as done from here on
+            _write_state(stage, layout, {"state": "done", "started": started, "ended": time.time(),
+                                         "fingerprint": ctx.fingerprint})
             get_logger(f"rayapp.{stage.name}").info("done%s in %.1fs", _variant(stage), seconds)
             results[i] = StageResult(stage, manifest, skipped=False, seconds=seconds)
     return [results[i] for i in range(len(stages))]
