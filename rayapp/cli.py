@@ -147,6 +147,9 @@ def run_stages(cfg, names: list[str] | None, force: bool, until: str | None = No
     from rayapp.summary import print_summary
 
     log = get_logger("rayapp.run")
+    from rayapp.common.tracking import check_available
+
+    check_available(cfg)
     if names is None and not skip_plan:
         check_plan(cfg)
     stages = pipeline.plan(cfg, until) if names is None else [pipeline.stage(n, cfg) for n in names]

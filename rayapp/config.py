@@ -497,6 +497,25 @@ class RayConfig(_Strict):
         "a pool on an autoscaling cluster, whose GPU nodes start at zero (ray-project/ray#59144)")
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking: one run per pipeline run, every event tagged with its stage."""
+
+    backend: Literal["none", "tensorboard"] = Field(
+        "none", description="tensorboard: training's per-step metrics (from rank 0) and every stage's numbers, "
+        "in TensorBoard event files (needs the tracking extra)")
+    uri: str | None = Field(
+        None, description="The folder runs go in (a local or shared path: TensorBoard reads files); "
+        "default: <output_dir>/tracking")
+    run_name: str | None = Field(None, description="The run's name in that folder; default: the config's name")
+
+    @field_validator("uri")
+    @classmethod
+    def _local(cls, v: str | None) -> str | None:
+        if v and "://" in v:
+            raise ValueError("tracking.uri must be a local or shared path (TensorBoard writes files)")
+        return v
+
+
 class ClusterConfig(_Strict):
     """What `rayapp plan` checks stage memory against when a stage names no accelerator_type."""
 
@@ -513,6 +532,7 @@ class RunConfig(_Strict):
     seed: int = 42
     ray: RayConfig = RayConfig()
     cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
     data: DataConfig
     models: ModelsConfig
     score: ScoreConfig = ScoreConfig()
@@ -540,6 +560,13 @@ class RunConfig(_Strict):
                     f"{key}: {_uri_credentials(value)} in a URI; credentials come only from the environment "
                     "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, HF_TOKEN), never from config files"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _tracking_folder(self) -> "RunConfig":
+        if self.tracking.backend != "none" and not self.tracking.uri and "://" in self.output_dir:
+            raise ValueError("tracking: output_dir is on an object store; set tracking.uri to a local or shared "
+                             "folder for the TensorBoard files")
         return self
 
     @model_validator(mode="after")

@@ -109,6 +109,15 @@ def claim_work_dir(work: str, fingerprint: str, force: bool, reset_on_force: tup
     storage.write_text(marker, fingerprint)
 
 
+def _track(cfg: RunConfig, stage: Stage, manifest: StageManifest) -> None:
+    from rayapp.common import tracking
+
+    try:
+        tracking.log_manifest(cfg, stage.label, manifest.model_dump(mode="json"))
+    except Exception as exc:  # tracking is for watching the run; a missing writer was caught at start
+        get_logger(f"rayapp.{stage.name}").warning("tracking: %s", exc)
+
+
 def _write_state(stage: Stage, layout: RunLayout, state: dict) -> None:
     try:
         storage.write_json(storage.join(stage.work_dir(layout), STATE_FILE), state)
@@ -163,6 +172,7 @@ def run_stages(stages: list[Stage], cfg: RunConfig, force: bool = False) -> list
             write_manifest(stage.manifest_uri(layout), manifest)  # last: the stage counts as done from here on
             _write_state(stage, layout, {"state": "done", "started": started, "ended": time.time(),
                                          "fingerprint": ctx.fingerprint})
+            _track(cfg, stage, manifest)
             get_logger(f"rayapp.{stage.name}").info("done%s in %.1fs", _variant(stage), seconds)
             results[i] = StageResult(stage, manifest, skipped=False, seconds=seconds)
     return [results[i] for i in range(len(stages))]

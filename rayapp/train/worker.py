@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict
 
 from rayapp.common import metrics as ray_metrics
-from rayapp.common import storage
+from rayapp.common import storage, tracking
 from rayapp.common.log import get_logger
 from rayapp.config import TrainConfig
 from rayapp.train.fsdp import decoder_layers, micro_batch_weight, optimizer_step, shard_fsdp2  # noqa: F401  (re-exported)
@@ -45,6 +45,8 @@ class WorkerConfig(BaseModel):
     eval_file: str | None  # held-out rows for the eval loss
     trust_remote_code: bool = False
     log_level: int = 20
+    tracking_dir: str | None = None  # the run's TensorBoard folder (rank 0 logs each step there)
+    tracking_label: str = ""  # e.g. "finetune (full)"
 
     @property
     def checkpoint_dir(self) -> str:
@@ -341,6 +343,11 @@ class FineTuneRecipe:
         stats = self.train()
         eval_loss = self.evaluate()
         p = self.progress
+        if getattr(self, "_tracker", None) is not None:
+            self._tracker.scalars(tracking.tag(self.cfg.tracking_label or self.cfg.stage), {"eval_loss": eval_loss},
+                                  p.global_step)
+            self._tracker.close()
+            self._tracker = None
         self.export(storage.join(self.cfg.export_dir, "final"),
                     {"epoch": self.tc.epochs, "step": p.global_step, "eval_loss": eval_loss})
         final = {"rank": self.env.rank, "world": self.env.world, "params": self.n_params,
@@ -367,6 +374,11 @@ class FineTuneRecipe:
             ray_metrics.gauge("rayapp_train_total_steps", self.total_steps, stage=stage)
             ray_metrics.gauge("rayapp_train_tokens_per_s", tokens_per_s, stage=stage)
             ray_metrics.gauge("rayapp_train_loss", p.last_loss, stage=stage)
+            if self.cfg.tracking_dir:  # Ray Train's guidance: log from rank 0 inside the training function
+                if getattr(self, "_tracker", None) is None:
+                    self._tracker = tracking.Writer(self.cfg.tracking_dir)
+                self._tracker.scalars(tracking.tag(self.cfg.tracking_label or stage),
+                                      {k: metrics[k] for k in tracking.STEP_METRICS if k in metrics}, p.global_step)
             # the driver draws its progress line from this file (and `rayapp status` can read it)
             storage.write_json(storage.join(self.cfg.stats_dir, "progress.json"), {**metrics, "time": time.time()})
             mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
