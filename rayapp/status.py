@@ -17,8 +17,6 @@ from rayapp.common import storage
 from rayapp.common.layout import MANIFEST, RunLayout
 from rayapp.common.stages import FINGERPRINT_FILE, STATE_FILE
 
-ORDER = ("prepare", "reference", "score", "select", "finetune", "evaluate")
-
 
 @dataclass
 class StageStatus:
@@ -51,12 +49,12 @@ def _read(uri: str):
 def _stage_list(layout: RunLayout, cfg=None) -> list[tuple[str, str | None]]:
     """The run's stages: the config's plan, or (from the output dir alone) the standard stages and
     every finetune subset that has a folder."""
-    if cfg is not None:
-        from rayapp import pipeline
+    from rayapp import pipeline
 
+    if cfg is not None:
         return [(s.name, s.variant) for s in pipeline.plan(cfg)]
     out: list[tuple[str, str | None]] = []
-    for name in ORDER:
+    for name in pipeline.STAGES:
         if name == "finetune":
             variants = storage.list_dirs(storage.join(layout.root, "finetune")) or ["selected"]
             out += [("finetune", v) for v in variants]
