@@ -5,6 +5,7 @@ metrics every 0.5 s (Ray's default is 10 s) on a port this test picks."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from tests.conftest import ALPACA, REPO, free_port, tiny_config_dict
 
 SCRIPT = """
 import sys, time, ray
-ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _metrics_export_port=int(sys.argv[2]),
+ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _metrics_export_port=int(sys.argv[2]),
          _system_config={"metrics_report_interval_ms": 500})
 from rayapp.cli import run_stages
 from rayapp.config import load_config
@@ -52,7 +53,9 @@ def test_scoring_and_training_progress_reach_the_metrics_endpoint(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(path), str(port)], cwd=REPO,
+    # a cluster of its own: not one an earlier test's ray.init left in RAY_ADDRESS
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(path), str(port)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: dict[str, float] = {}
     steps = []

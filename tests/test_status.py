@@ -19,9 +19,15 @@ from tests.conftest import ALPACA, REPO, tiny_config_dict
 from tests.s3_server import create_bucket, start_s3_server
 
 
+def _own_env(extra: dict | None = None) -> dict:
+    """This process's environment without RAY_ADDRESS: each run starts a local cluster of its own,
+    not one an earlier test's ray.init left there."""
+    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(extra or {})}
+
+
 def _rayapp(*args, env=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "rayapp", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env=_own_env(env))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +42,7 @@ def watched_run(tmp_path_factory):
     path.write_text(yaml.safe_dump(cfg))
     config = load_config(str(path))
     proc = subprocess.Popen([sys.executable, "-m", "rayapp", "run", "-c", str(path), "--until", "score"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_own_env())
     seen = []
     while proc.poll() is None:
         seen.append({s.label: s for s in run_status(config.output_dir, config)})

@@ -6,6 +6,7 @@ equal the manifests'."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -29,8 +30,9 @@ def tracked_run(tmp_path_factory):
     cfg["select"] = {"budget": 0.25, "n_clusters": 4, "embed_max_tokens": 32}
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster of its own
     proc = subprocess.run([sys.executable, "-m", "rayapp", "run", "-c", str(path), "--until", "select"], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
