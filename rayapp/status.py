@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from rayapp.common import storage
 from rayapp.common.layout import MANIFEST, RunLayout
-from rayapp.common.stages import FINGERPRINT_FILE, STATE_FILE
+from rayapp.common.stages import STATE_FILE, claimed_fingerprint
 
 
 @dataclass
@@ -41,7 +41,7 @@ class StageStatus:
 
 def _read(uri: str):
     try:
-        return json.loads(storage.read_bytes(uri))
+        return storage.read_json(uri)
     except (FileNotFoundError, OSError, ValueError):
         return None
 
@@ -68,7 +68,7 @@ def stage_status(layout: RunLayout, name: str, variant: str | None, now: float |
     st = StageStatus(name, variant, "not started", work)
     manifest = _read(storage.join(work, MANIFEST))
     state = _read(storage.join(work, STATE_FILE)) or {}
-    claimed = _read_text(storage.join(work, FINGERPRINT_FILE))
+    claimed = claimed_fingerprint(work)
     # done: a manifest for the inputs the folder is claimed for (a newer run re-claims it)
     if manifest and (claimed is None or manifest.get("fingerprint") == claimed) and \
             state.get("fingerprint", manifest.get("fingerprint")) == manifest.get("fingerprint"):
@@ -83,13 +83,6 @@ def stage_status(layout: RunLayout, name: str, variant: str | None, now: float |
     if st.state == "running":
         _progress(st, layout, name, work, now or time.time())
     return st
-
-
-def _read_text(uri: str) -> str | None:
-    try:
-        return storage.read_bytes(uri).decode().strip()
-    except (FileNotFoundError, OSError):
-        return None
 
 
 def _done_detail(st: StageStatus, name: str, manifest: dict) -> None:

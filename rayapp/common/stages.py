@@ -96,13 +96,22 @@ class StageResult:
     seconds: float
 
 
+def claimed_fingerprint(work: str) -> str | None:
+    """The fingerprint of the inputs ``work`` was last claimed for (None: never claimed)."""
+    try:
+        return storage.read_bytes(storage.join(work, FINGERPRINT_FILE)).decode().strip()
+    except (FileNotFoundError, OSError):
+        return None
+
+
 def claim_work_dir(work: str, fingerprint: str, force: bool, reset_on_force: tuple[str, ...],
                    reset_on_change: tuple[str, ...]) -> None:
     """Make ``work`` ready for a run with this fingerprint: on --force, or when the work folder
     belongs to other inputs, the stage's stale entries are removed first; otherwise they stay, and
     the stage resumes from them."""
     marker = storage.join(work, FINGERPRINT_FILE)
-    changed = storage.exists(marker) and storage.read_bytes(marker).decode().strip() != fingerprint
+    claimed = claimed_fingerprint(work)
+    changed = claimed is not None and claimed != fingerprint
     stale = set(reset_on_force if force else ()) | set(reset_on_change if (force or changed) else ())
     for entry in sorted(stale):
         storage.remove(storage.join(work, entry))
