@@ -127,6 +127,10 @@ def _track(cfg: RunConfig, stage: Stage, manifest: StageManifest) -> None:
         get_logger(f"rayapp.{stage.name}").warning("tracking: %s", exc)
 
 
+def _failed(exc: BaseException, **known) -> dict:
+    return {"state": "failed", **known, "ended": time.time(), "error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
 def _write_state(stage: Stage, layout: RunLayout, state: dict) -> None:
     try:
         storage.write_json(storage.join(stage.work_dir(layout), STATE_FILE), state)
@@ -150,8 +154,7 @@ def run_stages(stages: list[Stage], cfg: RunConfig, force: bool = False) -> list
         try:
             fp = stage.fingerprint(cfg, layout)  # reads the inputs: a missing one fails here
         except Exception as exc:
-            _write_state(stage, layout, {"state": "failed", "ended": time.time(),
-                                         "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            _write_state(stage, layout, _failed(exc))
             raise
         if not force:
             done = read_manifest(stage.manifest_uri(layout), stage.manifest_type)
@@ -169,9 +172,7 @@ def run_stages(stages: list[Stage], cfg: RunConfig, force: bool = False) -> list
             manifests = type(todo[0][1]).run_many([s for _, s, _ in todo], [c for _, _, c in todo])
         except BaseException as exc:  # also a stop (KeyboardInterrupt, SystemExit): it did not finish
             for _, stage, ctx in todo:
-                _write_state(stage, ctx.layout, {"state": "failed", "started": started, "ended": time.time(),
-                                                 "fingerprint": ctx.fingerprint,
-                                                 "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                _write_state(stage, ctx.layout, _failed(exc, started=started, fingerprint=ctx.fingerprint))
             raise
         seconds = time.perf_counter() - t0
         for (i, stage, ctx), manifest in zip(todo, manifests):
