@@ -395,7 +395,26 @@ class SelectConfig(_Strict):
         return v
 
 
+class LoraConfig(_Strict):
+    """LoRA adapters (PEFT) on the target's frozen base: for a cluster too small for full fine-tuning.
+    The paper fine-tuned every weight, so the paper presets leave this off."""
+
+    r: int = Field(16, ge=1, le=256, description="Adapter rank")
+    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is (alpha / r) x B A")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="Module names the adapters wrap (e.g. [q_proj, v_proj]), or all-linear; default: "
+        "PEFT's choice for the architecture (q_proj and v_proj for Llama and OPT)")
+    export: Literal["merged", "adapter"] = Field(
+        "merged", description="merged: the adapter folded into the base weights (a plain model, loaded and "
+        "served like a full fine-tune); adapter: the adapter alone, beside a pointer to its base (vLLM serves "
+        "it with enable_lora; a few MB to store)")
+
+
 class FinetuneConfig(TrainConfig):
+    lora: LoraConfig | None = Field(
+        None, description="Train LoRA adapters instead of every weight (needs the lora extra: peft); "
+        "FSDP2 then shards the frozen base, held in bf16 under mixed precision")
     subset: str = Field(
         "selected", description="What the target trains on: selected (select.method's selection), full, a "
         "selection the select stage makes (a select.baselines entry such as clust_rand or ppl_high:global, or "

@@ -132,7 +132,28 @@ def load_causal_lm(
     )
     if dtype is not None:
         kwargs["dtype"] = dtype
+    base = adapter_base(name_or_path)
+    if base is not None:  # a LoRA adapter export (finetune.lora.export: adapter): base plus adapter, merged
+        from peft import PeftModel
+
+        model = load_causal_lm(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        return PeftModel.from_pretrained(model, name_or_path).merge_and_unload()
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model a LoRA adapter folder was trained on (its adapter_config.json names it), or
+    None when ``path`` is not an adapter folder."""
+    import json
+
+    config = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        return json.load(f)["base_model_name_or_path"]
 
 
 def is_local_model_dir(path: str) -> bool:

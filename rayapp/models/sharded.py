@@ -21,7 +21,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -167,19 +167,25 @@ def local_rows(param) -> tuple[int, int]:
     return start, min(start + chunk, n)
 
 
-def load_local_shards(model, folder: str, dtype, buffers: dict | None = None) -> int:
+def load_local_shards(model, folder: str, dtype, buffers: dict | None = None,
+                      checkpoint_name: Callable[[str], str | None] | None = None) -> int:
     """Fill this rank's shard of every parameter (and every buffer) from ``folder``'s safetensors,
     reading only the rows the shard holds. Returns the number of bytes read. A tensor missing
-    from the checkpoint is an error, except buffers computed at construction (``buffers``)."""
+    from the checkpoint is an error, except buffers computed at construction (``buffers``).
+
+    ``checkpoint_name`` maps a parameter's name in ``model`` to its key in the checkpoint, or to
+    None for a parameter the checkpoint does not hold (LoRA adapters on a wrapped base)."""
     import torch
     from torch.distributed.tensor import DTensor
 
     index = safetensors_index(folder)
+    key = checkpoint_name or (lambda name: name)
     # tied weights (lm_head = embed_tokens) are one Parameter under several names; the checkpoint
     # holds one of them
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
+        if key(name) is not None:
+            aliases.setdefault(id(p), []).append(key(name))
     files: dict[str, object] = {}
     read = 0
     try:
@@ -190,6 +196,8 @@ def load_local_shards(model, folder: str, dtype, buffers: dict | None = None) ->
 
         with torch.no_grad():
             for name, p in model.named_parameters():
+                if id(p) not in aliases:
+                    continue  # not in the checkpoint: the caller initialises it
                 stored = next((a for a in aliases[id(p)] if a in index), None)
                 if stored is None:
                     raise KeyError(f"{folder}: no tensor for parameter {name!r} (nor its aliases {aliases[id(p)]})")
@@ -203,8 +211,9 @@ def load_local_shards(model, folder: str, dtype, buffers: dict | None = None) ->
                 if stop > start:
                     read += read_rows(open_(t), t, start, stop, local)
             for name, b in model.named_buffers():
-                if name in index:
-                    read += read_rows(open_(index[name]), index[name], 0, b.shape[0] if b.dim() else 1, b)
+                stored = key(name)
+                if stored in index:
+                    read += read_rows(open_(index[stored]), index[stored], 0, b.shape[0] if b.dim() else 1, b)
                 elif buffers is not None and name in buffers:
                     b.copy_(buffers[name].to(b.device))
                 else:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 
 def decoder_layers(model):
+    if hasattr(model, "get_base_model"):  # a PEFT-wrapped model (LoRA): its base model's layers
+        model = model.get_base_model()
     for attr in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
         obj = model
         try:

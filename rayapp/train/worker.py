@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from rayapp.common import metrics as ray_metrics
 from rayapp.common import storage, tracking
 from rayapp.common.log import get_logger
-from rayapp.config import TrainConfig
+from rayapp.config import LoraConfig, TrainConfig
 from rayapp.train.fsdp import decoder_layers, micro_batch_weight, optimizer_step, shard_fsdp2  # noqa: F401  (re-exported)
 
 class WorkerConfig(BaseModel):
@@ -47,6 +47,7 @@ class WorkerConfig(BaseModel):
     log_level: int = 20
     tracking_dir: str | None = None  # the run's TensorBoard folder (rank 0 logs each step there)
     tracking_label: str = ""  # e.g. "finetune (full)"
+    lora: LoraConfig | None = None  # adapters on a frozen base (finetune.lora) rather than every weight
 
     @property
     def checkpoint_dir(self) -> str:
@@ -112,10 +113,15 @@ class FineTuneRecipe:
         if self.sharded:
             self.model = self._sharded_model()
         else:
-            self.model = load_causal_lm(cfg.init_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+            self.model = self._with_adapters(
+                load_causal_lm(cfg.init_model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code))
             self._checkpoint_activations()
             self.train_model = self.wrap_ddp(self.model) if self.wrap_ddp is not None else self.model.to(self.device)
         self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        if cfg.lora:
+            self._log(f"LoRA r={cfg.lora.r}: {self.n_trainable:,} trainable of {self.n_params:,} parameters "
+                      f"({self.n_trainable / self.n_params:.2%})")
         self.defer_sync = self._defer_gradient_sync()
         self.local_params = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
                                 for p in self.model.parameters())
@@ -128,6 +134,17 @@ class FineTuneRecipe:
 
         total = torch.cuda.mem_get_info()[1] if self.use_gpu else None
         return defer_gradient_sync(self.tc.gradient_sync, self.n_params, total, self.sharded)
+
+    def _with_adapters(self, model):
+        """The model with LoRA adapters when finetune.lora is set (its base frozen, in bf16 under
+        mixed precision), else the model itself."""
+        if self.cfg.lora is None:
+            return model
+        import torch
+
+        from rayapp.train import lora
+
+        return lora.attach(model, self.cfg.lora, self.cfg.init_model, torch.bfloat16 if self.bf16 else None)
 
     def _checkpoint_activations(self) -> None:
         if self.tc.activation_checkpointing:
@@ -146,12 +163,20 @@ class FineTuneRecipe:
 
         folder = local_model_dir(self.cfg.init_model)  # an export (once per node) or a hub snapshot
         config = sharded.load_config(folder, self.cfg.trust_remote_code)
-        self.model = sharded.empty_causal_lm(config, torch.float32, self.cfg.trust_remote_code)
+        # LoRA: the adapters are attached before sharding (fully_shard takes the wrapped modules)
+        self.model = self._with_adapters(sharded.empty_causal_lm(config, torch.float32, self.cfg.trust_remote_code))
         self._checkpoint_activations()
-        buffers = sharded.real_buffers(self.model)
+        base = self.model.get_base_model() if self.cfg.lora else self.model
+        buffers = sharded.real_buffers(base)
         self.train_model = shard_fsdp2(self.model, self.bf16, self.tc.cpu_offload)
         self.model.to_empty(device="cpu" if self.tc.cpu_offload else self.device)
-        sharded.load_local_shards(self.model, folder, torch.float32, buffers)
+        if self.cfg.lora:
+            from rayapp.train import lora
+
+            sharded.load_local_shards(base, folder, torch.float32, buffers, checkpoint_name=lora.checkpoint_name)
+            lora.init_adapters(self.model)
+        else:
+            sharded.load_local_shards(self.model, folder, torch.float32, buffers)
         return self.model
 
     def setup_data(self) -> None:
@@ -175,7 +200,9 @@ class FineTuneRecipe:
         from transformers import get_scheduler
 
         tc = self.tc
-        self.optimizer = torch.optim.AdamW(self.train_model.parameters(), lr=tc.learning_rate,
+        # only what trains: with LoRA the frozen base has no optimizer state (nor gradients)
+        params = [p for p in self.train_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=tc.learning_rate,
                                            weight_decay=tc.weight_decay, betas=(0.9, 0.999))
         self.scheduler = get_scheduler(tc.lr_scheduler, self.optimizer,
                                        num_warmup_steps=int(math.ceil(tc.warmup_ratio * self.total_steps)),
@@ -254,9 +281,15 @@ class FineTuneRecipe:
         if self.env.rank == 0 and not ck.export_complete(path):
             local = ck.save_location(path, self.env.rank, self.cfg.staging_dir)
             dtype = self.export_dtype()
-            full = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}
-            self.model.save_pretrained(local, state_dict=full, safe_serialization=True)
-            ck.set_config_dtype(local, dtype)  # save_pretrained records the fp32 master weights' dtype
+            if self.cfg.lora:
+                from rayapp.train import lora
+
+                lora.save_export(self.model, full, local, self.cfg.lora.export, dtype)
+            else:
+                full = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}
+                self.model.save_pretrained(local, state_dict=full, safe_serialization=True)
+            if not (self.cfg.lora and self.cfg.lora.export == "adapter"):
+                ck.set_config_dtype(local, dtype)  # save_pretrained records the fp32 master weights' dtype
             self.tokenizer.save_pretrained(local)
             ck.publish(local, path)
             ck.mark_export(path, info)  # last: the export counts as complete from here on
@@ -351,6 +384,7 @@ class FineTuneRecipe:
         self.export(storage.join(self.cfg.export_dir, "final"),
                     {"epoch": self.tc.epochs, "step": p.global_step, "eval_loss": eval_loss})
         final = {"rank": self.env.rank, "world": self.env.world, "params": self.n_params,
+                 "trainable_params": self.n_trainable,
                  "local_params": self.local_params, "global_step": p.global_step, "total_steps": self.total_steps,
                  "last_loss": p.last_loss, "eval_loss": eval_loss, "resumed_from_step": p.resumed_from,
                  "sharded": self.sharded, **stats}
@@ -367,7 +401,9 @@ class FineTuneRecipe:
         metrics = {"epoch": epoch + 1, "epochs": tc.epochs, "step": p.global_step, "total_steps": self.total_steps,
                    "loss": p.last_loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s}
         if tc.peak_flops and self.use_gpu:
-            metrics["mfu"] = 6 * self.n_params * tokens_per_s / (tc.peak_flops * self.env.world)
+            # a frozen weight needs no weight gradient: 4 FLOPs per parameter and token, not 6
+            flops_per_token = 6 * self.n_trainable + 4 * (self.n_params - self.n_trainable)
+            metrics["mfu"] = flops_per_token * tokens_per_s / (tc.peak_flops * self.env.world)
         if self.env.rank == 0:
             stage = self.cfg.stage
             ray_metrics.gauge("rayapp_train_step", p.global_step, stage=stage)

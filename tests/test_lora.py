@@ -1,0 +1,109 @@
+"""LoRA on the target (finetune.lora, PEFT): 2 FSDP2 workers on CPU (gloo) train adapters on a frozen,
+sharded base; the merged export equals base plus (alpha / r) B A from the adapter export of the same
+run; the base's other weights are untouched; evaluation loads either export."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rayapp.common import storage
+from rayapp.common.layout import RunLayout
+from rayapp.config import FinetuneConfig, LoraConfig
+from rayapp.models import registry
+from rayapp.models.loading import adapter_base, load_causal_lm
+from rayapp.models.losses import mean_response_nll
+from rayapp.train.runner import TrainJob, run_training
+from tests.conftest import alpaca_rows, run_stage, write_jsonl
+
+pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, ray_local):
+    """The same LoRA training twice (same seed, so the same adapters): merged and adapter exports."""
+    from tests.conftest import tiny_config_dict
+    from rayapp.config import RunConfig
+
+    tmp = tmp_path_factory.mktemp("lora")
+    cfg = RunConfig.model_validate(tiny_config_dict(tmp, [{"path": str(write_jsonl(tmp / "a.jsonl", alpaca_rows(96)))}],
+                                                    data__shard_rows=48))
+    manifest = run_stage("prepare", cfg)
+    layout = RunLayout(cfg.output_dir)
+    files = [storage.join(layout.prepared, s.file) for s in manifest.shards]
+    init = registry.model_source(cfg, "target")
+    out = {"init": init, "eval_file": files[0]}
+    for mode in ("merged", "adapter"):
+        tc = FinetuneConfig(epochs=2, learning_rate=5e-2, warmup_ratio=0.0, per_device_batch_size=8, num_workers=2,
+                            fsdp=True, log_every_steps=2, eval_rows=32, seed=0,
+                            lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=TARGETS, export=mode))
+        work = str(tmp / f"ft-{mode}")
+        job = TrainJob(label=f"finetune ({mode})", init_model=init, tokenizer=manifest.tokenizer, train_files=files,
+                       total_rows=manifest.rows, work_dir=work, eval_file=files[0])
+        [metrics] = run_training("finetune", tc, [job])
+        out[mode] = (os.path.join(work, "exports", "final"), metrics, work)
+    return out
+
+
+def _eval_loss(model, eval_file, n=32):
+    rows = storage.read_parquet(eval_file, ["input_ids", "labels"]).slice(0, n).to_pylist()
+    return mean_response_nll(model.eval(), rows, 0)
+
+
+def test_lora_trains_adapters_on_a_sharded_frozen_base(lora_runs):
+    export, metrics, work = lora_runs["merged"]
+    stats = [json.load(open(os.path.join(work, "stats", f"rank-{r}.json"))) for r in (0, 1)]
+    for s in stats:
+        assert s["sharded"] and s["world"] == 2
+        assert 0 < s["trainable_params"] < 0.1 * s["params"]  # adapters only
+        assert abs(s["local_params"] - s["params"] / 2) <= 0.02 * s["params"]  # the base is sharded too
+    base = load_causal_lm(lora_runs["init"])
+    merged = load_causal_lm(export)
+    before, after = _eval_loss(base, lora_runs["eval_file"]), _eval_loss(merged, lora_runs["eval_file"])
+    assert abs(after - metrics["eval_loss"]) < 1e-3  # the export is the trained model
+    # and it learned (a random tiny model whose embeddings stay frozen moves little: 6.235 -> 6.201)
+    assert after < before - 0.02
+    # only the wrapped modules changed; every other weight is the base's, bit for bit
+    b, m = base.state_dict(), merged.state_dict()
+    assert b.keys() == m.keys()
+    changed = {k for k in b if not torch.equal(b[k], m[k])}
+    assert changed and all(k.split(".")[-2] in TARGETS for k in changed), sorted(changed)[:5]
+
+
+def test_merged_export_is_base_plus_adapter_and_evaluation_loads_both(lora_runs):
+    merged_dir, merged_metrics, _ = lora_runs["merged"]
+    adapter_dir, adapter_metrics, _ = lora_runs["adapter"]
+    assert adapter_base(adapter_dir) == lora_runs["init"] and adapter_base(merged_dir) is None
+    assert not os.path.exists(os.path.join(adapter_dir, "model.safetensors"))  # the adapter alone
+    adapter = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    base = load_causal_lm(lora_runs["init"]).state_dict()
+    merged = load_causal_lm(merged_dir).state_dict()
+    n = 0
+    for key, a in adapter.items():
+        if ".lora_A." not in key:
+            continue
+        bmat = adapter[key.replace(".lora_A.", ".lora_B.")]
+        weight = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        expected = base[weight] + (8 / 4) * bmat @ a
+        torch.testing.assert_close(merged[weight], expected, rtol=1e-5, atol=1e-6, msg=weight)
+        n += 1
+    assert n == 2 * len(TARGETS)  # 2 decoder layers x the wrapped modules
+    # the adapter run trained the same adapters (same seed, deterministic kernels)
+    assert adapter_metrics["eval_loss"] == pytest.approx(merged_metrics["eval_loss"], abs=1e-6)
+
+    # evaluation loads the adapter export as base + adapter: the same answers as the merged one
+    from rayapp.config import GenerationConfig
+    from rayapp.evaluate.generate import generate
+
+    rows = [{"set": "t", "id": str(i), "prompt": f"### Instruction:\nName a colour {i}.\n\n### Response:\n"}
+            for i in range(4)]
+    gen = GenerationConfig(backend="hf", max_new_tokens=8, temperature=0.0, batch_size=4)
+    out = generate(rows, {"merged": merged_dir, "adapter": adapter_dir}, gen)
+    assert [r["answer"] for r in out["merged"][0]] == [r["answer"] for r in out["adapter"][0]]
+    assert out["merged"][1]["new_tokens"] > 0
