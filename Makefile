@@ -32,13 +32,21 @@ $(VENV)/.vllm: pyproject.toml $(CONSTRAINTS)
 	$(VENV)/bin/uv pip uninstall -q --python $(PY) torchvision torchaudio torchcodec
 	touch $(VENV)/.installed $@
 
+# An MLflow tracking server for the tracking test, in an environment of its own (the full mlflow
+# package needs pyarrow<26; rayapp's client is mlflow-skinny). Seconds with uv's cache.
+MLFLOW_VENV ?= .venv-mlflow
+$(MLFLOW_VENV)/.installed: requirements/mlflow-server.txt $(VENV)/.installed
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(VENV)/bin/uv pip install -q --python $(MLFLOW_VENV)/bin/python -r requirements/mlflow-server.txt
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/rayapp run --config $(CONFIG)
 
 # The report test screenshots the HTML report in headless Chromium; install it where we can (root).
-test: $(VENV)/.vllm
+test: $(VENV)/.vllm $(MLFLOW_VENV)/.installed
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) || \
 	  echo "chromium not installed: the report screenshot test will be skipped"; }
@@ -47,8 +55,8 @@ test: $(VENV)/.vllm
 # The tests left out of CI's run on 2 cores (~13 minutes): the cluster-level faults (a
 # stopped and re-submitted pipeline job, a node killed mid-scoring), vLLM generation with a served
 # judge, and FSDP training that checkpoints to s3 and resumes.
-test-extended: $(VENV)/.vllm
+test-extended: $(VENV)/.vllm $(MLFLOW_VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider --durations=12 -m extended tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(MLFLOW_VENV) runs

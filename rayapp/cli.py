@@ -147,25 +147,35 @@ def run_stages(cfg, names: list[str] | None, force: bool, until: str | None = No
     from rayapp.summary import print_summary
 
     log = get_logger("rayapp.run")
-    from rayapp.common.tracking import check_available
+    from rayapp.common import tracking
 
-    check_available(cfg)
+    if cfg.finetune.lora is not None:
+        from rayapp.train.lora import require_peft
+
+        require_peft()
+    tracking.check_available(cfg)
     if names is None and not skip_plan:
         check_plan(cfg)
     stages = pipeline.plan(cfg, until) if names is None else [pipeline.stage(n, cfg) for n in names]
+    tracking.start(cfg)
     t0 = time.perf_counter()
     results = []
     steps = pipeline.steps(stages)
-    for i, group in enumerate(steps, start=1):
-        if len(stages) > 1:
-            log.info("(%d/%d) %s", i, len(steps), ", ".join(s.label for s in group))
-        if group[0].name == "prepare" and len(steps) > 1:
-            results += pipeline.prepare_while_ray_starts(group, cfg, force)
-        else:
-            results += pipeline.run_together(group, cfg, force)
-        if names is None and group[0].name == "prepare":
-            for later in stages:  # work that needs only the prepared data starts now, in the background
-                later.start_ahead(cfg, RunLayout(cfg.output_dir))
+    try:
+        for i, group in enumerate(steps, start=1):
+            if len(stages) > 1:
+                log.info("(%d/%d) %s", i, len(steps), ", ".join(s.label for s in group))
+            if group[0].name == "prepare" and len(steps) > 1:
+                results += pipeline.prepare_while_ray_starts(group, cfg, force)
+            else:
+                results += pipeline.run_together(group, cfg, force)
+            if names is None and group[0].name == "prepare":
+                for later in stages:  # work that needs only the prepared data starts now, in the background
+                    later.start_ahead(cfg, RunLayout(cfg.output_dir))
+    except BaseException:
+        tracking.finish(cfg, ok=False)
+        raise
+    tracking.finish(cfg, ok=True)
     print_summary(cfg, results, time.perf_counter() - t0)
     return 0
 

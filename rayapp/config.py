@@ -519,20 +519,26 @@ class RayConfig(_Strict):
 class TrackingConfig(_Strict):
     """Experiment tracking: one run per pipeline run, every event tagged with its stage."""
 
-    backend: Literal["none", "tensorboard"] = Field(
-        "none", description="tensorboard: training's per-step metrics (from rank 0) and every stage's numbers, "
-        "in TensorBoard event files (needs the tracking extra)")
+    backend: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
+        "none", description="Where training's per-step metrics (from rank 0) and every stage's numbers go: "
+        "tensorboard (event files), mlflow (a tracking server or a local store) or wandb (Weights & Biases); "
+        "each needs its client (the tracking extra: tensorboard and mlflow-skinny; the wandb extra)")
     uri: str | None = Field(
-        None, description="The folder runs go in (a local or shared path: TensorBoard reads files); "
-        "default: <output_dir>/tracking")
-    run_name: str | None = Field(None, description="The run's name in that folder; default: the config's name")
+        None, description="tensorboard: the folder runs go in (local or shared; default <output_dir>/tracking). "
+        "mlflow: the tracking URI (http://host:5000, databricks, sqlite:///mlflow.db, or a folder for a local "
+        "file store; default <output_dir>/mlruns). wandb: unused (WANDB_BASE_URL and WANDB_API_KEY configure it)")
+    experiment: str = Field("rayapp", description="The MLflow experiment, or the W&B project, the run goes in")
+    run_name: str | None = Field(None, description="The run's name; default: the config's name. Runs of "
+                                 "one name are one run: a resumed pipeline logs on into it")
 
-    @field_validator("uri")
-    @classmethod
-    def _local(cls, v: str | None) -> str | None:
-        if v and "://" in v:
-            raise ValueError("tracking.uri must be a local or shared path (TensorBoard writes files)")
-        return v
+    @model_validator(mode="after")
+    def _a_place_the_backend_can_write(self) -> "TrackingConfig":
+        if self.backend == "tensorboard" and self.uri and "://" in self.uri:
+            raise ValueError("tracking.uri must be a local or shared path for tensorboard (TensorBoard writes files)")
+        if self.backend == "mlflow" and self.uri and self.uri.startswith(("s3://", "gs://")):
+            raise ValueError("tracking.uri: an MLflow tracking URI is a server (http://...), databricks, a database "
+                             "or a folder; an object store is where an MLflow server keeps artifacts")
+        return self
 
 
 class ClusterConfig(_Strict):
@@ -583,9 +589,10 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _tracking_folder(self) -> "RunConfig":
-        if self.tracking.backend != "none" and not self.tracking.uri and "://" in self.output_dir:
-            raise ValueError("tracking: output_dir is on an object store; set tracking.uri to a local or shared "
-                             "folder for the TensorBoard files")
+        if self.tracking.backend in ("tensorboard", "mlflow") and not self.tracking.uri and "://" in self.output_dir:
+            where = ("a local or shared folder for the TensorBoard files" if self.tracking.backend == "tensorboard"
+                     else "an MLflow tracking server (http://host:5000) or database")
+            raise ValueError(f"tracking: output_dir is on an object store; set tracking.uri to {where}")
         return self
 
     @model_validator(mode="after")

@@ -1,7 +1,12 @@
-"""Experiment tracking with TensorBoard, read back from the event files: training's per-step
-metrics come from rank 0 inside Ray Train's training function (two real workers), every stage's
-numbers when its manifest is written, all under one run, each tagged with its stage; the values
-equal the manifests'."""
+"""Experiment tracking, read back from each backend: training's per-step metrics come from rank 0
+inside Ray Train's training function (two real workers), every stage's numbers when its manifest is
+written, all under one run, each tagged with its stage; the values equal the manifests'.
+
+- tensorboard: the event files, read with TensorBoard's EventAccumulator;
+- mlflow, server: a real `mlflow server` on 127.0.0.1 (sqlite store, local artifact root), started
+  here from its own environment (.venv-mlflow: the server needs pyarrow<26), read through its REST API;
+- mlflow, file store: a folder as tracking.uri (up to the reference stage: the same client code).
+W&B needs its service: its writer is configured and documented, not run here."""
 
 from __future__ import annotations
 
@@ -15,15 +20,51 @@ import yaml
 
 from rayapp.common.errors import ConfigError
 from rayapp.config import load_config
-from tests.conftest import ALPACA, REPO, tiny_config_dict
+from tests.conftest import ALPACA, REPO, free_port, tiny_config_dict, wait_for_url
+
+MLFLOW_SERVER = REPO / ".venv-mlflow" / "bin" / "mlflow"
 
 
-@pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tracking")
+class TensorBoardRun:
+    def __init__(self, folder):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        self.events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
+        self.events.Reload()
+
+    def series(self, key):
+        return [(e.step, e.value) for e in self.events.Scalars(key)]
+
+    def keys(self):
+        return set(self.events.Tags()["scalars"])
+
+    def files(self, prefix):
+        return self.events.Tensors(f"{prefix}/files/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+class MlflowRun:
+    def __init__(self, uri, run_name):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(uri)
+        [run] = self.client.search_runs([self.client.get_experiment_by_name("rayapp").experiment_id],
+                                        filter_string=f"tags.mlflow.runName = '{run_name}'")
+        self.run = run
+
+    def series(self, key):
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run.info.run_id, key))
+
+    def keys(self):
+        return set(self.run.data.metrics)
+
+    def files(self, prefix):
+        return " ".join(f.path for f in self.client.list_artifacts(self.run.info.run_id, prefix))
+
+
+def _run_pipeline(tmp, tracking: dict, until: str):
     cfg = tiny_config_dict(tmp, [{"path": str(ALPACA), "limit": 160}], data__holdout_rows=16)
     cfg["name"] = "tracked"
-    cfg["tracking"] = {"backend": "tensorboard"}
+    cfg["tracking"] = tracking
     cfg["reference"] = {"epochs": 2, "per_device_batch_size": 8, "num_workers": 2, "fsdp": False,
                         "log_every_steps": 1, "learning_rate": 1e-3, "eval_rows": 16}
     cfg["score"] = {"local": True, "rows_per_task": 64}
@@ -31,51 +72,76 @@ def tracked_run(tmp_path_factory):
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster of its own
-    proc = subprocess.run([sys.executable, "-m", "rayapp", "run", "-c", str(path), "--until", "select"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "rayapp", "run", "-c", str(path), "--until", until], cwd=REPO,
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run = tmp / "run"
-    events = EventAccumulator(str(run / "tracking" / "tracked"), size_guidance={"scalars": 0, "tensors": 0})
-    events.Reload()
-    return run, events
+    return tmp / "run"
 
 
-def _series(events, tag):
-    return [(e.step, e.value) for e in events.Scalars(tag)]
+@pytest.fixture(scope="module", params=["tensorboard", "mlflow-server", "mlflow-files"])
+def tracked_run(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    if request.param == "tensorboard":
+        run = _run_pipeline(tmp, {"backend": "tensorboard"}, "select")
+        yield run, TensorBoardRun(run / "tracking" / "tracked"), ["prepare", "reference", "score", "select"]
+    elif request.param == "mlflow-files":
+        store = tmp / "mlruns"
+        run = _run_pipeline(tmp, {"backend": "mlflow", "uri": str(store)}, "reference")
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        yield run, MlflowRun(f"file://{store}", "tracked"), ["prepare", "reference"]
+    else:
+        if not MLFLOW_SERVER.exists():
+            pytest.skip("no MLflow server environment: `make .venv-mlflow/.installed` (make test builds it)")
+        port = free_port()
+        log = open(tmp / "mlflow-server.log", "w")
+        server = subprocess.Popen([str(MLFLOW_SERVER), "server", "--host", "127.0.0.1", "--port", str(port),
+                                   "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+                                   "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        uri = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_url(uri + "/health", 120, "mlflow server", server, tmp / "mlflow-server.log")
+            run = _run_pipeline(tmp, {"backend": "mlflow", "uri": uri}, "select")
+            yield run, MlflowRun(uri, "tracked"), ["prepare", "reference", "score", "select"]
+        finally:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 def test_training_logs_every_step_from_rank_0_and_ends_on_the_manifest(tracked_run):
-    run, events = tracked_run
+    run, tracked, _ = tracked_run
     metrics = json.loads((run / "reference" / "manifest.json").read_text())["metrics"]
-    loss = _series(events, "reference/loss")
+    loss = tracked.series("reference/loss")
     assert [s for s, _ in loss] == list(range(1, metrics["total_steps"] + 1))  # one point per step, once
     assert loss[-1][1] == pytest.approx(metrics["last_loss"], rel=1e-6)
-    assert all(v > 0 for _, v in _series(events, "reference/tokens_per_s"))
-    assert _series(events, "reference/eval_loss")[-1][1] == pytest.approx(metrics["eval_loss"], rel=1e-6)
+    assert all(v > 0 for _, v in tracked.series("reference/tokens_per_s"))
+    assert tracked.series("reference/eval_loss")[-1][1] == pytest.approx(metrics["eval_loss"], rel=1e-6)
 
 
 def test_each_stage_logs_its_numbers_and_files_under_its_name(tracked_run):
-    run, events = tracked_run
+    run, tracked, stages = tracked_run
     prepared = json.loads((run / "prepared" / "manifest.json").read_text())
-    assert _series(events, "prepare/rows") == [(0, prepared["rows"])]
-    scores = json.loads((run / "scores" / "manifest.json").read_text())
-    rows = scores["stats"]["rows"]
-    assert _series(events, "score/stats/rows") == [(0, pytest.approx(rows))]
-    tags = events.Tags()
-    assert "select/seconds" in tags["scalars"]
-    text = events.Tensors("select/files/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert "report.html" in text
-    # the four stages, and nothing outside their names
-    prefixes = {t.split("/")[0] for t in tags["scalars"]}
-    assert prefixes == {"prepare", "reference", "score", "select"}
+    assert tracked.series("prepare/rows") == [(0, prepared["rows"])]
+    if "select" in stages:
+        scores = json.loads((run / "scores" / "manifest.json").read_text())
+        assert tracked.series("score/stats/rows") == [(0, pytest.approx(scores["stats"]["rows"]))]
+        assert "select/seconds" in tracked.keys()
+        assert "report.html" in tracked.files("select")  # attached (MLflow) or listed (TensorBoard)
+    # the stages that ran, and nothing outside their names
+    assert {k.split("/")[0] for k in tracked.keys()} == set(stages)
+    if isinstance(tracked, MlflowRun):
+        assert tracked.run.info.status == "FINISHED"
 
 
-def test_tracking_needs_a_folder_tensorboard_can_write(tmp_path):
+def test_tracking_needs_a_place_the_backend_can_write(tmp_path):
     base = tiny_config_dict(tmp_path, [{"path": str(ALPACA)}])
     for tracking, output_dir, what in [({"backend": "tensorboard", "uri": "s3://b/tb"}, None, "local or shared"),
-                                       ({"backend": "tensorboard"}, "s3://b/run", "set tracking.uri")]:
+                                       ({"backend": "tensorboard"}, "s3://b/run", "set tracking.uri"),
+                                       ({"backend": "mlflow"}, "s3://b/run", "MLflow tracking server"),
+                                       ({"backend": "mlflow", "uri": "s3://b/ml"}, None, "an object store is")]:
         cfg = {**base, "tracking": tracking, **({"output_dir": output_dir} if output_dir else {})}
         path = tmp_path / "cfg.yaml"
         path.write_text(yaml.safe_dump(cfg))

@@ -169,6 +169,48 @@ def test_vllm_generation_from_models_on_s3(tiny_models, tmp_path):
         proc.terminate()
 
 
+def test_vllm_serves_a_lora_adapter_export_as_its_merged_model(tiny_models, tmp_path):
+    """finetune.lora.export: adapter. `rayapp evaluate` with the vllm backend serves the adapter on
+    its base (enable_lora, each request naming the adapter): greedy answers equal the merged
+    model's, and differ from the base's. The adapter is random (PEFT, init_lora_weights=False), so
+    that it changes what the model says."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = str(tiny_models / "a")
+    torch.manual_seed(0)
+    wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    wrapped.peft_config["default"].base_model_name_or_path = base
+    tok = AutoTokenizer.from_pretrained(base)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    wrapped.merge_and_unload().save_pretrained(tmp_path / "merged")
+    tok.save_pretrained(tmp_path / "merged")
+
+    cfg = tiny_config_dict(tmp_path, [{"path": "unused.jsonl"}])
+    cfg["ray"] = {"num_cpus": 2, "num_gpus": 1}
+    cfg["evaluate"] = {
+        "models": [str(tmp_path / "merged"), str(tmp_path / "adapter"), base], "sets": ["sinstruct"], "max_prompts": 4,
+        "generation": {"backend": "vllm", "max_new_tokens": 12, "batch_size": 8, "dtype": "float32",
+                       "gpu_memory_utilization": 0.15, "enforce_eager": True},
+        "judge": {"kind": "reference"},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-m", "rayapp", "evaluate", "--config", str(path)], cwd=REPO,
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    gens = {name: [r["answer"] for r in pq.read_table(tmp_path / "run" / "evaluate" / "generations"
+                                                      / f"{name}.parquet").to_pylist()]
+            for name in ("merged", "adapter", "a")}
+    assert len(gens["adapter"]) == 4 and all(gens["adapter"])
+    assert gens["adapter"] == gens["merged"]
+    assert gens["adapter"] != gens["a"]
+
+
 def test_vllm_scoring_backend_matches_the_torch_actor(tiny_models, ray_local, tmp_path):
     """score.backend: vllm scores the same work units with a vLLM engine's prompt_logprobs (in a
     Ray Data actor, as the torch actor runs): every row's prompted and response-only loss sums and

@@ -10,6 +10,7 @@ Both take rows ``{set, id, prompt}`` and return the same columns plus ``answer``
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -180,6 +181,31 @@ def engine_placement(gen: GenerationConfig) -> dict | None:
     return {"bundle_per_worker": {"GPU": 1, **gen.resources.resources}, "strategy": gen.placement_strategy}
 
 
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def lora_serving(model_path: str) -> tuple[str, dict, dict]:
+    """How vLLM serves ``model_path``: (the model the engine loads, extra engine arguments, extra
+    processor arguments and the row's ``model`` field). A LoRA adapter export (finetune.lora.export:
+    adapter) is served on its base with enable_lora, each request naming the adapter; an adapter on
+    an object store is fetched by the engine's own LoRA loader from its parent folder."""
+    import json
+
+    from rayapp.common import storage
+    from rayapp.models.loading import ADAPTER_CONFIG, adapter_base, materialize
+
+    base = adapter_base(materialize(model_path, weights=False))
+    if base is None:
+        return model_path, {}, {}
+    adapter = json.loads(storage.read_bytes(storage.join(model_path, ADAPTER_CONFIG)))
+    rank = next((r for r in VLLM_LORA_RANKS if r >= adapter["r"]), adapter["r"])
+    engine = {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
+    if storage.is_remote(model_path):
+        parent, name = model_path.rstrip("/").rsplit("/", 1)
+        return base, engine, {"dynamic_lora_loading_path": parent, "lora": name}
+    return base, engine, {"lora": os.path.abspath(model_path)}
+
+
 def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_positions: int | None,
                   trust_remote_code: bool = False) -> list[dict]:
     """Through ``ray.data.llm``: it sizes placement groups for tensor parallelism itself. Weights
@@ -187,10 +213,14 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    rows, engine_kwargs = vllm_inputs(rows, model_path, gen, max_positions, trust_remote_code)
+    engine_model, lora_engine, lora = lora_serving(model_path)
+    rows, engine_kwargs = vllm_inputs(rows, engine_model, gen, max_positions, trust_remote_code)
+    engine_kwargs.update(lora_engine)
+    adapter = lora.pop("lora", None)
     config = vLLMEngineProcessorConfig(
-        model_source=model_path,
+        model_source=engine_model,
         engine_kwargs=engine_kwargs,
+        **lora,
         concurrency=gen.resources.max_actors,
         batch_size=gen.batch_size,
         chat_template_stage=False,  # the fine-tuned models answer the training template, not a chat one
@@ -203,7 +233,9 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
                     repetition_penalty=gen.repetition_penalty, stop=list(gen.stop) or None)
     processor = build_processor(
         config,
-        preprocess=lambda row: dict(prompt=row["prompt"], sampling_params=sampling),
+        # a row naming a model other than the engine's asks for that LoRA adapter
+        preprocess=lambda row: dict(prompt=row["prompt"], sampling_params=sampling,
+                                    **({"model": adapter} if adapter else {})),
         postprocess=lambda row: dict(
             set=row["set"], id=row["id"], prompt=row["prompt"], answer=str(row.get("generated_text") or "").strip(),
             prompt_tokens=int(row.get("num_input_tokens") or 0), new_tokens=int(row.get("num_generated_tokens") or 0),

@@ -145,7 +145,7 @@ class FinetuneStage(Stage):
                                  eval_file=holdout.path if holdout and fc.eval_rows else None,
                                  trust_remote_code=cfg.models.target.trust_remote_code))
         init_ray(cfg)
-        all_metrics = run_training("finetune", fc, jobs, tracking_dir=tracking.run_dir(cfg))
+        all_metrics = run_training("finetune", fc, jobs, tracking=tracking.target(cfg))
         out = []
         for stage, job, (rows, what), metrics in zip(stages, jobs, described, all_metrics):
             export = storage.join(job.work_dir, "exports", "final")

@@ -13,7 +13,7 @@ from rayapp.config import RunConfig, TrainConfig
 from rayapp.models import registry, tiny
 from rayapp.plan import memory
 from rayapp.plan.accelerators import GIB, gpu_bytes
-from rayapp.plan.shapes import ModelShape, model_shape, shape_of
+from rayapp.plan.shapes import ModelShape, find_config, model_shape, shape_of
 
 FITS, TOO_BIG, UNKNOWN, CPU = "fits", "does not fit", "unknown GPU", "CPU"
 
@@ -63,6 +63,21 @@ def _shape(cfg: RunConfig, role: str) -> ModelShape:
     return model_shape(spec.name_or_path, spec.trust_remote_code)
 
 
+def _lora_params(cfg: RunConfig, lora) -> int:
+    """The target's adapter parameters under ``lora``: PEFT wraps the model built on the meta device."""
+    from rayapp.models import sharded
+    from rayapp.train import lora as lora_mod
+
+    lora_mod.require_peft()
+    spec = cfg.models.target
+    if spec.name_or_path == registry.TINY:
+        config = tiny.llama_config(spec.tiny, spec.tiny.vocab_size, registry.tiny_max_positions(cfg))
+    else:
+        config, _ = find_config(spec.name_or_path, spec.trust_remote_code)
+    model = lora_mod.attach(sharded.empty_causal_lm(config), lora, spec.name_or_path)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def _verdict(plan: StagePlan) -> StagePlan:
     if plan.have is None:
         plan.verdict = UNKNOWN
@@ -85,18 +100,24 @@ def plan_training(cfg: RunConfig, stage: str, tc: TrainConfig, shape: ModelShape
     bf16 = tc.mixed_precision in ("bf16", "auto")
     tokens = tc.per_device_batch_size * cfg.data.max_length
 
+    lora = getattr(tc, "lora", None)
+    adapters = _lora_params(cfg, lora) if lora else None
+
     def need(w: int, ckpt: bool, sync: str) -> dict[str, int]:
         sh = tc.fsdp and w > 1
         # an unknown GPU (have None) is planned as too small to keep the unsharded gradients
-        defer = tc.gradient_accumulation_steps > 1 and memory.defer_gradient_sync(sync, shape.params, have or 0, sh)
+        defer = tc.gradient_accumulation_steps > 1 and memory.defer_gradient_sync(
+            sync, adapters or shape.params, have or 0, sh)
         return memory.training_memory(shape, world=w, sharded=sh, micro_batch_tokens=tokens, bf16=bf16,
-                                      activation_checkpointing=ckpt, defer_gradient_sync=defer)
+                                      activation_checkpointing=ckpt, defer_gradient_sync=defer, lora_params=adapters)
 
     parts = need(world, tc.activation_checkpointing, tc.gradient_sync)
     way = f"{world}-way FSDP" if sharded else ("DDP" if world > 1 else "one GPU")
+    what = (f"LoRA r={lora.r}: {adapters:,} adapter parameters train in fp32 on a frozen "
+            f"{'bf16' if bf16 else 'fp32'} base" if lora else "weights, gradients and AdamW state in fp32")
     plan = StagePlan(stage, shape.name, shape, f"{world} x {gpu}" + (f" ({_gib(have)})" if have else ""),
                      need=memory.total(parts), have=have, parts=parts,
-                     detail=f"{way}: weights, gradients and AdamW state in fp32, plus activations"
+                     detail=f"{way}: {what}, plus activations"
                             f"{' (checkpointed)' if tc.activation_checkpointing else ''} of "
                             f"{tc.per_device_batch_size} x {cfg.data.max_length} tokens")
     _verdict(plan)
@@ -112,6 +133,9 @@ def plan_training(cfg: RunConfig, stage: str, tc: TrainConfig, shape: ModelShape
             ideas.append("gradient_sync: micro_batch")
         if tc.per_device_batch_size > 1:
             ideas.append("a smaller per_device_batch_size (raise gradient_accumulation_steps to keep the batch)")
+        if stage == "finetune" and not lora:
+            ideas.append("LoRA adapters rather than full fine-tuning (finetune.lora: {r: 16}; the paper fine-tuned "
+                         "every weight)")
         ideas.append("a GPU with more memory (accelerator_type: A100 for the gpu-8x node type, A100-80G, H100)")
         plan.advice = ", or ".join(ideas)
     return plan

@@ -38,26 +38,34 @@ def live_per_token_layer(s: ModelShape) -> int:
 
 
 def training_memory(s: ModelShape, *, world: int, sharded: bool, micro_batch_tokens: int, bf16: bool,
-                    activation_checkpointing: bool, defer_gradient_sync: bool, gpu: bool = True) -> dict[str, int]:
+                    activation_checkpointing: bool, defer_gradient_sync: bool, gpu: bool = True,
+                    lora_params: int | None = None) -> dict[str, int]:
     """One training worker: fp32 master weights, fp32 gradients and AdamW's two fp32 moments
     (sharded over ``world`` under FSDP), the unsharded compute copies of the units FSDP has
     gathered (the root and two layers: the current one and the prefetched one), the activations of
-    one micro-batch, and the loss's logits."""
+    one micro-batch, and the loss's logits.
+
+    ``lora_params``: only that many (adapter) parameters train; the frozen base has no gradient
+    and no optimizer state, and is held in the compute dtype (bf16 under mixed precision). The
+    activations stay: the backward pass still goes through every layer to reach the adapters."""
     P = s.params
     shards = world if sharded else 1
     c = 2 if bf16 else 4  # compute dtype bytes
     T = micro_batch_tokens
-    parts = {
-        "weights (fp32)": 4 * P // shards,
-        "gradients (fp32)": 4 * P // shards,
-        "AdamW state (fp32)": 8 * P // shards,
-    }
+    trained = P if lora_params is None else lora_params
+    if lora_params is None:
+        parts = {"weights (fp32)": 4 * P // shards}
+    else:
+        parts = {f"frozen base ({'bf16' if bf16 else 'fp32'})": c * P // shards,
+                 "adapter weights (fp32)": 4 * trained // shards}
+    parts["gradients (fp32)"] = 4 * trained // shards
+    parts["AdamW state (fp32)"] = 8 * trained // shards
     if sharded:
         parts["gathered units"] = c * (s.root_params + 2 * s.layer_params)
         if defer_gradient_sync:
             # FSDP2 keeps unsharded gradients, in its reduce dtype (fp32), until the step's reduce-scatter
-            parts["unsharded gradients (no-sync accumulation)"] = 4 * P
-    elif bf16:
+            parts["unsharded gradients (no-sync accumulation)"] = 4 * trained
+    elif bf16 and lora_params is None:
         parts["bf16 compute copies (autocast)"] = c * P
     layer = saved_per_token_layer(s) * c * T
     if activation_checkpointing:

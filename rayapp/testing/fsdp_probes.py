@@ -14,20 +14,29 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def shard_on_meta(rank: int, world: int, config_file: str) -> dict:
+def shard_on_meta(rank: int, world: int, config_file: str, lora: dict | None = None) -> dict:
     """Build the model of ``config_file`` on the meta device and shard it as training does; report
-    this rank's parameter bytes (nothing is allocated: the shards stay on meta)."""
+    this rank's parameter bytes (nothing is allocated: the shards stay on meta). ``lora`` (a
+    finetune.lora dict): with adapters on a frozen bf16 base, sharded under bf16 mixed precision,
+    as a LoRA run on GPUs does."""
+    import torch
+
     from rayapp.models import sharded
     from rayapp.train.fsdp import shard_fsdp2
 
     config = sharded.load_config(config_file)
     model = sharded.empty_causal_lm(config)
+    if lora is not None:
+        from rayapp.train import lora as lora_mod
+
+        model = lora_mod.attach(model, lora, config_file, torch.bfloat16)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    shard_fsdp2(model, bf16=False, cpu_offload=False)
+    shard_fsdp2(model, bf16=lora is not None, cpu_offload=False)
     local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    trainable_local = sum(p.to_local().numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     on_meta = all(p.to_local().device.type == "meta" for p in model.parameters())
-    return {"rank": rank, "total_bytes": total, "local_bytes": local, "all_on_meta": on_meta,
-            "peak_rss_bytes": peak_rss_bytes()}
+    return {"rank": rank, "total_bytes": total, "local_bytes": local, "trainable_local_bytes": trainable_local,
+            "all_on_meta": on_meta, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def sharded_load(rank: int, world: int, folder: str, full_tensors: bool = True) -> dict:

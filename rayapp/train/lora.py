@@ -19,13 +19,13 @@ from __future__ import annotations
 ADAPTER_NAME = "default"  # PEFT's name for a model's single adapter
 
 
-def peft_config(lora, base_model: str | None = None):
+def peft_config(lora):
     """PEFT's LoraConfig from rayapp's (config.LoraConfig, or its dict)."""
     from peft import LoraConfig as PeftLoraConfig
 
     lora = lora if isinstance(lora, dict) else lora.model_dump()
     return PeftLoraConfig(task_type="CAUSAL_LM", r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                          target_modules=lora["target_modules"], base_model_name_or_path=base_model)
+                          target_modules=lora["target_modules"])
 
 
 def require_peft() -> None:
@@ -42,7 +42,7 @@ def attach(model, lora, base_model: str, frozen_dtype=None):
     frozen, and cast to ``frozen_dtype`` when given (bf16 under mixed precision)."""
     from peft import get_peft_model
 
-    model = get_peft_model(model, peft_config(lora, base_model))
+    model = get_peft_model(model, peft_config(lora))
     # PEFT records the base's name_or_path as the model knew it (a local snapshot, or nothing for a
     # model built on meta); the adapter export points at the base as the config named it
     model.peft_config[ADAPTER_NAME].base_model_name_or_path = base_model

@@ -55,7 +55,7 @@ class TrainJob:
 
 
 def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runtime_env: dict | None = None,
-                 tracking_dir: str | None = None) -> list[dict]:
+                 tracking: dict | None = None) -> list[dict]:
     """Fine-tune each job's model on its rows, one job after the other on one Ray Train worker group
     (its processes, imports and process group are set up once). Returns rank 0's final stats per job."""
     import ray.train
@@ -75,7 +75,7 @@ def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runti
             total_rows=job.total_rows, train_files=tuple(job.train_files), work_dir=work_dir,
             staging_dir=staging_root(work_dir) if remote else None, export_every_epoch=job.export_every_epoch,
             eval_file=job.eval_file, trust_remote_code=job.trust_remote_code, log_level=current_level(),
-            tracking_dir=tracking_dir, tracking_label=job.label, lora=getattr(train_cfg, "lora", None),
+            tracking=tracking, tracking_label=job.label, lora=getattr(train_cfg, "lora", None),
         ))
     first = worker_cfgs[0]
     # Each worker reads the training files itself (tokenized instruction sets are tens of MB even

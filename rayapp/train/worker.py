@@ -45,7 +45,7 @@ class WorkerConfig(BaseModel):
     eval_file: str | None  # held-out rows for the eval loss
     trust_remote_code: bool = False
     log_level: int = 20
-    tracking_dir: str | None = None  # the run's TensorBoard folder (rank 0 logs each step there)
+    tracking: dict | None = None  # where the run's tracking goes (common/tracking.target): rank 0 logs each step
     tracking_label: str = ""  # e.g. "finetune (full)"
     lora: LoraConfig | None = None  # adapters on a frozen base (finetune.lora) rather than every weight
 
@@ -97,6 +97,7 @@ class FineTuneRecipe:
         torch.manual_seed(self.tc.seed)
         self.bf16 = self.tc.mixed_precision == "bf16" or (self.tc.mixed_precision == "auto" and self.use_gpu)
         self.progress = Progress()
+        self._tracker = None  # rank 0's tracking writer, opened at the first logged step
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -376,7 +377,7 @@ class FineTuneRecipe:
         stats = self.train()
         eval_loss = self.evaluate()
         p = self.progress
-        if getattr(self, "_tracker", None) is not None:
+        if self._tracker is not None:
             self._tracker.scalars(tracking.tag(self.cfg.tracking_label or self.cfg.stage), {"eval_loss": eval_loss},
                                   p.global_step)
             self._tracker.close()
@@ -410,9 +411,9 @@ class FineTuneRecipe:
             ray_metrics.gauge("rayapp_train_total_steps", self.total_steps, stage=stage)
             ray_metrics.gauge("rayapp_train_tokens_per_s", tokens_per_s, stage=stage)
             ray_metrics.gauge("rayapp_train_loss", p.last_loss, stage=stage)
-            if self.cfg.tracking_dir:  # Ray Train's guidance: log from rank 0 inside the training function
-                if getattr(self, "_tracker", None) is None:
-                    self._tracker = tracking.Writer(self.cfg.tracking_dir)
+            if self.cfg.tracking:  # Ray Train's guidance: log from rank 0 inside the training function
+                if self._tracker is None:
+                    self._tracker = tracking.open_writer(self.cfg.tracking)
                 self._tracker.scalars(tracking.tag(self.cfg.tracking_label or stage),
                                       {k: metrics[k] for k in tracking.STEP_METRICS if k in metrics}, p.global_step)
             # the driver draws its progress line from this file (and `rayapp status` can read it)
