@@ -451,6 +451,10 @@ class GenerationConfig(_Strict):
         "STRICT_PACK", description="vllm: how one engine's tensor-parallel GPUs are placed (STRICT_PACK: one node); "
         "each GPU's bundle also asks for resources.resources, the node-type label")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments")
+    engine_metrics: bool | None = Field(
+        None, description="vLLM's engine metrics (throughput, queue, KV cache use, time to first token) as Ray "
+        "metrics on each node's Prometheus endpoint; default: on where they work, which is where Ray Serve "
+        "imports (vLLM's Ray metric wrapper needs it; ray[llm] and the GPU image have it)")
 
 
 class JudgeConfig(_Strict):

@@ -17,6 +17,7 @@ from rayapp.config import FinetuneConfig, LoraConfig
 from rayapp.models import registry
 from rayapp.models.loading import adapter_base, load_causal_lm
 from rayapp.models.losses import mean_response_nll
+from rayapp.testing.faults import TRAIN_KILL_ENV as KILL_AT_STEP_ENV
 from rayapp.train.runner import TrainJob, run_training
 from tests.conftest import alpaca_rows, run_stage, write_jsonl
 
@@ -38,15 +39,19 @@ def lora_runs(tmp_path_factory, ray_local):
     layout = RunLayout(cfg.output_dir)
     files = [storage.join(layout.prepared, s.file) for s in manifest.shards]
     init = registry.model_source(cfg, "target")
-    out = {"init": init, "eval_file": files[0]}
+    out = {"init": init, "eval_file": files[0], "cfg": cfg}
     for mode in ("merged", "adapter"):
         tc = FinetuneConfig(epochs=2, learning_rate=5e-2, warmup_ratio=0.0, per_device_batch_size=8, num_workers=2,
-                            fsdp=True, log_every_steps=2, eval_rows=32, seed=0,
-                            lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=TARGETS, export=mode))
+                            fsdp=True, log_every_steps=2, eval_rows=32, seed=0, checkpoint_every_steps=2,
+                            max_failures=1, lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=TARGETS,
+                                                            export=mode))
         work = str(tmp / f"ft-{mode}")
         job = TrainJob(label=f"finetune ({mode})", init_model=init, tokenizer=manifest.tokenizer, train_files=files,
                        total_rows=manifest.rows, work_dir=work, eval_file=files[0])
-        [metrics] = run_training("finetune", tc, [job])
+        # the adapter run loses rank 0 at step 5 and resumes from its step-4 checkpoint (adapters
+        # and their optimizer state): it must still train exactly what the merged run trains
+        faults = {"env_vars": {KILL_AT_STEP_ENV: "5"}} if mode == "adapter" else None
+        [metrics] = run_training("finetune", tc, [job], runtime_env=faults)
         out[mode] = (os.path.join(work, "exports", "final"), metrics, work)
     return out
 
@@ -59,9 +64,13 @@ def _eval_loss(model, eval_file, n=32):
 def test_lora_trains_adapters_on_a_sharded_frozen_base(lora_runs):
     export, metrics, work = lora_runs["merged"]
     stats = [json.load(open(os.path.join(work, "stats", f"rank-{r}.json"))) for r in (0, 1)]
+    from rayapp.plan.check import lora_adapter_params
+
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=TARGETS)
     for s in stats:
         assert s["sharded"] and s["world"] == 2
         assert 0 < s["trainable_params"] < 0.1 * s["params"]  # adapters only
+        assert s["trainable_params"] == lora_adapter_params(lora_runs["cfg"], lora)  # what `rayapp plan` counts
         assert abs(s["local_params"] - s["params"] / 2) <= 0.02 * s["params"]  # the base is sharded too
     base = load_causal_lm(lora_runs["init"])
     merged = load_causal_lm(export)
@@ -94,8 +103,13 @@ def test_merged_export_is_base_plus_adapter_and_evaluation_loads_both(lora_runs)
         torch.testing.assert_close(merged[weight], expected, rtol=1e-5, atol=1e-6, msg=weight)
         n += 1
     assert n == 2 * len(TARGETS)  # 2 decoder layers x the wrapped modules
-    # the adapter run trained the same adapters (same seed, deterministic kernels)
+    # the adapter run trained the same adapters (same seed, deterministic kernels), through a lost
+    # worker and a resume from its step-4 checkpoint
+    _, _, adapter_work = lora_runs["adapter"]
+    assert open(os.path.join(adapter_work, "stats", ".fault_injected")).read() == "5"
+    assert json.load(open(os.path.join(adapter_work, "stats", "rank-0.json")))["resumed_from_step"] == 4
     assert adapter_metrics["eval_loss"] == pytest.approx(merged_metrics["eval_loss"], abs=1e-6)
+    torch.testing.assert_close(load_causal_lm(adapter_dir).state_dict(), merged, rtol=0, atol=1e-6)
 
     # evaluation loads the adapter export as base + adapter: the same answers as the merged one
     from rayapp.config import GenerationConfig

@@ -84,3 +84,41 @@ def test_real_model_answers_are_readable(real_run, ray_local):
     text = answers[0]["answer"].lower()
     assert "<|im_end|>" not in text and len(text.split()) >= 5
     assert any(w in text for w in ("diet", "exercise", "sleep", "water", "hydrated")), text
+
+
+@pytest.mark.extended  # ~2 min: a 135M model trained on 2 FSDP workers, then generating
+def test_lora_on_the_real_model_learns_and_its_adapter_evaluates(real_run, ray_local):
+    """finetune.lora on SmolLM2-135M: 2 FSDP2 workers train adapters on the sharded frozen base; the
+    held-out loss falls; the adapter export (base + adapter, merged on load) is the trained model
+    (its loss equals the run's eval_loss); and evaluation answers with it."""
+    pytest.importorskip("peft")
+    from rayapp.common import storage
+    from rayapp.config import GenerationConfig
+    from rayapp.evaluate.generate import generate
+    from rayapp.models.loading import adapter_base, load_causal_lm
+    from rayapp.models.losses import mean_response_nll
+
+    out, cfg = real_run
+    cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update=dict(
+        subset="full", epochs=2, learning_rate=1e-3, per_device_batch_size=4, num_workers=2, cpus_per_worker=1,
+        fsdp=True, eval_rows=4, lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
+                                      "export": "adapter"}))})
+    cfg = type(cfg).model_validate(cfg.model_dump())
+    manifest = run_stage("finetune", cfg)
+    assert manifest.metrics["sharded"] and manifest.metrics["trainable_params"] < 0.1 * manifest.metrics["params"]
+    from rayapp.common.layout import RunLayout
+
+    holdout = storage.read_parquet(RunLayout(str(out)).holdout, ["input_ids", "labels"]).to_pylist()[:4]
+    pad = 0
+    base_loss = mean_response_nll(load_causal_lm(MODEL).eval(), holdout, pad)
+    assert adapter_base(manifest.export) == MODEL
+    trained_loss = mean_response_nll(load_causal_lm(manifest.export).eval(), holdout, pad)
+    assert trained_loss == pytest.approx(manifest.eval_loss, abs=2e-3)
+    assert trained_loss < base_loss - 0.02, (base_loss, trained_loss)
+
+    prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+              "the request.\n\n### Instruction:\nGive three tips for staying healthy.\n\n### Response:")
+    gen = GenerationConfig(max_new_tokens=40, batch_size=2, temperature=0.0, stop=["<|im_end|>"],
+                           resources={"num_cpus": 1})
+    answers, stats = generate([{"set": "t", "id": "1", "prompt": prompt}], {"lora": manifest.export}, gen)["lora"]
+    assert stats["new_tokens"] > 0 and len(answers[0]["answer"].split()) >= 5, answers

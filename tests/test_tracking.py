@@ -10,6 +10,7 @@ W&B needs its service: its writer is configured and documented, not run here."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 import yaml
 
 from rayapp.common.errors import ConfigError
-from rayapp.config import load_config
+from rayapp.config import RunConfig, load_config
 from tests.conftest import ALPACA, REPO, free_port, tiny_config_dict, wait_for_url
 
 MLFLOW_SERVER = REPO / ".venv-mlflow" / "bin" / "mlflow"
@@ -147,3 +148,74 @@ def test_tracking_needs_a_place_the_backend_can_write(tmp_path):
         path.write_text(yaml.safe_dump(cfg))
         with pytest.raises(ConfigError, match=what):
             load_config(str(path))
+
+
+class _RecordingWandb:
+    """A stand-in for the wandb module that records what rayapp asks of it. W&B's service needs a
+    network and an API key, which this machine has not: this is the one mock in the tracking tests,
+    of a cloud API's client."""
+
+    def __init__(self):
+        self.calls = []
+        outer = self
+
+        class Run:
+            def define_metric(self, name, step_metric=None):
+                outer.calls.append(("define_metric", name, step_metric))
+
+            def log(self, data):
+                outer.calls.append(("log", dict(data)))
+
+            def log_artifact(self, artifact):
+                outer.calls.append(("log_artifact", artifact.name, sorted(artifact.files)))
+
+            def finish(self):
+                outer.calls.append(("finish",))
+
+        class Artifact:
+            def __init__(self, name, type):
+                self.name, self.files = name, []
+
+            def add_file(self, path, name):
+                assert os.path.isfile(path)
+                self.files.append(name)
+
+        self.Artifact, self._run = Artifact, Run()
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        return self._run
+
+
+def test_wandb_logs_one_resumable_run_with_a_step_axis_per_stage(tmp_path, monkeypatch):
+    from rayapp.common import tracking
+
+    cfg = tiny_config_dict(tmp_path, [{"path": str(ALPACA)}], name="paper")
+    cfg["tracking"] = {"backend": "wandb", "experiment": "lp-data"}
+    cfg = RunConfig.model_validate(cfg)
+    if importlib.util.find_spec("wandb") is None:  # the real package is not installed here: a clear error first
+        with pytest.raises(ConfigError, match=r"rayapp\[wandb\]"):
+            tracking.check_available(cfg)
+    fake = _RecordingWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    t = tracking.target(cfg)
+    w = tracking.open_writer(t)  # what rank 0 of a training run does
+    for step in (1, 2):
+        w.scalars("reference", {"loss": 3.0 / step, "lr": 1e-3, "mfu": float("nan")}, step)
+    w.close()
+    report = tmp_path / "report.html"
+    report.write_text("<html></html>")
+    tracking.log_manifest(cfg, "select", {"rows": 12, "report": str(report), "nested": {"seconds": 1.5}})
+
+    inits = [c[1] for c in fake.calls if c[0] == "init"]
+    assert len(inits) == 2 and inits[0] == inits[1]  # the same run, resumed by each process
+    assert inits[0]["project"] == "lp-data" and inits[0]["name"] == "paper" and inits[0]["resume"] == "allow"
+    assert inits[0]["id"] == tracking.wandb_run_id("paper", cfg.output_dir)
+    assert ("define_metric", "reference/*", "reference/step") in fake.calls
+    assert ("define_metric", "select/*", "select/step") in fake.calls
+    logs = [c[1] for c in fake.calls if c[0] == "log"]
+    assert logs[:2] == [{"reference/loss": 3.0, "reference/lr": 1e-3, "reference/step": 1},  # NaN left out
+                        {"reference/loss": 1.5, "reference/lr": 1e-3, "reference/step": 2}]
+    assert logs[2] == {"select/rows": 12.0, "select/nested/seconds": 1.5, "select/step": 0}
+    assert ("log_artifact", "select-files", ["report.html"]) in fake.calls
+    assert [c for c in fake.calls if c[0] == "finish"] == [("finish",), ("finish",)]

@@ -199,16 +199,65 @@ def test_vllm_serves_a_lora_adapter_export_as_its_merged_model(tiny_models, tmp_
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    # `rayapp evaluate` on a cluster whose metrics this test reads: vLLM's engine metrics are on
+    # (Ray Serve imports here), so its token counter reaches the node's Prometheus endpoint
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    run = subprocess.run([sys.executable, "-m", "rayapp", "evaluate", "--config", str(path)], cwd=REPO,
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    run = subprocess.Popen([sys.executable, "-c", METRICS_SCRIPT, str(path), str(port), "evaluate"], cwd=REPO,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = ""
+    for line in run.stdout:
+        output += line
+        if "RAYAPP-DONE" in line:
+            break
+    metrics = _scrape_until(port, "ray_vllm_generation_tokens_total", 20)
+    run.kill()
+    run.wait()
+    assert "RAYAPP-DONE" in output, output[-5000:]
     gens = {name: [r["answer"] for r in pq.read_table(tmp_path / "run" / "evaluate" / "generations"
                                                       / f"{name}.parquet").to_pylist()]
             for name in ("merged", "adapter", "a")}
     assert len(gens["adapter"]) == 4 and all(gens["adapter"])
     assert gens["adapter"] == gens["merged"]
     assert gens["adapter"] != gens["a"]
+    new_tokens = sum(r["new_tokens"] for name in gens for r in pq.read_table(
+        tmp_path / "run" / "evaluate" / "generations" / f"{name}.parquet").to_pylist())
+    assert metrics.get("ray_vllm_generation_tokens_total") == new_tokens  # the three engines' tokens
+
+
+METRICS_SCRIPT = """
+import sys, time, ray
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
+         _metrics_export_port=int(sys.argv[2]), _system_config={"metrics_report_interval_ms": 500})
+from rayapp.cli import run_stages
+from rayapp.config import load_config
+run_stages(load_config(sys.argv[1]), [sys.argv[3]], False)
+print("RAYAPP-DONE", flush=True)
+time.sleep(60)  # the metrics stay up for the test to read
+"""
+
+
+def _scrape_until(port: int, name: str, timeout: float) -> dict[str, float]:
+    """The node's series summed over their labels, once ``name`` is among them (or at the timeout)."""
+    import re
+    import time
+    import urllib.request
+
+    deadline, out = time.time() + timeout, {}
+    while time.time() < deadline:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            text = ""
+        out = {}
+        for line in text.splitlines():
+            m = re.match(r"(ray_\w+)(\{[^}]*\})? ([0-9.eE+-]+)$", line)
+            if m:
+                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+        if name in out:
+            break
+        time.sleep(1)
+    return out
 
 
 def test_vllm_scoring_backend_matches_the_torch_actor(tiny_models, ray_local, tmp_path):

@@ -61,7 +61,7 @@ def wandb_run_id(name: str, output_dir: str) -> str:
     """A stable W&B run id for one pipeline run: its name and where its outputs go."""
     from rayapp.common.hashing import short_digest
 
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', name)[:48]}-{short_digest(output_dir)[:8]}"
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', name)[:48]}-{short_digest(output_dir.encode())[:8]}"
 
 
 def tag(label: str) -> str:

@@ -181,6 +181,19 @@ def engine_placement(gen: GenerationConfig) -> dict | None:
     return {"bundle_per_worker": {"GPU": 1, **gen.resources.resources}, "strategy": gen.placement_strategy}
 
 
+def engine_metrics_on(gen: GenerationConfig) -> bool:
+    """Whether the engines export vLLM's metrics: as configured, else where vLLM's Ray metric wrapper
+    works. It imports Ray Serve and raises without it; the driver's environment stands for the
+    engines' (one image on a cluster)."""
+    if gen.engine_metrics is not None:
+        return gen.engine_metrics
+    try:
+        from ray import serve  # noqa: F401
+    except ImportError:  # ray without the serve extra's dependencies
+        return False
+    return True
+
+
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
@@ -224,7 +237,7 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
         concurrency=gen.resources.max_actors,
         batch_size=gen.batch_size,
         chat_template_stage=False,  # the fine-tuned models answer the training template, not a chat one
-        log_engine_metrics=False,
+        log_engine_metrics=engine_metrics_on(gen),
         accelerator_type=gen.accelerator_type,
         placement_group_config=engine_placement(gen),
     )

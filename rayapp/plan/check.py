@@ -63,7 +63,7 @@ def _shape(cfg: RunConfig, role: str) -> ModelShape:
     return model_shape(spec.name_or_path, spec.trust_remote_code)
 
 
-def _lora_params(cfg: RunConfig, lora) -> int:
+def lora_adapter_params(cfg: RunConfig, lora) -> int:
     """The target's adapter parameters under ``lora``: PEFT wraps the model built on the meta device."""
     from rayapp.models import sharded
     from rayapp.train import lora as lora_mod
@@ -101,7 +101,7 @@ def plan_training(cfg: RunConfig, stage: str, tc: TrainConfig, shape: ModelShape
     tokens = tc.per_device_batch_size * cfg.data.max_length
 
     lora = getattr(tc, "lora", None)
-    adapters = _lora_params(cfg, lora) if lora else None
+    adapters = lora_adapter_params(cfg, lora) if lora else None
 
     def need(w: int, ckpt: bool, sync: str) -> dict[str, int]:
         sh = tc.fsdp and w > 1
