@@ -26,6 +26,9 @@ def main() -> int:
     m = sub.add_parser("memory", help="peak memory at real shapes: FSDP2 sharded load and bounded scoring loss, "
                        "each beside the former path")
     m.add_argument("--out", default="benchmarks/results")
+    lm = sub.add_parser("lora", help="LoRA against full fine-tuning: peak memory per FSDP2 worker at a 1.1B shape, "
+                        "beside the plan")
+    lm.add_argument("--out", default="benchmarks/results")
     pr = sub.add_parser("prepare", help="prepare throughput on the full Alpaca and Dolly files: driver, 1 and 2 workers")
     pr.add_argument("--out", default="benchmarks/results")
     g = sub.add_parser("gpu", help="the one-shot GPU check (no Ray needed): scoring rate against the forward-FLOP "
@@ -45,6 +48,11 @@ def main() -> int:
     sub.add_parser("estimates", help="scoring time and cost on 1, 8 and 64 GPUs, on paper (from the measured "
                    "start-up and the GPU check's rate where there is one)")
     args = p.parse_args()
+    if args.which == "lora":
+        from benchmarks.lora_memory import run as run_lora
+
+        run_lora(args.out)
+        return 0
     if args.which == "fidelity":
         from benchmarks.fidelity import run as run_fidelity
 

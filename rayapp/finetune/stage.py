@@ -138,8 +138,9 @@ class FinetuneStage(Stage):
         for stage in stages:
             files, rows, what, _ = training_data(layout, prepared, stage.subset, write=True)
             described.append((rows, what))
-            log.info("(%s) target %s on %s; FSDP %s, %d workers", stage.subset, init_model, what,
-                     "on" if fc.fsdp else "off", fc.num_workers)
+            log.info("(%s) target %s on %s; FSDP %s, %d workers%s", stage.subset, init_model, what,
+                     "on" if fc.fsdp else "off", fc.num_workers,
+                     f"; LoRA r={fc.lora.r} ({fc.lora.export} export)" if fc.lora else "")
             jobs.append(TrainJob(label=stage.label, init_model=init_model, tokenizer=prepared.tokenizer,
                                  train_files=files, total_rows=rows, work_dir=storage.local_path(layout.finetune(stage.variant)),
                                  eval_file=holdout.path if holdout and fc.eval_rows else None,

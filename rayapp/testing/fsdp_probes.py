@@ -104,3 +104,35 @@ def train_steps(rank: int, world: int, folder: str, rows_file: str, work_dir: st
     recipe.train()
     state = {k: v.full_tensor().numpy() for k, v in recipe.model.state_dict().items() if hasattr(v, "full_tensor")}
     return {"rank": rank, "steps": recipe.progress.global_step, "state": state, "deferred_sync": recipe.defer_sync}
+
+
+def training_step_memory(rank: int, world: int, folder: str, rows_file: str, work_dir: str,
+                         lora: dict | None, micro_batch: int) -> dict:
+    """Peak resident memory of one rank of the training recipe at each phase (the sharded model,
+    the optimizer, two optimizer steps on one micro-batch: AdamW allocates its state at the first),
+    full fine-tuning or, with ``lora`` (a finetune.lora dict), adapters on the frozen base."""
+    import pyarrow.parquet as pq
+
+    from rayapp.config import LoraConfig, TrainConfig
+    from rayapp.train.collate import collate
+    from rayapp.train.worker import FineTuneRecipe, WorkerConfig, WorkerEnv
+
+    tc = TrainConfig(epochs=1, per_device_batch_size=micro_batch, learning_rate=1e-4, warmup_ratio=0.0,
+                     num_workers=world, eval_rows=0, log_every_steps=1000)
+    cfg = WorkerConfig(stage="probe", train=tc, init_model=folder, tokenizer=folder,
+                       total_rows=pq.read_metadata(rows_file).num_rows, train_files=(rows_file,), work_dir=work_dir,
+                       staging_dir=None, export_every_epoch=False, eval_file=None,
+                       lora=LoraConfig(**lora) if lora else None)
+    recipe = FineTuneRecipe(cfg, WorkerEnv(rank=rank, world=world, local_rank=rank, distributed=True))
+    peaks = {"start": peak_rss_bytes()}
+    recipe.setup_model()
+    peaks["model"] = peak_rss_bytes()
+    recipe.setup_data()
+    recipe.setup_optimizer()
+    batch = collate(recipe.rows.batch(list(range(micro_batch))), recipe.pad_id, "cpu")
+    for _ in range(2):
+        loss, _ = recipe.train_step([batch], [1.0])
+    peaks["two steps"] = peak_rss_bytes()
+    local = sum(p.to_local().numel() * p.element_size() for p in recipe.model.parameters())
+    return {"rank": rank, "peaks": peaks, "params": recipe.n_params, "trainable_params": recipe.n_trainable,
+            "local_param_bytes": local, "loss": loss, "sharded": recipe.sharded}

@@ -134,7 +134,8 @@ class FineTuneRecipe:
         from rayapp.plan.memory import defer_gradient_sync
 
         total = torch.cuda.mem_get_info()[1] if self.use_gpu else None
-        return defer_gradient_sync(self.tc.gradient_sync, self.n_params, total, self.sharded)
+        # the unsharded gradients it keeps are those of what trains (the adapters only, with LoRA)
+        return defer_gradient_sync(self.tc.gradient_sync, self.n_trainable, total, self.sharded)
 
     def _with_adapters(self, model):
         """The model with LoRA adapters when finetune.lora is set (its base frozen, in bf16 under
