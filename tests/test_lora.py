@@ -121,3 +121,31 @@ def test_merged_export_is_base_plus_adapter_and_evaluation_loads_both(lora_runs)
     out = generate(rows, {"merged": merged_dir, "adapter": adapter_dir}, gen)
     assert [r["answer"] for r in out["merged"][0]] == [r["answer"] for r in out["adapter"][0]]
     assert out["merged"][1]["new_tokens"] > 0
+
+
+def test_adapters_start_the_same_on_one_worker_and_sharded_on_two(tmp_path):
+    """The adapters are drawn whole from the run's seed and copied into each rank's shard: the same
+    start for any number of workers (DTensor's own random ops on a CPU mesh would draw every shard
+    alike), and B = 0, so the wrapped model starts as its base."""
+    import numpy as np
+
+    from rayapp.config import TinyModelConfig
+    from rayapp.models import tiny
+    from rayapp.testing.fsdp_probes import lora_adapters_at_start
+    from rayapp.testing.gloo import run_gloo
+
+    tiny.train_tokenizer((r["instruction"] + " " + r["output"] for r in alpaca_rows(100)), 512, str(tmp_path / "tok"))
+    tiny.build_model(str(tmp_path / "tok"), TinyModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64,
+                                                          num_hidden_layers=2, num_attention_heads=2),
+                     str(tmp_path / "m"), max_positions=256)
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": TARGETS}
+    one = lora_adapters_at_start(0, 1, str(tmp_path / "m"), lora)
+    two = run_gloo(lora_adapters_at_start, 2, str(tmp_path / "m"), lora)
+    assert len(one) == 2 * 2 * len(TARGETS)  # A and B, 2 layers x the wrapped modules
+    for rank in two:
+        assert rank.keys() == one.keys()
+        for name, a in one.items():
+            np.testing.assert_array_equal(rank[name], a, err_msg=name)
+    assert all(not a.any() for n, a in one.items() if ".lora_B." in n)
+    a_mats = [a for n, a in one.items() if ".lora_A." in n]
+    assert all(a.std() > 0 and not np.array_equal(a[:2], a[2:]) for a in a_mats)  # shard halves differ

@@ -136,3 +136,19 @@ def training_step_memory(rank: int, world: int, folder: str, rows_file: str, wor
     local = sum(p.to_local().numel() * p.element_size() for p in recipe.model.parameters())
     return {"rank": rank, "peaks": peaks, "params": recipe.n_params, "trainable_params": recipe.n_trainable,
             "local_param_bytes": local, "loss": loss, "sharded": recipe.sharded}
+
+
+def lora_adapters_at_start(rank: int, world: int, folder: str, lora: dict) -> dict:
+    """The adapters of the training recipe right after ``setup_model`` (full tensors, by name): on a
+    gloo group of ``world`` ranks (FSDP2-sharded when world > 1), or in this process for world 1."""
+    from rayapp.config import LoraConfig, TrainConfig
+    from rayapp.train.worker import FineTuneRecipe, WorkerConfig, WorkerEnv
+
+    tc = TrainConfig(num_workers=world, fsdp=world > 1)
+    cfg = WorkerConfig(stage="probe", train=tc, init_model=folder, tokenizer=folder, total_rows=1,
+                       train_files=("unused.parquet",), work_dir=folder, staging_dir=None, export_every_epoch=False,
+                       eval_file=None, lora=LoraConfig(**lora))
+    recipe = FineTuneRecipe(cfg, WorkerEnv(rank=rank, world=world, local_rank=rank, distributed=world > 1))
+    recipe.setup_model()
+    return {n.split("base_model.model.")[-1]: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().numpy()
+            for n, p in recipe.model.named_parameters() if p.requires_grad}

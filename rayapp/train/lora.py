@@ -8,7 +8,8 @@ The pieces the training worker calls, in order:
   optimizer state or a gradient), and only the adapters stay fp32.
 - ``checkpoint_name``: which tensor of the base model's safetensors fills a wrapped parameter
   (``...q_proj.base_layer.weight`` <- ``...q_proj.weight``; the adapters are not in it).
-- ``init_adapters``: PEFT's own initialisation (A Kaiming-uniform, B zero), after ``to_empty``.
+- ``init_adapters``: PEFT's initialisation (A Kaiming-uniform, B zero), from one seeded generator,
+  into each rank's shard after ``to_empty`` (the same adapters at any world size).
 - ``save_export``: the merged model (PEFT's ``merge_and_unload``) or the adapter alone.
 
 The unwrapped model of an adapter export is read back by ``models.loading.load_causal_lm``.
@@ -60,15 +61,28 @@ def checkpoint_name(name: str) -> str | None:
     return name.replace(".base_layer.", ".")
 
 
-def init_adapters(model) -> None:
-    """PEFT's initialisation of every adapter (B = 0: the wrapped model starts equal to its base)."""
-    import torch
-    from peft.tuners.lora import LoraLayer
+def init_adapters(model, seed: int) -> None:
+    """PEFT's initialisation of every adapter (A Kaiming-uniform as PEFT draws it, B = 0: the wrapped
+    model starts equal to its base), drawn whole from one seeded generator and copied into each
+    rank's shard: the same adapters for any number of workers, sharded or not (DTensor's own random
+    ops on a CPU mesh would draw each shard alike)."""
+    import math
 
+    import torch
+
+    from rayapp.models.sharded import local_rows
+
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
-                module.reset_lora_parameters(ADAPTER_NAME, True)
+        for name, p in sorted(model.named_parameters()):
+            if ".lora_A." not in name and ".lora_B." not in name:
+                continue
+            full = torch.zeros(tuple(p.shape), dtype=p.dtype)
+            if ".lora_A." in name:
+                torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
+            local = p.to_local() if hasattr(p, "to_local") else p
+            start, stop = local_rows(p)
+            local.copy_(full[start:stop].to(local.device))
 
 
 def trainable_parameters(model) -> list:

@@ -146,7 +146,10 @@ class FineTuneRecipe:
 
         from rayapp.train import lora
 
-        return lora.attach(model, self.cfg.lora, self.cfg.init_model, torch.bfloat16 if self.bf16 else None)
+        model = lora.attach(model, self.cfg.lora, self.cfg.init_model, torch.bfloat16 if self.bf16 else None)
+        if not any(p.is_meta for p in model.parameters()):
+            lora.init_adapters(model, self.tc.seed)  # the sharded path draws them after to_empty
+        return model
 
     def _checkpoint_activations(self) -> None:
         if self.tc.activation_checkpointing:
@@ -176,7 +179,7 @@ class FineTuneRecipe:
             from rayapp.train import lora
 
             sharded.load_local_shards(base, folder, torch.float32, buffers, checkpoint_name=lora.checkpoint_name)
-            lora.init_adapters(self.model)
+            lora.init_adapters(self.model, self.tc.seed)
         else:
             sharded.load_local_shards(self.model, folder, torch.float32, buffers)
         return self.model
