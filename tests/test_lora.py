@@ -26,11 +26,43 @@ pytest.importorskip("peft")
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module")
-def lora_runs(tmp_path_factory, ray_local):
+# The two trainings run in a process (and a local Ray) of their own. In this test process's
+# shared cluster, once a finished run's TrainController actor was reclaimed, the driver never
+# again saw a new actor come alive: a later test's Ray Data pool hung (CI, twice, at the same test).
+TRAIN_SCRIPT = """
+import json, sys, ray
+ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+from tests.test_lora import train_both
+json.dump(train_both(*json.loads(sys.argv[1])), open(sys.argv[2], "w"))
+"""
+
+
+def train_both(init: str, tokenizer: str, files: list[str], rows: int, tmp: str) -> dict:
     """The same LoRA training twice (same seed, so the same adapters): merged and adapter exports."""
-    from tests.conftest import tiny_config_dict
+    out = {}
+    for mode in ("merged", "adapter"):
+        tc = FinetuneConfig(epochs=2, learning_rate=5e-2, warmup_ratio=0.0, per_device_batch_size=8, num_workers=2,
+                            fsdp=True, log_every_steps=2, eval_rows=32, seed=0, checkpoint_every_steps=2,
+                            max_failures=1, lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=TARGETS,
+                                                            export=mode))
+        work = os.path.join(tmp, f"ft-{mode}")
+        job = TrainJob(label=f"finetune ({mode})", init_model=init, tokenizer=tokenizer, train_files=files,
+                       total_rows=rows, work_dir=work, eval_file=files[0])
+        # the adapter run loses rank 0 at step 5 and resumes from its step-4 checkpoint (adapters
+        # and their optimizer state): it must still train exactly what the merged run trains
+        faults = {"env_vars": {KILL_AT_STEP_ENV: "5"}} if mode == "adapter" else None
+        [metrics] = run_training("finetune", tc, [job], runtime_env=faults)
+        out[mode] = (os.path.join(work, "exports", "final"), metrics, work)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    import subprocess
+    import sys
+
     from rayapp.config import RunConfig
+    from tests.conftest import REPO, tiny_config_dict
 
     tmp = tmp_path_factory.mktemp("lora")
     cfg = RunConfig.model_validate(tiny_config_dict(tmp, [{"path": str(write_jsonl(tmp / "a.jsonl", alpaca_rows(96)))}],
@@ -39,21 +71,13 @@ def lora_runs(tmp_path_factory, ray_local):
     layout = RunLayout(cfg.output_dir)
     files = [storage.join(layout.prepared, s.file) for s in manifest.shards]
     init = registry.model_source(cfg, "target")
-    out = {"init": init, "eval_file": files[0], "cfg": cfg}
-    for mode in ("merged", "adapter"):
-        tc = FinetuneConfig(epochs=2, learning_rate=5e-2, warmup_ratio=0.0, per_device_batch_size=8, num_workers=2,
-                            fsdp=True, log_every_steps=2, eval_rows=32, seed=0, checkpoint_every_steps=2,
-                            max_failures=1, lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=TARGETS,
-                                                            export=mode))
-        work = str(tmp / f"ft-{mode}")
-        job = TrainJob(label=f"finetune ({mode})", init_model=init, tokenizer=manifest.tokenizer, train_files=files,
-                       total_rows=manifest.rows, work_dir=work, eval_file=files[0])
-        # the adapter run loses rank 0 at step 5 and resumes from its step-4 checkpoint (adapters
-        # and their optimizer state): it must still train exactly what the merged run trains
-        faults = {"env_vars": {KILL_AT_STEP_ENV: "5"}} if mode == "adapter" else None
-        [metrics] = run_training("finetune", tc, [job], runtime_env=faults)
-        out[mode] = (os.path.join(work, "exports", "final"), metrics, work)
-    return out
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster of its own
+    args = json.dumps([init, manifest.tokenizer, files, manifest.rows, str(tmp)])
+    proc = subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, args, str(tmp / "runs.json")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = {mode: tuple(v) for mode, v in json.loads((tmp / "runs.json").read_text()).items()}
+    return {**out, "init": init, "eval_file": files[0], "cfg": cfg}
 
 
 def _eval_loss(model, eval_file, n=32):
@@ -85,7 +109,7 @@ def test_lora_trains_adapters_on_a_sharded_frozen_base(lora_runs):
     assert changed and all(k.split(".")[-2] in TARGETS for k in changed), sorted(changed)[:5]
 
 
-def test_merged_export_is_base_plus_adapter_and_evaluation_loads_both(lora_runs):
+def test_merged_export_is_base_plus_adapter_and_evaluation_loads_both(lora_runs, ray_local):
     merged_dir, merged_metrics, _ = lora_runs["merged"]
     adapter_dir, adapter_metrics, _ = lora_runs["adapter"]
     assert adapter_base(adapter_dir) == lora_runs["init"] and adapter_base(merged_dir) is None

@@ -92,7 +92,15 @@ def test_lora_on_the_real_model_learns_and_its_adapter_evaluates(real_run, ray_l
     held-out loss falls; the adapter export (base + adapter, merged on load) is the trained model
     (its loss equals the run's eval_loss); and evaluation answers with it."""
     pytest.importorskip("peft")
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
     from rayapp.common import storage
+    from rayapp.common.layout import RunLayout
+    from rayapp.common.manifests import FinetuneManifest
     from rayapp.config import GenerationConfig
     from rayapp.evaluate.generate import generate
     from rayapp.models.loading import adapter_base, load_causal_lm
@@ -103,11 +111,16 @@ def test_lora_on_the_real_model_learns_and_its_adapter_evaluates(real_run, ray_l
         subset="full", epochs=2, learning_rate=1e-3, per_device_batch_size=4, num_workers=2, cpus_per_worker=1,
         fsdp=True, eval_rows=4, lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
                                       "export": "adapter"}))})
-    cfg = type(cfg).model_validate(cfg.model_dump())
-    manifest = run_stage("finetune", cfg)
+    # `rayapp finetune` in a process (and a local Ray) of its own: see test_lora.py's TRAIN_SCRIPT
+    path = out / "lora.yaml"
+    path.write_text(yaml.safe_dump(type(cfg).model_validate(cfg.model_dump()).model_dump(mode="json", by_alias=True)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "rayapp", "finetune", "-c", str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = FinetuneManifest.model_validate_json(
+        storage.read_bytes(RunLayout(str(out)).manifest("finetune", "full")))
     assert manifest.metrics["sharded"] and manifest.metrics["trainable_params"] < 0.1 * manifest.metrics["params"]
-    from rayapp.common.layout import RunLayout
-
     holdout = storage.read_parquet(RunLayout(str(out)).holdout, ["input_ids", "labels"]).to_pylist()[:4]
     pad = 0
     base_loss = mean_response_nll(load_causal_lm(MODEL).eval(), holdout, pad)
