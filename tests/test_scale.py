@@ -156,22 +156,29 @@ def test_plan_fails_an_infeasible_config_with_a_suggestion():
     assert doc["fits"] and {s["stage"] for s in doc["stages"]} == {"reference", "score", "finetune", "evaluate"}
 
 
-def test_lora_shards_a_13b_bf16_base_on_the_meta_device_and_plan_counts_it():
-    """finetune.lora at paper scale: PEFT wraps OPT-13B on the meta device, FSDP2 shards the frozen
-    bf16 base with the fp32 adapters; `rayapp plan` then fits it on 4 x A10G, where full
-    fine-tuning needs 16 GPUs."""
-    pytest.importorskip("peft")
-    from rayapp.plan.check import FITS, TOO_BIG, plan_config
+OPT13B_ADAPTERS = 40 * 2 * 16 * (5120 + 5120)  # 40 layers x (q_proj, v_proj) x r x (in + out)
 
+
+@pytest.mark.extended  # ~80 s on 2 cores: `make test-extended`
+def test_lora_shards_a_13b_bf16_base_on_the_meta_device():
+    """finetune.lora at paper scale: PEFT wraps OPT-13B on the meta device, FSDP2 shards the frozen
+    bf16 base with the fp32 adapters, nothing materialised."""
+    pytest.importorskip("peft")
     lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": None, "export": "merged"}
     results = run_gloo(shard_on_meta, 2, bundled_config("facebook/opt-13b"), lora)
-    adapters = 40 * 2 * 16 * (5120 + 5120)  # 40 layers x (q_proj, v_proj) x r x (in + out)
+    adapters = OPT13B_ADAPTERS
     for r in results:
         assert r["all_on_meta"] and r["peak_rss_bytes"] < 2e9
         assert r["trainable_local_bytes"] == 4 * adapters // 2  # fp32 adapters, half on each rank
         assert abs(r["total_bytes"] - (2 * 12.85e9 + 2 * 4 * adapters)) < 0.01 * r["total_bytes"]  # bf16 base
         assert abs(r["local_bytes"] - r["total_bytes"] / 2) / r["total_bytes"] < 0.01
 
+
+def test_plan_fits_a_13b_lora_on_4_a10g_where_full_fine_tuning_needs_16_gpus():
+    pytest.importorskip("peft")
+    from rayapp.plan.check import FITS, TOO_BIG, plan_config
+
+    adapters = OPT13B_ADAPTERS
     four_a10g = ["finetune.num_workers=4", "finetune.resources_per_worker={gpu_4x: 1}"]
     full = plan_config(load_config(os.path.join(REPO, PRESETS[0]), four_a10g))[2]
     with_lora = plan_config(load_config(os.path.join(REPO, PRESETS[0]), four_a10g + ["finetune.lora={r: 16}"]))[2]

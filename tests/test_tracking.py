@@ -79,7 +79,9 @@ def _run_pipeline(tmp, tracking: dict, until: str):
     return tmp / "run"
 
 
-@pytest.fixture(scope="module", params=["tensorboard", "mlflow-server", "mlflow-files"])
+# the file store runs the same client code as the server: extended, for CI's 30-minute budget
+@pytest.fixture(scope="module", params=["tensorboard", "mlflow-server",
+                                        pytest.param("mlflow-files", marks=pytest.mark.extended)])
 def tracked_run(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "tensorboard":
