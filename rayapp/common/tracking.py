@@ -85,8 +85,7 @@ def check_available(cfg) -> None:
 
 
 def start(cfg) -> None:
-    """Before the first stage: the client is there, and an MLflow run exists (and is reachable)."""
-    check_available(cfg)
+    """Before the first stage (after ``check_available``): an MLflow run exists, and is reachable."""
     t = target(cfg)
     if t and t["backend"] == "mlflow":
         MlflowWriter(t, create=True).close()

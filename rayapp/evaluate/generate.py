@@ -202,15 +202,13 @@ def lora_serving(model_path: str) -> tuple[str, dict, dict]:
     processor arguments and the row's ``model`` field). A LoRA adapter export (finetune.lora.export:
     adapter) is served on its base with enable_lora, each request naming the adapter; an adapter on
     an object store is fetched by the engine's own LoRA loader from its parent folder."""
-    import json
-
     from rayapp.common import storage
-    from rayapp.models.loading import ADAPTER_CONFIG, adapter_base, materialize
+    from rayapp.models.loading import adapter_config, materialize
 
-    base = adapter_base(materialize(model_path, weights=False))
-    if base is None:
+    adapter = adapter_config(materialize(model_path, weights=False))  # config files only, not weights
+    if adapter is None:
         return model_path, {}, {}
-    adapter = json.loads(storage.read_bytes(storage.join(model_path, ADAPTER_CONFIG)))
+    base = adapter["base_model_name_or_path"]
     rank = next((r for r in VLLM_LORA_RANKS if r >= adapter["r"]), adapter["r"])
     engine = {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
     if storage.is_remote(model_path):

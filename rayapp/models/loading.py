@@ -144,8 +144,8 @@ def load_causal_lm(
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def adapter_base(path: str) -> str | None:
-    """The base model a LoRA adapter folder was trained on (its adapter_config.json names it), or
+def adapter_config(path: str) -> dict | None:
+    """A local LoRA adapter folder's adapter_config.json (it names the base model and the rank), or
     None when ``path`` is not an adapter folder."""
     import json
 
@@ -153,7 +153,13 @@ def adapter_base(path: str) -> str | None:
     if not os.path.isfile(config):
         return None
     with open(config) as f:
-        return json.load(f)["base_model_name_or_path"]
+        return json.load(f)
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model a LoRA adapter folder was trained on, or None when it is not one."""
+    config = adapter_config(path)
+    return config["base_model_name_or_path"] if config else None
 
 
 def is_local_model_dir(path: str) -> bool:

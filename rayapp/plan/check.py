@@ -13,7 +13,7 @@ from rayapp.config import RunConfig, TrainConfig
 from rayapp.models import registry, tiny
 from rayapp.plan import memory
 from rayapp.plan.accelerators import GIB, gpu_bytes
-from rayapp.plan.shapes import ModelShape, find_config, model_shape, shape_of
+from rayapp.plan.shapes import ModelShape, find_config, shape_of
 
 FITS, TOO_BIG, UNKNOWN, CPU = "fits", "does not fit", "unknown GPU", "CPU"
 
@@ -55,12 +55,18 @@ def _gpu(cfg: RunConfig, accelerator_type: str | None,
     return None, "GPU"
 
 
-def _shape(cfg: RunConfig, role: str) -> ModelShape:
+def _model_config(cfg: RunConfig, role: str):
+    """(the role's model config, where it came from): the tiny model's, or read by find_config."""
     spec = getattr(cfg.models, role)
     if spec.name_or_path == registry.TINY:
-        config = tiny.llama_config(spec.tiny, spec.tiny.vocab_size, registry.tiny_max_positions(cfg))
-        return shape_of(config, "tiny", "tiny config")
-    return model_shape(spec.name_or_path, spec.trust_remote_code)
+        return tiny.llama_config(spec.tiny, spec.tiny.vocab_size, registry.tiny_max_positions(cfg)), "tiny config"
+    return find_config(spec.name_or_path, spec.trust_remote_code)
+
+
+def _shape(cfg: RunConfig, role: str) -> ModelShape:
+    name = getattr(cfg.models, role).name_or_path
+    config, source = _model_config(cfg, role)
+    return shape_of(config, "tiny" if name == registry.TINY else name, source)
 
 
 def lora_adapter_params(cfg: RunConfig, lora) -> int:
@@ -69,12 +75,8 @@ def lora_adapter_params(cfg: RunConfig, lora) -> int:
     from rayapp.train import lora as lora_mod
 
     lora_mod.require_peft()
-    spec = cfg.models.target
-    if spec.name_or_path == registry.TINY:
-        config = tiny.llama_config(spec.tiny, spec.tiny.vocab_size, registry.tiny_max_positions(cfg))
-    else:
-        config, _ = find_config(spec.name_or_path, spec.trust_remote_code)
-    model = lora_mod.attach(sharded.empty_causal_lm(config), lora, spec.name_or_path)
+    config, _ = _model_config(cfg, "target")
+    model = lora_mod.attach(sharded.empty_causal_lm(config), lora, cfg.models.target.name_or_path)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
