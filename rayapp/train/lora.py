@@ -85,10 +85,6 @@ def init_adapters(model, seed: int) -> None:
             local.copy_(full[start:stop].to(local.device))
 
 
-def trainable_parameters(model) -> list:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def save_export(model, full_state: dict, path: str, mode: str, dtype) -> None:
     """Write the trained adapter at ``path``: merged into a plain model (``mode`` merged), or the
     adapter alone (``adapter``: adapter_config.json, whose base_model_name_or_path names the base,
@@ -109,7 +105,8 @@ def save_export(model, full_state: dict, path: str, mode: str, dtype) -> None:
     empty = sharded.empty_causal_lm(config, dtype)
     wrapped = get_peft_model(empty, model.peft_config[ADAPTER_NAME])
     missing, unexpected = wrapped.load_state_dict(full_state, strict=False, assign=True)
-    missing = [k for k in missing if k in dict(wrapped.named_parameters())]
+    params = dict(wrapped.named_parameters())
+    missing = [k for k in missing if k in params]  # buffers computed at construction are not in the state
     if missing or unexpected:
         raise RuntimeError(f"LoRA export: the gathered state does not fit the model (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")
