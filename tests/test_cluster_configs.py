@@ -177,11 +177,3 @@ def test_autoscaling_starts_gpu_pools_at_full_size_and_leaves_cpu_pools_alone():
     assert cpu.score.resources.min_actors == 1
     fixed = load_config(str(REPO / "configs/tiny.yaml"), base[1:] + ["score.resources.num_gpus=1"])
     assert fixed.score.resources.min_actors == 1  # a cluster of fixed size: the pool grows as Ray Data likes
-
-
-def test_vllm_engines_ask_for_their_node_type_on_one_node():
-    from rayapp.evaluate.generate import engine_placement
-
-    paper = load_config(str(REPO / PRESETS[0])).evaluate.generation
-    assert engine_placement(paper) == {"bundle_per_worker": {"GPU": 1, "gpu_8x": 1}, "strategy": "STRICT_PACK"}
-    assert engine_placement(load_config(str(REPO / "configs/tiny.yaml")).evaluate.generation) is None

@@ -79,6 +79,12 @@ class Stage(ABC):
         """Whether the files the manifest names are all still there."""
         return True
 
+    @classmethod
+    def placements(cls, cfg: RunConfig) -> list:
+        """What this stage asks Ray for (``common.placement.Placement``), read alike by the Ray
+        call, `rayapp plan`, `rayapp check-cluster` and `rayapp rehearse`. None: driver only."""
+        return []
+
     @abstractmethod
     def summary(self, manifest: StageManifest, layout: RunLayout) -> list[str]:
         """Lines for the end-of-run summary."""

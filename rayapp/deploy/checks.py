@@ -293,36 +293,20 @@ class Request:
 
 
 def stage_requests(cfg) -> list[Request]:
-    """What each stage of a run asks Ray for, as bundles (one per actor or worker)."""
+    """What each stage of a run asks Ray for, as bundles (one per actor or worker): the stages' own
+    placements (``Stage.placements``), the same objects their Ray calls are made from."""
+    from rayapp.common.placement import run_placements
+
     out = []
-
-    def pool(stage: str, res, count: int) -> None:
-        bundle = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.resources}
-        if res.accelerator_type:
-            bundle[f"accelerator_type:{res.accelerator_type}"] = 0.001
-        out.append(Request(stage, [bundle] * count, "ANY"))
-
-    if not cfg.score.local:
-        pool("score", cfg.score.resources, cfg.score.resources.min_actors)
-    pool("select (embedding)", cfg.score.resources, cfg.score.resources.min_actors)
-    for stage, tc in (("reference", cfg.reference), ("finetune", cfg.finetune)):
-        if tc.num_workers == 0:
-            continue
-        bundle = {"CPU": tc.cpus_per_worker, "GPU": tc.gpus_per_worker if tc.use_gpu else 0,
-                  **tc.resources_per_worker}
-        if tc.accelerator_type:
-            bundle[f"accelerator_type:{tc.accelerator_type}"] = 0.001
-        out.append(Request(stage, [bundle] * tc.num_workers, tc.placement_strategy))
-    gen = cfg.evaluate.generation
-    if gen.backend == "vllm":
-        bundle = {"GPU": 1, **gen.resources.resources}
-        if gen.accelerator_type:
-            bundle[f"accelerator_type:{gen.accelerator_type}"] = 0.001
-        for k in range(gen.resources.max_actors):
-            out.append(Request(f"evaluate (vLLM engine {k + 1})", [bundle] * gen.tensor_parallel_size,
-                               gen.placement_strategy))
-    else:
-        pool("evaluate (generation)", gen.resources, gen.resources.min_actors)
+    for p in run_placements(cfg):
+        if p.kind == "actor pool":
+            # a pool starts with min_count actors; on an autoscaling cluster that is the full pool
+            out.append(Request(p.stage, [p.ray_bundle()] * (p.min_count or p.count), "ANY"))
+        elif p.kind == "vLLM engines":  # a placement group per engine
+            for k in range(p.groups):
+                out.append(Request(f"{p.stage} (vLLM engine {k + 1})", [p.ray_bundle()] * p.count, p.strategy))
+        else:
+            out.append(Request(p.stage, [p.ray_bundle()] * p.count, p.strategy))
     return out
 
 

@@ -117,7 +117,10 @@ def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig,
     other models share the pool, so seeded sampling gives the same answers."""
     import ray
 
+    from rayapp.common import placement
+
     r = gen.resources
+    where = placement.generation(gen)
     chunks = [{"model": label, **{k: [row[k] for row in rows[i:i + gen.batch_size]] for k in ("set", "id", "prompt")}}
               for label in models for i in range(0, len(rows), gen.batch_size)]
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))  # one chunk per block
@@ -127,10 +130,7 @@ def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig,
                                    trust_remote_code=trust_remote_code, num_threads=r.num_cpus or None),
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
-        num_cpus=r.num_cpus,
-        num_gpus=r.num_gpus,
-        resources=r.resources or None,
-        accelerator_type=gen.accelerator_type if r.num_gpus else None,
+        **where.actor_options(),
     )
     return ds.take_all()
 
@@ -173,12 +173,10 @@ def vllm_inputs(rows: list[dict], model_path: str, gen: GenerationConfig, max_po
 
 
 def engine_placement(gen: GenerationConfig) -> dict | None:
-    """One vLLM engine's placement group: a bundle per GPU that also asks for the node-type label
-    (resources.resources), all on one node under STRICT_PACK. None (ray.data.llm's own) when
-    neither a label nor tensor parallelism asks for more."""
-    if not gen.resources.resources and gen.tensor_parallel_size == 1:
-        return None
-    return {"bundle_per_worker": {"GPU": 1, **gen.resources.resources}, "strategy": gen.placement_strategy}
+    """One vLLM engine's placement group (see ``Placement.vllm_placement_group``)."""
+    from rayapp.common import placement
+
+    return placement.generation(gen).vllm_placement_group()
 
 
 def engine_metrics_on(gen: GenerationConfig) -> bool:
@@ -236,7 +234,7 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
         batch_size=gen.batch_size,
         chat_template_stage=False,  # the fine-tuned models answer the training template, not a chat one
         log_engine_metrics=engine_metrics_on(gen),
-        accelerator_type=gen.accelerator_type,
+        accelerator_type=gen.resources.accelerator_type,
         placement_group_config=engine_placement(gen),
     )
     sampling = dict(temperature=gen.temperature, top_p=gen.top_p if gen.temperature > 0 else 1.0,

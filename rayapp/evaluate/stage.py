@@ -157,6 +157,12 @@ class EvaluateStage(Stage):
     help = "generate answers and judge models pairwise (win / tie / lose)"
     manifest_type = EvaluationManifest
 
+    @classmethod
+    def placements(cls, cfg: RunConfig) -> list:
+        from rayapp.common import placement
+
+        return [placement.generation(cfg.evaluate.generation)]
+
     def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
         models = [resolve_model(cfg, layout, m) for m in cfg.evaluate.models]
         return fingerprint(evaluate=cfg.evaluate, template=cfg.data.template, sets=_set_files(cfg),

@@ -112,6 +112,12 @@ class FinetuneStage(Stage):
         self.subset = subset
         self.variant = subset_folder(subset)
 
+    @classmethod
+    def placements(cls, cfg: RunConfig) -> list:
+        from rayapp.common import placement
+
+        return [placement.training(cls.name, cfg.finetune)]
+
     def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
         prepared = read_prepared(layout)
         _, _, _, data_identity = training_data(layout, prepared, self.subset)

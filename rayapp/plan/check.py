@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rayapp.common import placement
 from rayapp.config import RunConfig, TrainConfig
 from rayapp.models import registry, tiny
 from rayapp.plan import memory
@@ -38,11 +39,12 @@ class StagePlan:
                 "parts_gib": {k: round(v / GIB, 3) for k, v in self.parts.items()}, "advice": self.advice}
 
 
-def _gpu(cfg: RunConfig, accelerator_type: str | None,
-         resources: dict[str, float] | None = None) -> tuple[int | None, str]:
-    """The GPU memory a stage runs with: its accelerator_type's, else its node-type label's
+def _gpu(cfg: RunConfig, where) -> tuple[int | None, str]:
+    """The GPU memory a stage runs with, from its placement (``common.placement.Placement``, the
+    object its Ray call is made from): its accelerator_type's, else its node-type label's
     (cluster.gpu_memory_gib_by_resource), else cluster.gpu_memory_gib."""
-    labelled = [r for r in (resources or {}) if r in cfg.cluster.gpu_memory_gib_by_resource]
+    accelerator_type = where.accelerator_type
+    labelled = [r for r in where.labels if r in cfg.cluster.gpu_memory_gib_by_resource]
     if not accelerator_type and labelled:
         return int(cfg.cluster.gpu_memory_gib_by_resource[labelled[0]] * GIB), f"GPU of {labelled[0]}"
     if accelerator_type:
@@ -97,7 +99,8 @@ def plan_training(cfg: RunConfig, stage: str, tc: TrainConfig, shape: ModelShape
     world = max(tc.num_workers, 1)
     if not tc.use_gpu:
         return StagePlan(stage, shape.name, shape, f"{world} CPU worker(s)")
-    have, gpu = _gpu(cfg, tc.accelerator_type, tc.resources_per_worker)
+    have, gpu = _gpu(cfg, placement.training(stage, tc) or placement.Placement(  # local mode: the driver
+        stage, "driver", dict(tc.resources_per_worker), 1, accelerator_type=tc.accelerator_type))
     sharded = tc.fsdp and world > 1
     bf16 = tc.mixed_precision in ("bf16", "auto")
     tokens = tc.per_device_batch_size * cfg.data.max_length
@@ -117,11 +120,14 @@ def plan_training(cfg: RunConfig, stage: str, tc: TrainConfig, shape: ModelShape
     way = f"{world}-way FSDP" if sharded else ("DDP" if world > 1 else "one GPU")
     what = (f"LoRA r={lora.r}: {adapters:,} adapter parameters train in fp32 on a frozen "
             f"{'bf16' if bf16 else 'fp32'} base" if lora else "weights, gradients and AdamW state in fp32")
+    what += " (fused AdamW step)"
     plan = StagePlan(stage, shape.name, shape, f"{world} x {gpu}" + (f" ({_gib(have)})" if have else ""),
                      need=memory.total(parts), have=have, parts=parts,
                      detail=f"{way}: {what}, plus activations"
                             f"{' (checkpointed)' if tc.activation_checkpointing else ''} of "
-                            f"{tc.per_device_batch_size} x {cfg.data.max_length} tokens")
+                            f"{tc.per_device_batch_size} x {cfg.data.max_length} tokens"
+                            f"{', FSDP2 gradient buffers' if sharded else ''} and "
+                            f"~{memory.FRAGMENTATION:.0%} allocator fragmentation")
     _verdict(plan)
     if plan.verdict == TOO_BIG:
         ideas = []
@@ -152,7 +158,7 @@ def plan_scoring(cfg: RunConfig, shape: ModelShape) -> StagePlan:
     res = cfg.score.resources
     if not res.num_gpus:
         return StagePlan("score", shape.name, shape, f"{res.max_actors} CPU actor(s)")
-    have, gpu = _gpu(cfg, res.accelerator_type, res.resources)
+    have, gpu = _gpu(cfg, placement.actor_pool("score", res))
     b = _score_dtype_bytes(cfg, True)
     resident = cfg.score.cached_models or memory.cached_models(shape, have, b)
     tokens = cfg.score.batch_tokens
@@ -177,7 +183,7 @@ def plan_generation(cfg: RunConfig, shape: ModelShape) -> StagePlan:
     gen = cfg.evaluate.generation
     if gen.backend != "vllm" and not gen.resources.num_gpus:
         return StagePlan("evaluate", shape.name, shape, "CPU (hf generate)")
-    have, gpu = _gpu(cfg, gen.accelerator_type, gen.resources.resources)
+    have, gpu = _gpu(cfg, placement.generation(gen))
     tp = gen.tensor_parallel_size if gen.backend == "vllm" else 1
     max_len = min(shape.max_positions, cfg.data.max_length + gen.max_new_tokens)
     parts = memory.vllm_memory(shape, tensor_parallel=tp, max_model_len=max_len, batch_size=gen.batch_size,
@@ -195,7 +201,7 @@ def plan_generation(cfg: RunConfig, shape: ModelShape) -> StagePlan:
         plan.detail += f"; room for ~{kv_tokens:,} KV tokens ({kv_tokens // max_len} full-length sequences)"
     if plan.verdict == TOO_BIG:
         plan.advice = ("raise evaluate.generation.tensor_parallel_size (a power of two, GPUs on one node), "
-                       "or use a larger GPU (accelerator_type)")
+                       "or use a larger GPU (evaluate.generation.resources.accelerator_type)")
     return plan
 
 

@@ -202,6 +202,12 @@ class PrepareStage(Stage):
     help = "load, normalise, template and tokenize the data into Parquet shards"
     manifest_type = PreparedManifest
 
+    @classmethod
+    def placements(cls, cfg: RunConfig) -> list:
+        from rayapp.common import placement
+
+        return [placement.preparing(cfg)]
+
     def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
         sources = []
         for src in cfg.data.sources:

@@ -16,6 +16,12 @@ from rayapp.train.runner import TRAINING_STATE, TrainJob, run_training
 
 class ReferenceStage(Stage):
     name = "reference"
+
+    @classmethod
+    def placements(cls, cfg: RunConfig) -> list:
+        from rayapp.common import placement
+
+        return [placement.training(cls.name, cfg.reference)]
     help = "fine-tune the small reference model, checkpoint every epoch"
     manifest_type = ReferenceManifest
     reset_on_force = TRAINING_STATE

@@ -245,6 +245,8 @@ def _on_actor_pool(scorer, scorer_kwargs: dict, units: list[dict], res, runtime_
     import ray
     import ray.data
 
+    from rayapp.common.placement import actor_pool
+
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(
         scorer,
@@ -254,10 +256,7 @@ def _on_actor_pool(scorer, scorer_kwargs: dict, units: list[dict], res, runtime_
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-        num_cpus=res.num_cpus,
-        num_gpus=res.num_gpus,
-        resources=res.resources or None,
-        accelerator_type=res.accelerator_type,
+        **actor_pool("score", res).actor_options(),
         runtime_env=runtime_env,
     )
     return ds.iter_batches(batch_format="pyarrow", batch_size=None)

@@ -61,6 +61,12 @@ def _with_target_ifd_scores(cfg: RunConfig, layout: RunLayout, prepared, traj, b
 
 class ScoreStage(Stage):
     name = "score"
+
+    @classmethod
+    def placements(cls, cfg: RunConfig) -> list:
+        from rayapp.common import placement
+
+        return [placement.scoring(cfg)]
     help = "per-sample response losses for every checkpoint (Ray Data actor pool)"
     manifest_type = ScoresManifest
     # committed (checkpoint, shard) units resume a cut-off run; --force scores everything again

@@ -41,16 +41,16 @@ def cached(layout: RunLayout, key: str) -> dict[str, int] | None:
 
 def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: str) -> dict[str, int]:
     """Embed every prepared row (Ray Data actor pool), cluster, and write the cache."""
+    from rayapp.common import placement
     from rayapp.common.raycluster import init_ray, pool_size_leaving_a_cpu
     from rayapp.select.embed import embed_prepared, embeddings_table, kmeans
 
-    sc, res = cfg.select, cfg.score.resources
+    sc, where = cfg.select, placement.embedding(cfg)
     init_ray(cfg)
     t0 = time.perf_counter()
-    actors = pool_size_leaving_a_cpu(cfg, res.num_cpus, res.max_actors)
-    ids, vecs = embed_prepared(prepared.shard_paths(layout), sc.embedding_model, sc.embed_batch_size, res.num_cpus,
-                               actors, res.num_gpus, sc.embed_max_tokens, res.resources,
-                               res.accelerator_type, min_actors=res.min_actors)
+    actors = pool_size_leaving_a_cpu(cfg, where.cpus, where.count)
+    ids, vecs = embed_prepared(prepared.shard_paths(layout), sc.embedding_model, sc.embed_batch_size, where,
+                               sc.embed_max_tokens, max_actors=actors)
     t1 = time.perf_counter()
     labels = kmeans(vecs, sc.n_clusters, sc.seed)
     log.info("embedded %d rows in %.1fs; k-means (%d clusters) in %.1fs", len(ids), t1 - t0,

@@ -59,11 +59,14 @@ class Embedder:
         return {"id": np.asarray(rows["id"], dtype=object), "embedding": vecs.astype(np.float32)}
 
 
-def embed_prepared(files: list[str], model_name: str, batch_size: int, num_cpus: float, max_actors: int,
-                   num_gpus: float = 0, max_tokens: int = 256,
-                   resources: dict[str, float] | None = None,
-                   accelerator_type: str | None = None, min_actors: int = 1) -> tuple[list[str], np.ndarray]:
+def embed_prepared(files: list[str], model_name: str, batch_size: int, where, max_tokens: int = 256,
+                   max_actors: int | None = None) -> tuple[list[str], np.ndarray]:
+    """Embed every row of ``files`` on an actor pool placed by ``where`` (a Placement), with at
+    most ``max_actors`` actors (default: the placement's count)."""
     import ray.data
+
+    max_actors = max_actors or where.count
+    min_actors = where.min_count or 1
 
     # One prepared shard per row and per actor call (batch_size=1; the actor reads the shard): the
     # shard's rows are encoded together on every run, however Ray Data would bundle rows, and Ray
@@ -72,15 +75,12 @@ def embed_prepared(files: list[str], model_name: str, batch_size: int, num_cpus:
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"model_path": resolve_embedding_model(model_name), "batch_size": batch_size,
-                               "num_threads": max(1, int(num_cpus)), "max_tokens": max_tokens},
+                               "num_threads": max(1, int(where.cpus)), "max_tokens": max_tokens},
         batch_size=1,
         batch_format="numpy",
         # min_actors = max_actors on an autoscaling cluster (RunConfig: ray.autoscaling)
         compute=ray.data.ActorPoolStrategy(min_size=min(min_actors, max_actors), max_size=max_actors),
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        resources=resources or None,  # the scoring pool's node-type labels, if any
-        accelerator_type=accelerator_type if num_gpus else None,
+        **where.actor_options(),  # the scoring pool's resources and node-type label
     )
     ids: list[str] = []
     vecs = []

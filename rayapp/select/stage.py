@@ -142,6 +142,12 @@ def _metrics_columns(t: Trajectories, sc: SelectConfig) -> dict[str, np.ndarray]
 
 class SelectStage(Stage):
     name = "select"
+
+    @classmethod
+    def placements(cls, cfg: RunConfig) -> list:
+        from rayapp.common import placement
+
+        return [placement.embedding(cfg)]
     help = "learning-percentage ranking and baselines -> selected shard + report"
     manifest_type = SelectionManifest
     reset_on_force = ("embeddings.parquet",)  # the cached sentence embeddings and clusters

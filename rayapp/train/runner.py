@@ -54,6 +54,20 @@ class TrainJob:
     trust_remote_code: bool = False
 
 
+def _with_allocator_conf(runtime_env: dict | None, use_gpu: bool) -> dict | None:
+    """The training workers' runtime env with the caching allocator's expandable segments
+    (plan/memory.py: ALLOCATOR_CONF), which `rayapp plan` budgets fragmentation for. A setting of the
+    driver's own (its env or the job's runtime env) is left to the workers; so is one in
+    ``runtime_env``."""
+    from rayapp.plan.memory import ALLOCATOR_CONF
+
+    if not use_gpu or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return runtime_env
+    env = dict(runtime_env or {})
+    env["env_vars"] = {"PYTORCH_CUDA_ALLOC_CONF": ALLOCATOR_CONF, **(env.get("env_vars") or {})}
+    return env
+
+
 def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runtime_env: dict | None = None,
                  tracking: dict | None = None) -> list[dict]:
     """Fine-tune each job's model on its rows, one job after the other on one Ray Train worker group
@@ -61,6 +75,8 @@ def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runti
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from rayapp.common import placement
+    from rayapp.common.rehearsal import collective_backend
     from rayapp.train.checkpoints import staging_root
     from rayapp.train.worker import WorkerConfig, train_loop_per_worker
 
@@ -81,9 +97,7 @@ def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runti
     # Each worker reads the training files itself (tokenized instruction sets are tens of MB even
     # at paper scale) and takes its rows from a seeded DistributedSampler: the data order is then
     # the same in every attempt, which exact resume needs (see train/worker.py).
-    resources = {"CPU": train_cfg.cpus_per_worker, **train_cfg.resources_per_worker}
-    if train_cfg.use_gpu:
-        resources["GPU"] = train_cfg.gpus_per_worker
+    where = placement.training(stage, train_cfg)
     # Ray Train's own run state only (rayapp keeps its checkpoints itself): beside the first job's
     # outputs, or node-local when they are on an object store (no checkpoint is reported to Ray).
     ray_state = (os.path.join(first.staging_dir, "ray_train") if first.staging_dir
@@ -91,18 +105,16 @@ def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runti
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"jobs": [c.model_dump(mode="json") for c in worker_cfgs]},
-        torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=collective_backend(train_cfg.use_gpu)),
         # num_workers=0: Ray Train's local mode (no worker actors, no resources to reserve)
-        scaling_config=ray.train.ScalingConfig(num_workers=0) if train_cfg.num_workers == 0 else
-        ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
-                                resources_per_worker=resources, accelerator_type=train_cfg.accelerator_type,
-                                placement_strategy=train_cfg.placement_strategy),
+        scaling_config=ray.train.ScalingConfig(num_workers=0) if where is None else
+        ray.train.ScalingConfig(**where.train_scaling(train_cfg.use_gpu, train_cfg.num_workers)),
         run_config=ray.train.RunConfig(
             name=f"{stage}-{os.path.basename(first.work_dir.rstrip('/'))}",
             storage_path=ray_state,
             failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            worker_runtime_env=runtime_env,
+            worker_runtime_env=_with_allocator_conf(runtime_env, train_cfg.use_gpu),
         ),
     )
     local_mode = train_cfg.num_workers == 0
