@@ -98,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--output-dir", help="a run's output_dir, without its config")
     st.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    rh = sub.add_parser("rehearse", help="run a config's pipeline end to end on a local cluster of its node types, "
+                        "with tiny stand-ins of its models in the hub's layout", description="A cluster run on one "
+                        "machine: every placement group, bundle, pool size and Ray Train scaling of the config is "
+                        "created and scheduled by Ray on local nodes that declare the cluster file's node types "
+                        "(logical GPUs). Lists what differs on a CPU, checks the secrets the nodes need, and says "
+                        "per stage what was placed where and how it ended. Exits 1 unless every stage finished.")
+    rh.add_argument("--config", "-c", required=True)
+    rh.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    rh.add_argument("--cluster", default="cluster/aws.yaml",
+                    help="the cluster file whose node types the local nodes declare (launcher YAML or KubeRay)")
+    rh.add_argument("--workdir", help="where the rehearsal's hub cache, cluster logs and outputs go "
+                    "(default runs/rehearsal/<name>)")
+    rh.add_argument("--until", help="stop after this stage")
+    _verbosity(rh, argparse.SUPPRESS)
     show = sub.add_parser("config", help="print the validated config with overrides applied")
     show.add_argument("--config", "-c", required=True)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -271,6 +285,17 @@ def _check_cluster(args) -> int:
     return 1 if errors else 0
 
 
+def _rehearse(args) -> int:
+    from rayapp.rehearse import RehearsalError, rehearse
+
+    try:
+        report = rehearse(args.config, args.overrides, args.cluster, args.workdir, args.until)
+    except RehearsalError as exc:
+        raise RayappError(str(exc)) from None
+    print(f"rehearsal {'passed' if report['ok'] else 'FAILED'}: {report['workdir']}/rehearsal.json")
+    return 0 if report["ok"] else 1
+
+
 def _dispatch(args) -> int:
     if args.command == "compare":
         return _compare(args)
@@ -280,6 +305,8 @@ def _dispatch(args) -> int:
         return _judge_report(args)
     if args.command == "check-cluster":
         return _check_cluster(args)
+    if args.command == "rehearse":
+        return _rehearse(args)
     if args.command == "status" and args.output_dir:
         return _status(args.output_dir, None, args.json)
     from rayapp.config import dump_config, load_config
