@@ -54,7 +54,7 @@ class HFGenerator:
             tok.padding_side = "left"  # generation continues at the right edge
             tok.truncation_side = "left"  # an over-long prompt keeps its end (the question)
             dtype = resolve_dtype(self.gen.dtype, self.device)
-            model = load_causal_lm(path, dtype=dtype, trust_remote_code=self.trust_remote_code).to(self.device).eval()
+            model = load_causal_lm(path, dtype=dtype, trust_remote_code=self.trust_remote_code, device=self.device)
             limit = self.max_positions or getattr(model.config, "max_position_embeddings", None) or 2048
             self.loaded[label] = (tok, model, max(8, limit - self.gen.max_new_tokens))
         return self.loaded[label]

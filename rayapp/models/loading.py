@@ -1,5 +1,6 @@
 """Load tokenizers and causal LMs with safe defaults: safetensors only, no remote code unless the
-config opts in. Hub names, local folders and the tiny models all go through this one path."""
+config opts in. Hub names, local folders and the tiny models all go through this one path (a hub
+checkpoint reaches the stages staged as safetensors: models/hub.py)."""
 
 from __future__ import annotations
 
@@ -81,9 +82,12 @@ def materialize(name_or_path: str, weights: bool = True) -> str:
 
 def local_model_dir(name_or_path: str, revision: str | None = None) -> str:
     """A local folder holding the model's config and safetensors weights, for code that reads the
-    files itself (the sharded FSDP2 load): an object-store export is downloaded once per node, a hub
-    name is fetched into the hub's cache (its own file locks make concurrent ranks safe), and only
-    the safetensors weights, never pickled ones."""
+    files itself (the sharded FSDP2 load, the load onto a device): an object-store export is
+    downloaded once per node, a hub name is fetched into the hub's cache (its own file locks make
+    concurrent ranks safe), and only the safetensors weights, never pickled ones. The stages never
+    pass a hub name here: ``registry.model_source`` stages hub checkpoints into the run's folder
+    first, with the model's own tensor names (a hub snapshot may have other names, or no
+    safetensors at all)."""
     from rayapp.common import storage
     from rayapp.models.packaged import is_packaged
 
@@ -120,7 +124,10 @@ def load_causal_lm(
     dtype=None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    device: str | None = None,
 ):
+    """The model, on the CPU; or, given ``device``, built on the meta device and filled tensor by
+    tensor straight onto ``device`` (``load_onto``: the host never holds the whole model)."""
     lean_transformers()
     from transformers import AutoModelForCausalLM
 
@@ -136,9 +143,39 @@ def load_causal_lm(
     if base is not None:  # a LoRA adapter export (finetune.lora.export: adapter): base plus adapter, merged
         from peft import PeftModel
 
-        model = load_causal_lm(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = load_causal_lm(base, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
         return PeftModel.from_pretrained(model, name_or_path).merge_and_unload()
+    if device is not None:
+        return load_onto(local_model_dir(name_or_path, revision), device, dtype, trust_remote_code)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def load_onto(folder: str, device: str, dtype=None, trust_remote_code: bool = False):
+    """The model of the safetensors folder ``folder`` with its weights on ``device``, in eval mode,
+    without a copy of the model in host memory: ``from_pretrained(...).to(device)`` holds the whole
+    model on the host first (13.5 GB for Llama-2-7B in bf16, in a scoring pod of 24Gi). The model
+    is built on the meta device, its storage allocated on ``device``, and each tensor read from
+    the files through a host buffer of that one tensor (models/sharded.py's reader; none on the
+    CPU when the dtypes match: the bytes go straight into the parameter). Same weights as
+    ``from_pretrained`` (same bytes, cast to ``dtype``)."""
+    import torch
+
+    from rayapp.models import sharded
+
+    config = sharded.load_config(folder, trust_remote_code)
+    if dtype is None:  # as from_pretrained: the checkpoint's own dtype
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = sharded.empty_causal_lm(config, dtype, trust_remote_code)
+    buffers = sharded.real_buffers(model)  # computed at construction (rotary tables): to_empty drops them
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives each parameter storage of its own: tied ones share one again
+    sharded.load_local_shards(model, folder, dtype, buffers)
+    if os.path.isfile(os.path.join(folder, "generation_config.json")):  # as from_pretrained: generate's defaults
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.eval()
 
 
 ADAPTER_CONFIG = "adapter_config.json"

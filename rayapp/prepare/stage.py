@@ -180,14 +180,15 @@ def _process_in_order(jobs: list[dict], cfg: RunConfig) -> list[BlockResult]:
 
 def _tokenizer_identity(cfg: RunConfig) -> str:
     """The tiny tokenizer is trained from the data (already in the fingerprint); any other one is
-    identified by its tokenizer.json when it is a local folder, else by its name and revision."""
+    identified by its tokenizer.json when it is a local folder, else by its name and the revision
+    its files are staged at (a hub tokenizer: registry.ensure_tokenizer)."""
     name = cfg.models.tokenizer or cfg.models.reference.name_or_path
     if name == registry.TINY:
         return f"tiny:vocab={cfg.models.reference.tiny.vocab_size}"
     tok_file = os.path.join(storage.local_path(name), "tokenizer.json")
     if not storage.is_remote(name) and os.path.isfile(tok_file):
         return "sha256:" + sha256_file(tok_file)
-    return f"{name}@{cfg.models.reference.revision or 'default'}"
+    return f"{name}@{registry.tokenizer_revision(cfg) or 'default'}"
 
 
 def holdout_order(ids: list[str], seed: int) -> list[int]:

@@ -26,7 +26,8 @@ class LossScorer:
     shards read stay cached), so no read stage, and no worker processes of its own, stand between
     the driver and the first result, and token ids never pass through the object store.
 
-    Models load through ``from_pretrained`` on first use and stay cached (``cache_size`` models),
+    Models load on first use straight onto the device (``loading.load_onto``: no copy of the whole
+    model in host memory) and stay cached (``cache_size`` models),
     so an actor loads each checkpoint once even when blocks of several checkpoints interleave. The
     oldest is evicted before the next one loads, so at most ``cache_size`` are ever resident. Left
     unset, the cache size and the token budget are sized from the device once the first model is
@@ -107,8 +108,9 @@ class LossScorer:
             self.models.popitem(last=False)  # before loading: never one model more than the cache holds
             if self.device == "cuda":
                 self.torch.cuda.empty_cache()
-        model = load_causal_lm(self.checkpoints[name], dtype=self.dtype, trust_remote_code=self.trust_remote_code)
-        model.to(self.device).eval()
+        # straight onto the device, a tensor at a time: never the whole model in the pod's host memory
+        model = load_causal_lm(self.checkpoints[name], dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                               device=self.device)
         self.models[name] = model
         self.params[name] = sum(p.numel() for p in model.parameters())
         if self.cache_size is None or self.batch_tokens is None:
