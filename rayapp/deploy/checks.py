@@ -11,21 +11,44 @@
   types each group names, and the KubeRay version the fields need.
 - ``check_placement``: every stage's actors and workers of a run config fit the node types, with
   the placement strategy they ask for, up to the node types' max_workers.
+- ``check_needs``: what those stages need of the node types beyond CPUs and GPUs: the Hugging Face
+  token on every node that loads a gated model, disk for model downloads and a staged checkpoint,
+  and a disk fast enough to stage the checkpoints of the training stages.
+
+Both cluster formats also state, and the checks read: the NVIDIA driver the image needs (>= 580:
+a host-side check on launcher GPU nodes, a node-pool label the KubeRay GPU groups require), the
+disk each node type stages models and checkpoints on (launcher: the boot volume or the instance's
+NVMe mounted as the cache; KubeRay: the node pool's disk, annotation rayapp.io/node-disk), and
+where each container's HF_TOKEN comes from (a Secret; a secrets file the host fetches from the
+cloud's secret manager).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import shlex
 from dataclasses import dataclass, field
 
-from rayapp.deploy.instances import ALL, AWS, KUBE_RESERVED_FRACTION
+from rayapp.deploy.instances import (ALL, AWS, GB, GCP, KUBE_EVICTION_FREE_FRACTION, KUBE_NODE_SYSTEM_BYTES,
+                                     KUBE_RESERVED_FRACTION, LAUNCHER_HOST_SYSTEM_BYTES, MIN_NVIDIA_DRIVER, Disk,
+                                     DiskSpecError, ebs_disk, instance_store, parse_disk, pd_disk)
 
 STANDARD = {"CPU", "GPU", "memory", "object_store_memory"}
 # Actions a head node with its own instance profile needs to run the autoscaler (Ray creates them
 # only for the profile it makes itself).
 HEAD_ACTIONS = ("ec2:RunInstances", "ec2:CreateTags", "ec2:TerminateInstances", "ec2:DescribeInstances",
                 "iam:PassRole")
+
+
+# Where the DLAMI mounts an instance's local NVMe (all devices of it): a cache mounted from here is
+# on the instance store, not on the boot volume.
+DLAMI_NVME = "/opt/dlami/nvme"
+# The node-pool label the KubeRay GPU groups require: the NVIDIA driver's major version, which the
+# operator sets on each GPU node pool (cluster/README.md); the autoscaler knows it before a node exists.
+DRIVER_LABEL = "rayapp.io/nvidia-driver-major"
+# A checkpoint save blocks every training worker: staging one should not take longer than this.
+SLOW_CHECKPOINT_SAVE_S = 300
 
 
 @dataclass
@@ -35,6 +58,13 @@ class NodeType:
     max_workers: int
     instance: str | None = None
     labels: dict[str, float] = field(default_factory=dict)
+    head: bool = False
+    # where the container's HF_TOKEN comes from ("secretKeyRef rayapp-secrets/hf-token"); None: nowhere
+    hf_token: str | None = None
+    # per instance type the node type may be: the disk RAYAPP_CACHE_DIR and HF_HOME are on
+    disks: dict[str, Disk] = field(default_factory=dict)
+    # KubeRay: the pod is evicted when its ephemeral storage (the cache volume) passes this
+    cache_limit_bytes: int | None = None
 
     def capacity(self) -> dict[str, float]:
         out = dict(self.resources)
@@ -56,9 +86,128 @@ def _instance(doc: dict, node_config: dict) -> str | None:
     return node_config.get("InstanceType") if _provider(doc) == "aws" else node_config.get("machineType")
 
 
+@dataclass
+class RunOptions:
+    """What a node's `docker run` options give its container: environment, env files, mounts."""
+
+    env: dict[str, str | None] = field(default_factory=dict)  # None: passed through from the host
+    env_files: list[str] = field(default_factory=list)
+    mounts: dict[str, str] = field(default_factory=dict)  # container path -> host path
+
+
+def _parse_run_options(options: list[str]) -> RunOptions:
+    out = RunOptions()
+    tokens = [tok for opt in options for tok in shlex.split(str(opt))]
+    i = 0
+    while i < len(tokens):
+        tok, value = tokens[i], None
+        for flag in ("--env-file", "--env", "-e", "--volume", "-v"):
+            if tok == flag and i + 1 < len(tokens):
+                value, i = tokens[i + 1], i + 1
+            elif tok.startswith(flag + "=") and flag.startswith("--"):
+                value = tok[len(flag) + 1:]
+            else:
+                continue
+            if flag == "--env-file":
+                out.env_files.append(value)
+            elif flag in ("--env", "-e"):
+                key, eq, val = value.partition("=")
+                out.env[key] = val if eq else None
+            else:
+                host, _, rest = value.partition(":")
+                out.mounts[rest.split(":")[0]] = host
+            break
+        i += 1
+    return out
+
+
+def _run_options(doc: dict, name: str) -> RunOptions:
+    """The node type's docker options as Ray builds them: `run_options` plus `head_run_options` or
+    `worker_run_options`; a worker type's own `docker:` section overrides the cluster's keys (the
+    head's container uses the cluster's section: `ray up` starts it from there)."""
+    head = name == doc.get("head_node_type")
+    docker = dict(doc.get("docker", {}))
+    if not head:
+        docker.update(doc.get("available_node_types", {}).get(name, {}).get("docker", {}))
+    options = list(docker.get("run_options", [])) + list(docker.get("head_run_options" if head else
+                                                                  "worker_run_options", []))
+    return _parse_run_options(options)
+
+
+def _init_commands(doc: dict, name: str) -> list[str]:
+    """The host commands run before the node's container starts: a worker type's own list replaces
+    the cluster's; the head always runs the cluster's (`ray up` reads nothing else)."""
+    if name == doc.get("head_node_type"):
+        return list(doc.get("initialization_commands", []))
+    t = doc.get("available_node_types", {}).get(name, {})
+    return list(t.get("initialization_commands", doc.get("initialization_commands", [])))
+
+
+def _host_path(doc: dict, path: str) -> str:
+    """A host path as the initialization commands write it (~ is the SSH user's home)."""
+    user = doc.get("auth", {}).get("ssh_user", "ubuntu")
+    return f"/home/{user}/{path[2:]}" if path.startswith("~/") else path
+
+
+def launcher_hf_token(doc: dict, name: str) -> str | None:
+    """Where a launcher node's container gets HF_TOKEN: an env file on the host that one of the
+    node's initialization commands writes HF_TOKEN into (from the cloud's secret manager)."""
+    opts = _run_options(doc, name)
+    for env_file in opts.env_files:
+        target = _host_path(doc, env_file)
+        for cmd in _init_commands(doc, name):
+            cmd = " ".join(str(cmd).split())
+            written = {_host_path(doc, p) for p in re.findall(r"(?:>>?|tee -a|tee)\s*(\S+)", cmd)}
+            if target in written and "HF_TOKEN" in cmd:
+                return f"--env-file {env_file}, written by an initialization command"
+    return None
+
+
+def launcher_disk(doc: dict, name: str) -> Disk:
+    """The disk a launcher node keeps its cache on: the instance's NVMe where RAYAPP_CACHE_DIR is
+    mounted from the DLAMI's instance-store mount, else the boot volume (the container's own
+    filesystem, or a host folder on it), less what the OS and the image take there."""
+    t = doc["available_node_types"][name]
+    node_config = t.get("node_config", {})
+    inst = _instance(doc, node_config)
+    opts = _run_options(doc, name)
+    cache = opts.env.get("RAYAPP_CACHE_DIR")
+    host = next((h for c, h in opts.mounts.items() if cache and (cache == c or cache.startswith(c.rstrip("/") + "/"))),
+                None)
+    if host and host.startswith(DLAMI_NVME):
+        return instance_store(inst or "")
+    if _provider(doc) == "aws":
+        mappings = node_config.get("BlockDeviceMappings", [])
+        root = next((m for m in mappings if m.get("DeviceName") in ("/dev/sda1", "/dev/xvda")), None)
+        if root is None or "VolumeSize" not in root.get("Ebs", {}):
+            raise DiskSpecError("no root volume size (BlockDeviceMappings /dev/sda1): the AMI's default root "
+                                "volume cannot hold the image, model downloads and checkpoint staging")
+        ebs = root["Ebs"]
+        return ebs_disk(ebs.get("VolumeType", "gp2"), ebs["VolumeSize"], ebs.get("Throughput"), ebs.get("Iops"),
+                        LAUNCHER_HOST_SYSTEM_BYTES)
+    boot = next((d for d in node_config.get("disks", []) if d.get("boot")), None)
+    params = (boot or {}).get("initializeParams", {})
+    if "diskSizeGb" not in params:
+        raise DiskSpecError("no boot disk size (disks: boot: true, initializeParams.diskSizeGb)")
+    return pd_disk(params.get("diskType", "pd-standard"), float(params["diskSizeGb"]), LAUNCHER_HOST_SYSTEM_BYTES)
+
+
+def _driver_check_minimum(commands: list[str]) -> int | None:
+    """The driver major version a host-side check (nvidia-smi --query-gpu=driver_version ... -ge N)
+    requires before the container starts, or None when no command checks it."""
+    for cmd in commands:
+        cmd = str(cmd)
+        if "--query-gpu=driver_version" in cmd:
+            found = re.search(r"-ge\s+(\d+)", cmd)
+            if found:
+                return int(found.group(1))
+    return None
+
+
 def launcher_node_types(doc: dict) -> list[NodeType]:
     """Node types as the autoscaler sees them: declared resources, with AWS's own detection of
-    CPUs and GPUs from the instance type where the config leaves them out (GCP detects nothing)."""
+    CPUs and GPUs from the instance type where the config leaves them out (GCP detects nothing),
+    plus where each one's container gets HF_TOKEN and the disk its cache is on."""
     out = []
     for name, t in doc.get("available_node_types", {}).items():
         res = dict(t.get("resources", {}))
@@ -68,7 +217,12 @@ def launcher_node_types(doc: dict) -> list[NodeType]:
             res.setdefault("CPU", spec.vcpus)
             res.setdefault("GPU", spec.gpus)
         head = name == doc.get("head_node_type")
-        out.append(NodeType(name, res, 1 if head else int(t.get("max_workers", 0)), inst))
+        try:
+            disks = {inst: launcher_disk(doc, name)} if inst else {}
+        except DiskSpecError:
+            disks = {}  # check_launcher says why
+        out.append(NodeType(name, res, 1 if head else int(t.get("max_workers", 0)), inst, head=head,
+                            hf_token=launcher_hf_token(doc, name), disks=disks))
     return out
 
 
@@ -106,6 +260,16 @@ def check_launcher(doc: dict, head_policy: dict | None = None) -> list[str]:
         if provider == "aws" and (not ami or ami.lower() == "latest_dlami"):
             errors.append(f"{where}: no ImageId: Ray's default AMI is an old DLAMI whose NVIDIA driver is too old "
                           "for current CUDA wheels")
+        for key, value in _run_options(doc, name).env.items():
+            if value and any(w in key.upper() for w in ("KEY", "TOKEN", "SECRET")):
+                errors.append(f"{where}: secret {key} written in docker run options (fetch it on the host into "
+                              "an --env-file from the cloud's secret manager)")
+        try:
+            launcher_disk(doc, name)
+        except DiskSpecError as exc:
+            errors.append(f"{where}: {exc}")
+        if gpus:
+            errors += [f"{where}: {e}" for e in _launcher_driver_errors(doc, name, node_config)]
         if name == head_name:
             continue
         if gpus and declared.get("GPU") != gpus:
@@ -141,6 +305,26 @@ def check_launcher(doc: dict, head_policy: dict | None = None) -> list[str]:
             if missing:
                 errors.append(f"head: its own instance profile needs {', '.join(missing)} (Ray creates its "
                               "autoscaler role only when the head names none); see cluster/aws-iam/head-policy.json")
+    return errors
+
+
+def _launcher_driver_errors(doc: dict, name: str, node_config: dict) -> list[str]:
+    """A GPU node's driver is checked before its container starts (the AMI or image resolves at
+    launch, so only the host knows the driver), and a GCP image family that names its driver
+    (...-nvidia-580) names one new enough."""
+    errors = []
+    minimum = _driver_check_minimum(_init_commands(doc, name))
+    if minimum is None or minimum < MIN_NVIDIA_DRIVER:
+        errors.append(f"no initialization command checks the NVIDIA driver >= {MIN_NVIDIA_DRIVER} (nvidia-smi "
+                      f"--query-gpu=driver_version ... -ge {MIN_NVIDIA_DRIVER}) before the container starts: the "
+                      "image's CUDA 13 wheels fail on an older driver only once a stage uses the GPU"
+                      + (f" (the check there asks for {minimum})" if minimum is not None else ""))
+    for d in node_config.get("disks", []):
+        image = str(d.get("initializeParams", {}).get("sourceImage", ""))
+        named = re.search(r"nvidia-(\d+)", image)
+        if named and int(named.group(1)) < MIN_NVIDIA_DRIVER:
+            errors.append(f"boot image {image} has NVIDIA driver {named.group(1)}; the image's CUDA 13 wheels need "
+                          f">= {MIN_NVIDIA_DRIVER}")
     return errors
 
 
@@ -184,18 +368,150 @@ def _worker_labels(group: dict) -> dict[str, float]:
     return json.loads(json.loads(raw) if raw.startswith('"') else raw)
 
 
-def kuberay_node_types(doc: dict) -> list[NodeType]:
-    spec = _cluster_spec(doc)
-    out = []
-    for g in spec.get("workerGroupSpecs", []):
-        c = g["template"]["spec"]["containers"][0]
-        lim = c.get("resources", {}).get("limits", {})
-        res = {"CPU": math.floor(_quantity(lim.get("cpu", 0))), "GPU": int(lim.get("nvidia.com/gpu", 0)),
-               **_worker_labels(g)}
-        types = g["template"].get("metadata", {}).get("annotations", {}).get("rayapp.io/instance-types", "")
-        out.append(NodeType(g.get("groupName", "?"), res, int(g.get("maxReplicas", 0)),
-                            types.split(",")[0] if types else None))
+def _annotation(group: dict, key: str) -> str | None:
+    return group.get("template", {}).get("metadata", {}).get("annotations", {}).get(key)
+
+
+def group_disks(group: dict) -> dict[str, Disk]:
+    """The disk each instance type's node pool gives its pods' ephemeral storage (emptyDir volumes,
+    container layers), from the group's annotation rayapp.io/node-disk:
+    ``p4d.24xlarge: instance-store; a2-highgpu-8g: pd-ssd 2500Gi``."""
+    spec = _annotation(group, "rayapp.io/node-disk")
+    if not spec:
+        return {}
+    out = {}
+    for part in spec.split(";"):
+        inst, sep, disk = part.partition(":")
+        if not sep:
+            raise DiskSpecError(f"rayapp.io/node-disk {part.strip()!r}: write INSTANCE-TYPE: DISK")
+        out[inst.strip()] = parse_disk(disk.strip(), inst.strip(), KUBE_NODE_SYSTEM_BYTES)
     return out
+
+
+def allocatable_ephemeral(disk: Disk) -> int:
+    """What the kubelet lets pods use of a node's disk: less its hard eviction threshold, the OS
+    and the pulled images."""
+    return max(0, int(disk.size_bytes * (1 - KUBE_EVICTION_FREE_FRACTION)) - disk.system_bytes)
+
+
+def _container_hf_token(container: dict, pod: dict) -> str | None:
+    """Where a pod's container gets HF_TOKEN: a Secret by reference (env, envFrom, or a secret
+    volume that HF_TOKEN_PATH points into)."""
+    env = {e.get("name"): e for e in container.get("env", [])}
+    ref = env.get("HF_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+    if ref:
+        return f"secretKeyRef {ref.get('name')}/{ref.get('key')}"
+    for src in container.get("envFrom", []):
+        if src.get("secretRef"):
+            return f"envFrom secret {src['secretRef'].get('name')} (its HF_TOKEN key)"
+    path = env.get("HF_TOKEN_PATH", {}).get("value")
+    secrets = {v.get("name") for v in pod.get("volumes", []) if v.get("secret")}
+    for m in container.get("volumeMounts", []):
+        if path and m.get("name") in secrets and path.startswith(m.get("mountPath", "").rstrip("/") + "/"):
+            return f"HF_TOKEN_PATH in secret volume {m.get('name')}"
+    return None
+
+
+def _cache_limit(container: dict, pod: dict) -> int | None:
+    """The bytes the pod's cache may hold before the kubelet evicts it: the cache volume's
+    sizeLimit, within the container's ephemeral-storage limit."""
+    limits = []
+    eph = container.get("resources", {}).get("limits", {}).get("ephemeral-storage")
+    if eph:
+        limits.append(_quantity(eph))
+    cache_dir = next((e.get("value") for e in container.get("env", []) if e.get("name") == "RAYAPP_CACHE_DIR"), None)
+    mounts = {m.get("mountPath"): m.get("name") for m in container.get("volumeMounts", [])}
+    vol = next((v for v in pod.get("volumes", []) if v.get("name") == mounts.get(cache_dir)), {})
+    if vol.get("emptyDir", {}).get("sizeLimit"):
+        limits.append(_quantity(vol["emptyDir"]["sizeLimit"]))
+    return int(min(limits)) if limits else None
+
+
+def _group_node_type(group: dict, name: str, max_workers: int, head: bool = False) -> NodeType:
+    pod = group["template"]["spec"]
+    c = pod["containers"][0]
+    lim = c.get("resources", {}).get("limits", {})
+    res = {"CPU": math.floor(_quantity(lim.get("cpu", 0))), "GPU": int(lim.get("nvidia.com/gpu", 0)),
+           **_worker_labels(group)}
+    if head:
+        res["CPU"] = float(group.get("rayStartParams", {}).get("num-cpus", res["CPU"]))
+    types = [t.strip() for t in (_annotation(group, "rayapp.io/instance-types") or "").split(",") if t.strip()]
+    try:
+        disks = group_disks(group)
+    except DiskSpecError:
+        disks = {}  # check_kuberay says why
+    return NodeType(name, res, max_workers, types[0] if types else None, head=head,
+                    hf_token=_container_hf_token(c, pod), disks=disks, cache_limit_bytes=_cache_limit(c, pod))
+
+
+def kuberay_node_types(doc: dict) -> list[NodeType]:
+    """The worker groups as node types (the head: ``kuberay_head``)."""
+    return [_group_node_type(g, g.get("groupName", "?"), int(g.get("maxReplicas", 0)))
+            for g in _cluster_spec(doc).get("workerGroupSpecs", [])]
+
+
+def kuberay_head(doc: dict) -> NodeType:
+    """The head group as a node type: no stage's actors land there (num-cpus 0), the job's driver does."""
+    return _group_node_type(_cluster_spec(doc)["headGroupSpec"], "head", 1, head=True)
+
+
+def _driver_affinity_minimum(pod: dict) -> int | None:
+    """The lowest NVIDIA driver major version the pod's required node affinity admits through the
+    node-pool label rayapp.io/nvidia-driver-major (Gt N admits N + 1; In admits its values), or None."""
+    terms = (pod.get("affinity", {}).get("nodeAffinity", {})
+             .get("requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms", []))
+    lows = []
+    for term in terms:  # terms are ORed: the weakest one decides
+        low = None
+        for e in term.get("matchExpressions", []):
+            if e.get("key") != DRIVER_LABEL:
+                continue
+            values = [int(v) for v in e.get("values", []) if str(v).isdigit()]
+            if e.get("operator") == "Gt" and values:
+                low = max(low or 0, values[0] + 1)
+            elif e.get("operator") == "In" and values:
+                low = max(low or 0, min(values))
+        lows.append(low)
+    selector = pod.get("nodeSelector", {}).get(DRIVER_LABEL)
+    if selector is not None and str(selector).isdigit():
+        lows = [max(low or 0, int(selector)) for low in lows] or [int(selector)]
+    return None if not lows or None in lows else min(lows)
+
+
+def _kuberay_disk_errors(group: dict, container: dict, pod: dict, types: str) -> list[str]:
+    """A pod's ephemeral storage against the disk of each node pool it may land on, and its cache
+    volume within its ephemeral-storage limit (the kubelet evicts a pod over either)."""
+    try:
+        disks = group_disks(group)
+    except DiskSpecError as exc:
+        return [str(exc)]
+    res = container.get("resources", {})
+    req = res.get("requests", {}).get("ephemeral-storage")
+    if req is None:
+        return []
+    errors = []
+    for inst in [t.strip() for t in types.split(",") if t.strip()]:
+        disk = disks.get(inst)
+        if disk is None:
+            example = "instance-store" if ALL.get(inst) and ALL[inst].local_nvme_bytes else \
+                "pd-balanced 300Gi" if inst in GCP else "gp3 300Gi 500MiBps"
+            errors.append(f"requests {req} of ephemeral storage: state the disk of the {inst} node pool (annotation "
+                          f"rayapp.io/node-disk, e.g. '{inst}: {example}')")
+            continue
+        room = allocatable_ephemeral(disk)
+        if _quantity(req) > room:
+            errors.append(f"requests {req} of ephemeral storage; a {inst} node with {disk.describe()} allows pods "
+                          f"{room / 2**30:.0f} GiB (less {KUBE_EVICTION_FREE_FRACTION:.0%} eviction reserve, the OS "
+                          f"and images: {disk.system_bytes / GB:.0f} GB)")
+    limit = res.get("limits", {}).get("ephemeral-storage")
+    cache_dir = next((e.get("value") for e in container.get("env", []) if e.get("name") == "RAYAPP_CACHE_DIR"), None)
+    mounts = {m.get("mountPath"): m.get("name") for m in container.get("volumeMounts", [])}
+    vol = next((v for v in pod.get("volumes", []) if v.get("name") == mounts.get(cache_dir)), {})
+    size = vol.get("emptyDir", {}).get("sizeLimit")
+    if limit and size and _quantity(size) > _quantity(limit):
+        errors.append(f"cache volume sizeLimit {size} is over the container's ephemeral-storage limit {limit}: the "
+                      "pod is evicted before the cache is full")
+    return errors
 
 
 def check_kuberay(doc: dict, text: str = "") -> list[str]:
@@ -257,6 +573,13 @@ def check_kuberay(doc: dict, text: str = "") -> list[str]:
             if not types:
                 errors.append(f"{name}: name the instance types the pods run on (annotation rayapp.io/instance-types)")
                 continue
+            errors += [f"{name}: {e}" for e in _kuberay_disk_errors(group, c, pod, types)]
+            if gpu:
+                low = _driver_affinity_minimum(pod)
+                if low is None or low < MIN_NVIDIA_DRIVER:
+                    errors.append(f"{name}: GPU pods must require NVIDIA driver >= {MIN_NVIDIA_DRIVER} (the image's CUDA "
+                                  f"13 wheels): a required node affinity on the node-pool label {DRIVER_LABEL}, e.g. "
+                                  f"Gt {MIN_NVIDIA_DRIVER - 1}" + (f" (it admits {low})" if low is not None else ""))
             for inst in types.split(","):
                 spec_i = ALL.get(inst.strip())
                 if spec_i is None:
@@ -349,6 +672,81 @@ def _show(bundle: dict[str, float]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# what a run needs of its nodes beyond CPUs and GPUs
+
+
+def _lands_on(p, t: NodeType) -> bool:
+    """Whether a stage's placement can put work on node type ``t`` (as check_placement reads it)."""
+    if t.max_workers <= 0:
+        return False
+    bundle = p.ray_bundle()
+    if p.strategy == "STRICT_PACK":
+        bundle = {k: v * p.count for k, v in bundle.items()}
+    return _fits(bundle, t.capacity())
+
+
+def stages_on(cfg, node_types: list[NodeType]) -> dict[str, list[str]]:
+    """The stages whose work may run on each node type: those whose placement fits it, and on the
+    head the stages without a placement (the job's driver runs them), plus prepare, whose driver
+    always loads the tokenizer."""
+    from rayapp.common.placement import run_placements
+    from rayapp.pipeline import STAGE_TYPES
+
+    placements = run_placements(cfg)
+    placed = {p.stage for p in placements}
+    out = {t.name: [] for t in node_types}
+    for t in node_types:
+        if t.head:
+            out[t.name] = [s for s in STAGE_TYPES if s not in placed or s == "prepare"]
+            continue
+        out[t.name] = list(dict.fromkeys(p.stage for p in placements if _lands_on(p, t)))
+    return out
+
+
+def check_needs(cfg, node_types: list[NodeType], where: str = "cluster") -> list[str]:
+    """Per node type, what the stages that may run there need: HF_TOKEN in the container where they
+    load a gated model, disk for what they download and stage, and a disk that stages a training
+    checkpoint in under SLOW_CHECKPOINT_SAVE_S."""
+    from rayapp.deploy.needs import disk_needs, gated_by_stage
+
+    errors = []
+    gated = gated_by_stage(cfg)
+    needs = disk_needs(cfg)
+    where_stages = stages_on(cfg, node_types)
+    for t, stages in ((t, where_stages[t.name]) for t in node_types):
+        loads = {s: gated[s] for s in stages if s in gated}
+        if loads and not t.hf_token:
+            models = sorted({m for ms in loads.values() for m in ms})
+            errors.append(f"{t.name}: HF_TOKEN missing: {', '.join(loads)} load{'s' if len(loads) == 1 else ''} the "
+                          f"gated {', '.join(models)} here, and the node's container has no token (KubeRay: a "
+                          "secretKeyRef on every group; launcher: an --env-file the host writes from the secret "
+                          "manager; cluster/README.md)")
+        here = [needs[s] for s in stages if s in needs]
+        if not here:
+            continue
+        kept = sum(n.kept for n in here)
+        staged = max(n.staged for n in here)
+        total = kept + staged
+        for inst, disk in t.disks.items():
+            room = t.cache_limit_bytes if t.cache_limit_bytes is not None else disk.free_bytes
+            what = (f"its cache volume's limit ({room / 2**30:,.0f} GiB)" if t.cache_limit_bytes is not None else
+                    f"{disk.describe()} ({room / GB:,.0f} GB free of the OS and image)")
+            if total > room:
+                parts = "; ".join(f"{n.stage}: {', '.join(n.parts)}" for n in here if n.kept or n.staged)
+                errors.append(f"{t.name} ({inst}): the stages here need {total / GB:,.0f} GB of local disk ({parts}) "
+                              f"but {what} holds less")
+            for n in here:
+                if not n.checkpoint:
+                    continue
+                save_s = n.checkpoint / disk.write_bytes_per_s
+                if save_s > SLOW_CHECKPOINT_SAVE_S:
+                    errors.append(f"{t.name} ({inst}): {n.stage} stages each checkpoint ({n.checkpoint / GB:,.0f} GB) on "
+                                  f"{disk.describe()}: {save_s / 60:,.0f} min a save, {n.saves} saves, every training "
+                                  f"worker waiting; use a faster disk (gp3 Throughput, pd-ssd, or the instance's NVMe)")
+    return errors
+
+
+# ----------------------------------------------------------------------------------------------
 # files
 
 
@@ -369,7 +767,7 @@ def check_files(paths: list[str], configs: list[str] = (), head_policy: str | No
         doc = yaml.safe_load(text)
         if doc.get("kind") in ("RayCluster", "RayJob"):
             found = check_kuberay(doc, text)
-            node_types[path] = kuberay_node_types(doc) if not found else None
+            node_types[path] = [kuberay_head(doc)] + kuberay_node_types(doc) if not found else None
         else:
             policy = head_policy or os.path.join(os.path.dirname(path), "aws-iam", "head-policy.json")
             pol = json.load(open(policy)) if _provider(doc) == "aws" and os.path.exists(policy) else {}
@@ -380,5 +778,7 @@ def check_files(paths: list[str], configs: list[str] = (), head_policy: str | No
         cfg = load_config(config)
         for path, types in node_types.items():
             if types is not None:
-                errors += [f"{config} on {path}: {e}" for e in check_placement(cfg, types, os.path.basename(path))]
+                name = os.path.basename(path)
+                errors += [f"{config} on {path}: {e}" for e in check_placement(cfg, types, name)]
+                errors += [f"{config} on {path}: {e}" for e in check_needs(cfg, types, name)]
     return errors
