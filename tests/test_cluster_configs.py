@@ -177,3 +177,274 @@ def test_autoscaling_starts_gpu_pools_at_full_size_and_leaves_cpu_pools_alone():
     assert cpu.score.resources.min_actors == 1
     fixed = load_config(str(REPO / "configs/tiny.yaml"), base[1:] + ["score.resources.num_gpus=1"])
     assert fixed.score.resources.min_actors == 1  # a cluster of fixed size: the pool grows as Ray Data likes
+
+
+# ---- gated models: HF_TOKEN where the hub is read (issue 27, defect 5) -----------------------------
+
+def _spec(doc):
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
+def _node_types(path, doc=None):
+    from rayapp.deploy.checks import kuberay_head
+
+    doc = doc or _load(path)
+    return [kuberay_head(doc)] + kuberay_node_types(doc) if doc.get("kind") else launcher_node_types(doc)
+
+
+@pytest.mark.parametrize("path", LAUNCHER + KUBERAY)
+def test_every_node_gets_the_hf_token_from_its_own_environment(path):
+    """The job's driver (head) stages the gated Llama models from the hub; GPU nodes fetch a model
+    named directly in evaluate.models. Before: KubeRay gave the Secret to the head only, and the
+    launcher configs passed nothing into any container."""
+    from rayapp.deploy.checks import check_needs
+
+    types = _node_types(path)
+    assert {t.name: bool(t.hf_token) for t in types} == {t.name: True for t in types}
+    for t in types:
+        assert "secretKeyRef rayapp-secrets/hf-token" == t.hf_token if path in KUBERAY else "--env-file" in t.hf_token
+    llama = load_config(str(REPO / PRESETS[1]))
+    assert not [e for e in check_needs(llama, types) if "HF_TOKEN" in e]
+
+
+def test_check_cluster_names_each_node_type_without_the_token():
+    from rayapp.deploy.checks import check_needs, kuberay_head
+
+    llama, opt = load_config(str(REPO / PRESETS[1])), load_config(str(REPO / PRESETS[0]))
+    doc = _load("cluster/kuberay/raycluster.yaml")
+    for group in [_spec(doc)["headGroupSpec"]] + _spec(doc)["workerGroupSpecs"]:
+        c = group["template"]["spec"]["containers"][0]
+        c["env"] = [e for e in c["env"] if e["name"] != "HF_TOKEN"]
+    types = [kuberay_head(doc)] + kuberay_node_types(doc)
+    errors = [e for e in check_needs(llama, types) if "HF_TOKEN" in e]
+    # the driver on the head fetches both gated models; the workers read the run's staged copies
+    assert len(errors) == 1 and errors[0].startswith("head: HF_TOKEN missing: the job's driver fetches the gated "
+                                                     "meta-llama/Llama-2-13b-hf, meta-llama/Llama-2-7b-hf")
+    assert check_needs(opt, types) == []  # OPT needs no token
+    # a gated model named directly in evaluate.models: the vLLM engines on gpu-8x fetch it
+    direct = load_config(str(REPO / PRESETS[1]), ["evaluate.models=[selected,meta-llama/Llama-2-13b-chat-hf]"])
+    missing = [e.split(":")[0] for e in check_needs(direct, types) if "HF_TOKEN" in e]
+    assert missing == ["head", "gpu-8x"]
+    # the launcher: the head's secrets file is written without the token
+    aws = _load("cluster/aws.yaml")
+    aws["initialization_commands"] = [c for c in aws["initialization_commands"] if "hf-token" not in c]
+    errors = [e for e in check_needs(llama, launcher_node_types(aws)) if "HF_TOKEN" in e]
+    assert [e.split(":")[0] for e in errors] == ["head"]
+
+
+@pytest.mark.parametrize("path", LAUNCHER)
+def test_a_token_in_docker_run_options_is_refused(path):
+    doc = _load(path)
+    doc["docker"]["run_options"].append("-e HF_TOKEN=hf_notarealtoken")
+    assert any("secret HF_TOKEN written in docker run options" in e for e in check_launcher(doc, HEAD_POLICY))
+
+
+def _command(doc, node, needle):
+    cmds = doc["available_node_types"][node].get("initialization_commands", doc["initialization_commands"])
+    return next(c for c in cmds if needle in c)
+
+
+def _fake_bin(tmp_path, name, script):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text("#!/bin/sh\n" + script)
+    (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("path,cli", [("cluster/aws.yaml", "aws"), ("cluster/gcp.yaml", "gcloud")])
+def test_the_hosts_secrets_command_writes_the_env_file_docker_reads(tmp_path, path, cli):
+    """The launcher's initialization command, run in bash with a stand-in for the cloud CLI: it
+    writes HF_TOKEN into the file `docker run --env-file` names, and a missing secret leaves an
+    empty file and a message, not a failed node (the OPT preset has no token)."""
+    import os
+
+    doc = _load(path)
+    cmd = _command(doc, "gpu-8x", "hf-token")
+    env_file = next(o.split()[1] for o in doc["docker"]["run_options"] if o.startswith("--env-file"))
+    home = tmp_path / "home"
+    home.mkdir()
+    bin_dir = _fake_bin(tmp_path, cli, 'case "$*" in *hf-token*) echo hf_fromthemanager ;; *) exit 1 ;; esac\n')
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(home)}
+    done = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=30)
+    written = home / env_file.removeprefix("/home/ubuntu/")
+    assert done.returncode == 0 and written.read_text() == "HF_TOKEN=hf_fromthemanager\n"
+    assert oct(written.stat().st_mode & 0o777) == "0o600"  # umask 077: the host's other users cannot read it
+    bin_dir = _fake_bin(tmp_path, cli, "exit 254\n")  # no such secret, or no permission
+    done = subprocess.run(["bash", "-c", cmd], env={**env, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and written.read_text() == "" and "hf-token not readable" in done.stderr
+
+
+def test_the_aws_policies_let_each_host_read_the_secrets_it_fetches():
+    import fnmatch
+
+    doc = _load("cluster/aws.yaml")
+    node = json.loads((REPO / "cluster/aws-iam/node-policy.json").read_text())
+
+    def readable(policy, secret):
+        arn = f"arn:aws:secretsmanager:us-west-2:YOUR-ACCOUNT:secret:{secret}-AbCdEf"  # AWS adds 6 characters
+        for st in policy["Statement"]:
+            res = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+            if "secretsmanager:GetSecretValue" in str(st["Action"]) and any(fnmatch.fnmatch(arn, r) for r in res):
+                return True
+        return False
+
+    import re
+
+    head_secrets = re.findall(r"--secret-id (\S+)", " ".join(doc["initialization_commands"]))
+    worker_secrets = re.findall(r"--secret-id (\S+)", _command(doc, "gpu-8x", "secret-id"))
+    assert head_secrets == ["rayapp/hf-token", "rayapp/openai-api-key"] and worker_secrets == ["rayapp/hf-token"]
+    assert all(readable(HEAD_POLICY, s) for s in head_secrets) and readable(node, "rayapp/hf-token")
+    assert not readable(node, "rayapp/openai-api-key")  # the judge's key stays on the head
+
+
+# ---- disks: size, and how fast a checkpoint stages (defect 6) --------------------------------------
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("path", LAUNCHER + KUBERAY)
+def test_the_presets_fit_each_node_types_disk_and_stage_checkpoints_fast(path, preset):
+    from rayapp.deploy.checks import SLOW_CHECKPOINT_SAVE_S, check_needs, stages_on
+    from rayapp.deploy.needs import disk_needs
+
+    cfg = load_config(str(REPO / preset))
+    types = _node_types(path)
+    assert check_needs(cfg, types) == []
+    # the 13B checkpoint (fp32 weights and AdamW moments) stages in minutes where finetune runs
+    needs = disk_needs(cfg)
+    assert 150e9 < needs["finetune"].checkpoint < 160e9 and needs["finetune"].saves == 9
+    trainer = next(t for t in types if "finetune" in stages_on(cfg, types)[t.name])
+    assert all(needs["finetune"].checkpoint / d.write_bytes_per_s < SLOW_CHECKPOINT_SAVE_S for d in trainer.disks.values())
+
+
+def test_slow_or_small_disks_are_named_per_node_type():
+    """The disks as they were: gp3 at its 125 MiB/s baseline on p4d, GCP's default pd-standard:
+    ~20 min a 13B save; and a KubeRay cache too small for what the stages keep there."""
+    from rayapp.deploy.checks import check_needs, kuberay_head
+
+    cfg = load_config(str(REPO / PRESETS[0]))
+    aws = _load("cluster/aws.yaml")
+    aws["docker"]["worker_run_options"] = []  # the cache back on the boot volume
+    aws["available_node_types"]["gpu-8x"]["node_config"]["BlockDeviceMappings"][0]["Ebs"] = {"VolumeSize": 1000,
+                                                                                               "VolumeType": "gp3"}
+    errors = check_needs(cfg, launcher_node_types(aws))
+    assert errors == ["gpu-8x (p4d.24xlarge): finetune stages each checkpoint (154 GB) on gp3 1,000 GiB at 125 MiB/s: "
+                      "20 min a save, 9 saves, every training worker waiting; use a faster disk (gp3 Throughput, "
+                      "pd-ssd, or the instance's NVMe)"]
+    gcp = _load("cluster/gcp.yaml")
+    params = gcp["available_node_types"]["gpu-8x"]["node_config"]["disks"][0]["initializeParams"]
+    params.pop("diskType")
+    params["diskSizeGb"] = 1000
+    errors = check_needs(cfg, launcher_node_types(gcp))
+    assert len(errors) == 1 and "pd-standard 1,000 GiB at 120 MiB/s: 20 min a save" in errors[0]
+    doc = _load("cluster/kuberay/raycluster.yaml")
+    big = _spec(doc)["workerGroupSpecs"][2]["template"]["spec"]
+    next(v for v in big["volumes"] if v["name"] == "cache")["emptyDir"]["sizeLimit"] = "150Gi"
+    errors = check_needs(cfg, [kuberay_head(doc)] + kuberay_node_types(doc))
+    assert len(errors) == 2 and all(e.startswith("gpu-8x (") and "need 257 GB of local disk" in e and
+                                    "its cache volume's limit (150 GiB) holds less" in e for e in errors)
+
+
+@pytest.mark.parametrize("path", KUBERAY)
+def test_kuberay_ephemeral_storage_fits_the_node_pools_disk(path):
+    """The gpu-8x pod asked for 700Gi on an 800 GB boot disk: less than that is allocatable once
+    the kubelet keeps 10 % free and the OS and images take theirs."""
+    text = (REPO / path).read_text()
+    doc = yaml.safe_load(text)
+    big = _spec(doc)["workerGroupSpecs"][2]
+    res = big["template"]["spec"]["containers"][0]["resources"]
+    res["requests"]["ephemeral-storage"] = res["limits"]["ephemeral-storage"] = "700Gi"
+    big["template"]["metadata"]["annotations"]["rayapp.io/node-disk"] = \
+        "p4d.24xlarge: gp3 800Gi; a2-highgpu-8g: pd-balanced 800Gi"
+    errors = check_kuberay(doc, text)
+    assert [e.split(";")[0] for e in errors] == ["gpu-8x: requests 700Gi of ephemeral storage"] * 2
+    assert "allows pods 664 GiB" in errors[0]
+    # a pool whose disk is not stated, and a cache over the pod's own limit
+    del big["template"]["metadata"]["annotations"]["rayapp.io/node-disk"]
+    next(v for v in big["template"]["spec"]["volumes"] if v["name"] == "cache")["emptyDir"]["sizeLimit"] = "800Gi"
+    errors = check_kuberay(doc, text)
+    assert any("state the disk of the p4d.24xlarge node pool" in e and "'p4d.24xlarge: instance-store'" in e for e in errors)
+    assert any("cache volume sizeLimit 800Gi is over the container's ephemeral-storage limit 700Gi" in e for e in errors)
+
+
+def test_disk_descriptions_parse_to_their_write_rates():
+    from rayapp.deploy.instances import MIB, DiskSpecError, parse_disk
+
+    assert parse_disk("gp3 1000Gi", "p4d.24xlarge").write_bytes_per_s == 125 * MIB
+    assert parse_disk("gp3 1000Gi 1000MiBps", "p4d.24xlarge").write_bytes_per_s == 1000 * MIB
+    assert parse_disk("pd-standard 1000Gi", "a2-highgpu-8g").write_bytes_per_s == 120 * MIB
+    assert parse_disk("pd-ssd 2500Gi", "a2-highgpu-8g").write_bytes_per_s == 1200 * MIB  # the per-VM cap
+    assert parse_disk("instance-store", "p4d.24xlarge").size_bytes == 8000 * 10**9
+    for bad, why in (("instance-store", "has no local NVMe"), ("gp9 100Gi", "unknown EBS volume type"),
+                     ("pd-ssd 100Gi 900MiBps", "follows from its size"), ("gp3", "TYPE SIZE")):
+        with pytest.raises(DiskSpecError, match=why):
+            parse_disk(bad, "m6i.2xlarge" if bad == "instance-store" else "g5.2xlarge")
+
+
+def test_parameter_counts_from_config_match_the_models_built_on_the_meta_device():
+    """check-cluster counts parameters from config.json alone (no torch import); plan/shapes.py
+    builds the model: they agree on the paper's models."""
+    from rayapp.deploy.needs import config_params
+    from rayapp.plan.shapes import bundled_config, model_shape
+
+    for name in ("facebook/opt-350m", "facebook/opt-13b", "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf"):
+        assert config_params(json.load(open(bundled_config(name)))) == model_shape(name).params, name
+
+
+# ---- the NVIDIA driver the image needs (defect 9) ---------------------------------------------------
+
+@pytest.mark.parametrize("path", LAUNCHER)
+def test_launcher_gpu_hosts_check_the_driver_before_the_container_starts(path):
+    doc = _load(path)
+    assert check_launcher(doc, HEAD_POLICY) == []
+    bad = copy.deepcopy(doc)
+    for t in bad["available_node_types"].values():
+        if "initialization_commands" in t:
+            t["initialization_commands"] = [c for c in t["initialization_commands"] if "driver_version" not in c]
+    errors = check_launcher(bad, HEAD_POLICY)
+    assert sorted(e.split(" (")[0] for e in errors) == ["gpu-4x", "gpu-8x", "gpu-small"]
+    assert all("checks the NVIDIA driver >= 580" in e for e in errors)
+    old = copy.deepcopy(doc)
+    node = old["available_node_types"]["gpu-8x"]
+    node["initialization_commands"] = [c.replace("-ge 580", "-ge 550") for c in node["initialization_commands"]]
+    assert any(e.startswith("gpu-8x") and "asks for 550" in e for e in check_launcher(old, HEAD_POLICY))
+    if path == "cluster/gcp.yaml":
+        fam = copy.deepcopy(doc)
+        fam["available_node_types"]["gpu-small"]["node_config"]["disks"][0]["initializeParams"]["sourceImage"] = \
+            "projects/deeplearning-platform-release/global/images/family/common-cu128-ubuntu-2204-nvidia-570"
+        assert any(e.startswith("gpu-small") and "has NVIDIA driver 570" in e for e in check_launcher(fam, HEAD_POLICY))
+
+
+@pytest.mark.parametrize("driver,ok", [("575.57.08", False), ("580.95.05", True), ("595.91.07", True), ("", False)])
+def test_the_driver_check_command_refuses_an_old_driver(tmp_path, driver, ok):
+    """The host command of aws.yaml and gcp.yaml, run in bash against a stand-in nvidia-smi."""
+    import os
+
+    for path in LAUNCHER:
+        cmd = _command(_load(path), "gpu-4x", "driver_version")
+        bin_dir = _fake_bin(tmp_path, "nvidia-smi", f"echo '{driver}'\necho '{driver}'\n")
+        done = subprocess.run(["bash", "-c", cmd], env={"PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                              capture_output=True, text=True, timeout=30)
+        assert (done.returncode == 0) == ok, (path, done.stderr)
+        if not ok:
+            assert "need >= 580" in done.stderr
+
+
+@pytest.mark.parametrize("path", KUBERAY)
+def test_kuberay_gpu_groups_require_a_new_enough_driver(path):
+    text = (REPO / path).read_text()
+    doc = yaml.safe_load(text)
+    assert check_kuberay(doc, text) == []
+    bad = copy.deepcopy(doc)
+    for g in _spec(bad)["workerGroupSpecs"]:
+        del g["template"]["spec"]["affinity"]
+    errors = check_kuberay(bad, text)
+    assert sorted(e.split(":")[0] for e in errors) == ["gpu-4x", "gpu-8x", "gpu-small"]
+    assert all("rayapp.io/nvidia-driver-major" in e for e in errors)
+    older = copy.deepcopy(doc)
+    term = _spec(older)["workerGroupSpecs"][2]["template"]["spec"]["affinity"]["nodeAffinity"]
+    expr = term["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"][0]
+    expr.update(operator="In", values=["570", "580"])
+    assert [e for e in check_kuberay(older, text) if "driver" in e] == [
+        "gpu-8x: GPU pods must require NVIDIA driver >= 580 (the image's CUDA 13 wheels): a required node affinity "
+        "on the node-pool label rayapp.io/nvidia-driver-major, e.g. Gt 579 (it admits 570)"]

@@ -686,20 +686,21 @@ def _lands_on(p, t: NodeType) -> bool:
 
 
 def stages_on(cfg, node_types: list[NodeType]) -> dict[str, list[str]]:
-    """The stages whose work may run on each node type: those whose placement fits it, and on the
-    head the stages without a placement (the job's driver runs them), plus prepare, whose driver
-    always loads the tokenizer."""
+    """What may run on each node type: the stages whose placement fits it; on the head, the job's
+    driver (needs.DRIVER: it stages the hub's repositories for every stage) and the stages without a
+    placement, which the driver runs itself."""
     from rayapp.common.placement import run_placements
+    from rayapp.deploy.needs import DRIVER
     from rayapp.pipeline import STAGE_TYPES
 
     placements = run_placements(cfg)
     placed = {p.stage for p in placements}
-    out = {t.name: [] for t in node_types}
+    out = {}
     for t in node_types:
         if t.head:
-            out[t.name] = [s for s in STAGE_TYPES if s not in placed or s == "prepare"]
-            continue
-        out[t.name] = list(dict.fromkeys(p.stage for p in placements if _lands_on(p, t)))
+            out[t.name] = [DRIVER] + [s for s in STAGE_TYPES if s not in placed]
+        else:
+            out[t.name] = list(dict.fromkeys(p.stage for p in placements if _lands_on(p, t)))
     return out
 
 
@@ -707,7 +708,7 @@ def check_needs(cfg, node_types: list[NodeType], where: str = "cluster") -> list
     """Per node type, what the stages that may run there need: HF_TOKEN in the container where they
     load a gated model, disk for what they download and stage, and a disk that stages a training
     checkpoint in under SLOW_CHECKPOINT_SAVE_S."""
-    from rayapp.deploy.needs import disk_needs, gated_by_stage
+    from rayapp.deploy.needs import DRIVER, disk_needs, gated_by_stage
 
     errors = []
     gated = gated_by_stage(cfg)
@@ -717,9 +718,10 @@ def check_needs(cfg, node_types: list[NodeType], where: str = "cluster") -> list
         loads = {s: gated[s] for s in stages if s in gated}
         if loads and not t.hf_token:
             models = sorted({m for ms in loads.values() for m in ms})
-            errors.append(f"{t.name}: HF_TOKEN missing: {', '.join(loads)} load{'s' if len(loads) == 1 else ''} the "
-                          f"gated {', '.join(models)} here, and the node's container has no token (KubeRay: a "
-                          "secretKeyRef on every group; launcher: an --env-file the host writes from the secret "
+            who = ", ".join("the job's driver" if s == DRIVER else s for s in loads)
+            errors.append(f"{t.name}: HF_TOKEN missing: {who} fetch{'es' if len(loads) == 1 else ''} the gated "
+                          f"{', '.join(models)} from the hub here, and the node's container has no token (KubeRay: "
+                          "a secretKeyRef on every group; launcher: an --env-file the host writes from the secret "
                           "manager; cluster/README.md)")
         here = [needs[s] for s in stages if s in needs]
         if not here:

@@ -1,10 +1,12 @@
 """What a run's stages need of the nodes they run on beyond CPUs and GPUs: the Hugging Face token
-where they load a gated model, and local disk for model downloads and checkpoint staging.
+where they fetch a gated model from the hub, and local disk for model files and checkpoint staging.
 
 `rayapp check-cluster -c CONFIG` compares these with what each node type of a cluster file has
 (rayapp/deploy/checks.py); benchmarks/estimates.py prices the same bytes as time. A stage's work
-lands on every node type whose resources fit its placement (rayapp/common/placement.py); stages
-without a placement (local modes, prepare without data.workers) run in the job's driver, on the head.
+lands on every node type whose resources fit its placement (rayapp/common/placement.py); the job's
+driver, on the head, runs the stages without a placement (local modes), and it is the driver that
+fetches hub repositories: the tokenizer and the initial reference and target models are staged
+once into the run's model folder (models/registry.py, models/hub.py), and workers read them there.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 # Hub organisations whose models need an accepted licence and a token to download (HF_TOKEN):
 # every Meta Llama repository, Google's Gemma and Mistral AI's. A gated model elsewhere is not
-# recognised by name; RunConfig has no field to say so (see cluster/README.md).
+# recognised by name (the config has no field to say so).
 GATED_PREFIXES = ("meta-llama/", "google/gemma", "mistralai/")
 
 # Bytes per parameter of what a stage writes or keeps (the estimates use the same figures).
@@ -40,27 +42,32 @@ def is_gated(name: str | None) -> bool:
     return is_hub_name(name) and name.startswith(GATED_PREFIXES)
 
 
+# The job's driver (on the head): it stages hub repositories for every stage.
+DRIVER = "driver"
+
+
 def tokenizer_name(cfg) -> str:
     return cfg.models.tokenizer or cfg.models.reference.name_or_path
 
 
-def stage_hub_models(cfg) -> dict[str, list[str]]:
-    """The hub models (and tokenizers) each stage downloads, by stage name."""
+def _direct_models(cfg) -> list[str]:
+    """evaluate.models entries given as a model name rather than training data or 'base': the
+    evaluation's generators load these themselves."""
     from rayapp.config import is_finetune_subset
 
-    tok, ref, target = tokenizer_name(cfg), cfg.models.reference.name_or_path, cfg.models.target.name_or_path
-    evaluate = []  # fine-tuned exports carry their own tokenizer
-    lora_adapters = cfg.finetune.lora is not None and cfg.finetune.lora.export == "adapter"
-    if "base" in cfg.evaluate.models or lora_adapters:
-        evaluate.append(target)  # the untrained target, or the base vLLM serves the adapters on
-    evaluate += [m for m in cfg.evaluate.models if m != "base" and not is_finetune_subset(m)]
-    out = {"prepare": [tok], "score": [ref, tok], "select": [cfg.select.embedding_model],
-           "reference": [ref, tok], "finetune": [target, tok], "evaluate": evaluate}
+    return [m for m in cfg.evaluate.models if m != "base" and not is_finetune_subset(m)]
+
+
+def hub_models_by_stage(cfg) -> dict[str, list[str]]:
+    """The hub repositories each fetches: the driver (tokenizer, reference and target, staged into
+    the run's model folder for every stage), and evaluate's generators for models named directly."""
+    out = {DRIVER: [tokenizer_name(cfg), cfg.models.reference.name_or_path, cfg.models.target.name_or_path],
+           "evaluate": _direct_models(cfg)}
     return {stage: list(dict.fromkeys(m for m in models if is_hub_name(m))) for stage, models in out.items()}
 
 
 def gated_by_stage(cfg) -> dict[str, list[str]]:
-    return {s: [m for m in models if is_gated(m)] for s, models in stage_hub_models(cfg).items()
+    return {s: [m for m in models if is_gated(m)] for s, models in hub_models_by_stage(cfg).items()
             if any(is_gated(m) for m in models)}
 
 
@@ -114,7 +121,10 @@ def _params(name: str) -> int:
         if counted is None:
             from rayapp.plan.shapes import model_shape
 
-            counted = model_shape(name).params
+            try:
+                counted = model_shape(name).params
+            except OSError:
+                counted = 0  # not sizeable offline (no bundled config, no hub): its bytes go uncounted
         _PARAMS[name] = counted
     return _PARAMS[name]
 
@@ -124,46 +134,51 @@ _PARAMS: dict[str, int] = {}
 
 def disk_needs(cfg) -> dict[str, DiskNeed]:
     """Each stage's disk need at the config's model sizes (0 for models rayapp cannot size offline:
-    'tiny', packaged or local ones are small or already on the node)."""
+    'tiny', packaged or local ones are small or already on the node). Models the stages read from
+    the run's model folder or the bucket are copied to the node's cache (``kept``)."""
     from rayapp.config import is_finetune_subset
 
     def params(name: str) -> int:
         return _params(name) if is_hub_name(name) else 0
 
-    def hub(name: str) -> int:
-        # the hub's files, plus rayapp's one-time conversion of pickled .bin weights to safetensors
-        # in the run's model folder (an upper bound: repositories with safetensors need no copy)
-        return 2 * HUB_BYTES_PER_PARAM * params(name)
-
+    gb = 1e9
     ref, target = cfg.models.reference.name_or_path, cfg.models.target.name_or_path
     p_ref, p_target = params(ref), params(target)
-    gb = 1e9
     out = {}
-    # score: P0 from the hub, P1..P{epochs} (the reference's epoch exports) from the bucket
+    # the driver: the hub's files in HF_HOME, and one model's safetensors written before their upload
+    hub_bytes = HUB_BYTES_PER_PARAM * (p_ref + p_target)
+    convert = HUB_BYTES_PER_PARAM * max(p_ref, p_target)
+    out[DRIVER] = DiskNeed(DRIVER, kept=hub_bytes, staged=convert,
+                           parts=[f"{ref} and {target} from the hub ({hub_bytes / gb:.0f} GB)",
+                                  f"one staged as safetensors before its upload ({convert / gb:.0f} GB)"])
+    # score: P0 (the staged reference) and P1..P{epochs} (the reference's epoch exports)
     epochs = cfg.reference.epochs
-    out["score"] = DiskNeed("score", kept=hub(ref) + epochs * EXPORT_BYTES_PER_PARAM * p_ref,
-                            parts=[f"{ref} from the hub ({hub(ref) / gb:.0f} GB with its safetensors copy)",
-                                   f"{epochs} reference exports ({epochs * EXPORT_BYTES_PER_PARAM * p_ref / gb:.0f} GB)"])
+    scored = (1 + epochs) * EXPORT_BYTES_PER_PARAM * p_ref
+    out["score"] = DiskNeed("score", kept=scored, parts=[f"{1 + epochs} reference checkpoints ({scored / gb:.0f} GB)"])
     ref_ckpt = FULL_CHECKPOINT_BYTES_PER_PARAM * p_ref
-    out["reference"] = DiskNeed("reference", kept=hub(ref), staged=ref_ckpt, checkpoint=ref_ckpt, saves=epochs,
-                                parts=[f"{ref} from the hub ({hub(ref) / gb:.0f} GB)",
+    ref_init = HUB_BYTES_PER_PARAM * p_ref
+    out["reference"] = DiskNeed("reference", kept=ref_init, staged=ref_ckpt, checkpoint=ref_ckpt, saves=epochs,
+                                parts=[f"the staged {ref} ({ref_init / gb:.0f} GB)",
                                        f"one staged checkpoint ({ref_ckpt / gb:.0f} GB: fp32 weights and AdamW moments)"])
     from rayapp.finetune.stage import subsets_to_train
 
     subsets = subsets_to_train(cfg, evaluating=True)
     per_param = LORA_CHECKPOINT_BYTES_PER_PARAM if cfg.finetune.lora else FULL_CHECKPOINT_BYTES_PER_PARAM
     ckpt = per_param * p_target
-    out["finetune"] = DiskNeed("finetune", kept=hub(target), staged=ckpt, checkpoint=ckpt,
+    target_init = HUB_BYTES_PER_PARAM * p_target
+    out["finetune"] = DiskNeed("finetune", kept=target_init, staged=ckpt, checkpoint=ckpt,
                                saves=cfg.finetune.epochs * len(subsets),
-                               parts=[f"{target} from the hub ({hub(target) / gb:.0f} GB)",
+                               parts=[f"the staged {target} ({target_init / gb:.0f} GB)",
                                       f"one staged checkpoint ({ckpt / gb:.0f} GB"
                                       + (": bf16 base and adapters)" if cfg.finetune.lora else
                                          ": fp32 weights and AdamW moments)")])
     trained = [m for m in cfg.evaluate.models if is_finetune_subset(m)]
     lora_adapters = cfg.finetune.lora is not None and cfg.finetune.lora.export == "adapter"
     exports = 0 if lora_adapters else len(trained) * EXPORT_BYTES_PER_PARAM * p_target
-    base = hub(target) if ("base" in cfg.evaluate.models or lora_adapters) else 0
-    out["evaluate"] = DiskNeed("evaluate", kept=exports + base,
+    base = target_init if ("base" in cfg.evaluate.models or lora_adapters) else 0
+    direct = sum(HUB_BYTES_PER_PARAM * params(m) for m in _direct_models(cfg) if m.count("/") == 1)
+    out["evaluate"] = DiskNeed("evaluate", kept=exports + base + direct,
                                parts=[f"{len(trained)} fine-tuned exports ({exports / gb:.0f} GB)"]
-                               + ([f"{target} from the hub ({base / gb:.0f} GB)"] if base else []))
+                               + ([f"the staged {target} ({base / gb:.0f} GB)"] if base else [])
+                               + ([f"models named in evaluate.models ({direct / gb:.0f} GB)"] if direct else []))
     return out
