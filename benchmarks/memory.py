@@ -8,9 +8,13 @@
     build, each rank reads its own rows), against a worker that only imports and builds on meta.
 (b) One scoring batch of 16,384 tokens at OPT's 50,272-token vocabulary with a small hidden size:
     peak memory of the full-logits loss (the former path) and of the bounded loss.
+(c) AdamW's step on FSDP2 shards (OPT-125m and OPT-350m shapes, 2 gloo workers): what the step
+    allocates beyond its state, for torch's foreach implementation (its default on CUDA), the
+    fused one (what rayapp uses on CUDA) and the for-loop one (its default on a CPU).
 
 Each figure is compared with `rayapp plan`'s arithmetic (rayapp/plan/memory.py) for the same shapes.
-Results: benchmarks/results/memory-cpu<N>.json and .png.
+Results: benchmarks/results/memory-cpu<N>.json and .png; (c) alone: adamw-step-cpu<N>.json
+(``python -c "from benchmarks.memory import run_adamw_step; run_adamw_step('benchmarks/results')"``).
 """
 
 from __future__ import annotations
@@ -159,6 +163,40 @@ def _plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+ADAMW_SHAPES = ("facebook/opt-125m", "facebook/opt-350m")
+
+
+def run_adamw_step(out_dir: str, tokens: int = 128) -> dict:
+    """(c): for each shape, the step's growth of resident memory per rank, per implementation,
+    beside the plan's adamw_step_temporaries for that rank's shard."""
+    from rayapp.plan import memory
+    from rayapp.plan.shapes import bundled_config
+    from rayapp.testing.gloo import run_gloo
+    from rayapp.testing.optimizer_probe import adamw_step_growth
+
+    impls = list(memory.ADAMW_IMPLS)
+    result = {"machine": _machine(), "world": 2, "tokens": tokens, "shapes": {}}
+    for name in ADAMW_SHAPES:
+        with open(bundled_config(name)) as f:
+            config = json.load(f)
+        t0 = time.perf_counter()
+        ranks = run_gloo(adamw_step_growth, 2, config, impls, tokens)
+        rows = {}
+        for impl in impls:
+            measured = max(r["impls"][impl]["step_growth_bytes"] for r in ranks)
+            plan = max(memory.adamw_step_temporaries(impl, r["local_params"], r["largest_local"]) for r in ranks)
+            rows[impl] = {"measured_bytes": measured, "plan_bytes": plan,
+                          "plan_over_measured": plan / measured if measured > 0 else None}
+            print(f"  {name} {impl}: step allocates {measured / 2**20:,.1f} MiB per rank, plan "
+                  f"{plan / 2**20:,.1f} MiB", flush=True)
+        result["shapes"][name] = {"local_params": [r["local_params"] for r in ranks],
+                                  "local_fp32_bytes": max(4 * r["local_params"] for r in ranks),
+                                  "seconds": round(time.perf_counter() - t0, 1), "impls": rows}
+    with open(os.path.join(out_dir, f"adamw-step-cpu{os.cpu_count()}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
 def run(out_dir: str, rows: int = 32, width: int = 512, labelled: float = 0.5) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="rayapp-mem-") as folder:
@@ -207,4 +245,6 @@ def run(out_dir: str, rows: int = 32, width: int = 512, labelled: float = 0.5) -
         ratio = f"{v['plan_over_measured']:.2f} x" if v["plan_over_measured"] else "-"
         print(f"  plan vs measured, {k}: {v['plan_bytes'] / GIB:.2f} vs {v['measured_bytes'] / GIB:.2f} GiB ({ratio})")
     print(f"results: {os.path.join(out_dir, name)}.json / .png")
+    print("(c) AdamW's step on FSDP2 shards: foreach, fused and for-loop", flush=True)
+    result["adamw_step"] = run_adamw_step(out_dir)
     return result

@@ -37,13 +37,60 @@ def live_per_token_layer(s: ModelShape) -> int:
     return 2 * s.hidden + max(_qkv(s) + s.hidden, mlp)
 
 
+# The caching allocator's setting for training workers (train/runner.py puts it in their env):
+# freed blocks' pages are unmapped and remapped where a new allocation needs them, so the gap
+# between reserved and allocated memory stays small.
+ALLOCATOR_CONF = "expandable_segments:True"
+# That gap, as a share of what the allocator hands out, with expandable segments: an estimate, not
+# a measurement (rayapp has no GPU run that records reserved beside allocated memory yet); without
+# them, training loops commonly reserve 10-30% more than they allocate.
+FRAGMENTATION = 0.05
+
+ADAMW_IMPLS = ("fused", "foreach", "for-loop")
+
+
+def adamw_fused(device_type: str) -> bool:
+    """Whether rayapp's AdamW runs fused (train/worker.py asks, the plan assumes it): on CUDA, where
+    torch's default is the foreach implementation, whose step allocates a copy of every local
+    parameter at once; the fused kernel updates in place. Elsewhere torch's default stays (on a CPU,
+    the for-loop implementation: the numerics of every CPU run are unchanged)."""
+    return device_type == "cuda"
+
+
+def adamw_step_temporaries(impl: str, trained_local: int, largest_local: int) -> int:
+    """Bytes AdamW's step allocates beyond its state, for fp32 parameters (torch/optim/adam.py):
+    foreach: ``_foreach_sqrt`` of every second moment (one fp32 copy of the local parameters; the
+    rest runs in place); for-loop: ``exp_avg_sq.sqrt() / c`` per parameter (two copies of the
+    largest tensor, briefly); fused: none (one kernel updates each tensor in place)."""
+    if impl == "fused":
+        return 0
+    if impl == "foreach":
+        return 4 * trained_local
+    if impl == "for-loop":
+        return 8 * largest_local
+    raise ValueError(f"unknown AdamW implementation {impl!r} (one of {', '.join(ADAMW_IMPLS)})")
+
+
 def training_memory(s: ModelShape, *, world: int, sharded: bool, micro_batch_tokens: int, bf16: bool,
                     activation_checkpointing: bool, defer_gradient_sync: bool, gpu: bool = True,
-                    lora_params: int | None = None) -> dict[str, int]:
+                    lora_params: int | None = None, adamw: str | None = None) -> dict[str, int]:
     """One training worker: fp32 master weights, fp32 gradients and AdamW's two fp32 moments
     (sharded over ``world`` under FSDP), the unsharded compute copies of the units FSDP has
     gathered (the root and two layers: the current one and the prefetched one), the activations of
     one micro-batch, and the loss's logits.
+
+    Under FSDP2 the backward pass also holds unsharded gradients in the compute dtype (the output
+    layer's, from the first backward op until the root's reduce-scatter at the end, and the current
+    layer's) and one unit's reduce-scatter input in the reduce dtype (fp32: FSDP2 copies a unit's
+    gradients into a new flat buffer, upcast under bf16, and keeps it until the next unit's
+    reduce-scatter; torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_reduce).
+    The optimizer step adds its temporaries (``adamw``: the implementation; default, what rayapp
+    uses: fused on a GPU, torch's for-loop on a CPU), and on a GPU the caching allocator keeps a
+    share of what it hands out in blocks it cannot reuse (fragmentation).
+
+    The parts are summed as if they were all alive at once; the step's temporaries come after the
+    backward pass has freed activations and logits, so where they are large (foreach) the sum is
+    an upper bound.
 
     ``lora_params``: only that many (adapter) parameters train; the frozen base has no gradient
     and no optimizer state, and is held in the compute dtype (bf16 under mixed precision). The
@@ -65,6 +112,13 @@ def training_memory(s: ModelShape, *, world: int, sharded: bool, micro_batch_tok
         if defer_gradient_sync:
             # FSDP2 keeps unsharded gradients, in its reduce dtype (fp32), until the step's reduce-scatter
             parts["unsharded gradients (no-sync accumulation)"] = 4 * trained
+        # what trains in one layer and in the root (LoRA: adapters sit in the layers, the output layer is frozen)
+        layer_trained = s.layer_params if lora_params is None else -(-lora_params // s.layers)
+        root_trained = s.root_params if lora_params is None else 0
+        output_trained = (s.output_params or s.vocab * s.hidden) if lora_params is None else 0
+        parts[f"unsharded gradients ({'bf16' if bf16 else 'fp32'}, output + 1 layer)"] = \
+            c * (output_trained + layer_trained)
+        parts["reduce-scatter input (fp32, one unit)"] = 4 * max(layer_trained, root_trained)
     elif bf16 and lora_params is None:
         parts["bf16 compute copies (autocast)"] = c * P
     layer = saved_per_token_layer(s) * c * T
@@ -74,7 +128,13 @@ def training_memory(s: ModelShape, *, world: int, sharded: bool, micro_batch_tok
         parts["activations"] = s.layers * layer
     # logits in the compute dtype, their fp32 upcast, the saved log-softmax and its gradient
     parts["logits"] = T * s.vocab * (c + 12)
+    impl = adamw or ("fused" if adamw_fused("cuda" if gpu else "cpu") else "for-loop")
+    largest = (s.largest_param or max(s.vocab * s.hidden, s.intermediate * s.hidden)) if lora_params is None \
+        else -(-lora_params // s.layers)  # LoRA: at most one layer's adapters
+    parts[f"AdamW step temporaries ({impl})"] = adamw_step_temporaries(impl, trained // shards, -(-largest // shards))
     if gpu:
+        parts[f"fragmentation (expandable segments, ~{FRAGMENTATION:.0%})"] = \
+            int(FRAGMENTATION * total(parts))
         parts["CUDA context"] = CUDA_CONTEXT
         if sharded:
             parts["NCCL buffers"] = NCCL_BUFFERS

@@ -25,6 +25,9 @@ class ModelShape:
     max_positions: int
     gated_mlp: bool  # SwiGLU-style (gate and up projections) rather than fc1 -> act -> fc2
     source: str  # where the config came from
+    # for the backward pass and the optimizer step (plan/memory.py); 0: estimated from the sizes above
+    output_params: int = 0  # the output layer (lm_head): its gradient lives through the whole backward pass
+    largest_param: int = 0  # the largest single tensor: the for-loop AdamW's temporaries are two of it
 
     @property
     def root_params(self) -> int:
@@ -73,12 +76,15 @@ def shape_of_model(model, name: str, source: str) -> ModelShape:
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     intermediate = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * hidden
     gated = any("gate" in n for n, _ in layers[0].named_parameters())
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return ModelShape(
         name=name, model_type=text.model_type, params=sum(p.numel() for p in model.parameters()),
         layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers), layers=len(layers),
         hidden=hidden, intermediate=intermediate, vocab=text.vocab_size, heads=heads,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
-        max_positions=getattr(text, "max_position_embeddings", 2048), gated_mlp=gated, source=source)
+        max_positions=getattr(text, "max_position_embeddings", 2048), gated_mlp=gated, source=source,
+        output_params=output.weight.numel() if output is not None else 0,
+        largest_param=max(p.numel() for p in model.parameters()))
 
 
 def model_shape(name_or_path: str, trust_remote_code: bool = False) -> ModelShape:

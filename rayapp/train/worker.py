@@ -204,11 +204,17 @@ class FineTuneRecipe:
         import torch
         from transformers import get_scheduler
 
+        from rayapp.plan.memory import adamw_fused
+
         tc = self.tc
         # only what trains: with LoRA the frozen base has no optimizer state (nor gradients)
         params = [p for p in self.train_model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=tc.learning_rate,
-                                           weight_decay=tc.weight_decay, betas=(0.9, 0.999))
+        # fused on CUDA (DTensor shards included): torch's default there, foreach, allocates a copy of
+        # every local parameter during the step, which `rayapp plan` does not budget; None elsewhere
+        # keeps torch's default (the for-loop on a CPU: its numerics unchanged)
+        fused = bool(params) and all(adamw_fused(p.device.type) for p in params)
+        self.optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
+                                           betas=(0.9, 0.999), fused=True if fused else None)
         self.scheduler = get_scheduler(tc.lr_scheduler, self.optimizer,
                                        num_warmup_steps=int(math.ceil(tc.warmup_ratio * self.total_steps)),
                                        num_training_steps=self.total_steps)
