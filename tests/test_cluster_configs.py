@@ -222,7 +222,7 @@ def test_check_cluster_names_each_node_type_without_the_token():
                                                      "meta-llama/Llama-2-13b-hf, meta-llama/Llama-2-7b-hf")
     assert check_needs(opt, types) == []  # OPT needs no token
     # a gated model named directly in evaluate.models: the vLLM engines on gpu-8x fetch it
-    direct = load_config(str(REPO / PRESETS[1]), ["evaluate.models=[selected,meta-llama/Llama-2-13b-chat-hf]"])
+    direct = load_config(str(REPO / PRESETS[1]), ["evaluate.models=[selected,meta-llama/Llama-2-13b-hf]"])
     missing = [e.split(":")[0] for e in check_needs(direct, types) if "HF_TOKEN" in e]
     assert missing == ["head", "gpu-8x"]
     # the launcher: the head's secrets file is written without the token
@@ -448,3 +448,23 @@ def test_kuberay_gpu_groups_require_a_new_enough_driver(path):
     assert [e for e in check_kuberay(older, text) if "driver" in e] == [
         "gpu-8x: GPU pods must require NVIDIA driver >= 580 (the image's CUDA 13 wheels): a required node affinity "
         "on the node-pool label rayapp.io/nvidia-driver-major, e.g. Gt 579 (it admits 570)"]
+
+
+def test_the_readmes_node_pool_table_matches_the_manifests():
+    """cluster/README.md step 0 tells the operator each node pool's disk; the manifests state the
+    same disks (rayapp.io/node-disk) and ephemeral-storage requests."""
+    import re
+
+    readme = (REPO / "cluster/README.md").read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^   \| (head|gpu-small|gpu-4x|gpu-8x) \|.*\| (\d+Gi) \|$",
+                                                         readme, re.M)}
+    for path in KUBERAY:
+        spec = _spec(_load(path))
+        for name, group in [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]:
+            requests = group["template"]["spec"]["containers"][0]["resources"]["requests"]
+            assert rows[name] == requests["ephemeral-storage"], (path, name)
+            stated = group["template"]["metadata"]["annotations"]["rayapp.io/node-disk"]
+            line = next(line for line in readme.splitlines() if line.startswith(f"   | {name} |"))
+            for part in stated.split(";"):
+                kind = part.split(":")[1].split()[0]
+                assert (kind if kind != "instance-store" else "instance store") in line, (name, part)
