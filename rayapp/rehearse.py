@@ -319,8 +319,11 @@ def _placed(cluster: LocalCluster) -> dict[str, list[str]]:
     return out
 
 
+# Actor classes by the stage that starts them (Ray Train's workers are told apart by node type).
+# ray.data.llm's pipeline around the engines: (de)tokenizer and chat-template actors.
 ACTOR_STAGE = (("Scorer", "score"), ("Embedder", "select"), ("HFGenerator", "evaluate"),
-               ("vLLM", "evaluate"), ("RayWorkerWrapper", "evaluate"), ("Tokeniz", "prepare"))
+               ("vLLMEngine", "evaluate"), ("RayWorkerWrapper", "evaluate"), ("TokenizeUDF", "evaluate"),
+               ("ChatTemplateUDF", "evaluate"), ("EngineStandIn", "evaluate (TP placement)"))
 
 
 def _stage_of(class_name: str) -> str | None:
@@ -512,6 +515,9 @@ def _stage_outcomes(cfg, placements: list[Placement], actors: dict[str, list[str
         for st in states.get(name, []):
             what = st.state if st.state != "failed" else f"failed: {st.error}"
             ended.append(f"{st.variant}: {what}" if st.variant else what)
+        tp = on.get(f"{name} (TP placement)")
+        if tp:
+            placed += "; " + ", ".join(f"{n} tensor-parallel engine group(s) on {t}" for t, n in sorted(tp.items()))
         out.append({"stage": name, "asked": "; ".join(asked) or "the driver", "placed": placed,
                     "ended": "; ".join(ended) or "not started",
                     "done": bool(states.get(name)) and all(st.state == "done" for st in states[name])})
