@@ -322,7 +322,7 @@ def _placed(cluster: LocalCluster) -> dict[str, list[str]]:
 # Actor classes by the stage that starts them (Ray Train's workers are told apart by node type).
 # ray.data.llm's pipeline around the engines: (de)tokenizer and chat-template actors.
 ACTOR_STAGE = (("Scorer", "score"), ("Embedder", "select"), ("HFGenerator", "evaluate"),
-               ("vLLMEngine", "evaluate"), ("RayWorkerWrapper", "evaluate"), ("TokenizeUDF", "evaluate"),
+               ("vLLMEngine", "evaluate"), ("RayWorkerWrapper", "evaluate"), ("TokenizeUDF", "evaluate"), ("DetokenizeUDF", "evaluate"),
                ("ChatTemplateUDF", "evaluate"), ("EngineStandIn", "evaluate (TP placement)"))
 
 
