@@ -45,8 +45,10 @@ def main() -> int:
                         "(tokenizer boundary, duplicates, k-means order, perplexity denominator, bf16)")
     fd.add_argument("--run", help="a finished run of configs/smollm2.yaml, for the denominator and bf16 measurements")
     fd.add_argument("--out", default="benchmarks/results")
-    sub.add_parser("estimates", help="scoring time and cost on 1, 8 and 64 GPUs, on paper (from the measured "
-                   "start-up and the GPU check's rate where there is one)")
+    es = sub.add_parser("estimates", help="scoring time and cost on 1, 8 and 64 GPUs, on paper (from the measured "
+                        "start-up and the GPU check's rate where there is one)")
+    es.add_argument("--paper", action="store_true", help="every line of a paper preset's cluster run, each marked "
+                    "measured or estimated (the table in cluster/README.md)")
     args = p.parse_args()
     if args.which == "lora":
         from benchmarks.lora_memory import run as run_lora
@@ -65,8 +67,9 @@ def main() -> int:
         return 0
     if args.which == "estimates":
         from benchmarks.estimates import run as run_estimates
+        from benchmarks.estimates import run_paper
 
-        run_estimates()
+        run_paper() if args.paper else run_estimates()
         return 0
     if args.which == "gpu":
         from benchmarks.gpu import run as run_gpu

@@ -216,7 +216,11 @@ class ModelConfig(_Strict):
     name_or_path: str = Field(description="HF hub name, local dir, or 'tiny' to build one locally")
     tiny: TinyModelConfig = TinyModelConfig()
     trust_remote_code: bool = Field(False, description="Run model code shipped with a checkpoint (opt in)")
-    revision: str | None = None
+    revision: str | None = Field(None, description="The hub revision (branch, tag or commit) to fetch; pin a "
+                                 "commit for a run that can be repeated")
+    gated: bool | None = Field(
+        None, description="The hub repository needs a token (HF_TOKEN) wherever it is fetched; unset: decided "
+        "from its organisation (meta-llama/, google/gemma, mistralai/). check-cluster and rehearse read it")
 
 
 class ModelsConfig(_Strict):

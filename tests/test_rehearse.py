@@ -61,6 +61,9 @@ def test_secrets_are_checked_where_the_nodes_need_them():
                                                                     "AWS_PROFILE": "p"})}
     assert all(have.values())
     assert "HF_TOKEN" not in {s["name"] for s in secrets_needed(opt, {})}  # OPT is not gated
+    # a gated model of another organisation is named by the config
+    marked = load_config(str(REPO / PRESETS[0]), ["models.target.gated=true"])
+    assert "HF_TOKEN" in {s["name"] for s in secrets_needed(marked, {})}
 
 
 def _rehearse(preset: str, workdir, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:

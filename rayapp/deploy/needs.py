@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, field
 
 # Hub organisations whose models need an accepted licence and a token to download (HF_TOKEN):
-# every Meta Llama repository, Google's Gemma and Mistral AI's. A gated model elsewhere is not
-# recognised by name (the config has no field to say so).
+# every Meta Llama repository, Google's Gemma and Mistral AI's. A gated model elsewhere is named
+# by the config (models.*.gated).
 GATED_PREFIXES = ("meta-llama/", "google/gemma", "mistralai/")
 
 # Bytes per parameter of what a stage writes or keeps (the estimates use the same figures).
@@ -38,8 +38,16 @@ def is_hub_name(name: str | None) -> bool:
         and not os.path.exists(name) and name.count("/") == 1 and not name.startswith((".", "/"))
 
 
-def is_gated(name: str | None) -> bool:
-    return is_hub_name(name) and name.startswith(GATED_PREFIXES)
+def is_gated(name: str | None, cfg=None) -> bool:
+    """Whether fetching ``name`` needs a token: the config says so for its models
+    (models.*.gated), else the organisation decides."""
+    if not is_hub_name(name):
+        return False
+    if cfg is not None:
+        for spec in (cfg.models.reference, cfg.models.target):
+            if spec.name_or_path == name and spec.gated is not None:
+                return spec.gated
+    return name.startswith(GATED_PREFIXES)
 
 
 # The job's driver (on the head): it stages hub repositories for every stage.
@@ -67,8 +75,8 @@ def hub_models_by_stage(cfg) -> dict[str, list[str]]:
 
 
 def gated_by_stage(cfg) -> dict[str, list[str]]:
-    return {s: [m for m in models if is_gated(m)] for s, models in hub_models_by_stage(cfg).items()
-            if any(is_gated(m) for m in models)}
+    return {s: [m for m in models if is_gated(m, cfg)] for s, models in hub_models_by_stage(cfg).items()
+            if any(is_gated(m, cfg) for m in models)}
 
 
 # ---- disk ----------------------------------------------------------------------------------------
