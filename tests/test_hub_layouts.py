@@ -244,6 +244,53 @@ def test_a_hub_tokenizer_is_staged_at_the_pinned_revision(hub, tmp_path):
     assert registry.tokenizer_revision(both) == "v9"
 
 
+def test_staging_into_an_object_store_output_dir(hub, tmp_path, monkeypatch):
+    """The presets write to s3:// (a local S3 API here): the staged folder is built locally,
+    uploaded once, and read back by each node through the export cache."""
+    from rayapp.models.loading import materialize
+    from tests.s3_server import create_bucket, start_s3_server
+
+    cache, commits = hub
+    proc, env = start_s3_server()
+    try:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("RAYAPP_CACHE_DIR", str(tmp_path / "node-cache"))
+        create_bucket(env, "rayapp-hub")
+        cfg = RunConfig.model_validate(tiny_config_dict(tmp_path, [{"path": str(ALPACA)}], output_dir="s3://rayapp-hub/run",
+                                                        models__reference__name_or_path="facebook/opt-13b"))
+        folder = registry.model_source(cfg, "reference")
+        assert folder == "s3://rayapp-hub/run/models/reference-init"
+        uid = artifact_uid(folder)
+        assert registry.model_source(cfg, "reference") == folder and artifact_uid(folder) == uid  # once
+        got = load_causal_lm(materialize(folder), dtype=torch.float16).state_dict()
+        want = original_weights(cache, "facebook/opt-13b", commits["opt-13b"])
+        assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+        tok = registry.ensure_tokenizer(cfg)
+        assert tok == "s3://rayapp-hub/run/models/tokenizer" and len(load_tokenizer(tok)) > 1000
+    finally:
+        proc.terminate()
+
+
+def test_the_device_load_of_a_folder_rayapp_did_not_stage(hub, tmp_path):
+    """A local folder whose safetensors lack the base-model prefix (as the hub's OPT conversions
+    have them) still loads onto the device, through transformers' own name mapping."""
+    from safetensors.torch import save_file
+
+    cache, commits = hub
+    snap = _snapshot(cache, "facebook/opt-13b", commits["opt-13b"])
+    state = {}
+    for f in sorted(os.listdir(snap)):
+        if f.endswith(".bin"):
+            state.update(torch.load(os.path.join(snap, f), weights_only=True))
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(snap, "config.json")) as src, open(tmp_path / "config.json", "w") as dst:
+        dst.write(src.read())
+    got = load_causal_lm(str(tmp_path), dtype=torch.float32, device="cpu").state_dict()
+    assert all(torch.equal(got[f"model.{k}"], v.float()) for k, v in state.items())
+    assert torch.equal(got["lm_head.weight"], state["decoder.embed_tokens.weight"].float())
+
+
 class RunsCode:
     """Unpickling this calls os.mkdir: what a malicious pickle does with something worse."""
 

@@ -167,6 +167,17 @@ def load_onto(folder: str, device: str, dtype=None, trust_remote_code: bool = Fa
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = sharded.empty_causal_lm(config, dtype, trust_remote_code)
+    index = sharded.safetensors_index(folder)
+    tied: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    if any(not any(n in index for n in names) for names in tied.values()):
+        # a folder rayapp did not write or stage (e.g. safetensors without the base-model prefix):
+        # transformers maps its names, and with a device_map it too loads a tensor at a time
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device, use_safetensors=True,
+                                                    trust_remote_code=trust_remote_code).eval()
     buffers = sharded.real_buffers(model)  # computed at construction (rotary tables): to_empty drops them
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives each parameter storage of its own: tied ones share one again

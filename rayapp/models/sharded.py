@@ -120,7 +120,8 @@ def safetensors_index(folder: str) -> dict[str, StoredTensor]:
     """Every tensor in ``folder``'s safetensors files: where it is, its dtype and shape."""
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no safetensors weights (rayapp never loads pickled .bin weights)")
+        raise FileNotFoundError(f"{folder}: no safetensors weights (rayapp reads no pickled .bin weights here: a hub "
+                                "checkpoint reaches the stages converted, by registry.model_source)")
     out: dict[str, StoredTensor] = {}
     for name in files:
         out.update(_header(os.path.join(folder, name)))
