@@ -101,7 +101,7 @@ def test_worker_runs_adamw_fused_on_cuda_and_torchs_default_elsewhere():
     assert cpu.defaults["fused"] is None and cpu.defaults["foreach"] is None  # torch's for-loop on a CPU
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # ~40 CPU-seconds (two spawned ranks, mostly imports): `make test-extended`
 def test_adamw_step_allocates_what_the_plan_says_on_fsdp2_shards():
     """Measured on 2 gloo ranks (DTensor parameters, as training shards them): foreach allocates a
     fp32 copy of the local shard, fused nothing, the for-loop two copies of the largest tensor;
