@@ -41,9 +41,9 @@ def live_per_token_layer(s: ModelShape) -> int:
 # freed blocks' pages are unmapped and remapped where a new allocation needs them, so the gap
 # between reserved and allocated memory stays small.
 ALLOCATOR_CONF = "expandable_segments:True"
-# That gap, as a share of what the allocator hands out, with expandable segments: an estimate, not
-# a measurement (rayapp has no GPU run that records reserved beside allocated memory yet); without
-# them, training loops commonly reserve 10-30% more than they allocate.
+# That gap, as a share of what the allocator hands out to training, with expandable segments: an
+# estimate, not a measurement (no GPU run has recorded reserved beside allocated memory for rayapp
+# yet; the GPU check should). Training counts it as its own part; scoring and vLLM do not.
 FRAGMENTATION = 0.05
 
 ADAMW_IMPLS = ("fused", "foreach", "for-loop")
