@@ -309,13 +309,21 @@ def schedule_engines(cluster: LocalCluster, gen) -> dict:
 
 
 def _placed(cluster: LocalCluster) -> dict[str, list[str]]:
-    """Which node types each kind of actor ran on, from Ray's own record of the cluster."""
-    from ray.util.state import list_actors
+    """Which node types each kind of actor ran on, from Ray's own record of the cluster. Ray Train's
+    workers are keyed by their placement group, in the order the groups were created (one worker
+    group per training stage, and one more for each restart)."""
+    from ray.util.state import list_actors, list_placement_groups
 
     actors = list_actors(address=cluster.dashboard, detail=True, limit=10000, raise_on_missing_output=False)
+    groups = list_placement_groups(address=cluster.dashboard, detail=True, limit=10000, raise_on_missing_output=False)
+    created = {g.placement_group_id: (g.stats or {}).get("creation_request_received_ns", 0) for g in groups}
+    order = {pg: i for i, pg in enumerate(sorted(created, key=created.get))}
     out: dict[str, list[str]] = {}
     for a in actors:
-        out.setdefault(a.class_name, []).append(cluster.node_type.get(a.node_id, "?"))
+        name = a.class_name
+        if name == "RayTrainWorker":
+            name = f"RayTrainWorker#{order.get(a.placement_group_id, -1):04d}"
+        out.setdefault(name, []).append(cluster.node_type.get(a.node_id, "?"))
     return out
 
 
@@ -460,7 +468,7 @@ def rehearse(config: str, overrides: list[str], cluster_file: str = DEFAULT_CLUS
         report["run"] = {"returncode": proc.returncode, "seconds": round(time.time() - t0, 1),
                          "tail": "".join(lines[-40:])}
         report["actors"] = _placed(cluster)
-        report["stages"] = _stage_outcomes(rehearsed, placements, report["actors"], workers)
+        report["stages"] = _stage_outcomes(rehearsed, placements, report["actors"])
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -477,8 +485,7 @@ def rehearse(config: str, overrides: list[str], cluster_file: str = DEFAULT_CLUS
     return report
 
 
-def _stage_outcomes(cfg, placements: list[Placement], actors: dict[str, list[str]],
-                    workers: list[NodePlan]) -> list[dict]:
+def _stage_outcomes(cfg, placements: list[Placement], actors: dict[str, list[str]]) -> list[dict]:
     """Per stage: what it asked for, the node types its actors ran on, and how it ended (as
     `rayapp status` reads it from the output dir)."""
     from rayapp.pipeline import STAGE_TYPES
@@ -494,19 +501,18 @@ def _stage_outcomes(cfg, placements: list[Placement], actors: dict[str, list[str
             on.setdefault(stage, {}).setdefault(t, 0)
             on[stage][t] += 1
 
-    train_nodes: list[str] = []
-    for cls, types in actors.items():
-        if "RayTrainWorker" in cls:
-            train_nodes += types
+    worker_groups: list[list[str]] = []
+    for cls, types in sorted(actors.items()):
+        if cls.startswith("RayTrainWorker"):
+            worker_groups.append(types)
         elif _stage_of(cls):
             count(_stage_of(cls), types)
-    # Ray Train's workers carry no stage in their class name: each training stage ran on the node
-    # types that carry the label it asked for
-    for p in placements:
-        if p.kind == "Ray Train workers":
-            label = p.label()
-            fits = {t.name for t in workers if label is None or label in t.resources}
-            count(p.stage, [t for t in train_nodes if t in fits])
+    # Ray Train's workers carry no stage in their class name: the training stages ran in pipeline
+    # order, each in worker groups (placement groups) created after the one before
+    trained = [p for p in placements if p.kind == "Ray Train workers"]
+    for i, types in enumerate(worker_groups):
+        if trained:
+            count(trained[min(i, len(trained) - 1)].stage, types)
     out = []
     for name in STAGE_TYPES:
         asked = [p.describe() for p in placements if p.stage == name]
