@@ -132,16 +132,10 @@ def node_types_of(cluster_file: str) -> tuple[NodePlan, list[NodePlan]]:
 
 def hub_models(cfg) -> list[str]:
     """Hub repositories the config loads (models and tokenizer), in order, without repeats."""
-    from rayapp.common import storage
-    from rayapp.models.packaged import is_packaged
+    from rayapp.models.hub import is_hub_name
 
     names = [cfg.models.reference.name_or_path, cfg.models.target.name_or_path, cfg.models.tokenizer]
-    out = []
-    for n in names:
-        if (n and n != "tiny" and "/" in n and not os.path.exists(n) and not storage.is_remote(n)
-                and not is_packaged(n) and n not in out):
-            out.append(n)
-    return out
+    return list(dict.fromkeys(n for n in names if is_hub_name(n)))
 
 
 def rehearsal_changes(cfg, output_dir: str) -> tuple[list[str], list[Difference]]:

@@ -11,7 +11,6 @@ once into the run's model folder (models/registry.py, models/hub.py), and worker
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 # Hub organisations whose models need an accepted licence and a token to download (HF_TOKEN):
@@ -29,13 +28,10 @@ EXPORT_BYTES_PER_PARAM = 2  # consolidated exports in bf16
 
 
 def is_hub_name(name: str | None) -> bool:
-    """A model the nodes download from the Hugging Face hub (not 'tiny', a packaged model, a local
-    folder or an object-store path)."""
-    from rayapp.common import storage
-    from rayapp.models.packaged import is_packaged
+    """A model the nodes download from the Hugging Face hub (models/hub.py decides, for every reader)."""
+    from rayapp.models.hub import is_hub_name as hub_name
 
-    return bool(name) and name != "tiny" and not is_packaged(name) and not storage.is_remote(name) \
-        and not os.path.exists(name) and name.count("/") == 1 and not name.startswith((".", "/"))
+    return hub_name(name)
 
 
 def is_gated(name: str | None, cfg=None) -> bool:

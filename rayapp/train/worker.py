@@ -243,6 +243,12 @@ class FineTuneRecipe:
             ck.drop_fetched(local, path)
         set_state_dict(self.train_model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
+        # the param groups come back with the saving run's settings: a checkpoint from before fused
+        # AdamW would step with foreach again (its ~one shard of temporaries, which the plan omits)
+        for group in self.optimizer.param_groups:
+            group["fused"] = self.optimizer.defaults.get("fused")
+            if group["fused"]:
+                group["foreach"] = None
         p = self.progress
         p.epoch, p.batch_in_epoch, p.global_step = saved["epoch"], saved["batch_in_epoch"], saved["global_step"]
         p.last_loss = saved.get("loss", float("nan"))
