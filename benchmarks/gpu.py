@@ -136,6 +136,14 @@ def _peak_memory() -> int | None:
     return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
 
 
+def _peak_reserved() -> int | None:
+    """What the caching allocator held at its peak: allocated plus fragmentation, which the plan
+    estimates at ~5 % under expandable segments."""
+    import torch
+
+    return int(torch.cuda.max_memory_reserved()) if torch.cuda.is_available() else None
+
+
 def matmul_rate(tiny: bool) -> float:
     """A measured bf16 matmul rate (FLOP/s): what the device really reaches on a large GEMM."""
     import torch
@@ -298,7 +306,8 @@ def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | Non
     shape = shape_of_model(model, "llama-1.1b", "random weights")
     params = shape.params
     model = shard_fsdp2(model, bf16=cuda, cpu_offload=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    # as the trainer does: fused AdamW on CUDA (train/worker.py), which the plan counts
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if memory.adamw_fused(dev) else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     prompt, response = alpaca_lengths(None)
     rng = np.random.default_rng(0)
@@ -331,7 +340,7 @@ def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | Non
            "activation_checkpointing": activation_checkpointing, "batch_rows": batch_rows, "steps": steps,
            "tokens_per_step": tokens / steps, "padded_tokens_per_step": padded / steps,
            "step_s": seconds / steps, "tokens_per_s": tokens / seconds,
-           "peak_memory_bytes": _peak_memory(), "plan_memory_bytes": plan}
+           "peak_memory_bytes": _peak_memory(), "peak_reserved_bytes": _peak_reserved(), "plan_memory_bytes": plan}
     if peak:
         out["mfu"] = 6 * params * out["tokens_per_s"] / peak
         out["mfu_padded_tokens"] = 6 * params * (padded / seconds) / peak
@@ -350,6 +359,8 @@ def vllm_backend() -> dict:
 
 
 def run(out_dir: str, tiny: bool | None = None) -> dict:
+    # as rayapp's GPU training workers run (train/runner.py), before CUDA's allocator starts
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
     import torch.distributed as dist
     import transformers
