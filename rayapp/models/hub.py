@@ -388,9 +388,10 @@ def _copy_meta(snapshot: str, out: str, files: list[str], trust_remote_code: boo
 
 
 def stage_model(repo: str, revision: str | None, out: str, trust_remote_code: bool = False,
-                max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+                max_shard_bytes: int = MAX_SHARD_BYTES, destination: str | None = None) -> dict:
     """Fetch ``repo`` at ``revision`` and write it into the local folder ``out`` as safetensors
-    shards with the model class's tensor names. Returns what the export marker records."""
+    shards with the model class's tensor names. Returns what the export marker records.
+    ``destination``: where ``out`` is uploaded to (an object store), for the log."""
     from rayapp.models import sharded
 
     where = _where(repo, revision)
@@ -425,7 +426,7 @@ def stage_model(repo: str, revision: str | None, out: str, trust_remote_code: bo
     if "config.json" not in copied:
         raise HubCheckpointError(f"{where}: the repository has no config.json")
     log.info("staged %s from %d %s file(s) into %s: %d tensors, %.2f GB in %d shard(s)%s%s%s", where, len(weights),
-             fmt, out, len(sources), total / 1e9, len(shards),
+             fmt, destination or out, len(sources), total / 1e9, len(shards),
              f"; {notes['renamed']} renamed to {type(model).__name__}'s names" if notes["renamed"] else "",
              f"; left out {len(notes['dropped_computed'])} the model computes" if notes["dropped_computed"] else "",
              f"; left out tied copies {notes['dropped_tied']}" if notes["dropped_tied"] else "")

@@ -108,7 +108,8 @@ def model_source(cfg: RunConfig, role: str) -> str:
         if not hub.is_hub_name(spec.name_or_path):
             return spec.name_or_path
         _stage(out, spec.name_or_path, spec.revision, "model", role,
-               lambda o: hub.stage_model(spec.name_or_path, spec.revision, o, spec.trust_remote_code), "config.json")
+               lambda o: hub.stage_model(spec.name_or_path, spec.revision, o, spec.trust_remote_code,
+                                         destination=out), "config.json")
         return out
     if not storage.exists(storage.join(out, "config.json")) or _from_hub(out):
         storage.remove(out)  # a hub checkpoint staged there before
