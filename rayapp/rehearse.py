@@ -339,19 +339,15 @@ def _stage_of(class_name: str) -> str | None:
 # the rehearsal
 
 
-def _start_s3(env: dict) -> subprocess.Popen:
+def start_local_s3(key: str = "rehearsal") -> tuple[subprocess.Popen, dict]:
+    """A local S3-compatible server (moto's) on 127.0.0.1, and the standard AWS_* variables that
+    point pyarrow, boto3 and the rest at it (the tests' object store is the same one)."""
     import socket
     import urllib.request
 
-    try:
-        import moto  # noqa: F401
-    except ImportError:
-        raise RehearsalError("the config writes to an object store: a rehearsal needs moto[server] for a local S3 "
-                             "API (pip install 'moto[server]'; rayapp's dev extra has it), or --set "
-                             "output_dir=a local folder") from None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -361,12 +357,24 @@ def _start_s3(env: dict) -> subprocess.Popen:
             break
         except OSError:
             time.sleep(0.2)
-    env.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "rehearsal", "AWS_SECRET_ACCESS_KEY": "rehearsal",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+    return proc, {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": key,
+                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def _start_s3(env: dict) -> subprocess.Popen:
+    try:
+        import moto  # noqa: F401
+    except ImportError:
+        raise RehearsalError("the config writes to an object store: a rehearsal needs moto[server] for a local S3 "
+                             "API (pip install 'moto[server]'; rayapp's dev extra has it), or --set "
+                             "output_dir=a local folder") from None
+    proc, s3 = start_local_s3()
+    env.update(s3)
     import boto3
 
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="rehearsal",
-                 aws_secret_access_key="rehearsal").create_bucket(Bucket=BUCKET)
+    boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"], region_name=s3["AWS_DEFAULT_REGION"],
+                 aws_access_key_id=s3["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=s3["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=BUCKET)
     return proc
 
 
