@@ -10,9 +10,10 @@ Steps (comma-separated, run in order):
   train           a TorchTrainer fit, 2 workers, a trivial gloo all-reduce loop (the TrainController
                   actor and its workers end and are reclaimed, as after a finished rayapp finetune)
   train_kill      the same, but rank 0 SIGKILLs itself once; FailureConfig(max_failures=1) recovers
-  borrow_sigkill  an actor ray.put()s an object and returns its ref; the driver ray.get()s it, so
-                  the driver subscribes to that actor's worker as the object's owner; then the
-                  actor's process is SIGKILLed (the driver logs "A worker is dead.
+  borrow_sigkill  an actor ray.put()s an object and returns its ref, which the driver reads; and
+                  the actor keeps a ref to an object the driver ray.put(), so the driver
+                  long-polls that actor's worker for the ref's removal; then the actor's process
+                  is SIGKILLed (the driver logs "A worker is dead.
                   subscription_failure_callback will be invoked")
   borrow_kill     the same, ended with ray.kill instead of SIGKILL
   detached        a detached actor that owns a borrowed object, ended with ray.kill
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")  # as tests/conftest.py
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -67,6 +69,10 @@ class Owner:
 
     def pid(self):
         return os.getpid()
+
+    def hold(self, refs):
+        self.held = refs  # borrows the driver's object: the driver subscribes to this worker
+        return len(refs)
 
 
 @ray.remote(num_cpus=0)
@@ -117,10 +123,14 @@ def step_train(state, kill=False):
 
 
 def _borrow(owner):
-    """The driver gets a ref owned by `owner` and reads the object: it is now a borrower."""
+    """Both directions of worker-to-driver pubsub: the driver borrows an object `owner` owns, and
+    `owner` borrows an object the driver owns (the driver then long-polls `owner` for the ref's
+    removal, as it does with a TrainController that holds the driver's refs)."""
     [inner] = ray.get(owner.make.remote(), timeout=60)
     ray.get(inner, timeout=60)
-    return inner
+    mine = ray.put(b"y" * 200_000)
+    ray.get(owner.hold.remote([mine]), timeout=60)
+    return inner, mine
 
 
 def step_borrow(state, how):
@@ -145,9 +155,13 @@ def step_remove_node(state):
     owner = Owner.options(resources={"far": 1}).remote()
     ray.get(owner.pid.remote(), timeout=60)
     state.keep.append(_borrow(owner))
+    t = time.monotonic()
     state.cluster.remove_node(node, allow_graceful=False)
-    time.sleep(5)
-    say("remove_node: node removed")
+    # Until the GCS has marked the node dead (missed health checks), new actors can still be placed
+    # there and die "before they ran" (ActorDiedError, not a hang): wait for that first.
+    while time.monotonic() - t < 90 and any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
+        time.sleep(1)
+    say(f"remove_node: node removed; the GCS marked it dead after {time.monotonic() - t:.1f}s")
 
 
 def _wait_dead(pid, timeout=20):
@@ -346,6 +360,9 @@ def main():
                 raise SystemExit(f"unknown step {step!r}")
     except TimeoutError as e:
         say(f"HANG in a step: {e}")
+        results.append(False)
+    except BaseException:  # printed here: the exit below is os._exit
+        traceback.print_exc()
         results.append(False)
     finally:
         for path in logs:
