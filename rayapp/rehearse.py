@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,6 +221,10 @@ class LocalCluster:
     """A head and worker nodes on this machine, each a raylet declaring a node type's resources."""
 
     def __init__(self, head: NodePlan, workers: list[NodePlan]):
+        with _address_file_kept():
+            self._start(head, workers)
+
+    def _start(self, head: NodePlan, workers: list[NodePlan]) -> None:
         import ray.cluster_utils
 
         def args(resources: dict) -> dict:
@@ -246,7 +251,28 @@ class LocalCluster:
         self.dashboard = f"http://{self.cluster.head_node.address_info['webui_url']}"
 
     def shutdown(self) -> None:
-        self.cluster.shutdown()
+        with _address_file_kept():
+            self.cluster.shutdown()
+
+
+@contextmanager
+def _address_file_kept():
+    """Ray's test cluster writes, and on shutdown deletes, /tmp/ray/ray_current_cluster, which a
+    cluster the user started with `ray start` on this machine relies on (`address: auto`): put
+    back what was there."""
+    from ray._common.utils import get_ray_address_file
+
+    path = get_ray_address_file(None)
+    before = open(path).read() if os.path.exists(path) else None
+    try:
+        yield
+    finally:
+        if before is None:
+            if os.path.exists(path):
+                os.remove(path)
+        else:
+            with open(path, "w") as f:
+                f.write(before)
 
 
 def schedule_engines(cluster: LocalCluster, gen) -> dict:
