@@ -16,80 +16,87 @@ from tests.conftest import REPO
 PRESETS = ["configs/paper-opt350m-to-13b.yaml", "configs/paper-llama2-7b-to-13b.yaml"]
 
 
-@pytest.fixture(scope="module")
-def gpu8x_cluster():
-    """A local Ray cluster shaped like one gpu-8x node: 8 logical GPUs, its label, its CPUs."""
-    import ray
+# In a process and local Ray cluster of its own: the suite's shared cluster has no gpu-8x node, and
+# one driver per test process can hold only one Ray session.
+SCHEDULE = r"""
+import json, sys
+import ray
+from ray.llm._internal.batch.stages.vllm_engine_stage import _ray_scheduling_strategy_fn
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    ray.init(address="local", num_cpus=16, num_gpus=8, resources={"gpu_8x": 8, "accelerator_type:A100": 1},
-             include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+from rayapp.config import load_config
+from rayapp.evaluate.generate import engine_placement
+
+# one gpu-8x node: 8 logical GPUs, its label and accelerator type, its CPUs
+ray.init(address="local", num_cpus=16, num_gpus=8, resources={"gpu_8x": 8, "accelerator_type:A100": 1},
+         include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_tensor_parallel_engines_are_scheduled_by_ray_as_ray_data_llm_starts_them(preset, gpu8x_cluster):
-    import ray
-    from ray.llm._internal.batch.stages.vllm_engine_stage import _ray_scheduling_strategy_fn
+@ray.remote
+class Engine:
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
 
-    from rayapp.evaluate.generate import engine_placement
 
-    gen = load_config(str(REPO / preset)).evaluate.generation
-    assert gen.tensor_parallel_size == 2 and gen.backend == "vllm"
-    pg_config = engine_placement(gen)
-    # what vLLMEngineStage.post_init does with bundle_per_worker: one bundle per TP worker
-    bundle = pg_config.pop("bundle_per_worker")
-    pg_config["bundles"] = [dict(bundle) for _ in range(gen.tensor_parallel_size)]
+@ray.remote(num_gpus=1, num_cpus=0)
+def tp_worker():  # what vLLM's Ray executor asks per tensor-parallel worker
+    return True
 
-    @ray.remote
-    class Engine:
-        def node(self):
-            return ray.get_runtime_context().get_node_id()
 
-    engines, groups = [], []
-    for _ in range(gen.resources.max_actors):  # the preset's 4 engines x 2 GPUs fill one gpu-8x node
-        options = _ray_scheduling_strategy_fn(gen.tensor_parallel_size, gen.resources.accelerator_type,
-                                              pg_config)
+out = {}
+for preset in sys.argv[1:]:
+    gen = load_config(preset).evaluate.generation
+    config = engine_placement(gen)
+    bundle = config.pop("bundle_per_worker")  # as vLLMEngineStage.post_init expands it
+    config["bundles"] = [dict(bundle) for _ in range(gen.tensor_parallel_size)]
+    engines, groups, workers = [], [], []
+    for _ in range(gen.resources.max_actors):
+        # the engine actor as ray.data.llm starts it with tensor parallelism: no GPU, Ray Data's CPU
+        options = _ray_scheduling_strategy_fn(gen.tensor_parallel_size, gen.resources.accelerator_type, config)
         groups.append(options["scheduling_strategy"].placement_group)
         engines.append(Engine.options(num_cpus=1, num_gpus=0, **options).remote())
-    nodes = ray.get([e.node.remote() for e in engines], timeout=60)
-    assert len(nodes) == 4
-    # and each engine's TP workers fit in its group: what vLLM's Ray executor asks per worker
-    pg = options["scheduling_strategy"].placement_group
-
-    @ray.remote(num_gpus=1, num_cpus=0)
-    def tp_worker():
-        return True
-
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    assert ray.get([tp_worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote()
-                    for i in range(gen.tensor_parallel_size)], timeout=60) == [True, True]
+    started = ray.get([e.node.remote() for e in engines], timeout=120)
+    for g in groups:
+        workers.append(ray.get([tp_worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(g, i)).remote()
+                                for i in range(gen.tensor_parallel_size)], timeout=120))
     for e, g in zip(engines, groups):
         ray.kill(e)
-        ray.util.remove_placement_group(g)
+        remove_placement_group(g)
+    out[preset] = {"engines": len(started), "workers": workers, "tp": gen.tensor_parallel_size,
+                   "bundle": bundle, "strategy": config["strategy"]}
+
+# the bundle before the fix ({GPU: 1, gpu_8x: 1}, no CPU) cannot hold the engine actor
+old = placement_group([{"GPU": 1, "gpu_8x": 1}] * 2, strategy="STRICT_PACK")
+ray.get(old.ready(), timeout=60)
+try:
+    Engine.options(num_cpus=1, num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        old, placement_group_capture_child_tasks=True)).remote()
+    out["old_bundle"] = "scheduled"
+except ValueError as exc:
+    out["old_bundle"] = str(exc)
+print("RESULT " + json.dumps(out))
+"""
 
 
-def test_bundles_without_a_cpu_are_refused_as_the_issue_saw():
-    """The old bundle ({GPU: 1, gpu_8x: 1}) cannot hold the engine actor: Ray says so. This keeps
-    the test above honest: it would fail with the old placement."""
-    import ray
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+def test_tensor_parallel_engines_are_scheduled_by_ray_as_ray_data_llm_starts_them():
+    import json
+    import os
+    import subprocess
+    import sys
 
-    if not ray.is_initialized():
-        pytest.skip("runs after the scheduling test, on its cluster")
-    pg = placement_group([{"GPU": 1, "gpu_8x": 1}] * 2, strategy="STRICT_PACK")
-    ray.get(pg.ready(), timeout=60)
-
-    @ray.remote
-    class Engine:
-        pass
-
-    with pytest.raises(ValueError, match="cannot fit into any bundles"):
-        Engine.options(num_cpus=1, num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            pg, placement_group_capture_child_tasks=True)).remote()
-    ray.util.remove_placement_group(pg)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", SCHEDULE, *PRESETS], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    for preset in PRESETS:
+        r = out[preset]
+        # the presets' 4 engines x 2 GPUs fill one gpu-8x node, and each engine's TP workers fit its group
+        assert r["engines"] == 4 and r["tp"] == 2 and r["workers"] == [[True, True]] * 4
+        assert r["bundle"] == {"CPU": 1.0, "GPU": 1, "gpu_8x": 1.0} and r["strategy"] == "STRICT_PACK"
+    # the placement before the fix: Ray refuses the engine actor, as the issue saw
+    assert "cannot fit into any bundles" in out["old_bundle"]
 
 
 def test_one_field_places_the_generators_and_plan_and_check_cluster_read_it():
