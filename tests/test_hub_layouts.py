@@ -181,6 +181,7 @@ def sharded_states(rank: int, world: int, folders: list[str]) -> list[dict]:
     return [sharded_load(rank, world, folder)["state"] for folder in folders]
 
 
+@pytest.mark.extended  # ~45 s: two gloo ranks load all four layouts (the single-process loads stay in CI)
 def test_fsdp_ranks_load_the_staged_checkpoints(hub, staged):
     from rayapp.testing.gloo import run_gloo
 

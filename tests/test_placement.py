@@ -79,6 +79,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.extended  # ~1 min (a Ray cluster of its own and ray.data.llm's imports); the rehearsal also catches it
 def test_tensor_parallel_engines_are_scheduled_by_ray_as_ray_data_llm_starts_them():
     import json
     import os
