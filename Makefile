@@ -52,9 +52,11 @@ test: $(VENV)/.vllm $(MLFLOW_VENV)/.installed
 	  echo "chromium not installed: the report screenshot test will be skipped"; }
 	$(PY) -m pytest -q -p no:cacheprovider --durations=12 -m "not extended" tests
 
-# The tests left out of CI's run on 2 cores (~13 minutes): the cluster-level faults (a
-# stopped and re-submitted pipeline job, a node killed mid-scoring), vLLM generation with a served
-# judge, and FSDP training that checkpoints to s3 and resumes.
+# The tests left out of CI's run on 2 cores: the cluster-level faults (a stopped and re-submitted
+# pipeline job, a node killed mid-scoring), vLLM generation with a served judge, FSDP training that
+# checkpoints to s3 and resumes, both paper presets rehearsed end to end (`rayapp rehearse`, ~15-25
+# minutes each here), the image's dependency step as a pip dry run against PyPI, and the vLLM
+# tensor-parallel placement scheduled on a Ray cluster of its own.
 test-extended: $(VENV)/.vllm $(MLFLOW_VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider --durations=12 -m extended tests
 
