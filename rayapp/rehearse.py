@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from rayapp.common.log import get_logger
+from rayapp.deploy.checks import _fits, _per_node  # the check-cluster's own fit arithmetic
 from rayapp.common.placement import ANY, Placement
 from rayapp.common.rehearsal import ALWAYS, REHEARSAL_ENV, Difference
 
@@ -62,15 +63,6 @@ class NodePlan:
     by: list[str] = field(default_factory=list)  # stages that need this many
 
 
-def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
-    return all(v <= node.get(k, 0) + 1e-9 for k, v in bundle.items() if v > 0)
-
-
-def _per_node(bundle: dict[str, float], node: dict[str, float]) -> int:
-    need = {k: v for k, v in bundle.items() if v > 0}
-    return min(int(node.get(k, 0) // v + 1e-9) for k, v in need.items()) if need else 10**6
-
-
 def nodes_for(placements: list[Placement], node_types: list[NodePlan]) -> list[str]:
     """Set each worker node type's ``needed`` to the most nodes any one stage needs of it (stages
     run one after the other), placing each stage as Ray would: a STRICT_PACK group on one node,
@@ -87,9 +79,8 @@ def nodes_for(placements: list[Placement], node_types: list[NodePlan]) -> list[s
             if home is None:
                 errors.append(f"{p.stage}: {p.describe()}: no node type holds the group")
                 continue
-            need = {home.name: p.groups}
             # several groups share a node when it holds them
-            need[home.name] = math.ceil(p.groups / max(1, _per_node(total, home.resources)))
+            need = {home.name: math.ceil(p.groups / max(1, _per_node(total, home.resources)))}
         else:
             need, left = {}, p.count * p.groups
             for t in workers:
