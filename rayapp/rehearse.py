@@ -123,11 +123,11 @@ def node_types_of(cluster_file: str) -> tuple[NodePlan, list[NodePlan]]:
 
 
 def hub_models(cfg) -> list[str]:
-    """Hub repositories the config loads (models and tokenizer), in order, without repeats."""
-    from rayapp.models.hub import is_hub_name
+    """Hub repositories the run's driver stages (tokenizer, reference and target), without repeats:
+    the same list check-cluster checks tokens for (deploy/needs.py)."""
+    from rayapp.deploy.needs import DRIVER, hub_models_by_stage
 
-    names = [cfg.models.reference.name_or_path, cfg.models.target.name_or_path, cfg.models.tokenizer]
-    return list(dict.fromkeys(n for n in names if is_hub_name(n)))
+    return hub_models_by_stage(cfg)[DRIVER]
 
 
 def rehearsal_changes(cfg, output_dir: str) -> tuple[list[str], list[Difference]]:
