@@ -19,6 +19,20 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
 
 
+@pytest.fixture(autouse=True)
+def torch_process_settings():
+    """A test that runs a training worker in this process (rather than in a Ray actor) sets torch's
+    thread count and deterministic kernels for the whole process; later tests get them back as they
+    were (CI once spent minutes building meta models with NaN-filled allocations after one did)."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
 def alpaca_rows(n: int, start: int = 0) -> list[dict]:
     rows = []
     with open(ALPACA, encoding="utf-8") as f:

@@ -141,3 +141,21 @@ def test_training_workers_run_with_expandable_segments(monkeypatch):
                            env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": memory.ALLOCATOR_CONF,
                                 "PYTORCH_ALLOC_CONF": ""}, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0 and probe.stdout.strip() == memory.ALLOCATOR_CONF, probe.stderr
+
+
+def test_meta_model_build_touches_no_host_memory_with_deterministic_kernels_on():
+    """rayapp's CPU training workers turn deterministic kernels on, and then torch fills every
+    torch.empty with NaN; building OPT-13B on meta must still write nothing (it once wrote ~52 GB,
+    taking 20 s rather than 0.1 s)."""
+    code = ("import resource, torch\n"
+            "from rayapp.plan.shapes import model_shape\n"
+            "model_shape('facebook/opt-125m')\n"
+            "torch.use_deterministic_algorithms(True, warn_only=True)\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "model_shape('facebook/opt-13b')\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+            "assert torch.utils.deterministic.fill_uninitialized_memory\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown_kib = int(proc.stdout.split()[-1])
+    assert grown_kib < 200 * 1024, f"peak RSS grew {grown_kib / 1024:.0f} MiB"  # the embedding alone is 1 GB

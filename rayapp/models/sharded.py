@@ -34,9 +34,15 @@ def parameters_on_meta() -> Iterator[None]:
     on meta, and those are not in checkpoints. ``nn.Linear`` and friends allocate their weights
     with ``torch.empty`` (no page is touched) before registering them, so nothing of size is
     allocated on the host either."""
+    import torch
     import torch.nn as nn
 
     register = nn.Module.register_parameter
+    # With deterministic algorithms on (rayapp's CPU training workers turn them on), torch fills
+    # every torch.empty with NaN: building a 13B model would write ~52 GB of host memory (20 s
+    # rather than 0.1 s) before the parameters move to meta.
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
     def register_on_meta(module, name, param):
         register(module, name, param)
@@ -49,6 +55,7 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
