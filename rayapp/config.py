@@ -532,6 +532,14 @@ class RayConfig(_Strict):
         False, description="The cluster adds nodes on demand (cluster/ configs). Actor pools that need GPUs or "
         "custom resources then start at their full size (min_actors = max_actors): Ray Data does not grow such "
         "a pool on an autoscaling cluster, whose GPU nodes start at zero (ray-project/ray#59144)")
+    stall_timeout_s: float | None = Field(
+        1800, ge=0, description="Progress watchdog: a stage that waits on Ray work (an actor pool's results, a "
+        "training fit, the clustering started ahead, a vLLM engine) and sees no progress for this many seconds "
+        "stops with an error naming the stage, what it waited for and what is committed (a rerun resumes from "
+        "there). Progress is a result arriving, or a training step logged; the wait before the first one "
+        "includes actors starting and models loading. 30 minutes: far above a healthy paper run's longest "
+        "quiet spell (loading a 13B model, a first step, a 13B checkpoint or export written to an object "
+        "store, nodes added by an autoscaler), and a stall still ends the same hour. null or 0 turns it off")
 
 
 class TrackingConfig(_Strict):

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from rayapp.common import metrics
+from rayapp.common.watchdog import watched_iter
 from rayapp.config import GenerationConfig
 
 OUTPUT_COLUMNS = ["set", "id", "prompt", "answer", "prompt_tokens", "new_tokens", "finish_reason"]
@@ -108,13 +109,14 @@ class HFGenerator:
 
 
 def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig, max_positions: int | None,
-                trust_remote_code: bool) -> list[dict]:
+                trust_remote_code: bool, stall_s: float | None = None, committed=None) -> list[dict]:
     """Answers of every model in ``models`` (label -> path) to ``rows``, from one actor pool.
 
     Chunks of ``batch_size`` prompts of one model, one chunk (one row) per block and per actor call
     (batch_size=1: no re-bundling in arrival order, and Ray Data needs an explicit batch size for
     actors that ask for GPUs): each prompt is answered in the same batch on every run, whichever
-    other models share the pool, so seeded sampling gives the same answers."""
+    other models share the pool, so seeded sampling gives the same answers. Each answered chunk is
+    progress for the watchdog (``stall_s``: ray.stall_timeout_s; common/watchdog.py)."""
     import ray
 
     from rayapp.common import placement
@@ -132,7 +134,9 @@ def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig,
         compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
         **where.actor_options(),
     )
-    return ds.take_all()
+    # ds.take_all(), row by row under the watchdog (take_all is this same loop over iter_rows)
+    return list(watched_iter(ds.iter_rows(), stage="evaluate", stall_s=stall_s, committed=committed,
+                             waiting_for=f"the generation actor pool (Ray Data, hf generators for {', '.join(models)})"))
 
 
 def fit_prompts(rows: list[dict], model_path: str, max_new_tokens: int, max_positions: int | None,
@@ -216,9 +220,10 @@ def lora_serving(model_path: str) -> tuple[str, dict, dict]:
 
 
 def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_positions: int | None,
-                  trust_remote_code: bool = False) -> list[dict]:
+                  trust_remote_code: bool = False, stall_s: float | None = None, committed=None) -> list[dict]:
     """Through ``ray.data.llm``: it sizes placement groups for tensor parallelism itself. Weights
-    load from safetensors only (vLLM's "auto" would fall back to pickled .bin files)."""
+    load from safetensors only (vLLM's "auto" would fall back to pickled .bin files). Each answer is
+    progress for the watchdog (``stall_s``), whose wait for the first includes the engine's start."""
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -251,22 +256,28 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
             finish_reason="length" if int(row.get("num_generated_tokens") or 0) >= gen.max_new_tokens else "stop",
         ),
     )
-    return processor(ray.data.from_items(rows)).take_all()
+    return list(watched_iter(processor(ray.data.from_items(rows)).iter_rows(), stage="evaluate", stall_s=stall_s,
+                             committed=committed, waiting_for=f"the vLLM engine pool (ray.data.llm) answering with "
+                                                              f"{model_path} (engine start included)"))
 
 
 def generate(rows: list[dict], models: dict[str, str], gen: GenerationConfig, max_positions: int | None = None,
-             trust_remote_code: bool = False) -> dict[str, tuple[list[dict], dict]]:
+             trust_remote_code: bool = False, stall_s: float | None = None,
+             committed=None) -> dict[str, tuple[list[dict], dict]]:
     """Answers of each model (label -> path) to ``rows``: {label: (rows in input order, stats)}.
-    The hf backend answers for all models from one actor pool; vLLM runs one engine per model."""
+    The hf backend answers for all models from one actor pool; vLLM runs one engine per model.
+    ``stall_s`` (ray.stall_timeout_s): no answer for that long is a StallError that says
+    ``committed`` (what the caller has already kept)."""
     t0 = time.perf_counter()
     if gen.backend == "vllm":
         out, seconds = [], {}
         for label, path in models.items():
             t = time.perf_counter()
-            out += [{"model": label, **r} for r in generate_vllm(rows, path, gen, max_positions, trust_remote_code)]
+            out += [{"model": label, **r} for r in generate_vllm(rows, path, gen, max_positions, trust_remote_code,
+                                                                 stall_s, committed)]
             seconds[label] = time.perf_counter() - t
     else:
-        out = generate_hf(rows, models, gen, max_positions, trust_remote_code)
+        out = generate_hf(rows, models, gen, max_positions, trust_remote_code, stall_s, committed)
         seconds = dict.fromkeys(models, time.perf_counter() - t0)  # one pool, shared wall time
     pool_tokens = sum(int(r["new_tokens"]) for r in out)
     results = {}

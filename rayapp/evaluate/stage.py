@@ -111,7 +111,9 @@ def _generations(cfg: RunConfig, layout: RunLayout, models: list[dict], prompts:
         return out
     log.info("generating %d answers each with %s: %s", len(prompts), gen.backend, ", ".join(todo))
     rows = [{k: p[k] for k in ("set", "id", "prompt")} for p in prompts]
-    for label, (answers, stats) in generate(rows, todo, gen, trust_remote_code=cfg.models.target.trust_remote_code).items():
+    kept = f"answers of {len(out)} of {len(models)} models under {layout.generations('').rsplit('/', 1)[0]}"
+    for label, (answers, stats) in generate(rows, todo, gen, trust_remote_code=cfg.models.target.trust_remote_code,
+                                            stall_s=cfg.ray.stall_timeout_s, committed=kept).items():
         log.info("%s: %d new tokens (%s tokens/s)", label, stats["new_tokens"], stats["new_tokens_per_s"])
         table = pa.Table.from_pylist(answers).replace_schema_metadata(
             {"rayapp_fingerprint": fps[label], "rayapp_stats": json.dumps(stats), "rayapp_model": todo[label]})

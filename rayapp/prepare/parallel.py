@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+from rayapp.common.watchdog import watched_iter
 from rayapp.config import TemplateConfig
 from rayapp.prepare.blocks import Block, BlockResult, process_block
+
+NOTHING_YET = "nothing yet (prepare writes its shards once every row is read and tokenized)"
 
 
 def _process(item: dict) -> dict:
@@ -19,15 +22,19 @@ def _process(item: dict) -> dict:
     return {"result": process_block(**job)}
 
 
-def process_blocks(jobs: list[dict], workers: int) -> list[BlockResult]:
-    """``process_block(**job)`` for every job, ``workers`` at a time, as Ray Data tasks."""
+def process_blocks(jobs: list[dict], workers: int, stall_s: float | None = None) -> list[BlockResult]:
+    """``process_block(**job)`` for every job, ``workers`` at a time, as Ray Data tasks. Each block
+    read is progress for the watchdog (``stall_s``: ray.stall_timeout_s; common/watchdog.py)."""
     import ray.data
 
     # each job as JSON: Ray Data keeps plain columns (the results come back as Python objects)
     items = [{"job": json.dumps({**job, "block": asdict(job["block"]), "template": job["template"].model_dump()})}
              for job in jobs]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    results = [row["result"] for row in ds.map(_process, num_cpus=1, concurrency=min(workers, len(items))).iter_rows()]
+    rows = watched_iter(ds.map(_process, num_cpus=1, concurrency=min(workers, len(items))).iter_rows(),
+                        stage="prepare", stall_s=stall_s, committed=NOTHING_YET,
+                        waiting_for=f"the source-reading tasks (Ray Data, {len(items)} blocks)")
+    results = [row["result"] for row in rows]
     return sorted(results, key=lambda r: (r.block.source, r.block.index))
 
 
@@ -46,8 +53,9 @@ class _Tokenizer:
 
 
 def tokenize(prompts: list[str], responses: list[str], tokenizer: str, trust_remote_code: bool, max_length: int,
-             workers: int, chunk_rows: int = 4096) -> list:
-    """``tokenize_pairs`` over all rows, in chunks, on ``workers`` actors; results in row order."""
+             workers: int, chunk_rows: int = 4096, stall_s: float | None = None) -> list:
+    """``tokenize_pairs`` over all rows, in chunks, on ``workers`` actors; results in row order.
+    Each tokenized chunk is progress for the watchdog (``stall_s``)."""
     import ray.data
 
     chunks = [{"lo": lo, "prompts": prompts[lo:lo + chunk_rows], "responses": responses[lo:lo + chunk_rows]}
@@ -56,6 +64,8 @@ def tokenize(prompts: list[str], responses: list[str], tokenizer: str, trust_rem
         _Tokenizer, fn_constructor_kwargs=dict(tokenizer=tokenizer, trust_remote_code=trust_remote_code,
                                                max_length=max_length),
         num_cpus=1, concurrency=min(workers, len(chunks)))
-    done = sorted(ds.iter_rows(), key=lambda row: row["lo"])
+    done = sorted(watched_iter(ds.iter_rows(), stage="prepare", stall_s=stall_s, committed=NOTHING_YET,
+                               waiting_for=f"the tokenizer actor pool (Ray Data, {len(chunks)} chunks)"),
+                  key=lambda row: row["lo"])
     return [tk for row in done for tk in row["tokens"]]
 

@@ -121,7 +121,7 @@ def read_sources(cfg: RunConfig) -> tuple[list[_Row], list[Reject], list[SourceR
         from rayapp.prepare.parallel import process_blocks
 
         init_ray(cfg)
-        results = process_blocks(jobs, cfg.data.workers)
+        results = process_blocks(jobs, cfg.data.workers, stall_s=cfg.ray.stall_timeout_s)
     else:
         results = _process_in_order(jobs, cfg)
     rows: list[_Row] = []
@@ -252,7 +252,7 @@ def prepare(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
         from rayapp.prepare.parallel import tokenize
 
         tokens = tokenize(prompts, responses, tok_src, cfg.models.reference.trust_remote_code, cfg.data.max_length,
-                          cfg.data.workers)
+                          cfg.data.workers, stall_s=cfg.ray.stall_timeout_s)
     else:
         tokens = [tk for lo in range(0, len(rows), 1024)
                   for tk in tokenize_pairs(tokenizer, prompts[lo:lo + 1024], responses[lo:lo + 1024],

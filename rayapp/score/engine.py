@@ -21,6 +21,7 @@ from rayapp.common import storage
 from rayapp.common.log import get_logger
 from rayapp.common.manifests import CheckpointRecord, PreparedManifest
 from rayapp.common.progress import ProgressLine
+from rayapp.common.watchdog import watched_iter
 from rayapp.config import ScoreConfig
 
 log = get_logger(__name__)
@@ -115,7 +116,10 @@ def score_checkpoints(
     trust_remote_code: bool = False,
     runtime_env: dict | None = None,
     prefix_ids: list[int] | None = None,
+    stall_s: float | None = None,
 ) -> dict:
+    """Score every prepared row with every checkpoint; ``stall_s`` (ray.stall_timeout_s): no batch
+    from the actor pool for that long is a StallError (common/watchdog.py)."""
     fingerprint = prepared_manifest.fingerprint
     shards = {s.file: s.rows for s in prepared_manifest.shards}
     modes = list(score_cfg.modes)
@@ -175,14 +179,18 @@ def score_checkpoints(
         rows_per_unit=step,
         first_checkpoint=next(iter(pending)),  # the first units' checkpoint: loaded as the scorer starts
     )
-    if score_cfg.local:
-        results = _in_this_process(scorer, scorer_kwargs, units)
-    else:
-        results = _on_actor_pool(scorer, scorer_kwargs, units, res, runtime_env)
-
     buffers: dict[tuple[str, str], list[pa.Table]] = defaultdict(list)
     counts: dict[tuple[str, str], int] = defaultdict(int)
     committed = 0
+    if score_cfg.local:
+        results = _in_this_process(scorer, scorer_kwargs, units)
+    else:
+        # each batch from the pool is progress; what is committed is said when it stalls
+        results = watched_iter(
+            _on_actor_pool(scorer, scorer_kwargs, units, res, runtime_env), stage="score",
+            waiting_for=f"the scoring actor pool (Ray Data, {score_cfg.backend} scorers)", stall_s=stall_s,
+            committed=lambda: f"{stats['skipped_units'] + committed} of {n_total} (checkpoint, shard) units under "
+                              f"{out_dir}")
     rows_todo = sum(shards[f] for files in pending.values() for f in files)
     line = ProgressLine("score", unit="row-scores")
     t0 = time.perf_counter()

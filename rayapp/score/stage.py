@@ -51,7 +51,8 @@ def _with_target_ifd_scores(cfg: RunConfig, layout: RunLayout, prepared, traj, b
     log.info("IFD from the untrained target (%s): scoring it too", target.path)
     score_checkpoints(layout.prepared, prepared, [target], out_dir,
                       cfg.score.model_copy(update={"modes": ["prompted", "response_only"]}), bos, pad,
-                      trust_remote_code=cfg.models.target.trust_remote_code, prefix_ids=prefix)
+                      trust_remote_code=cfg.models.target.trust_remote_code, prefix_ids=prefix,
+                      stall_s=cfg.ray.stall_timeout_s)
     t = build_trajectories(out_dir, [target.name])
     order = {rid: i for i, rid in enumerate(t["id"].to_pylist())}
     take = np.asarray([order[rid] for rid in traj["id"].to_pylist()])
@@ -101,7 +102,8 @@ class ScoreStage(Stage):
         if not cfg.score.local:
             init_ray(cfg)
         stats = score_checkpoints(layout.prepared, prepared, checkpoints, out_dir, cfg.score, bos, pad,
-                                  trust_remote_code=cfg.models.reference.trust_remote_code, prefix_ids=prefix)
+                                  trust_remote_code=cfg.models.reference.trust_remote_code, prefix_ids=prefix,
+                                  stall_s=cfg.ray.stall_timeout_s)
         traj = build_trajectories(out_dir, [c.name for c in checkpoints])
         if cfg.score.ifd_model == "target":
             traj = _with_target_ifd_scores(cfg, layout, prepared, traj, bos, pad, prefix)

