@@ -152,7 +152,8 @@ class FinetuneStage(Stage):
                                  eval_file=holdout.path if holdout and fc.eval_rows else None,
                                  trust_remote_code=cfg.models.target.trust_remote_code))
         init_ray(cfg)
-        all_metrics = run_training("finetune", fc, jobs, tracking=tracking.target(cfg))
+        all_metrics = run_training("finetune", fc, jobs, tracking=tracking.target(cfg),
+                                   stall_s=cfg.ray.stall_timeout_s)
         out = []
         for stage, job, (rows, what), metrics in zip(stages, jobs, described, all_metrics):
             export = storage.join(job.work_dir, "exports", "final")
