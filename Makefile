@@ -53,7 +53,9 @@ test: $(VENV)/.vllm $(MLFLOW_VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider --durations=12 -m "not extended" tests
 
 # The tests left out of CI's run on 2 cores: the cluster-level faults (a stopped and re-submitted
-# pipeline job, a node killed mid-scoring), vLLM generation with a served judge, FSDP training that
+# pipeline job, a node killed mid-scoring), the autoscaling cluster (a job whose nodes Ray's
+# autoscaler starts, and the same config run locally), the progress watchdogs on a hung scoring
+# pool and a hung training fit, vLLM generation with a served judge, FSDP training that
 # checkpoints to s3 and resumes, both paper presets rehearsed end to end (`rayapp rehearse`, ~15-25
 # minutes each here), the image's dependency step as a pip dry run against PyPI, and the vLLM
 # tensor-parallel placement scheduled on a Ray cluster of its own.

@@ -62,11 +62,11 @@ class MlflowRun:
         return " ".join(f.path for f in self.client.list_artifacts(self.run.info.run_id, prefix))
 
 
-def _run_pipeline(tmp, tracking: dict, until: str):
+def _run_pipeline(tmp, tracking: dict, until: str, workers: int = 2):
     cfg = tiny_config_dict(tmp, [{"path": str(ALPACA), "limit": 160}], data__holdout_rows=16)
     cfg["name"] = "tracked"
     cfg["tracking"] = tracking
-    cfg["reference"] = {"epochs": 2, "per_device_batch_size": 8, "num_workers": 2, "fsdp": False,
+    cfg["reference"] = {"epochs": 2, "per_device_batch_size": 8, "num_workers": workers, "fsdp": False,
                         "log_every_steps": 1, "learning_rate": 1e-3, "eval_rows": 16}
     cfg["score"] = {"local": True, "rows_per_task": 64}
     cfg["select"] = {"budget": 0.25, "n_clusters": 4, "embed_max_tokens": 32}
@@ -85,8 +85,9 @@ def _run_pipeline(tmp, tracking: dict, until: str):
 def tracked_run(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "tensorboard":
-        # to the reference model only: the MLflow server run covers score's and select's logging (CI's budget)
-        run = _run_pipeline(tmp, {"backend": "tensorboard"}, "reference")
+        # to the reference model only, trained in the driver (Ray Train's local mode): the MLflow server
+        # run covers score's and select's logging and rank 0 of two workers (CI's budget)
+        run = _run_pipeline(tmp, {"backend": "tensorboard"}, "reference", workers=0)
         yield run, TensorBoardRun(run / "tracking" / "tracked"), ["prepare", "reference"]
     elif request.param == "mlflow-files":
         store = tmp / "mlruns"

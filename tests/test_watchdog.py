@@ -114,6 +114,8 @@ def _wait_for_idle_cpus(ray, timeout: float = 90) -> None:
         time.sleep(0.5)
 
 
+# a real pool or worker group that hangs (~45-65 s here): extended, for CI's budget
+@pytest.mark.extended
 def test_a_scoring_pool_that_stops_making_progress_fails_in_time_with_what_is_committed(ray_local, make_config,
                                                                                         tmp_path):
     """The product's scoring path on a real actor pool, whose actor hangs in its third unit (the
@@ -166,6 +168,8 @@ def test_a_scoring_pool_that_stops_making_progress_fails_in_time_with_what_is_co
     _wait_for_idle_cpus(ray_local)
 
 
+# a real pool or worker group that hangs (~45-65 s here): extended, for CI's budget
+@pytest.mark.extended
 def test_a_training_fit_whose_workers_hang_is_stopped_and_raises(ray_local, monkeypatch, tmp_path):
     """A Ray Train fit (2 workers) whose workers log one step, then hang: the fit is aborted
     (its workers gone, their CPUs free) and a StallError names the stage, the fit and what is
