@@ -10,7 +10,7 @@ UV := $(VENV)/bin/uv pip install -q --python $(PY) $(if $(PIP_FIND_LINKS),--find
 CONSTRAINTS := requirements/constraints.txt
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: install demo test test-extended clean
+.PHONY: install demo test test-fast test-extended clean
 
 # torch first, pinned to the CPU wheel, so no dependency can pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -51,6 +51,11 @@ test: $(VENV)/.vllm $(MLFLOW_VENV)/.installed
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) || \
 	  echo "chromium not installed: the report screenshot test will be skipped"; }
 	$(PY) -m pytest -q -p no:cacheprovider --durations=12 -m "not extended" tests
+
+# The inner loop: what needs no pipeline or training run, no multi-process cluster job, no vLLM,
+# MLflow server or Chromium (the tests marked slow or extended are left out). CI runs `make test`.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider --durations=5 -m "not extended and not slow" tests
 
 # The tests left out of CI's run on 2 cores: the cluster-level faults (a stopped and re-submitted
 # pipeline job, a node killed mid-scoring), the autoscaling cluster (a job whose nodes Ray's

@@ -57,6 +57,7 @@ def test_runtime_env_refuses_secrets_and_excludes_build_outputs(tmp_path):
         build_runtime_env(None, "{oops")
 
 
+@pytest.mark.slow
 def test_submit_streams_logs_and_returns_the_job_status(three_nodes):
     _, address = three_nodes
     wait_for_job_server(address)

@@ -143,6 +143,7 @@ def test_custom_jsonl_set_errors_name_file_and_line(tmp_path):
         resolve_set("nope", "unused", "prompt")
 
 
+@pytest.mark.slow
 def test_hf_backend_generates_on_ray(ray_local, make_config):
     from rayapp.evaluate.generate import generate
     from rayapp.models import registry

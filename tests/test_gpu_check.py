@@ -9,11 +9,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 BLOCKED = ("pydantic", "ray", "vllm")
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_without_ray_vllm_or_pydantic(tmp_path):
     code = ("import sys, runpy\n"
             f"for m in {BLOCKED!r}: sys.modules[m] = None  # import raises ImportError\n"

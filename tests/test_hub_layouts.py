@@ -359,6 +359,7 @@ print(json.dumps({"transient": status("VmHWM") - base - params, "params": params
 """
 
 
+@pytest.mark.slow
 def test_scoring_loads_onto_the_device_a_tensor_at_a_time(tmp_path):
     """Defect 8. On a GPU the parameters are not in host memory, so the host holds only what passes
     through while loading: before, the whole model (from_pretrained on the host, then .to(device));

@@ -45,6 +45,7 @@ def test_choices_map_back_to_models_through_the_key(tmp_path):
     assert "</script><b>" not in open(page).read()  # answers cannot end the data block
 
 
+@pytest.mark.slow
 def test_people_judge_in_chromium_and_the_report_counts_them(tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

@@ -22,6 +22,7 @@ from rayapp.train.runner import TrainJob, run_training
 from tests.conftest import alpaca_rows, run_stage, write_jsonl
 
 pytest.importorskip("peft")
+pytestmark = pytest.mark.slow  # not in `make test-fast`: two training runs
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

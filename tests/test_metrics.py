@@ -12,9 +12,12 @@ import sys
 import time
 import urllib.request
 
+import pytest
 import yaml
 
 from tests.conftest import ALPACA, REPO, free_port, tiny_config_dict
+
+pytestmark = pytest.mark.slow  # not in `make test-fast`: a pipeline run
 
 SCRIPT = """
 import sys, time, ray

@@ -21,6 +21,8 @@ import yaml
 
 from tests.conftest import ALPACA, REPO, SHARED, tiny_config_dict
 
+pytestmark = pytest.mark.slow  # not in `make test-fast`: a pipeline or training run
+
 
 HOLDOUT = 16  # rows held out of selection and training; the fine-tuned models' eval loss is measured on them
 

@@ -123,6 +123,7 @@ def test_adamw_step_allocates_what_the_plan_says_on_fsdp2_shards():
                 np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_training_workers_run_with_expandable_segments(monkeypatch):
     from rayapp.train.runner import _with_allocator_conf
 
@@ -143,6 +144,7 @@ def test_training_workers_run_with_expandable_segments(monkeypatch):
     assert probe.returncode == 0 and probe.stdout.strip() == memory.ALLOCATOR_CONF, probe.stderr
 
 
+@pytest.mark.slow
 def test_meta_model_build_touches_no_host_memory_with_deterministic_kernels_on():
     """rayapp's CPU training workers turn deterministic kernels on, and then torch fills every
     torch.empty with NaN; building OPT-13B on meta must still write nothing (it once wrote ~52 GB,

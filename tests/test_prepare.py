@@ -259,6 +259,7 @@ def test_held_out_rows_are_kept_out_of_the_shards_and_chosen_the_same_way_every_
         run_stage("prepare", make_config([{"path": str(path)}], data__holdout_rows=60, output_dir=str(tmp_path / "r3")))
 
 
+@pytest.mark.slow
 def test_prepare_on_ray_data_gives_the_same_rows_and_rejects(ray_local, tmp_path, make_config):
     """data.workers: blocks of the sources read, normalised and tokenized as Ray Data tasks. Lines
     are numbered across blocks, limits hold across blocks, duplicates are found across blocks and

@@ -59,6 +59,7 @@ def real_run(tmp_path_factory):
     return out, cfg
 
 
+@pytest.mark.slow
 def test_perplexity_falls_with_fine_tuning_on_real_text(real_run):
     out, _ = real_run
     traj = pq.read_table(out / "scores" / "trajectories.parquet").to_pandas()
@@ -71,6 +72,7 @@ def test_perplexity_falls_with_fine_tuning_on_real_text(real_run):
     assert np.median(scored.P1) < np.median(scored.P0)
 
 
+@pytest.mark.slow
 def test_real_model_answers_are_readable(real_run, ray_local):
     from rayapp.config import GenerationConfig
     from rayapp.evaluate.generate import generate
@@ -87,6 +89,7 @@ def test_real_model_answers_are_readable(real_run, ray_local):
 
 
 @pytest.mark.extended  # ~2 min: a 135M model trained on 2 FSDP workers, then generating
+@pytest.mark.slow
 def test_lora_on_the_real_model_learns_and_its_adapter_evaluates(real_run, ray_local):
     """finetune.lora on SmolLM2-135M: 2 FSDP2 workers train adapters on the sharded frozen base; the
     held-out loss falls; the adapter export (base + adapter, merged on load) is the trained model

@@ -46,6 +46,7 @@ def _tiny_opt(folder):
 
 
 @pytest.mark.parametrize("name", ["facebook/opt-13b", "meta-llama/Llama-2-13b-hf"])
+@pytest.mark.slow
 def test_13b_models_shard_on_the_meta_device_without_a_full_copy(name):
     results = run_gloo(shard_on_meta, 2, bundled_config(name))
     total = results[0]["total_bytes"]
@@ -57,6 +58,7 @@ def test_13b_models_shard_on_the_meta_device_without_a_full_copy(name):
     assert sum(r["local_bytes"] for r in results) >= total
 
 
+@pytest.mark.slow
 def test_sharded_load_equals_from_pretrained_on_every_rank(tmp_path):
     for folder in (_tiny_llama(tmp_path / "llama"), _tiny_opt(tmp_path / "opt")):
         want = load_causal_lm(folder, dtype=torch.float32).state_dict()
@@ -70,6 +72,7 @@ def test_sharded_load_equals_from_pretrained_on_every_rank(tmp_path):
         assert all(r["bytes_read"] < 0.6 * file_bytes for r in results)
 
 
+@pytest.mark.slow
 def test_training_from_the_sharded_load_matches_the_full_load(tmp_path):
     """Same weights (fp32, CPU) after the same steps, with per-step gradient sync (accumulation 2)."""
     tok = tmp_path / "tok"
@@ -145,6 +148,7 @@ def test_plan_passes_both_paper_presets_on_their_node_types():
         assert not any("no-sync" in k for k in finetune.parts)
 
 
+@pytest.mark.slow
 def test_plan_fails_an_infeasible_config_with_a_suggestion():
     proc = _plan("-c", PRESETS[0], "--set", "finetune.num_workers=4", "--set", "finetune.accelerator_type=A10G")
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -189,6 +193,7 @@ def test_plan_fits_a_13b_lora_on_4_a10g_where_full_fine_tuning_needs_16_gpus():
     assert with_lora.parts["AdamW state (fp32)"] == 8 * adapters // 4
 
 
+@pytest.mark.slow
 def test_run_refuses_to_start_a_config_that_does_not_fit(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rayapp", "run", "-c", PRESETS[0], "--set",
                            f"output_dir={tmp_path}/out", "--set", "finetune.accelerator_type=T4"],

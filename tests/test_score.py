@@ -110,6 +110,7 @@ def clean_scores(ray_local, scored_setup, tmp_path_factory):
     return out, _run(scored_setup, out, batch_tokens=4096)
 
 
+@pytest.mark.slow
 def test_engine_matches_one_row_loop_and_is_batch_invariant(ray_local, scored_setup, clean_scores, tmp_path):
     cfg, manifest, ckpts, bos, pad, good_ids = scored_setup
     small = str(tmp_path / "small")
@@ -139,6 +140,7 @@ def test_engine_matches_one_row_loop_and_is_batch_invariant(ray_local, scored_se
     assert not np.allclose(_load(big, "epoch-0").loss_sum, _load(big, "other").loss_sum)
 
 
+@pytest.mark.slow
 def test_local_scoring_in_this_process_matches_the_actor_pool(scored_setup, clean_scores, tmp_path):
     """score.local: the same units and batches in the driver's process, with no actor: the same
     scores, bit for bit (one thread each), and the driver's torch thread count is left as it was."""
@@ -167,6 +169,7 @@ def _selections(out, ckpts):
     return {m: sorted(traj.ids[select(m, traj, 0.3)[0]]) for m in ("ppl_high", "ifd", "random")}
 
 
+@pytest.mark.slow
 def test_killed_actor_mid_block_is_restarted_and_the_scores_match(ray_local, scored_setup, clean_scores, tmp_path):
     """SIGKILL of the scoring actor's process halfway through a block: Ray restarts the actor and
     re-runs the block; the driver commits each (checkpoint, shard) once, so every good row gets
@@ -197,6 +200,7 @@ def _wait_for_idle_cpus(ray, timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_without_rescoring(ray_local, scored_setup, tmp_path):
     cfg, manifest, ckpts, bos, pad, _ = scored_setup
     out = str(tmp_path / "resume")

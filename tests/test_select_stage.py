@@ -78,6 +78,7 @@ def test_stratified_needs_text_and_unknown_model_is_named(tmp_path):
         load_config(REPO / "configs/tiny.yaml", ["select.method=hardest"])
 
 
+@pytest.mark.slow
 def test_compare_cli_prints_the_cross_model_table(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rayapp", "compare", "--trajectories", str(PAPER / "alpaca.parquet"),
                            "--reference", "opt-13b", "--models", "opt-350m,opt-6.7b", "--out", str(tmp_path)],

@@ -52,6 +52,7 @@ def watched_run(tmp_path_factory):
     return config, path, seen
 
 
+@pytest.mark.slow
 def test_status_follows_a_run_while_it_trains(watched_run):
     config, _, seen = watched_run
     training = [s["reference"] for s in seen if s["reference"].state == "running" and s["reference"].done]
@@ -67,6 +68,7 @@ def test_status_follows_a_run_while_it_trains(watched_run):
     assert steps == sorted(steps)
 
 
+@pytest.mark.slow
 def test_status_of_the_finished_run_text_and_json(watched_run):
     config, path, _ = watched_run
     final = {s.label: s for s in run_status(config.output_dir, config)}
@@ -94,6 +96,7 @@ def test_a_failed_stage_shows_its_error(tmp_path):
     assert all(s["state"] == "not started" for s in doc["stages"][1:])
 
 
+@pytest.mark.slow
 def test_status_reads_a_run_on_an_object_store(watched_run, tmp_path):
     from rayapp.common import storage
 

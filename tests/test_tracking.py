@@ -116,6 +116,7 @@ def tracked_run(request, tmp_path_factory):
                 server.kill()
 
 
+@pytest.mark.slow
 def test_training_logs_every_step_from_rank_0_and_ends_on_the_manifest(tracked_run):
     run, tracked, _ = tracked_run
     metrics = json.loads((run / "reference" / "manifest.json").read_text())["metrics"]
@@ -126,6 +127,7 @@ def test_training_logs_every_step_from_rank_0_and_ends_on_the_manifest(tracked_r
     assert tracked.series("reference/eval_loss")[-1][1] == pytest.approx(metrics["eval_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_each_stage_logs_its_numbers_and_files_under_its_name(tracked_run):
     run, tracked, stages = tracked_run
     prepared = json.loads((run / "prepared" / "manifest.json").read_text())

@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from rayapp.common import storage
@@ -28,6 +29,7 @@ def _weights(path):
     return {k: v.detach().clone() for k, v in load_causal_lm(path).state_dict().items()}
 
 
+@pytest.mark.slow
 def test_fsdp_training_shards_learns_exports_and_resumes_exactly(ray_local, tmp_path, make_config):
     cfg = make_config([{"path": str(write_jsonl(tmp_path / "a.jsonl", alpaca_rows(96)))}], data__shard_rows=48)
     manifest = run_stage("prepare", cfg)
