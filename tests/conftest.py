@@ -110,6 +110,20 @@ def ray_local():
     ray.shutdown()
 
 
+def wait_for_idle_cpus(ray, timeout: float) -> None:
+    """A failed or stalled run's actor pool lives until its dataset is collected (pytest.raises keeps
+    the traceback, and with it the executor); later tests need those CPUs."""
+    import gc
+    import time
+
+    t0 = time.time()
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        gc.collect()
+        if time.time() - t0 > timeout:
+            pytest.fail(f"the previous run's actors still hold CPUs after {timeout}s: {ray.available_resources()}")
+        time.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

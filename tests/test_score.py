@@ -24,7 +24,7 @@ from rayapp.score.trajectories import build_trajectories
 from rayapp.select.stage import trajectories_from_table
 from rayapp.select.strategies import select
 from tests.bad_rows import mixed_corpus
-from tests.conftest import alpaca_rows, run_stage
+from tests.conftest import alpaca_rows, run_stage, wait_for_idle_cpus
 
 
 def test_token_budget_batches_fit_and_cover():
@@ -186,20 +186,6 @@ def test_killed_actor_mid_block_is_restarted_and_the_scores_match(ray_local, sco
     assert _selections(out, ckpts) == _selections(clean, ckpts)
 
 
-def _wait_for_idle_cpus(ray, timeout: float = 60) -> None:
-    """A failed run's actor pool lives until its dataset is collected (pytest.raises keeps the
-    traceback, and with it the executor); later tests need those CPUs."""
-    import gc
-    import time
-
-    t0 = time.time()
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
-        gc.collect()
-        if time.time() - t0 > timeout:
-            pytest.fail(f"the failed run's actors still hold CPUs after {timeout}s: {ray.available_resources()}")
-        time.sleep(0.5)
-
-
 @pytest.mark.slow
 def test_interrupted_run_resumes_without_rescoring(ray_local, scored_setup, tmp_path):
     cfg, manifest, ckpts, bos, pad, _ = scored_setup
@@ -207,7 +193,7 @@ def test_interrupted_run_resumes_without_rescoring(ray_local, scored_setup, tmp_
     # The only actor raises on its 8th batch (of 10: 5 shards x 2 checkpoints): the run fails part-way.
     with pytest.raises(Exception, match="injected scoring fault"):
         _run(scored_setup, out, batch_tokens=4096, runtime_env={"env_vars": {FAULT_ENV: "raise:7"}})
-    _wait_for_idle_cpus(ray_local)
+    wait_for_idle_cpus(ray_local, timeout=60)
     done_first = {(ck.name, f.rsplit("/", 1)[-1]) for ck in ckpts for f in storage.list_files(storage.join(out, ck.name), ".parquet")}
     total = len(ckpts) * len(manifest.shards)
     assert 0 < len(done_first) < total

@@ -4,7 +4,6 @@ Train fit whose workers hang, each on the session's local cluster."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -15,6 +14,7 @@ import pytest
 
 from rayapp.common.errors import RayappError, StallError
 from rayapp.common.watchdog import watched, watched_iter
+from tests.conftest import wait_for_idle_cpus
 
 MARGIN_S = 1.0  # how late past stall_s the pure watchdog may raise
 
@@ -105,15 +105,6 @@ def test_errors_pass_through_and_none_or_zero_turns_it_off():
         assert list(watched_iter(_steps(2, 0.6), stage="t", waiting_for="w", stall_s=off)) == [0, 1]
 
 
-def _wait_for_idle_cpus(ray, timeout: float = 90) -> None:
-    t0 = time.time()
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
-        gc.collect()
-        if time.time() - t0 > timeout:
-            pytest.fail(f"the stalled run's actors still hold CPUs after {timeout}s: {ray.available_resources()}")
-        time.sleep(0.5)
-
-
 # a real pool or worker group that hangs (~45-65 s here): extended, for CI's budget
 @pytest.mark.extended
 def test_a_scoring_pool_that_stops_making_progress_fails_in_time_with_what_is_committed(ray_local, make_config,
@@ -165,7 +156,7 @@ def test_a_scoring_pool_that_stops_making_progress_fails_in_time_with_what_is_co
     # the hung actor goes (as a lost node's would); its pool is shut down, its CPU freed
     os.kill(json.loads(marker.read_text())["pid"], 9)
     del err
-    _wait_for_idle_cpus(ray_local)
+    wait_for_idle_cpus(ray_local, timeout=90)
 
 
 # a real pool or worker group that hangs (~45-65 s here): extended, for CI's budget
@@ -234,7 +225,7 @@ def test_a_training_fit_whose_workers_hang_is_stopped_and_raises(ray_local, monk
     while any(_alive(p) for p in pids) and time.time() < deadline:
         time.sleep(0.5)
     assert not any(_alive(p) for p in pids), "the hung training workers still run"
-    _wait_for_idle_cpus(ray_local)
+    wait_for_idle_cpus(ray_local, timeout=90)
 
 
 def _alive(pid: int) -> bool:
