@@ -2,6 +2,10 @@
 this checkout, side by side on the same machine in one invocation.
 
     python -m benchmarks demo --baseline 2c6cd9d
+    python -m benchmarks demo --baseline a9fcb19 --repeats 2 --name demo-stage-processes
+
+With ``--repeats``, the two alternate (baseline, this checkout, baseline, ...), so that a change of
+load on the machine falls on both; the medians are compared.
 
 The baseline runs from a git worktree of that commit (removed afterwards) with this checkout's
 virtual environment, so both use the same installed packages; each run gets a fresh output dir and
@@ -38,7 +42,7 @@ def _stage_seconds(out_dir: str, log: str) -> dict[str, float]:
     return stages
 
 
-def run_once(code_dir: str, label: str, work: str, runs_dir: str) -> dict:
+def run_once(code_dir: str, label: str, work: str, runs_dir: str, name: str = "demo") -> dict:
     out_dir = os.path.join(work, label)
     env = {**os.environ, "PYTHONPATH": code_dir}
     cmd = [sys.executable, "-m", "rayapp", "run", "-c", "configs/tiny.yaml", "--set", f"output_dir={out_dir}"]
@@ -47,7 +51,7 @@ def run_once(code_dir: str, label: str, work: str, runs_dir: str) -> dict:
     proc = subprocess.run(cmd, cwd=code_dir, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     log = proc.stdout + proc.stderr
-    with open(os.path.join(runs_dir, f"demo-{label}.log"), "w") as f:
+    with open(os.path.join(runs_dir, f"{name}-{label}.log"), "w") as f:
         f.write(log)
     if proc.returncode != 0:
         raise SystemExit(f"{label} run failed ({proc.returncode}):\n{log[-3000:]}")
@@ -56,7 +60,7 @@ def run_once(code_dir: str, label: str, work: str, runs_dir: str) -> dict:
             "output_lines": len(lines), "ray_info_lines": sum(bool(re.search(r"\bINFO\b", line)) for line in lines)}
 
 
-def run(baseline: str, out: str) -> dict:
+def run(baseline: str, out: str, repeats: int = 1, name: str = "demo") -> dict:
     work = tempfile.mkdtemp(prefix="rayapp-demo-bench-")
     base_dir = os.path.join(work, "baseline-src")
     subprocess.run(["git", "worktree", "add", "--detach", "-q", base_dir, baseline], cwd=REPO, check=True)
@@ -66,17 +70,25 @@ def run(baseline: str, out: str) -> dict:
     if os.path.isdir(shared) and not os.path.exists(link):
         os.symlink(shared, link)
     os.makedirs(out, exist_ok=True)
+    runs = []
     try:
-        before = run_once(base_dir, "baseline", work, out)
-        after = run_once(REPO, "current", work, out)
+        for k in range(repeats):
+            tag = f"-{k + 1}" if repeats > 1 else ""
+            runs.append(run_once(base_dir, "baseline" + tag, work, out, name))
+            runs.append(run_once(REPO, "current" + tag, work, out, name))
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", base_dir], cwd=REPO)
         shutil.rmtree(work, ignore_errors=True)
     commit = subprocess.run(["git", "rev-parse", "--short", baseline], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
-    results = {"machine": _machine(), "baseline_commit": commit, "config": "configs/tiny.yaml",
-               "runs": [before, after], "speedup": round(before["wall_s"] / after["wall_s"], 2)}
-    stem = os.path.join(out, f"demo-cpu{os.cpu_count()}")
+    import statistics
+
+    base_wall = statistics.median(r["wall_s"] for r in runs[0::2])
+    this_wall = statistics.median(r["wall_s"] for r in runs[1::2])
+    results = {"machine": _machine(), "baseline_commit": commit, "config": "configs/tiny.yaml", "repeats": repeats,
+               "runs": runs, "median_wall_s": {"baseline": base_wall, "current": this_wall},
+               "speedup": round(base_wall / this_wall, 2)}
+    stem = os.path.join(out, f"{name}-cpu{os.cpu_count()}")
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=2)
     _plot(results, stem + ".png")
@@ -94,7 +106,7 @@ def _plot(results: dict, path: str) -> None:
         return "finetune" if name.startswith("finetune") else name
 
     order = ["prepare", "reference", "score", "select", "finetune", "evaluate"]
-    fig, ax = plt.subplots(figsize=(8, 2.6))
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.5 * len(results["runs"])))
     colors = plt.get_cmap("tab10").colors
     for y, r in enumerate(results["runs"]):
         per: dict[str, float] = {}
@@ -109,7 +121,9 @@ def _plot(results: dict, path: str) -> None:
                 ax.text(left + secs / 2, y, f"{secs:.0f}", ha="center", va="center", fontsize=8, color="white")
             left += secs
         ax.text(r["wall_s"] + 3, y, f"{r['wall_s']:.0f} s wall", va="center", fontsize=9)
-    ax.set_yticks([0, 1], [f"baseline {results['baseline_commit']}", "this commit"])
+    ax.set_yticks(range(len(results["runs"])),
+                  [r["label"].replace("baseline", f"baseline {results['baseline_commit']}").replace("current", "this commit")
+                   for r in results["runs"]])
     ax.invert_yaxis()
     ax.set_xlabel("seconds (rayapp run -c configs/tiny.yaml, 2-core CPU)")
     ax.set_xlim(0, max(r["wall_s"] for r in results["runs"]) * 1.2)

@@ -156,12 +156,8 @@ def check_plan(cfg) -> None:
 def run_stages(cfg, names: list[str] | None, force: bool, until: str | None = None, skip_plan: bool = False) -> int:
     """`rayapp run` (``names`` None: the whole plan up to ``until``) or one stage command."""
     from rayapp import pipeline
-    from rayapp.common.layout import RunLayout
-    from rayapp.common.log import get_logger
-    from rayapp.summary import print_summary
-
-    log = get_logger("rayapp.run")
     from rayapp.common import tracking
+    from rayapp.summary import print_summary
 
     if cfg.finetune.lora is not None:
         from rayapp.train.lora import require_peft
@@ -173,19 +169,8 @@ def run_stages(cfg, names: list[str] | None, force: bool, until: str | None = No
     stages = pipeline.plan(cfg, until) if names is None else [pipeline.stage(n, cfg) for n in names]
     tracking.start(cfg)
     t0 = time.perf_counter()
-    results = []
-    steps = pipeline.steps(stages)
     try:
-        for i, group in enumerate(steps, start=1):
-            if len(stages) > 1:
-                log.info("(%d/%d) %s", i, len(steps), ", ".join(s.label for s in group))
-            if group[0].name == "prepare" and len(steps) > 1:
-                results += pipeline.prepare_while_ray_starts(group, cfg, force)
-            else:
-                results += pipeline.run_together(group, cfg, force)
-            if names is None and group[0].name == "prepare":
-                for later in stages:  # work that needs only the prepared data starts now, in the background
-                    later.start_ahead(cfg, RunLayout(cfg.output_dir))
+        results = pipeline.run_steps(stages, cfg, force, start_ahead=names is None)
     except BaseException:
         tracking.finish(cfg, ok=False)
         raise

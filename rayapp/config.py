@@ -540,6 +540,11 @@ class RayConfig(_Strict):
         "includes actors starting and models loading. 30 minutes: far above a healthy paper run's longest "
         "quiet spell (loading a 13B model, a first step, a 13B checkpoint or export written to an object "
         "store, nodes added by an autoscaler), and a stall still ends the same hour. null or 0 turns it off")
+    stage_processes: bool = Field(
+        True, description="Under `rayapp run`, each step that uses Ray runs in a driver process of its own, "
+        "forked from a process that imported the libraries once (about 0.2 s a step): a worker or node lost in "
+        "one stage then leaves no driver state behind that can stall the next stage's actors "
+        "(docs/reliability.md). false runs every stage in one driver process")
 
 
 class TrackingConfig(_Strict):

@@ -51,30 +51,75 @@ def steps(stages: list[Stage]) -> list[list[Stage]]:
     return out
 
 
-def run_together(group: list[Stage], cfg: RunConfig, force: bool = False) -> list[StageResult]:
-    """Run one step of the plan: a single stage, or the finetune variants together (one worker
-    group trains them one after the other: its processes, imports and process group start once)."""
-    return run_stages(group, cfg, force=force)
+def run_steps(stages: list[Stage], cfg: RunConfig, force: bool = False, start_ahead: bool = True) -> list[StageResult]:
+    """Run a plan step by step (``steps``). With more than one step and ``ray.stage_processes``, each
+    step that uses Ray runs in a driver process of its own (``common.isolation``): a worker or node
+    lost in one stage cannot leave state behind that stalls the next. With ``start_ahead``, work that
+    needs only the prepared data starts once prepare is done (``Stage.start_ahead``), in this
+    process, which outlives the steps."""
+    from rayapp.common.layout import RunLayout
+    from rayapp.common.log import get_logger
+
+    log = get_logger("rayapp.run")
+    plan_steps = steps(stages)
+    isolate = cfg.ray.stage_processes and len(plan_steps) > 1
+    layout = RunLayout(cfg.output_dir)
+    results: list[StageResult] = []
+    for i, group in enumerate(plan_steps, start=1):
+        if len(plan_steps) > 1:
+            log.info("(%d/%d) %s", i, len(plan_steps), ", ".join(s.label for s in group))
+        first = group[0]
+        for s in group:
+            s.finish_ahead(cfg, layout)
+        if not first.uses_ray(cfg) and len(plan_steps) > 1:
+            results += _while_ray_starts(group, cfg, force, isolate)
+        elif isolate and first.uses_ray(cfg):
+            _ray_for_steps(cfg)
+            from rayapp.common import isolation
+
+            results += isolation.run_step(group, cfg, force)
+        else:
+            results += run_stages(group, cfg, force)
+        if start_ahead and not force and first.name == "prepare":
+            for later in stages:  # in the background, while the next stages run
+                later.start_ahead(cfg, layout)
+    return results
 
 
-def prepare_while_ray_starts(group: list[Stage], cfg: RunConfig, force: bool = False) -> list[StageResult]:
-    """Prepare needs no Ray, and every later stage does: start the cluster (its processes take
-    seconds to come up) while the driver reads and tokenizes the data in a thread."""
+_STEP_PROCESSES: list[bool] = []  # the forkserver steps are forked from is running
+
+
+def _ray_for_steps(cfg: RunConfig) -> None:
+    """Ray up in this process (it starts a local cluster, or joins the configured one, and owns the
+    work started ahead), and the forkserver the step processes come from."""
+    from rayapp.common import isolation
+    from rayapp.common.raycluster import init_ray
+
+    init_ray(cfg)
+    if not _STEP_PROCESSES:
+        isolation.start_forkserver()
+        _STEP_PROCESSES.append(True)
+
+
+def _while_ray_starts(group: list[Stage], cfg: RunConfig, force: bool, isolate: bool) -> list[StageResult]:
+    """A step that needs no Ray (prepare without data.workers), while every later one does: start
+    the cluster (its processes take seconds to come up), and the step processes' forkserver, while
+    this process reads and tokenizes the data in a thread."""
     from concurrent.futures import ThreadPoolExecutor
 
     from rayapp.common.raycluster import existing_cluster_address, init_ray
 
+    up = (lambda: _ray_for_steps(cfg)) if isolate else (lambda: init_ray(cfg))
     # Joining a running cluster takes no time worth hiding, and inside a Ray job ray.init can
     # unpack the job's working_dir again under the driver (see raycluster._init_ray): a thread
-    # reading or importing meanwhile finds no current directory. So: Ray first, then prepare.
-    # Prepare on Ray (data.workers) needs the cluster first anyway.
-    if cfg.data.workers or existing_cluster_address(cfg):
-        init_ray(cfg)
+    # reading or importing meanwhile finds no current directory. So: Ray first, then the step.
+    if existing_cluster_address(cfg):
+        up()
         return run_stages(group, cfg, force)
     with ThreadPoolExecutor(1) as pool:
-        prepared = pool.submit(run_stages, group, cfg, force)
-        init_ray(cfg)  # in the main thread, as Ray wants
-        return prepared.result()
+        done = pool.submit(run_stages, group, cfg, force)
+        up()  # in the main thread, as Ray wants
+        return done.result()
 
 
 def run(name: str, cfg: RunConfig, force: bool = False) -> StageResult:

@@ -68,6 +68,13 @@ def _init_ray(cfg: RunConfig | None) -> None:
             _return_to_working_dir(cwd)
         _quiet_ray_libraries(verbose)
         return
+    from rayapp.common.isolation import RUN_CLUSTER_ENV
+
+    if os.environ.get(RUN_CLUSTER_ENV):  # a step of `rayapp run`, in a driver process of its own
+        ray.init(address=os.environ[RUN_CLUSTER_ENV], log_to_driver=verbose,
+                 logging_level="INFO" if verbose else "ERROR")
+        _quiet_ray_libraries(verbose)
+        return
     # The dashboard process backs Ray's State API (Train's placement-group cleaner uses it); it
     # listens on loopback only, never on a public address.
     # address="local": a new cluster for this run, even when `ray start` left one behind on this

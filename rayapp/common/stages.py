@@ -93,6 +93,16 @@ class Stage(ABC):
         """Start work that needs only the prepared data in the background (`rayapp run` calls this
         once prepare is done), so it overlaps the stages before this one. Optional."""
 
+    def finish_ahead(self, cfg: RunConfig, layout: RunLayout) -> None:
+        """Wait for what ``start_ahead`` began, in the process that began it, and leave its result
+        where ``run`` finds it (its cache): `rayapp run` calls this just before the stage's step,
+        which may run in a driver process of its own. Optional."""
+
+    def uses_ray(self, cfg: RunConfig) -> bool:
+        """Whether ``run`` starts Ray work. Under `rayapp run` such a step gets a driver process of
+        its own (``ray.stage_processes``); one that does not runs while the cluster starts."""
+        return True
+
 
 @dataclass
 class StageResult:

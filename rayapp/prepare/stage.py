@@ -209,6 +209,9 @@ class PrepareStage(Stage):
 
         return [placement.preparing(cfg)]
 
+    def uses_ray(self, cfg: RunConfig) -> bool:
+        return bool(cfg.data.workers)  # without workers, prepare reads and tokenizes in the driver
+
     def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
         sources = []
         for src in cfg.data.sources:

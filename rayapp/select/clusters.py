@@ -82,19 +82,38 @@ def start_ahead(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest) -
     log.info("clustering the prepared rows in the background")
 
 
-def clusters_for(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, force: bool) -> dict[str, int]:
-    """Cluster per row id: from the task started ahead, the cache, or computed now."""
+def _await_ahead(cfg: RunConfig, layout: RunLayout, ahead) -> dict[str, int]:
     import ray
 
+    # no progress to probe from here: the whole wait, from now on, is bounded by ray.stall_timeout_s
+    return watched(lambda: ray.get(ahead), stage="select", stall_s=cfg.ray.stall_timeout_s,
+                   waiting_for="the clustering started ahead (a Ray task embedding every prepared row)",
+                   committed=f"no clusters yet (they go in {layout.embeddings} when done)",
+                   on_stall=lambda: ray.cancel(ahead, force=True))
+
+
+def finish_ahead(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest) -> None:
+    """Wait for the clustering this process started ahead: when it is done, its clusters are in the
+    cache, where select (in a driver process of its own, under `rayapp run`) reads them. If it
+    failed, select computes them itself."""
+    ahead = _AHEAD.pop(clusters_key(cfg, prepared), None)
+    if ahead is None:
+        return
+    try:
+        _await_ahead(cfg, layout, ahead)
+    except StallError:
+        raise
+    except Exception as exc:
+        log.warning("background clustering failed (%s); select computes it now", exc)
+
+
+def clusters_for(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, force: bool) -> dict[str, int]:
+    """Cluster per row id: from the task started ahead, the cache, or computed now."""
     key = clusters_key(cfg, prepared)
     ahead = _AHEAD.pop(key, None)
     if ahead is not None:
-        # no progress to probe from here: the whole wait, from now on, is bounded by ray.stall_timeout_s
         try:
-            return watched(lambda: ray.get(ahead), stage="select", stall_s=cfg.ray.stall_timeout_s,
-                           waiting_for="the clustering started ahead (a Ray task embedding every prepared row)",
-                           committed=f"no clusters yet (they go in {layout.embeddings} when done)",
-                           on_stall=lambda: ray.cancel(ahead, force=True))
+            return _await_ahead(cfg, layout, ahead)
         except StallError:
             raise
         except Exception as exc:  # the background attempt failed: compute in the foreground, loudly

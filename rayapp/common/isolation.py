@@ -1,0 +1,156 @@
+"""Each step of `rayapp run` that uses Ray runs in a driver process of its own.
+
+Why: a Ray driver keeps per-process state about the workers it has talked to (the core worker's
+pubsub subscriptions, actor handles, Ray Train's and Ray Data's module state). After a worker or
+node that one stage used dies, that state has been seen to stop a later stage's actors from ever
+being reported alive to the same driver (docs/reliability.md, "A driver that stops seeing actors
+come alive"). A new driver process starts with none of it, and Ray reclaims the old driver's
+actors and placement groups when it exits.
+
+How, cheaply: the run's process starts (or joins) the cluster, then starts a multiprocessing
+*forkserver* that imports torch, transformers, Ray Data and Ray Train once, while prepare runs.
+Each step is a process forked from it: it connects to the same cluster (``ray.init`` takes about
+0.1 s), runs its stages through the usual runner, sends back their results, and ends. The run's
+own process keeps only what must outlive a step (the work ``Stage.start_ahead`` began).
+
+The forked process inherits no logging set-up and no environment changes made after the
+forkserver started, so both are passed along.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import traceback
+from typing import Any
+
+from rayapp.common.errors import RayappError
+from rayapp.common.log import get_logger
+
+log = get_logger("rayapp.run")
+
+# The cluster a run's own process started, for its step processes to join (``raycluster``). Not
+# RAY_ADDRESS: that one means "a cluster this run joined", where pools are sized differently.
+RUN_CLUSTER_ENV = "RAYAPP_RUN_CLUSTER"
+# Imported once by the forkserver, so a step process starts with them in memory (copy-on-write).
+PRELOAD = ["rayapp.pipeline", "rayapp.summary", "torch", "transformers", "pyarrow.parquet", "ray.data",
+           "ray.train.torch"]
+# How long a step process may take to clean up after Ctrl-C (Ray Train's abort of a worker group)
+INTERRUPT_GRACE_S = 60
+
+
+class StepProcessError(RayappError):
+    """A step's process ended without a result: killed, or it crashed in native code."""
+
+
+def _context():
+    return multiprocessing.get_context("forkserver")
+
+
+def start_forkserver() -> None:
+    """Start the warm process steps are forked from. Call once Ray is up: its environment (the
+    cluster's auth settings, which Ray reads when it is imported) is copied now. Returns at once;
+    the imports run in the forkserver meanwhile."""
+    from multiprocessing import forkserver
+
+    ctx = _context()
+    ctx.set_forkserver_preload(PRELOAD)
+    forkserver.ensure_running()
+
+
+def _run_in_child(conn, env: dict[str, str], cwd: str, level: int, group: list, cfg, force: bool) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        os.chdir(cwd)
+    except OSError:
+        pass  # a Ray job's working dir re-created under us: raycluster steps back into it
+    from rayapp.common import log as logs
+
+    logs.configure(level)
+    outcome: tuple[str, Any]
+    try:
+        from rayapp.common.stages import run_stages
+
+        outcome = ("ok", run_stages(group, cfg, force))
+    except BaseException as exc:  # noqa: BLE001 - every ending goes back to the run's process
+        outcome = ("error", _portable(exc))
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()  # ends this driver's job: Ray reclaims its actors and placement groups now
+        except Exception:
+            pass
+    try:
+        conn.send(outcome)
+    except Exception as exc:  # a result that does not pickle is a bug; still say what happened
+        conn.send(("error", _portable(RuntimeError(f"cannot send the step's result back: {exc}"))))
+    conn.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself if it pickles (RayappError and its kinds do), else a RuntimeError with
+    its text; either way carrying the step process's traceback for the run's process to show."""
+    import pickle
+
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        pickle.loads(pickle.dumps(exc))
+        out = exc
+    except Exception:
+        out = RuntimeError(f"{type(exc).__name__}: {exc}")
+    if not isinstance(out, (RayappError, KeyboardInterrupt)):
+        out.add_note(f"in the step's own driver process:\n{tb}")
+    return out
+
+
+def run_step(group: list, cfg, force: bool) -> list:
+    """Run one step of the plan (``stages.run_stages``) in a driver process forked from the
+    forkserver; return its results, or raise what it raised."""
+    from rayapp.common.log import current_level
+
+    ctx = _context()
+    receive, send = ctx.Pipe(duplex=False)
+    env = dict(os.environ)
+    import ray
+
+    if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        env[RUN_CLUSTER_ENV] = ray.get_runtime_context().gcs_address
+    proc = ctx.Process(target=_run_in_child, args=(send, env, os.getcwd(), current_level(), group, cfg, force),
+                       name=f"rayapp-{group[0].name}", daemon=False)
+    proc.start()
+    send.close()
+    try:
+        outcome = _wait(proc, receive)
+    except KeyboardInterrupt:
+        # Ctrl-C reached the step's process too (one process group): let it stop its Ray work
+        proc.join(INTERRUPT_GRACE_S)
+        if proc.is_alive():
+            proc.kill()
+        raise
+    proc.join()
+    if outcome is None:
+        raise StepProcessError(
+            f"{group[0].label}: its driver process ended with exit code {proc.exitcode} and no result "
+            f"(killed, or out of memory?). Rerun the same command to resume from what is committed.")
+    kind, value = outcome
+    if kind == "error":
+        raise value
+    return value
+
+
+def _wait(proc, receive):
+    """The step's outcome, or None once its process has died without sending one."""
+    while True:
+        if receive.poll(1.0):
+            try:
+                return receive.recv()
+            except EOFError:
+                return None
+        if not proc.is_alive() and not receive.poll(0):
+            return None
