@@ -34,8 +34,9 @@ log = get_logger("rayapp.run")
 # RAY_ADDRESS: that one means "a cluster this run joined", where pools are sized differently.
 RUN_CLUSTER_ENV = "RAYAPP_RUN_CLUSTER"
 # Imported once by the forkserver, so a step process starts with them in memory (copy-on-write).
+# (matplotlib: select's and evaluate's reports are drawn in the step's process)
 PRELOAD = ["rayapp.pipeline", "rayapp.summary", "torch", "transformers", "pyarrow.parquet", "ray.data",
-           "ray.train.torch"]
+           "ray.train.torch", "matplotlib.pyplot", "sklearn.cluster"]
 # How long a step process may take to clean up after Ctrl-C (Ray Train's abort of a worker group)
 INTERRUPT_GRACE_S = 60
 

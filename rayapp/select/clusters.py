@@ -92,6 +92,10 @@ def _await_ahead(cfg: RunConfig, layout: RunLayout, ahead) -> dict[str, int]:
                    on_stall=lambda: ray.cancel(ahead, force=True))
 
 
+def started_ahead() -> bool:
+    return bool(_AHEAD)
+
+
 def finish_ahead(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest) -> None:
     """Wait for the clustering this process started ahead: when it is done, its clusters are in the
     cache, where select (in a driver process of its own, under `rayapp run`) reads them. If it

@@ -28,7 +28,7 @@ from rayapp.common.manifests import (
 )
 from rayapp.common.stages import Stage, StageContext
 from rayapp.config import FIXED_SCOPE, RunConfig, SelectConfig, parse_selection
-from rayapp.select.clusters import clusters_for, finish_ahead, start_ahead
+from rayapp.select.clusters import clusters_for, finish_ahead, start_ahead, started_ahead
 from rayapp.select.metrics import learning_percentage, learning_percentage_approx, no_response_rows
 from rayapp.select.report import write_report
 from rayapp.select.strategies import Trajectories, n_chunks, select
@@ -173,7 +173,8 @@ class SelectStage(Stage):
             start_ahead(cfg, layout, read_prepared(layout))
 
     def finish_ahead(self, cfg: RunConfig, layout: RunLayout) -> None:
-        finish_ahead(cfg, layout, read_prepared(layout))
+        if started_ahead():  # else nothing to wait for (and maybe no prepared data: --trajectories)
+            finish_ahead(cfg, layout, read_prepared(layout))
 
     def run(self, ctx: StageContext) -> SelectionManifest:
         return select_rows(ctx.cfg, ctx.layout, ctx.force)

@@ -12,6 +12,10 @@ so a test injects a fault into a real actor or training worker without touching 
 ``RAYAPP_TEST_TRAIN_KILL_AT_STEP="<n>"``: rank 0's worker process is SIGKILLed (as the OOM
 killer or a lost node would) once the run passes global step n; once per run, since a marker
 beside the training stats records it, so the restarted attempt goes on.
+
+``RAYAPP_TEST_TRAIN_HANG_AT_STEP="<n>:<marker file>"``: once the run passes global step n, rank 0
+writes {pid, node_id} to the marker and sleeps, once (the marker is created exclusively), so a
+test can kill its node; the restarted attempt goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 
 SCORE_FAULT_ENV = "RAYAPP_TEST_SCORE_FAULT"
 TRAIN_KILL_ENV = "RAYAPP_TEST_TRAIN_KILL_AT_STEP"
+TRAIN_HANG_ENV = "RAYAPP_TEST_TRAIN_HANG_AT_STEP"
 
 
 def _claim_once(marker: str, payload: str) -> bool:
@@ -82,8 +87,31 @@ class TrainKill:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class TrainHang:
+    def __init__(self, spec: str):
+        n, _, marker = spec.partition(":")
+        if not n.isdigit() or not marker:
+            raise ValueError(f"{TRAIN_HANG_ENV}={spec!r}: expected <n>:<marker file>")
+        self.at_step, self.marker = int(n), marker
+
+    def __call__(self, global_step: int, rank: int) -> None:
+        if rank != 0 or global_step < self.at_step:
+            return
+        import ray
+
+        info = json.dumps({"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                           "step": global_step})
+        if not _claim_once(self.marker, info):
+            return
+        print(f"test hook {TRAIN_HANG_ENV}: rank 0 (pid {os.getpid()}) hangs at step {global_step}", flush=True)
+        time.sleep(600)  # the test kills this worker's node meanwhile
+        raise RuntimeError(f"{TRAIN_HANG_ENV}: hung for 600 s and nobody killed the node")
+
+
 def train_kill_hook(stats_dir: str):
     """A callable ``hook(global_step, rank)`` for the training loop, or None when not asked for."""
+    if os.environ.get(TRAIN_HANG_ENV):
+        return TrainHang(os.environ[TRAIN_HANG_ENV])
     at = int(os.environ.get(TRAIN_KILL_ENV, "0") or 0)
     if not at:
         return None

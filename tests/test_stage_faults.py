@@ -1,0 +1,153 @@
+"""A loss in one stage must not stall the next (issue 28), on the three-node cluster, as users run
+the pipeline: `rayapp run` submitted as a Ray job.
+
+- a training worker killed during finetune, then evaluate's generation pool;
+- a whole node killed during finetune (its training worker hangs first, so the node holds one),
+  a replacement node added, then evaluate's generation pool;
+- a scoring worker killed during score, then select's clustering and selection.
+
+Each run first copies the finished stages of one base run, so only the stages under test run.
+Every job runs with a short `ray.stall_timeout_s`: a stage that stops making progress (the Ray 2.60
+driver hang of docs/reliability.md) fails the job with a StallError in minutes instead of hanging
+the test. The jobs' own output (`[run] (i/n) ...` and each stage's lines) is kept in the failure
+message. `make test-extended` (about N minutes here)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.test_pipeline import _copy_run, pipeline_config
+
+pytestmark = pytest.mark.extended
+
+STALL_S = 240  # far above any quiet spell of these tiny stages, far below the test's patience
+JOB_TIMEOUT_S = 1200
+
+
+def _config(tmp, output_dir):
+    """The test pipeline's config, with finetune placed on the 'GPU' nodes (so a node kill hits a
+    training worker), restarts allowed, checkpoints every 2 steps and the short watchdog."""
+    path = pipeline_config(tmp)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["output_dir"] = str(output_dir)
+    cfg["ray"] = {"stall_timeout_s": STALL_S}
+    # 4 rows per device: the selection (36 rows) takes 4 steps on 2 workers, the full set 18
+    cfg["finetune"].update({"per_device_batch_size": 4, "resources_per_worker": {"gpu_small": 0.5},
+                            "max_failures": 2, "checkpoint_every_steps": 2, "log_every_steps": 1})
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _submit(address, path, env: dict | None = None, until: str | None = None):
+    """Submit `rayapp run` (jobs/run_pipeline.py) in a thread; returns (thread, result, output)."""
+    from rayapp.submit import submit
+
+    entry = [sys.executable, "jobs/run_pipeline.py", "--config", str(path)] + (["--until", until] if until else [])
+    runtime_env = json.dumps({"env_vars": env}) if env else None
+    out, result = io.StringIO(), {}
+    job = threading.Thread(target=lambda: result.update(rc=submit(
+        address, entry, working_dir=str(REPO), runtime_env_json=runtime_env, out=out)), daemon=True)
+    job.start()
+    return job, result, out
+
+
+def _finish(job, result, out, what: str) -> str:
+    job.join(JOB_TIMEOUT_S)
+    log = out.getvalue()
+    assert not job.is_alive(), f"{what}: the job did not end in {JOB_TIMEOUT_S} s:\n{log[-4000:]}"
+    assert result.get("rc") == 0, f"{what}: the job failed:\n{log[-4000:]}"
+    return log
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, three_nodes):
+    """prepare, reference, score and select, once, for the fault runs to start from."""
+    from tests.conftest import wait_for_job_server
+
+    _, address = three_nodes
+    wait_for_job_server(address)
+    tmp = tmp_path_factory.mktemp("stage-faults-base")
+    run = tmp / "run"
+    path = _config(tmp, run)
+    _finish(*_submit(address, path, until="select"), "the base run")
+    return run
+
+
+def _evaluate_finished(run, log: str) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    stages = summary["stages"]
+    assert [k for k, v in stages.items() if not v["skipped"]] == ["finetune (selected)", "finetune (full)",
+                                                                   "evaluate"], log[-3000:]
+    evaluate = json.loads((run / "evaluate" / "manifest.json").read_text())
+    assert evaluate["prompts"] > 0 and set(evaluate["models"]) >= {"selected", "full"}, evaluate
+    assert "[run] (6/6) evaluate" in log and "[evaluate] done in" in log, log[-3000:]
+
+
+def _resumed(run, subset: str) -> int:
+    return json.loads((run / "finetune" / subset / "stats" / "rank-0.json").read_text())["resumed_from_step"]
+
+
+def test_worker_killed_during_finetune_then_evaluate_runs(base_run, three_nodes, tmp_path):
+    from rayapp.testing.faults import TRAIN_KILL_ENV
+
+    _, address = three_nodes
+    run = tmp_path / "run"
+    _copy_run(base_run, run)
+    path = _config(tmp_path, run)
+    log = _finish(*_submit(address, path, env={TRAIN_KILL_ENV: "3"}), "a worker killed during finetune")
+    for subset in ("selected", "full"):
+        assert (run / "finetune" / subset / "stats" / ".fault_injected").exists()  # the kill happened
+        assert _resumed(run, subset) >= 2  # and training went on from its step-2 checkpoint
+    _evaluate_finished(run, log)
+
+
+def test_scoring_worker_killed_then_select_clusters_and_selects(base_run, three_nodes, tmp_path):
+    from rayapp.testing.faults import SCORE_FAULT_ENV
+
+    _, address = three_nodes
+    run = tmp_path / "run"
+    _copy_run(base_run, run, parts=("models", "prepared", "reference"))  # no scores, no clusters
+    path = _config(tmp_path, run)
+    marker = tmp_path / "scorer-killed"
+    log = _finish(*_submit(address, path, env={SCORE_FAULT_ENV: f"kill:1:{marker}"}, until="select"),
+                  "a scoring worker killed")
+    assert marker.exists()  # one scoring actor was killed mid-block
+    summary = json.loads((run / "summary.json").read_text())["stages"]
+    assert not summary["score"]["skipped"] and not summary["select"]["skipped"]
+    base = json.loads((base_run / "select" / "manifest.json").read_text())
+    here = json.loads((run / "select" / "manifest.json").read_text())
+    # the same selection as the base run, whose scoring was not interrupted
+    assert {k: v["sha256"] for k, v in here["selections"].items()} == {
+        k: v["sha256"] for k, v in base["selections"].items()}, log[-3000:]
+
+
+def test_node_killed_during_finetune_then_evaluate_runs(base_run, three_nodes, tmp_path):
+    """Last in this module: it changes the shared cluster's nodes (one removed, one added)."""
+    from rayapp.testing.faults import TRAIN_HANG_ENV
+    from tests.conftest import add_gpu_node
+
+    cluster, address = three_nodes
+    run = tmp_path / "run"
+    _copy_run(base_run, run)
+    path = _config(tmp_path, run)
+    marker = tmp_path / "trainer-hung"
+    job, result, out = _submit(address, path, env={TRAIN_HANG_ENV: f"3:{marker}"})
+    t0 = time.time()
+    while not marker.exists() and job.is_alive() and time.time() - t0 < 600:
+        time.sleep(0.5)
+    assert marker.exists(), out.getvalue()[-4000:]
+    hung_on = json.loads(marker.read_text())["node_id"]
+    node = next(n for n in cluster.worker_nodes if n.node_id == hung_on)
+    cluster.remove_node(node, allow_graceful=False)
+    add_gpu_node(cluster)  # as an autoscaler would, for the pending training bundle
+    log = _finish(job, result, out, "a node killed during finetune")
+    _evaluate_finished(run, log)
+    assert _resumed(run, "selected") >= 2 or _resumed(run, "full") >= 2

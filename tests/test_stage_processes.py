@@ -1,0 +1,71 @@
+"""`rayapp run` runs each step that uses Ray in a driver process of its own (common/isolation.py):
+what a step raises, or a step process that dies, reaches the user as it would from one process,
+and a rerun resumes. The cross-stage fault tests on a cluster are in test_stage_faults.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, alpaca_rows, tiny_config_dict, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def _rayapp(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "rayapp", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def _config(tmp_path, **overrides):
+    src = write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(96))
+    cfg = tiny_config_dict(tmp_path, [{"path": str(src)}], **overrides)
+    cfg["reference"] = {"epochs": 1, "per_device_batch_size": 8, "num_workers": 0, "checkpoint_every_steps": 2,
+                        "log_every_steps": 1, "learning_rate": 1e-3}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_step_process_killed_is_reported_and_the_rerun_resumes(tmp_path):
+    """Local-mode training runs in the reference step's own driver process; SIGKILL it at step 5.
+    The run's process says which step's process died, with its exit code, and exits 1; the same
+    command then resumes training from the step-4 checkpoint, prepare up to date."""
+    from rayapp.testing.faults import TRAIN_KILL_ENV
+
+    path = _config(tmp_path)
+    first = _rayapp("run", "-c", str(path), "--until", "reference", env={TRAIN_KILL_ENV: "5"})
+    assert first.returncode == 1, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "rayapp run: error: reference: its driver process ended with exit code -9 and no result" in first.stderr
+    assert "Traceback" not in first.stderr
+    run = tmp_path / "run"
+    state = json.loads((run / "reference" / "rayapp_state.json").read_text())
+    assert state["state"] == "running"  # the step's process died before it could write anything else
+    second = _rayapp("run", "-c", str(path), "--until", "reference")
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())["stages"]
+    assert summary["prepare"]["skipped"] and not summary["reference"]["skipped"]
+    assert json.loads((run / "reference" / "stats" / "rank-0.json").read_text())["resumed_from_step"] == 4
+
+
+def test_an_error_in_a_step_process_prints_as_its_one_line(tmp_path):
+    """A user's error raised inside a step's process prints as one line, as from one process, and
+    the stage's state marker records it. Here: the progress watchdog's StallError, from a 2-worker
+    fit given 1 s to show progress."""
+    path = _config(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["reference"]["num_workers"] = 2
+    cfg["ray"]["stall_timeout_s"] = 1
+    path.write_text(yaml.safe_dump(cfg))
+    proc = _rayapp("run", "-c", str(path), "--until", "reference")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("rayapp run: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith("rayapp run: error: reference: no progress for 1 s waiting for"), lines
+    state = json.loads((tmp_path / "run" / "reference" / "rayapp_state.json").read_text())
+    assert state["state"] == "failed" and "StallError" in state["error"]
