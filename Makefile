@@ -58,7 +58,8 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider --durations=5 -m "not extended and not slow" tests
 
 # The tests left out of CI's run on 2 cores: the cluster-level faults (a stopped and re-submitted
-# pipeline job, a node killed mid-scoring), the autoscaling cluster (a job whose nodes Ray's
+# pipeline job, a node killed mid-scoring; a worker and a node lost during finetune, then evaluate,
+# and a scoring worker lost, then select: `rayapp run` jobs whose steps run in drivers of their own), the autoscaling cluster (a job whose nodes Ray's
 # autoscaler starts, and the same config run locally), the progress watchdogs on a hung scoring
 # pool and a hung training fit, vLLM generation with a served judge, FSDP training that
 # checkpoints to s3 and resumes, both paper presets rehearsed end to end (`rayapp rehearse`, ~15-25

@@ -6,7 +6,8 @@ the pipeline: `rayapp run` submitted as a Ray job.
   a replacement node added, then evaluate's generation pool;
 - a scoring worker killed during score, then select's clustering and selection.
 
-Each run first copies the finished stages of one base run, so only the stages under test run.
+The tests share one base run (prepare to select, once) and each removes the outputs of the stages
+it tests before it runs them, so only those run.
 Every job runs with a short `ray.stall_timeout_s`: a stage that stops making progress (the Ray 2.60
 driver hang of docs/reliability.md) fails the job with a StallError in minutes instead of hanging
 the test. The jobs' own output (`[run] (i/n) ...` and each stage's lines) is kept in the failure
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 import threading
 import time
@@ -24,7 +26,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.test_pipeline import _copy_run, pipeline_config
+from tests.test_pipeline import pipeline_config
 
 pytestmark = pytest.mark.extended
 
@@ -69,16 +71,29 @@ def _finish(job, result, out, what: str) -> str:
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, three_nodes):
-    """prepare, reference, score and select, once, for the fault runs to start from."""
+    """prepare, reference, score and select, once, for the fault runs to start from: (its output
+    dir, its config, the sha256 of each selection it made)."""
     from tests.conftest import wait_for_job_server
 
     _, address = three_nodes
     wait_for_job_server(address)
-    tmp = tmp_path_factory.mktemp("stage-faults-base")
+    tmp = tmp_path_factory.mktemp("stage-faults")
     run = tmp / "run"
     path = _config(tmp, run)
     _finish(*_submit(address, path, until="select"), "the base run")
-    return run
+    return run, path, _selections(run)
+
+
+def _selections(run) -> dict[str, str]:
+    manifest = json.loads((run / "select" / "manifest.json").read_text())
+    return {k: v["sha256"] for k, v in manifest["selections"].items()}
+
+
+def _without(run, stages: tuple[str, ...]) -> None:
+    """Remove these stages' outputs, so the next `rayapp run` runs them again (and only them)."""
+    for name in stages:
+        shutil.rmtree(run / name, ignore_errors=True)
+    (run / "summary.json").unlink(missing_ok=True)
 
 
 def _evaluate_finished(run, log: str) -> None:
@@ -99,9 +114,8 @@ def test_worker_killed_during_finetune_then_evaluate_runs(base_run, three_nodes,
     from rayapp.testing.faults import TRAIN_KILL_ENV
 
     _, address = three_nodes
-    run = tmp_path / "run"
-    _copy_run(base_run, run)
-    path = _config(tmp_path, run)
+    run, path, _ = base_run
+    _without(run, ("finetune", "evaluate"))
     log = _finish(*_submit(address, path, env={TRAIN_KILL_ENV: "3"}), "a worker killed during finetune")
     for subset in ("selected", "full"):
         assert (run / "finetune" / subset / "stats" / ".fault_injected").exists()  # the kill happened
@@ -113,20 +127,16 @@ def test_scoring_worker_killed_then_select_clusters_and_selects(base_run, three_
     from rayapp.testing.faults import SCORE_FAULT_ENV
 
     _, address = three_nodes
-    run = tmp_path / "run"
-    _copy_run(base_run, run, parts=("models", "prepared", "reference"))  # no scores, no clusters
-    path = _config(tmp_path, run)
+    run, path, selections = base_run
+    _without(run, ("scores", "select", "finetune", "evaluate"))  # no scores, no clusters
     marker = tmp_path / "scorer-killed"
     log = _finish(*_submit(address, path, env={SCORE_FAULT_ENV: f"kill:1:{marker}"}, until="select"),
                   "a scoring worker killed")
     assert marker.exists()  # one scoring actor was killed mid-block
     summary = json.loads((run / "summary.json").read_text())["stages"]
     assert not summary["score"]["skipped"] and not summary["select"]["skipped"]
-    base = json.loads((base_run / "select" / "manifest.json").read_text())
-    here = json.loads((run / "select" / "manifest.json").read_text())
-    # the same selection as the base run, whose scoring was not interrupted
-    assert {k: v["sha256"] for k, v in here["selections"].items()} == {
-        k: v["sha256"] for k, v in base["selections"].items()}, log[-3000:]
+    # the same selections as the base run, whose scoring was not interrupted
+    assert _selections(run) == selections, log[-3000:]
 
 
 def test_node_killed_during_finetune_then_evaluate_runs(base_run, three_nodes, tmp_path):
@@ -135,9 +145,8 @@ def test_node_killed_during_finetune_then_evaluate_runs(base_run, three_nodes, t
     from tests.conftest import add_gpu_node
 
     cluster, address = three_nodes
-    run = tmp_path / "run"
-    _copy_run(base_run, run)
-    path = _config(tmp_path, run)
+    run, path, _ = base_run
+    _without(run, ("finetune", "evaluate"))
     marker = tmp_path / "trainer-hung"
     job, result, out = _submit(address, path, env={TRAIN_HANG_ENV: f"3:{marker}"})
     t0 = time.time()

@@ -1,6 +1,8 @@
 """`rayapp run` runs each step that uses Ray in a driver process of its own (common/isolation.py):
 what a step raises, or a step process that dies, reaches the user as it would from one process,
-and a rerun resumes. The cross-stage fault tests on a cluster are in test_stage_faults.py."""
+and a rerun resumes. The cross-stage fault tests on a cluster are in test_stage_faults.py. The
+two `rayapp run` tests here (about a minute each) are extended; CI runs the step processes
+through the pipeline job of test_pipeline.py and through run_step below."""
 
 from __future__ import annotations
 
@@ -14,7 +16,30 @@ import yaml
 
 from tests.conftest import REPO, alpaca_rows, tiny_config_dict, write_jsonl
 
-pytestmark = pytest.mark.slow
+
+
+def test_a_step_in_its_own_process_returns_what_it_made_and_raises_what_it_raised(tmp_path, make_config):
+    """isolation.run_step with the real prepare stage (no Ray needed): the results come back from
+    the step's process as the runner made them, and a user's error comes back as itself (type
+    and message), not as a generic failure."""
+    from rayapp.common import isolation
+    from rayapp.common.errors import RayappError
+    from rayapp.common.manifests import PreparedManifest, read_manifest
+    from rayapp.prepare.stage import PrepareStage
+
+    cfg = make_config([{"path": str(write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(40)))}])
+    isolation.start_forkserver()
+    [result] = isolation.run_step([PrepareStage()], cfg, False)
+    assert not result.skipped and result.stage.name == "prepare" and result.manifest.rows == 40
+    on_disk = read_manifest(str(tmp_path / "run" / "prepared" / "manifest.json"), PreparedManifest)
+    assert on_disk == result.manifest
+    [again] = isolation.run_step([PrepareStage()], cfg, False)
+    assert again.skipped  # the runner's up-to-date check ran in the step's process
+
+    missing = make_config([{"path": str(tmp_path / "missing.jsonl")}], output_dir=str(tmp_path / "other"))
+    with pytest.raises(RayappError, match="missing.jsonl: file not found") as err:
+        isolation.run_step([PrepareStage()], missing, False)
+    assert type(err.value).__name__ == "UnreadableSourceError"
 
 
 def _rayapp(*args, env=None, timeout=600):
@@ -32,6 +57,7 @@ def _config(tmp_path, **overrides):
     return path
 
 
+@pytest.mark.extended
 def test_a_step_process_killed_is_reported_and_the_rerun_resumes(tmp_path):
     """Local-mode training runs in the reference step's own driver process; SIGKILL it at step 5.
     The run's process says which step's process died, with its exit code, and exits 1; the same
@@ -53,6 +79,7 @@ def test_a_step_process_killed_is_reported_and_the_rerun_resumes(tmp_path):
     assert json.loads((run / "reference" / "stats" / "rank-0.json").read_text())["resumed_from_step"] == 4
 
 
+@pytest.mark.extended
 def test_an_error_in_a_step_process_prints_as_its_one_line(tmp_path):
     """A user's error raised inside a step's process prints as one line, as from one process, and
     the stage's state marker records it. Here: the progress watchdog's StallError, from a 2-worker

@@ -35,8 +35,18 @@ log = get_logger("rayapp.run")
 RUN_CLUSTER_ENV = "RAYAPP_RUN_CLUSTER"
 # Imported once by the forkserver, so a step process starts with them in memory (copy-on-write).
 # (matplotlib: select's and evaluate's reports are drawn in the step's process)
+# rayapp's own modules that stages import lazily, too: inside a Ray job they live in the job's
+# working_dir, which may be unpacked again while a step starts.
 PRELOAD = ["rayapp.pipeline", "rayapp.summary", "torch", "transformers", "pyarrow.parquet", "ray.data",
-           "ray.train.torch", "matplotlib.pyplot", "sklearn.cluster"]
+           "ray.train.torch", "matplotlib.pyplot", "sklearn.cluster", "rayapp.train.runner", "rayapp.train.worker",
+           "rayapp.score.engine", "rayapp.select.embed", "rayapp.select.report", "rayapp.evaluate.generate",
+           "rayapp.evaluate.report", "rayapp.prepare.parallel"]
+# The folder `rayapp run` was started in, for the step processes to start in. Inside a Ray job
+# that folder is the job's working_dir, which Ray may delete and unpack again when a driver ends
+# and another starts on the node (see raycluster._init_ray): its path, not the process's current
+# directory, is what stays valid.
+RUN_DIR_ENV = "RAYAPP_RUN_DIR"
+_RUN_DIR: list[str] = []
 # How long a step process may take to clean up after Ctrl-C (Ray Train's abort of a worker group)
 INTERRUPT_GRACE_S = 60
 
@@ -55,9 +65,26 @@ def start_forkserver() -> None:
     the imports run in the forkserver meanwhile."""
     from multiprocessing import forkserver
 
+    if not _RUN_DIR:
+        _RUN_DIR.append(os.getcwd())
     ctx = _context()
     ctx.set_forkserver_preload(PRELOAD)
     forkserver.ensure_running()
+
+
+def run_dir() -> str:
+    return _RUN_DIR[0] if _RUN_DIR else os.getcwd()
+
+
+def back_to_run_dir() -> None:
+    """Step back into the run's folder if it was unpacked again under this process."""
+    path = run_dir()
+    try:
+        unchanged = os.path.samestat(os.stat("."), os.stat(path))
+    except FileNotFoundError:
+        unchanged = False
+    if not unchanged and os.path.isdir(path):
+        os.chdir(path)
 
 
 def _run_in_child(conn, env: dict[str, str], cwd: str, level: int, group: list, cfg, force: bool) -> None:
@@ -117,12 +144,12 @@ def run_step(group: list, cfg, force: bool) -> list:
 
     ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
-    env = dict(os.environ)
+    env = {**os.environ, RUN_DIR_ENV: run_dir()}
     import ray
 
     if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         env[RUN_CLUSTER_ENV] = ray.get_runtime_context().gcs_address
-    proc = ctx.Process(target=_run_in_child, args=(send, env, os.getcwd(), current_level(), group, cfg, force),
+    proc = ctx.Process(target=_run_in_child, args=(send, env, run_dir(), current_level(), group, cfg, force),
                        name=f"rayapp-{group[0].name}", daemon=False)
     proc.start()
     send.close()
@@ -135,6 +162,7 @@ def run_step(group: list, cfg, force: bool) -> list:
             proc.kill()
         raise
     proc.join()
+    back_to_run_dir()
     if outcome is None:
         raise StepProcessError(
             f"{group[0].label}: its driver process ended with exit code {proc.exitcode} and no result "

@@ -62,7 +62,9 @@ def _init_ray(cfg: RunConfig | None) -> None:
         # until the runtime env is set up on this node, and step back into the re-created folder.
         import torch  # noqa: F401
 
-        cwd = os.getcwd()
+        from rayapp.common.isolation import RUN_DIR_ENV
+
+        cwd = os.environ.get(RUN_DIR_ENV) or os.getcwd()  # a step's process: its run's folder
         ray.init(address=address, log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR")
         if ray.get_runtime_context().runtime_env.get("working_dir"):
             _return_to_working_dir(cwd)
