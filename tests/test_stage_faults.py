@@ -11,7 +11,7 @@ it tests before it runs them, so only those run.
 Every job runs with a short `ray.stall_timeout_s`: a stage that stops making progress (the Ray 2.60
 driver hang of docs/reliability.md) fails the job with a StallError in minutes instead of hanging
 the test. The jobs' own output (`[run] (i/n) ...` and each stage's lines) is kept in the failure
-message. `make test-extended` (about N minutes here)."""
+message. `make test-extended` (about 12 minutes here)."""
 
 from __future__ import annotations
 

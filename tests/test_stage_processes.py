@@ -50,6 +50,7 @@ def _rayapp(*args, env=None, timeout=600):
 def _config(tmp_path, **overrides):
     src = write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(96))
     cfg = tiny_config_dict(tmp_path, [{"path": str(src)}], **overrides)
+    cfg["ray"]["stage_processes"] = True
     cfg["reference"] = {"epochs": 1, "per_device_batch_size": 8, "num_workers": 0, "checkpoint_every_steps": 2,
                         "log_every_steps": 1, "learning_rate": 1e-3}
     path = tmp_path / "cfg.yaml"

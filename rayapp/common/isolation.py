@@ -130,8 +130,9 @@ def _portable(exc: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(exc))
         out = exc
-    except Exception:
-        out = RuntimeError(f"{type(exc).__name__}: {exc}")
+    except Exception:  # still a user's error (one line, its exit code) if it was one
+        out = RayappError(str(exc)) if isinstance(exc, RayappError) else RuntimeError(f"{type(exc).__name__}: {exc}")
+        out.exit_code = getattr(exc, "exit_code", 1)
     if not isinstance(out, (RayappError, KeyboardInterrupt)):
         out.add_note(f"in the step's own driver process:\n{tb}")
     return out
