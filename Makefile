@@ -64,7 +64,7 @@ test-fast: $(VENV)/.installed
 # pool and a hung training fit, vLLM generation with a served judge, FSDP training that
 # checkpoints to s3 and resumes, both paper presets rehearsed end to end (`rayapp rehearse`, ~15-25
 # minutes each here), the image's dependency step as a pip dry run against PyPI, and the vLLM
-# tensor-parallel placement scheduled on a Ray cluster of its own.
+# tensor-parallel placement scheduled on a Ray cluster of its own, and LoRA's two training runs.
 test-extended: $(VENV)/.vllm $(MLFLOW_VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider --durations=12 -m extended tests
 

@@ -86,6 +86,7 @@ def _eval_loss(model, eval_file, n=32):
     return mean_response_nll(model.eval(), rows, 0)
 
 
+@pytest.mark.extended  # the two LoRA training runs (~200 s): past CI's 30-minute budget on 2 cores
 def test_lora_trains_adapters_on_a_sharded_frozen_base(lora_runs):
     export, metrics, work = lora_runs["merged"]
     stats = [json.load(open(os.path.join(work, "stats", f"rank-{r}.json"))) for r in (0, 1)]
@@ -110,6 +111,7 @@ def test_lora_trains_adapters_on_a_sharded_frozen_base(lora_runs):
     assert changed and all(k.split(".")[-2] in TARGETS for k in changed), sorted(changed)[:5]
 
 
+@pytest.mark.extended  # the two LoRA training runs (~200 s): past CI's 30-minute budget on 2 cores
 def test_merged_export_is_base_plus_adapter_and_evaluation_loads_both(lora_runs, ray_local):
     merged_dir, merged_metrics, _ = lora_runs["merged"]
     adapter_dir, adapter_metrics, _ = lora_runs["adapter"]
