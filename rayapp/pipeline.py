@@ -73,7 +73,7 @@ def run_steps(stages: list[Stage], cfg: RunConfig, force: bool = False, start_ah
             s.finish_ahead(cfg, layout)
         if not first.uses_ray(cfg) and len(plan_steps) > 1:
             results += _while_ray_starts(group, cfg, force, isolate)
-        elif isolate and first.uses_ray(cfg):
+        elif isolate:
             _ray_for_steps(cfg)
             from rayapp.common import isolation
 
@@ -86,9 +86,6 @@ def run_steps(stages: list[Stage], cfg: RunConfig, force: bool = False, start_ah
     return results
 
 
-_STEP_PROCESSES: list[bool] = []  # the forkserver steps are forked from is running
-
-
 def _ray_for_steps(cfg: RunConfig) -> None:
     """Ray up in this process (it starts a local cluster, or joins the configured one, and owns the
     work started ahead), and the forkserver the step processes come from."""
@@ -96,9 +93,7 @@ def _ray_for_steps(cfg: RunConfig) -> None:
     from rayapp.common.raycluster import init_ray
 
     init_ray(cfg)
-    if not _STEP_PROCESSES:
-        isolation.start_forkserver()
-        _STEP_PROCESSES.append(True)
+    isolation.start_forkserver()
 
 
 def _while_ray_starts(group: list[Stage], cfg: RunConfig, force: bool, isolate: bool) -> list[StageResult]:

@@ -26,9 +26,6 @@ import traceback
 from typing import Any
 
 from rayapp.common.errors import RayappError
-from rayapp.common.log import get_logger
-
-log = get_logger("rayapp.run")
 
 # The cluster a run's own process started, for its step processes to join (``raycluster``). Not
 # RAY_ADDRESS: that one means "a cluster this run joined", where pools are sized differently.
@@ -62,7 +59,7 @@ def _context():
 def start_forkserver() -> None:
     """Start the warm process steps are forked from. Call once Ray is up: its environment (the
     cluster's auth settings, which Ray reads when it is imported) is copied now. Returns at once;
-    the imports run in the forkserver meanwhile."""
+    the imports run in the forkserver meanwhile. Idempotent."""
     from multiprocessing import forkserver
 
     if not _RUN_DIR:
@@ -74,17 +71,6 @@ def start_forkserver() -> None:
 
 def run_dir() -> str:
     return _RUN_DIR[0] if _RUN_DIR else os.getcwd()
-
-
-def back_to_run_dir() -> None:
-    """Step back into the run's folder if it was unpacked again under this process."""
-    path = run_dir()
-    try:
-        unchanged = os.path.samestat(os.stat("."), os.stat(path))
-    except FileNotFoundError:
-        unchanged = False
-    if not unchanged and os.path.isdir(path):
-        os.chdir(path)
 
 
 def _run_in_child(conn, env: dict[str, str], cwd: str, level: int, group: list, cfg, force: bool) -> None:
@@ -163,7 +149,9 @@ def run_step(group: list, cfg, force: bool) -> list:
             proc.kill()
         raise
     proc.join()
-    back_to_run_dir()
+    from rayapp.common.raycluster import step_back_into
+
+    step_back_into(run_dir())  # the run's folder may have been unpacked again under this process
     if outcome is None:
         raise StepProcessError(
             f"{group[0].label}: its driver process ended with exit code {proc.exitcode} and no result "

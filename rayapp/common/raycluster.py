@@ -28,6 +28,12 @@ def _return_to_working_dir(cwd: str) -> None:
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     ray.get(env_ready.options(scheduling_strategy=here).remote(), timeout=600)
+    step_back_into(cwd)
+
+
+def step_back_into(cwd: str) -> None:
+    """chdir to ``cwd`` if this process's current directory is no longer that folder (it was
+    deleted and unpacked again at the same path)."""
     try:
         unchanged = os.path.samestat(os.stat("."), os.stat(cwd))
     except FileNotFoundError:
