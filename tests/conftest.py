@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,20 @@ def add_gpu_node(cluster):
         return cluster.add_node(num_cpus=2, resources={"gpu_small": 1}, dashboard_agent_listen_port=free_port())
     finally:
         _set_env("RAY_AUTH_MODE", saved)
+
+
+def replace_hung_workers_node(cluster, marker, job, output=lambda: "", timeout: float = 600) -> None:
+    """Once a fault hook has hung a worker and written {node_id} to ``marker`` (while ``job``, a
+    thread, is alive), kill that worker's whole node and add a replacement, as an autoscaler would.
+    ``output``: the job's output so far, for the failure message."""
+    t0 = time.time()
+    while not marker.exists() and job.is_alive() and time.time() - t0 < timeout:
+        time.sleep(0.5)
+    assert marker.exists(), output()
+    hung_on = json.loads(marker.read_text())["node_id"]
+    node = next(n for n in cluster.worker_nodes if n.node_id == hung_on)
+    cluster.remove_node(node, allow_graceful=False)
+    add_gpu_node(cluster)
 
 
 def _set_env(name: str, value: str | None) -> None:

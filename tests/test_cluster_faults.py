@@ -9,7 +9,6 @@ import json
 import shutil
 import sys
 import threading
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -50,7 +49,7 @@ def test_node_killed_mid_scoring_leaves_scores_and_selection_unchanged(pipeline_
     whose scoring was not interrupted. (Last in this module: it changes the shared cluster's nodes.)"""
     from rayapp.testing.faults import SCORE_FAULT_ENV as FAULT_ENV
     from rayapp.submit import submit
-    from tests.conftest import add_gpu_node
+    from tests.conftest import replace_hung_workers_node
 
     cluster, address = three_nodes
     run_a, proc, _ = pipeline_run
@@ -65,14 +64,7 @@ def test_node_killed_mid_scoring_leaves_scores_and_selection_unchanged(pipeline_
         address, [sys.executable, "jobs/run_score.py", "--config", str(path)], working_dir=str(REPO),
         runtime_env_json=env, out=out)))
     job.start()
-    t0 = time.time()
-    while not marker.exists() and job.is_alive() and time.time() - t0 < 600:
-        time.sleep(0.5)
-    assert marker.exists(), out.getvalue()[-3000:]
-    hung_on = json.loads(marker.read_text())["node_id"]
-    node = next(n for n in cluster.worker_nodes if n.node_id == hung_on)
-    cluster.remove_node(node, allow_graceful=False)
-    add_gpu_node(cluster)
+    replace_hung_workers_node(cluster, marker, job, lambda: out.getvalue()[-3000:])
     job.join(600)
     assert result.get("rc") == 0, out.getvalue()[-3000:]
     # select here, on the clusters of the first run (its embeddings cache, keyed by the prepared data)

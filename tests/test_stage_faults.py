@@ -20,7 +20,6 @@ import json
 import shutil
 import sys
 import threading
-import time
 
 import pytest
 import yaml
@@ -142,21 +141,15 @@ def test_scoring_worker_killed_then_select_clusters_and_selects(base_run, three_
 def test_node_killed_during_finetune_then_evaluate_runs(base_run, three_nodes, tmp_path):
     """Last in this module: it changes the shared cluster's nodes (one removed, one added)."""
     from rayapp.testing.faults import TRAIN_HANG_ENV
-    from tests.conftest import add_gpu_node
+    from tests.conftest import replace_hung_workers_node
 
     cluster, address = three_nodes
     run, path, _ = base_run
     _without(run, ("finetune", "evaluate"))
     marker = tmp_path / "trainer-hung"
     job, result, out = _submit(address, path, env={TRAIN_HANG_ENV: f"3:{marker}"})
-    t0 = time.time()
-    while not marker.exists() and job.is_alive() and time.time() - t0 < 600:
-        time.sleep(0.5)
-    assert marker.exists(), out.getvalue()[-4000:]
-    hung_on = json.loads(marker.read_text())["node_id"]
-    node = next(n for n in cluster.worker_nodes if n.node_id == hung_on)
-    cluster.remove_node(node, allow_graceful=False)
-    add_gpu_node(cluster)  # as an autoscaler would, for the pending training bundle
+    # the replacement node is where the autoscaler would put the pending training bundle
+    replace_hung_workers_node(cluster, marker, job, lambda: out.getvalue()[-4000:])
     log = _finish(job, result, out, "a node killed during finetune")
     _evaluate_finished(run, log)
     assert _resumed(run, "selected") >= 2 or _resumed(run, "full") >= 2
