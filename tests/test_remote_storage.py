@@ -14,7 +14,7 @@ from rayapp.config import FinetuneConfig
 from rayapp.models import registry
 from rayapp.models.loading import load_causal_lm, materialize
 from rayapp.common.stages import claim_work_dir
-from rayapp.train.runner import TRAINING_STATE
+from rayapp.train.layout import TRAINING_STATE
 from rayapp.train import checkpoints as ck
 from rayapp.testing.faults import TRAIN_KILL_ENV as KILL_AT_STEP_ENV
 from rayapp.train.runner import TrainJob, run_training

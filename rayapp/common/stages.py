@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from rayapp.common import storage
-from rayapp.common.layout import RunLayout
+from rayapp.common.layout import RunLayout, register_stage_folder
 from rayapp.common.log import get_logger
-from rayapp.common.manifests import StageManifest, read_manifest, write_manifest
+from rayapp.common.manifests import MANIFEST_TYPES, StageManifest, read_manifest, write_manifest
 from rayapp.config import RunConfig
 
 FINGERPRINT_FILE = "fingerprint.txt"
@@ -43,12 +43,24 @@ class Stage(ABC):
     name: ClassVar[str]
     help: ClassVar[str]
     manifest_type: ClassVar[type[StageManifest]]
+    # Its work folder in the run's output dir (default: its name). With a default variant, one
+    # folder per variant inside it (finetune: finetune/<subset>, default 'selected').
+    folder: ClassVar[str | None] = None
+    default_variant: ClassVar[str | None] = None
     # Entries of the work folder removed before a run: on --force, and when the fingerprint
     # changed (e.g. training checkpoints of other inputs must never be resumed from).
     reset_on_force: ClassVar[tuple[str, ...]] = ()
     reset_on_change: ClassVar[tuple[str, ...]] = ()
 
     variant: str | None = None  # e.g. the finetune subset; one work folder per variant
+
+    def __init_subclass__(cls, **kwargs):
+        """A stage is known by being defined: its folder goes into the layout, its manifest type
+        into the manifests' table (``require_manifest``)."""
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            register_stage_folder(cls.name, cls.folder or cls.name, cls.default_variant)
+            MANIFEST_TYPES[cls.name] = cls.manifest_type
 
     @property
     def label(self) -> str:
@@ -98,10 +110,54 @@ class Stage(ABC):
         where ``run`` finds it (its cache): `rayapp run` calls this just before the stage's step,
         which may run in a driver process of its own. Optional."""
 
+    # ---- what consumers ask of a stage (rayapp run's plan, the CLI, status, tracking) ----------
+
+    @classmethod
+    def instances(cls, cfg: RunConfig, planned: list[str]) -> list["Stage"]:
+        """This stage's runs in `rayapp run`'s plan; ``planned``: the names of the stages it runs
+        (finetune trains every subset evaluate compares, when evaluate is planned)."""
+        return [cls()]
+
+    @classmethod
+    def for_command(cls, cfg: RunConfig) -> "Stage":
+        """The run its own command (`rayapp <name>`) makes."""
+        return cls()
+
+    @classmethod
+    def found(cls, layout: RunLayout) -> list["Stage"]:
+        """The runs an output dir has (`rayapp status` without a config): one folder per variant."""
+        if cls.default_variant is None:
+            return [cls()]
+        found = storage.list_dirs(storage.join(layout.root, cls.folder or cls.name))
+        return [cls(v) for v in found] or [cls(cls.default_variant)]  # type: ignore[call-arg]
+
+    def done_detail(self, manifest: StageManifest) -> dict:
+        """A finished run's headline numbers for `rayapp status` (name -> value)."""
+        return {}
+
+    def progress(self, layout: RunLayout, started: float | None, now: float) -> "StageProgress | None":
+        """How far a running run is, where it records that; None where it does not."""
+        return None
+
+    def artifacts(self, manifest: StageManifest, layout: RunLayout) -> list[str]:
+        """Files of a finished run worth keeping with the run's tracking (reports, plots)."""
+        return []
+
     def uses_ray(self, cfg: RunConfig) -> bool:
         """Whether ``run`` starts Ray work. Under `rayapp run` such a step gets a driver process of
         its own (``ray.stage_processes``); one that does not runs while the cluster starts."""
         return True
+
+
+@dataclass
+class StageProgress:
+    """How far a running stage is: ``done`` of ``total`` ``unit``s, as of ``updated``."""
+
+    done: int
+    total: int
+    unit: str
+    updated: float | None = None
+    detail: dict = field(default_factory=dict)  # shown beside the count: epoch, loss, tokens/s
 
 
 @dataclass
@@ -134,11 +190,11 @@ def claim_work_dir(work: str, fingerprint: str, force: bool, reset_on_force: tup
     storage.write_text(marker, fingerprint)
 
 
-def _track(cfg: RunConfig, stage: Stage, manifest: StageManifest) -> None:
+def _track(cfg: RunConfig, stage: Stage, manifest: StageManifest, layout: RunLayout) -> None:
     from rayapp.common import tracking
 
     try:
-        tracking.log_manifest(cfg, stage.label, manifest.model_dump(mode="json"))
+        tracking.log_manifest(cfg, stage.label, manifest.model_dump(mode="json"), stage.artifacts(manifest, layout))
     except Exception as exc:  # tracking is for watching the run; a missing writer was caught at start
         get_logger(f"rayapp.{stage.name}").warning("tracking: %s", exc)
 
@@ -198,7 +254,7 @@ def run_stages(stages: list[Stage], cfg: RunConfig, force: bool = False) -> list
             write_manifest(stage.manifest_uri(layout), manifest)  # last: the stage counts as done from here on
             _write_state(stage, layout, {"state": "done", "started": started, "ended": time.time(),
                                          "fingerprint": ctx.fingerprint})
-            _track(cfg, stage, manifest)
+            _track(cfg, stage, manifest, layout)
             get_logger(f"rayapp.{stage.name}").info("done%s in %.1fs", _variant(stage), seconds)
             results[i] = StageResult(stage, manifest, skipped=False, seconds=seconds)
     return [results[i] for i in range(len(stages))]

@@ -173,6 +173,12 @@ class EvaluateStage(Stage):
     def run(self, ctx: StageContext) -> EvaluationManifest:
         return evaluate(ctx.cfg, ctx.layout, ctx.force)
 
+    def done_detail(self, m: EvaluationManifest) -> dict:
+        return {"pairs": ", ".join(m.pairs)} if m.pairs else {}
+
+    def artifacts(self, m: EvaluationManifest, layout: RunLayout) -> list[str]:
+        return [p for p in (m.report, m.human_page, layout.results) if p]
+
     def summary(self, m: EvaluationManifest, layout: RunLayout) -> list[str]:
         lines = [f"{m.prompts} prompts ({', '.join(m.judged_sets)}); judge: {m.judge}"]
         skipped = [s for s in m.sets if s not in m.judged_sets]

@@ -26,7 +26,8 @@ from rayapp.common.stages import Stage, StageContext
 from rayapp.config import RunConfig, is_finetune_subset, subset_folder
 from rayapp.models import registry
 from rayapp.models.loading import check_same_tokenizer
-from rayapp.train.runner import TRAINING_STATE, TrainJob, run_training
+from rayapp.train.layout import TRAINING_STATE, TrainingLayout, training_detail, training_progress
+from rayapp.train.runner import TrainJob, run_training
 
 log = get_logger(__name__)
 
@@ -103,6 +104,7 @@ def training_data(layout: RunLayout, prepared: PreparedManifest, subset: str,
 
 class FinetuneStage(Stage):
     name = "finetune"
+    default_variant = "selected"  # one folder per training subset: finetune/<subset>
     help = "fine-tune the target model on the selection (Ray Train, FSDP2)"
     manifest_type = FinetuneManifest
     reset_on_force = TRAINING_STATE
@@ -156,13 +158,19 @@ class FinetuneStage(Stage):
                                    stall_s=cfg.ray.stall_timeout_s)
         out = []
         for stage, job, (rows, what), metrics in zip(stages, jobs, described, all_metrics):
-            export = storage.join(job.work_dir, "exports", "final")
+            export = TrainingLayout(job.work_dir).final_export
             if not export_complete(export):
                 raise RuntimeError(f"finetune: training ended without the export {export}")
             out.append(FinetuneManifest(subset=stage.subset, data=what, rows=rows, init_model=init_model,
                                         export=export, export_uid=artifact_uid(export),
                                         eval_rows=min(fc.eval_rows, holdout.rows) if holdout else 0, metrics=metrics))
         return out
+
+    def done_detail(self, m: FinetuneManifest) -> dict:
+        return training_detail(m.metrics)
+
+    def progress(self, layout: RunLayout, started: float | None, now: float):
+        return training_progress(self.work_dir(layout))
 
     def summary(self, m: FinetuneManifest, layout: RunLayout) -> list[str]:
         ev = f" (held-out loss {m.eval_loss:.3f} on {m.eval_rows} rows)" if m.eval_loss is not None else ""

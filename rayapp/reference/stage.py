@@ -11,7 +11,8 @@ from rayapp.common.raycluster import init_ray
 from rayapp.common.stages import Stage, StageContext
 from rayapp.config import RunConfig
 from rayapp.models import registry
-from rayapp.train.runner import TRAINING_STATE, TrainJob, run_training
+from rayapp.train.layout import TRAINING_STATE, TrainingLayout, training_detail, training_progress
+from rayapp.train.runner import TrainJob, run_training
 
 
 class ReferenceStage(Stage):
@@ -47,7 +48,7 @@ class ReferenceStage(Stage):
                        trust_remote_code=cfg.models.reference.trust_remote_code)
         [metrics] = run_training("reference", cfg.reference, [job], tracking=tracking.target(cfg),
                                  stall_s=cfg.ray.stall_timeout_s)
-        exports = [storage.join(work, "exports", f"epoch-{e}") for e in range(1, cfg.reference.epochs + 1)]
+        exports = [TrainingLayout(work).epoch_export(e) for e in range(1, cfg.reference.epochs + 1)]
         missing = [p for p in exports if not export_complete(p)]
         if missing:
             raise RuntimeError(f"reference: training ended without the exports {missing}")
@@ -57,6 +58,12 @@ class ReferenceStage(Stage):
             checkpoints=[CheckpointRecord(name=f"epoch-{e}", path=p, uid=artifact_uid(p)) for e, p in enumerate(paths)],
             metrics=metrics,
         )
+
+    def done_detail(self, m: ReferenceManifest) -> dict:
+        return training_detail(m.metrics)
+
+    def progress(self, layout: RunLayout, started: float | None, now: float):
+        return training_progress(self.work_dir(layout))
 
     def summary(self, m: ReferenceManifest, layout: RunLayout) -> list[str]:
         loss = m.metrics.get("last_loss")

@@ -10,14 +10,17 @@ from rayapp.common.layout import RunLayout
 from rayapp.common.log import get_logger
 from rayapp.common.manifests import (
     CheckpointRecord,
+    PreparedManifest,
+    ReferenceManifest,
     ScoresManifest,
     file_digest,
+    read_manifest,
     read_prepared,
     reference_checkpoints,
     require_match,
 )
 from rayapp.common.raycluster import init_ray
-from rayapp.common.stages import Stage, StageContext
+from rayapp.common.stages import Stage, StageContext, StageProgress
 from rayapp.config import RunConfig
 from rayapp.models.loading import check_same_tokenizer, load_tokenizer
 from rayapp.score.engine import score_checkpoints
@@ -62,6 +65,7 @@ def _with_target_ifd_scores(cfg: RunConfig, layout: RunLayout, prepared, traj, b
 
 class ScoreStage(Stage):
     name = "score"
+    folder = "scores"
 
     @classmethod
     def placements(cls, cfg: RunConfig) -> list:
@@ -117,6 +121,21 @@ class ScoreStage(Stage):
             trajectories_sha256=file_digest(layout.trajectories),
             stats={k: v for k, v in stats.items() if isinstance(v, (int, float))},
         )
+
+    def progress(self, layout: RunLayout, started: float | None, now: float) -> StageProgress | None:
+        """Committed (checkpoint, shard) units out of all of them."""
+        prepared = read_manifest(layout.prepared_manifest, PreparedManifest)
+        reference = read_manifest(layout.manifest("reference"), ReferenceManifest)
+        if not prepared or not reference or not prepared.shards or not reference.checkpoints:
+            return None
+        shards = {s.file for s in prepared.shards}
+        out = layout.scores("reference")
+        done = sum(1 for c in reference.checkpoints for f in storage.list_files(storage.join(out, c.name), ".parquet")
+                   if f.rsplit("/", 1)[-1] in shards)
+        return StageProgress(done, len(reference.checkpoints) * len(shards), "(checkpoint, shard) units", now)
+
+    def artifacts(self, m: ScoresManifest, layout: RunLayout) -> list[str]:
+        return [m.trajectories]  # every row's loss at every checkpoint: what LP is computed from
 
     def summary(self, m: ScoresManifest, layout: RunLayout) -> list[str]:
         s = m.stats

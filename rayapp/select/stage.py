@@ -179,6 +179,12 @@ class SelectStage(Stage):
     def run(self, ctx: StageContext) -> SelectionManifest:
         return select_rows(ctx.cfg, ctx.layout, ctx.force)
 
+    def done_detail(self, m: SelectionManifest) -> dict:
+        return {"main": m.main}
+
+    def artifacts(self, m: SelectionManifest, layout: RunLayout) -> list[str]:
+        return [m.report] + [s.path for s in m.selections.values()]
+
     def summary(self, m: SelectionManifest, layout: RunLayout) -> list[str]:
         main = m.main_selection
         others = ", ".join(f"{k} {e.rows}" for k, e in m.selections.items() if k != m.main)
