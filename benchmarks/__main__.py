@@ -24,6 +24,8 @@ def main() -> int:
     d.add_argument("--baseline", required=True, help="the commit to compare with, e.g. 2c6cd9d")
     d.add_argument("--repeats", type=int, default=1, help="runs of each, alternating; medians compared")
     d.add_argument("--name", default="demo", help="results go in <out>/<name>-cpu<N>.json and .png")
+    d.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE",
+                   help="also run this checkout with a config override, e.g. one-driver:ray.stage_processes=false")
     d.add_argument("--out", default="benchmarks/results")
     m = sub.add_parser("memory", help="peak memory at real shapes: FSDP2 sharded load and bounded scoring loss, "
                        "each beside the former path")
@@ -91,7 +93,7 @@ def main() -> int:
     if args.which == "demo":
         from benchmarks.demo import run as run_demo
 
-        run_demo(args.baseline, args.out, args.repeats, args.name)
+        run_demo(args.baseline, args.out, args.repeats, args.name, tuple(args.variant))
         return 0
     if args.which == "scaling":
         from benchmarks.scaling import run as run_scaling

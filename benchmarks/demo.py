@@ -2,10 +2,12 @@
 this checkout, side by side on the same machine in one invocation.
 
     python -m benchmarks demo --baseline 2c6cd9d
-    python -m benchmarks demo --baseline a9fcb19 --repeats 2 --name demo-stage-processes
+    python -m benchmarks demo --baseline a9fcb19 --repeats 2 --name demo-stage-processes \
+        --variant one-driver:ray.stage_processes=false
 
-With ``--repeats``, the two alternate (baseline, this checkout, baseline, ...), so that a change of
-load on the machine falls on both; the medians are compared.
+``--variant LABEL:KEY=VALUE`` adds an arm: this checkout with that config override. With
+``--repeats``, the arms alternate (baseline, this checkout, its variants, baseline, ...), so that a
+change of load on the machine falls on all; the medians are compared.
 
 The baseline runs from a git worktree of that commit (removed afterwards) with this checkout's
 virtual environment, so both use the same installed packages; each run gets a fresh output dir and
@@ -42,10 +44,13 @@ def _stage_seconds(out_dir: str, log: str) -> dict[str, float]:
     return stages
 
 
-def run_once(code_dir: str, label: str, work: str, runs_dir: str, name: str = "demo") -> dict:
+def run_once(code_dir: str, label: str, work: str, runs_dir: str, name: str = "demo",
+             overrides: tuple[str, ...] = ()) -> dict:
     out_dir = os.path.join(work, label)
     env = {**os.environ, "PYTHONPATH": code_dir}
     cmd = [sys.executable, "-m", "rayapp", "run", "-c", "configs/tiny.yaml", "--set", f"output_dir={out_dir}"]
+    for override in overrides:
+        cmd += ["--set", override]
     print(f"[bench] {label}: {' '.join(cmd)} (in {code_dir})", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=code_dir, env=env, capture_output=True, text=True)
@@ -60,7 +65,13 @@ def run_once(code_dir: str, label: str, work: str, runs_dir: str, name: str = "d
             "output_lines": len(lines), "ray_info_lines": sum(bool(re.search(r"\bINFO\b", line)) for line in lines)}
 
 
-def run(baseline: str, out: str, repeats: int = 1, name: str = "demo") -> dict:
+def run(baseline: str, out: str, repeats: int = 1, name: str = "demo", variants: tuple[str, ...] = ()) -> dict:
+    arms = [("current", ())]
+    for variant in variants:
+        label, sep, override = variant.partition(":")
+        if not sep or "=" not in override:
+            raise SystemExit(f"--variant {variant!r}: expected LABEL:KEY=VALUE")
+        arms.append((f"current+{label}", (override,)))
     work = tempfile.mkdtemp(prefix="rayapp-demo-bench-")
     base_dir = os.path.join(work, "baseline-src")
     subprocess.run(["git", "worktree", "add", "--detach", "-q", base_dir, baseline], cwd=REPO, check=True)
@@ -74,8 +85,9 @@ def run(baseline: str, out: str, repeats: int = 1, name: str = "demo") -> dict:
     try:
         for k in range(repeats):
             tag = f"-{k + 1}" if repeats > 1 else ""
-            runs.append(run_once(base_dir, "baseline" + tag, work, out, name))
-            runs.append(run_once(REPO, "current" + tag, work, out, name))
+            runs.append({"arm": "baseline", **run_once(base_dir, "baseline" + tag, work, out, name)})
+            for label, overrides in arms:
+                runs.append({"arm": label, **run_once(REPO, label + tag, work, out, name, overrides)})
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", base_dir], cwd=REPO)
         shutil.rmtree(work, ignore_errors=True)
@@ -83,11 +95,12 @@ def run(baseline: str, out: str, repeats: int = 1, name: str = "demo") -> dict:
                             text=True).stdout.strip()
     import statistics
 
-    base_wall = statistics.median(r["wall_s"] for r in runs[0::2])
-    this_wall = statistics.median(r["wall_s"] for r in runs[1::2])
+    medians = {arm: statistics.median(r["wall_s"] for r in runs if r["arm"] == arm)
+               for arm in ["baseline"] + [label for label, _ in arms]}
     results = {"machine": _machine(), "baseline_commit": commit, "config": "configs/tiny.yaml", "repeats": repeats,
-               "runs": runs, "median_wall_s": {"baseline": base_wall, "current": this_wall},
-               "speedup": round(base_wall / this_wall, 2)}
+               "variants": {label: list(overrides) for label, overrides in arms[1:]},
+               "runs": runs, "median_wall_s": medians,
+               "speedup": round(medians["baseline"] / medians["current"], 2)}
     stem = os.path.join(out, f"{name}-cpu{os.cpu_count()}")
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=2)

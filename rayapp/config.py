@@ -540,11 +540,19 @@ class RayConfig(_Strict):
         "includes actors starting and models loading. 30 minutes: far above a healthy paper run's longest "
         "quiet spell (loading a 13B model, a first step, a 13B checkpoint or export written to an object "
         "store, nodes added by an autoscaler), and a stall still ends the same hour. null or 0 turns it off")
-    stage_processes: bool = Field(
-        True, description="Under `rayapp run`, each step that uses Ray runs in a driver process of its own, "
-        "forked from a process that imported the libraries once (about 0.2 s a step): a worker or node lost in "
-        "one stage then leaves no driver state behind that can stall the next stage's actors "
-        "(docs/reliability.md). false runs every stage in one driver process")
+    stage_processes: Literal["auto", "always", "never"] = Field(
+        "auto", description="Under `rayapp run`, which steps that use Ray get a driver process of their own. "
+        "A worker or node lost in one stage can leave driver state behind that stalls the next stage's actors "
+        "(docs/reliability.md). auto: the run's own process drives the steps until one of them loses a worker "
+        "(killed, crashed, out of memory) or a node; every later step then runs in a new driver process, "
+        "forked from a process that imported the libraries once. A healthy run pays nothing. always: every "
+        "step in a process of its own (about 15 s of imports once, and new Ray workers each step). never: one "
+        "driver for every stage. true and false mean always and never")
+
+    @field_validator("stage_processes", mode="before")
+    @classmethod
+    def _stage_processes_bool(cls, v):
+        return {True: "always", False: "never"}.get(v, v) if isinstance(v, bool) else v
 
 
 class TrackingConfig(_Strict):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from rayapp.common.raycluster import init_ray
 from rayapp.common.stages import Stage, StageResult, run_stage, run_stages
 from rayapp.config import RunConfig
 from rayapp.evaluate.stage import EvaluateStage
@@ -52,17 +53,19 @@ def steps(stages: list[Stage]) -> list[list[Stage]]:
 
 
 def run_steps(stages: list[Stage], cfg: RunConfig, force: bool = False, start_ahead: bool = True) -> list[StageResult]:
-    """Run a plan step by step (``steps``). With more than one step and ``ray.stage_processes``, each
-    step that uses Ray runs in a driver process of its own (``common.isolation``): a worker or node
-    lost in one stage cannot leave state behind that stalls the next. With ``start_ahead``, work that
-    needs only the prepared data starts once prepare is done (``Stage.start_ahead``), in this
-    process, which outlives the steps."""
+    """Run a plan step by step (``steps``). Steps that use Ray run in a driver process of their own
+    (``common.isolation``) as ``ray.stage_processes`` says: under ``auto``, every step after one that
+    lost a worker or a node, so that what the loss left behind in a driver cannot stall the next
+    stage. With ``start_ahead``, work that needs only the prepared data starts once prepare is done
+    (``Stage.start_ahead``), in this process, which outlives the steps."""
+    from rayapp.common import isolation
     from rayapp.common.layout import RunLayout
     from rayapp.common.log import get_logger
 
     log = get_logger("rayapp.run")
     plan_steps = steps(stages)
-    isolate = cfg.ray.stage_processes and len(plan_steps) > 1
+    mode = cfg.ray.stage_processes if len(plan_steps) > 1 else "never"
+    isolate = mode == "always"
     layout = RunLayout(cfg.output_dir)
     results: list[StageResult] = []
     for i, group in enumerate(plan_steps, start=1):
@@ -71,15 +74,24 @@ def run_steps(stages: list[Stage], cfg: RunConfig, force: bool = False, start_ah
         first = group[0]
         for s in group:
             s.finish_ahead(cfg, layout)
+        watch = None
         if not first.uses_ray(cfg) and len(plan_steps) > 1:
             results += _while_ray_starts(group, cfg, force, isolate)
         elif isolate:
             _ray_for_steps(cfg)
-            from rayapp.common import isolation
-
             results += isolation.run_step(group, cfg, force)
         else:
+            if mode == "auto":
+                init_ray(cfg)
+                watch = isolation.LossWatch()
             results += run_stages(group, cfg, force)
+        if watch is not None and i < len(plan_steps):
+            lost = watch.losses()
+            if lost:
+                log.warning("%s lost %s; each later step runs in a driver process of its own",
+                            ", ".join(s.label for s in group), "; ".join(lost[:5]) + (
+                                f" (and {len(lost) - 5} more)" if len(lost) > 5 else ""))
+                isolate = True
         if start_ahead and not force and first.name == "prepare":
             for later in stages:  # in the background, while the next stages run
                 later.start_ahead(cfg, layout)
@@ -90,7 +102,6 @@ def _ray_for_steps(cfg: RunConfig) -> None:
     """Ray up in this process (it starts a local cluster, or joins the configured one, and owns the
     work started ahead), and the forkserver the step processes come from."""
     from rayapp.common import isolation
-    from rayapp.common.raycluster import init_ray
 
     init_ray(cfg)
     isolation.start_forkserver()
@@ -102,7 +113,7 @@ def _while_ray_starts(group: list[Stage], cfg: RunConfig, force: bool, isolate: 
     this process reads and tokenizes the data in a thread."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from rayapp.common.raycluster import existing_cluster_address, init_ray
+    from rayapp.common.raycluster import existing_cluster_address
 
     up = (lambda: _ray_for_steps(cfg)) if isolate else (lambda: init_ray(cfg))
     # Joining a running cluster takes no time worth hiding, and inside a Ray job ray.init can

@@ -61,9 +61,9 @@ def tiny_config_dict(tmp: Path, sources: list[dict], **overrides) -> dict:
     cfg = {
         "name": "test",
         "output_dir": str(tmp / "run"),
-        # one driver for every stage: tests of other features skip the step processes' start-up
-        # (test_stage_processes, test_stage_faults and the pipeline job of test_pipeline cover them)
-        "ray": {"num_cpus": 2, "stage_processes": False},
+        # one driver for every stage: tests of other features (some lose workers on purpose) skip the
+        # loss watch and the step processes (test_stage_processes and test_stage_faults cover them)
+        "ray": {"num_cpus": 2, "stage_processes": "never"},
         # no held-out split unless a test asks for one: its row counts stay those of its input
         "data": {"sources": sources, "max_length": 128, "shard_rows": 64, "holdout_rows": 0},
         "models": {

@@ -105,6 +105,13 @@ def _evaluate_finished(run, log: str) -> None:
     assert "[run] (6/6) evaluate" in log and "[evaluate] done in" in log, log[-3000:]
 
 
+def _isolated_after(step: str, log: str, lost: str) -> None:
+    """The run's process saw the loss (``lost``: Ray's exit type, or "died" for a node) and gave
+    every later step a driver process of its own (ray.stage_processes: auto)."""
+    line = next((line for line in log.splitlines() if line.startswith(f"[run] warning: {step} lost ")), None)
+    assert line and lost in line and "each later step runs in a driver process of its own" in line, log[-3000:]
+
+
 def _resumed(run, subset: str) -> int:
     return json.loads((run / "finetune" / subset / "stats" / "rank-0.json").read_text())["resumed_from_step"]
 
@@ -119,6 +126,7 @@ def test_worker_killed_during_finetune_then_evaluate_runs(base_run, three_nodes,
     for subset in ("selected", "full"):
         assert (run / "finetune" / subset / "stats" / ".fault_injected").exists()  # the kill happened
         assert _resumed(run, subset) >= 2  # and training went on from its step-2 checkpoint
+    _isolated_after("finetune (selected), finetune (full)", log, "ended with SYSTEM_ERROR")
     _evaluate_finished(run, log)
 
 
@@ -134,6 +142,7 @@ def test_scoring_worker_killed_then_select_clusters_and_selects(base_run, three_
     assert marker.exists()  # one scoring actor was killed mid-block
     summary = json.loads((run / "summary.json").read_text())["stages"]
     assert not summary["score"]["skipped"] and not summary["select"]["skipped"]
+    _isolated_after("score", log, "ended with SYSTEM_ERROR")
     # the same selections as the base run, whose scoring was not interrupted
     assert _selections(run) == selections, log[-3000:]
 
@@ -151,5 +160,6 @@ def test_node_killed_during_finetune_then_evaluate_runs(base_run, three_nodes, t
     # the replacement node is where the autoscaler would put the pending training bundle
     replace_hung_workers_node(cluster, marker, job, lambda: out.getvalue()[-4000:])
     log = _finish(job, result, out, "a node killed during finetune")
+    _isolated_after("finetune (selected), finetune (full)", log, "died")
     _evaluate_finished(run, log)
     assert _resumed(run, "selected") >= 2 or _resumed(run, "full") >= 2

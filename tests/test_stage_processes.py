@@ -1,8 +1,9 @@
-"""`rayapp run` runs each step that uses Ray in a driver process of its own (common/isolation.py):
-what a step raises, or a step process that dies, reaches the user as it would from one process,
-and a rerun resumes. The cross-stage fault tests on a cluster are in test_stage_faults.py. The
-two `rayapp run` tests here (about a minute each) are extended; CI runs the step processes
-through the pipeline job of test_pipeline.py and through run_step below."""
+"""`rayapp run` runs steps that use Ray in a driver process of their own (common/isolation.py):
+after a step that lost a worker or a node (``LossWatch``), or every step with ``always``. What a
+step raises, or a step process that dies, reaches the user as it would from one process, and a
+rerun resumes. The cross-stage fault tests on a cluster, where the loss watch turns the step
+processes on, are in test_stage_faults.py. The two `rayapp run` tests here (about a minute each,
+with ``always``) are extended; CI runs run_step and the loss watch below."""
 
 from __future__ import annotations
 
@@ -42,6 +43,65 @@ def test_a_step_in_its_own_process_returns_what_it_made_and_raises_what_it_raise
     assert type(err.value).__name__ == "UnreadableSourceError"
 
 
+_LOSS_WATCH_SCRIPT = """
+import os, signal, time, ray
+from rayapp.common.isolation import LossWatch
+
+ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+         logging_level="ERROR", log_to_driver=False)
+
+@ray.remote
+class Worker:
+    def pid(self):
+        return os.getpid()
+    def die(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+@ray.remote
+def square(x):
+    return x * x
+
+watch = LossWatch()
+assert ray.get([square.remote(i) for i in range(8)]) == [i * i for i in range(8)]
+ended = Worker.remote()
+ray.get(ended.pid.remote())
+ray.kill(ended)  # ended on purpose, as Ray Train and Ray Data end their actors
+dropped = Worker.remote()
+ray.get(dropped.pid.remote())
+del dropped  # out of scope
+time.sleep(3)
+print("healthy:", watch.losses(), flush=True)
+
+watch = LossWatch()
+victim = Worker.remote()
+pid = ray.get(victim.pid.remote())
+try:
+    ray.get(victim.die.remote())
+except ray.exceptions.RayActorError:
+    pass
+for _ in range(30):  # the raylet records the exit within a moment
+    lost = watch.losses()
+    if lost:
+        break
+    time.sleep(1)
+print("killed pid", pid, ":", lost, flush=True)
+"""
+
+
+def test_the_loss_watch_sees_a_killed_worker_and_nothing_in_a_healthy_step():
+    """LossWatch on a real local cluster (with its dashboard, as `rayapp run` starts one): tasks,
+    an actor ended with ray.kill and one dropped out of scope are no loss; an actor process that
+    is SIGKILLed is, named by its pid and Ray's exit type."""
+    proc = subprocess.run([sys.executable, "-c", _LOSS_WATCH_SCRIPT], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-2000:] + proc.stderr[-3000:]
+    assert "healthy: []" in out, out
+    killed = next(line for line in out.splitlines() if line.startswith("killed pid"))
+    pid = killed.split()[2]
+    assert f"worker pid {pid} on node" in killed and "ended with SYSTEM_ERROR" in killed, killed
+
+
 def _rayapp(*args, env=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "rayapp", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
@@ -50,7 +110,7 @@ def _rayapp(*args, env=None, timeout=600):
 def _config(tmp_path, **overrides):
     src = write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(96))
     cfg = tiny_config_dict(tmp_path, [{"path": str(src)}], **overrides)
-    cfg["ray"]["stage_processes"] = True
+    cfg["ray"]["stage_processes"] = "always"
     cfg["reference"] = {"epochs": 1, "per_device_batch_size": 8, "num_workers": 0, "checkpoint_every_steps": 2,
                         "log_every_steps": 1, "learning_rate": 1e-3}
     path = tmp_path / "cfg.yaml"

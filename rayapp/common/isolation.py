@@ -1,4 +1,4 @@
-"""Each step of `rayapp run` that uses Ray runs in a driver process of its own.
+"""Steps of `rayapp run` that use Ray, each in a driver process of its own, once a loss was seen.
 
 Why: a Ray driver keeps per-process state about the workers it has talked to (the core worker's
 pubsub subscriptions, actor handles, Ray Train's and Ray Data's module state). After a worker or
@@ -6,6 +6,13 @@ node that one stage used dies, that state has been seen to stop a later stage's 
 being reported alive to the same driver (docs/reliability.md, "A driver that stops seeing actors
 come alive"). A new driver process starts with none of it, and Ray reclaims the old driver's
 actors and placement groups when it exits.
+
+When (``ray.stage_processes: auto``, the default): the run's own process drives the steps while
+they go well. ``LossWatch`` notes, around each step, whether a worker of the cluster ended by a
+crash or a kill (Ray's exit type SYSTEM_ERROR or NODE_OUT_OF_MEMORY) or a node died; after such a
+step every later step runs in a new process. A healthy run pays nothing; the cost of isolation
+(the imports once, and each step's new Ray workers: about 15 s of the demo's 200) falls on runs
+that lost something. ``always`` isolates every step, ``never`` none.
 
 How, cheaply: the run's process starts (or joins) the cluster, then starts a multiprocessing
 *forkserver* that imports torch, transformers, Ray Data and Ray Train once, while prepare runs.
@@ -67,6 +74,47 @@ def start_forkserver() -> None:
     ctx = _context()
     ctx.set_forkserver_preload(PRELOAD)
     forkserver.ensure_running()
+
+
+class LossWatch:
+    """Whether a step lost a worker (crashed, killed, out of memory) or a node: started just before
+    the step, asked just after. Reads the cluster's node table (``ray.nodes``) and its workers' exit
+    records (Ray's State API, served by the dashboard). Where those cannot be read, it counts as a
+    loss: isolating a step that did not need it costs seconds, missing one can cost a stalled run."""
+
+    LOST_EXITS = ("SYSTEM_ERROR", "NODE_OUT_OF_MEMORY")
+
+    def __init__(self):
+        import time
+
+        import ray
+
+        self.since_ms = int(time.time() * 1000) - 1000  # clocks of one machine; a second of slack
+        # this cluster's, by its GCS address: the State API otherwise finds "a running cluster" on
+        # the machine, which may be another one
+        self.address = ray.get_runtime_context().gcs_address
+        self.dead_nodes = self._dead_nodes()
+
+    @staticmethod
+    def _dead_nodes() -> set[str]:
+        import ray
+
+        return {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+
+    def losses(self) -> list[str]:
+        """What was lost since the watch started, in words; empty when nothing was."""
+        lost = [f"node {n[:12]} died" for n in sorted(self._dead_nodes() - self.dead_nodes)]
+        try:
+            from ray.util.state import list_workers
+
+            for exit_type in self.LOST_EXITS:
+                for w in list_workers(address=self.address, filters=[("is_alive", "=", "False"), ("exit_type", "=", exit_type)],
+                                      limit=10_000, timeout=30, detail=True, raise_on_missing_output=False):
+                    if (w.end_time_ms or 0) >= self.since_ms:
+                        lost.append(f"worker pid {w.pid} on node {w.node_id[:12]} ended with {exit_type}")
+        except Exception as exc:  # no dashboard, or it did not answer
+            lost.append(f"the workers' exits could not be read ({type(exc).__name__}: {str(exc)[:200]})")
+        return lost
 
 
 def run_dir() -> str:
