@@ -201,7 +201,8 @@ def paper_run(preset: str, prompts: dict | None = None, overrides: list[str] = (
     from rayapp.config import load_config
     from rayapp.deploy.checks import launcher_node_types, stages_on
     from rayapp.deploy.instances import ALL
-    from rayapp.deploy.needs import DRIVER, EXPORT_BYTES_PER_PARAM, HUB_BYTES_PER_PARAM, _params, disk_needs
+    from rayapp.deploy.needs import DRIVER, _params, disk_needs
+    from rayapp.plan.disk import EXPORT_BYTES_PER_PARAM, HUB_BYTES_PER_PARAM
     from rayapp.finetune.stage import subsets_to_train
     from rayapp.plan.accelerators import ACCELERATOR_BF16_FLOPS
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from rayapp.common import storage
 from rayapp.common.layout import RunLayout, register_stage_folder
 from rayapp.common.log import get_logger
 from rayapp.common.manifests import MANIFEST_TYPES, StageManifest, read_manifest, write_manifest
 from rayapp.config import RunConfig
+
+if TYPE_CHECKING:
+    from rayapp.plan.disk import DiskNeed
 
 FINGERPRINT_FILE = "fingerprint.txt"
 # A stage's state while it runs, and after it failed: what `rayapp status` reads (the manifest,
@@ -109,6 +112,34 @@ class Stage(ABC):
         """Wait for what ``start_ahead`` began, in the process that began it, and leave its result
         where ``run`` finds it (its cache): `rayapp run` calls this just before the stage's step,
         which may run in a driver process of its own. Optional."""
+
+    @classmethod
+    def uses_gpus(cls, cfg: RunConfig) -> bool:
+        """Whether the stage's work runs on GPUs (then `rayapp run` checks its memory first)."""
+        return any(p is not None and p.gpus for p in cls.placements(cfg))
+
+    @classmethod
+    def memory_plans(cls, cfg: RunConfig) -> list:
+        """Per-GPU memory of each model the stage loads, at the config's shapes (``plan.check.StagePlan``),
+        for `rayapp plan`; [] for a stage that loads none of the config's models."""
+        return []
+
+    @classmethod
+    def disk_need(cls, cfg: RunConfig, hub_params) -> "DiskNeed | None":
+        """Local disk on a node the stage runs on (``plan.disk.DiskNeed``), at the config's model
+        sizes; ``hub_params(name)``: a hub model's parameters (0 for others). None: nothing to speak of."""
+        return None
+
+    @classmethod
+    def own_models(cls, cfg: RunConfig) -> list[str]:
+        """Models the stage's workers load by name themselves, beyond those the driver stages for
+        every stage (tokenizer, reference, target): `rayapp check-cluster` checks their hub access."""
+        return []
+
+    @classmethod
+    def preflight(cls, cfg: RunConfig) -> None:
+        """Checks that must pass before any stage of the run starts (a missing optional package);
+        raise a RayappError naming the fix."""
 
     # ---- what consumers ask of a stage (rayapp run's plan, the CLI, status, tracking) ----------
 

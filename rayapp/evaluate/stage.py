@@ -165,6 +165,36 @@ class EvaluateStage(Stage):
 
         return [placement.generation(cfg.evaluate.generation)]
 
+    @classmethod
+    def own_models(cls, cfg: RunConfig) -> list[str]:
+        """evaluate.models entries given as a model name rather than training data or 'base': the
+        generators load these themselves."""
+        return [m for m in cfg.evaluate.models if m != "base" and not is_finetune_subset(m)]
+
+    @classmethod
+    def disk_need(cls, cfg: RunConfig, hub_params):
+        """The fine-tuned exports it generates with, the staged target where it is compared (or LoRA
+        adapters are merged onto it), and models named directly."""
+        from rayapp.plan.disk import EXPORT_BYTES_PER_PARAM, GB, HUB_BYTES_PER_PARAM, DiskNeed
+
+        target = cfg.models.target.name_or_path
+        p_target = hub_params(target)
+        trained = [m for m in cfg.evaluate.models if is_finetune_subset(m)]
+        adapters = cfg.finetune.lora is not None and cfg.finetune.lora.export == "adapter"
+        exports = 0 if adapters else len(trained) * EXPORT_BYTES_PER_PARAM * p_target
+        base = HUB_BYTES_PER_PARAM * p_target if ("base" in cfg.evaluate.models or adapters) else 0
+        direct = sum(HUB_BYTES_PER_PARAM * hub_params(m) for m in cls.own_models(cfg) if m.count("/") == 1)
+        return DiskNeed(cls.name, kept=exports + base + direct,
+                        parts=[f"{len(trained)} fine-tuned exports ({exports / GB:.0f} GB)"]
+                        + ([f"the staged {target} ({base / GB:.0f} GB)"] if base else [])
+                        + ([f"models named in evaluate.models ({direct / GB:.0f} GB)"] if direct else []))
+
+    @classmethod
+    def memory_plans(cls, cfg: RunConfig) -> list:
+        from rayapp.plan.check import plan_generation, role_shape
+
+        return [plan_generation(cfg, role_shape(cfg, "target"))]
+
     def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
         models = [resolve_model(cfg, layout, m) for m in cfg.evaluate.models]
         return fingerprint(evaluate=cfg.evaluate, template=cfg.data.template, sets=_set_files(cfg),

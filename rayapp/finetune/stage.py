@@ -115,6 +115,52 @@ class FinetuneStage(Stage):
         self.variant = subset_folder(subset)
 
     @classmethod
+    def instances(cls, cfg: RunConfig, planned: list[str]) -> list[Stage]:
+        return [cls(s) for s in subsets_to_train(cfg, evaluating="evaluate" in planned)]
+
+    @classmethod
+    def for_command(cls, cfg: RunConfig) -> Stage:
+        return cls(cfg.finetune.subset)
+
+    @classmethod
+    def uses_gpus(cls, cfg: RunConfig) -> bool:
+        return cfg.finetune.use_gpu
+
+    @classmethod
+    def disk_need(cls, cfg: RunConfig, hub_params):
+        from rayapp.plan.disk import (
+            FULL_CHECKPOINT_BYTES_PER_PARAM,
+            GB,
+            HUB_BYTES_PER_PARAM,
+            LORA_CHECKPOINT_BYTES_PER_PARAM,
+            DiskNeed,
+        )
+
+        target = cfg.models.target.name_or_path
+        p_target = hub_params(target)
+        lora = cfg.finetune.lora is not None
+        ckpt = (LORA_CHECKPOINT_BYTES_PER_PARAM if lora else FULL_CHECKPOINT_BYTES_PER_PARAM) * p_target
+        init = HUB_BYTES_PER_PARAM * p_target
+        return DiskNeed(cls.name, kept=init, staged=ckpt, checkpoint=ckpt,
+                        saves=cfg.finetune.epochs * len(subsets_to_train(cfg, evaluating=True)),
+                        parts=[f"the staged {target} ({init / GB:.0f} GB)",
+                               f"one staged checkpoint ({ckpt / GB:.0f} GB"
+                               + (": bf16 base and adapters)" if lora else ": fp32 weights and AdamW moments)")])
+
+    @classmethod
+    def memory_plans(cls, cfg: RunConfig) -> list:
+        from rayapp.plan.check import plan_training, role_shape
+
+        return [plan_training(cfg, cls.name, cfg.finetune, role_shape(cfg, "target"))]
+
+    @classmethod
+    def preflight(cls, cfg: RunConfig) -> None:
+        if cfg.finetune.lora is not None:
+            from rayapp.train.lora import require_peft
+
+            require_peft()
+
+    @classmethod
     def placements(cls, cfg: RunConfig) -> list:
         from rayapp.common import placement
 

@@ -65,7 +65,7 @@ def _model_config(cfg: RunConfig, role: str):
     return find_config(spec.name_or_path, spec.trust_remote_code)
 
 
-def _shape(cfg: RunConfig, role: str) -> ModelShape:
+def role_shape(cfg: RunConfig, role: str) -> ModelShape:
     name = getattr(cfg.models, role).name_or_path
     config, source = _model_config(cfg, role)
     return shape_of(config, "tiny" if name == registry.TINY else name, source)
@@ -205,16 +205,28 @@ def plan_generation(cfg: RunConfig, shape: ModelShape) -> StagePlan:
     return plan
 
 
-def plan_config(cfg: RunConfig) -> list[StagePlan]:
-    """Every model-loading stage's plan (prepare and select load no model of the config's)."""
-    ref, target = _shape(cfg, "reference"), _shape(cfg, "target")
-    return [plan_training(cfg, "reference", cfg.reference, ref), plan_scoring(cfg, ref),
-            plan_training(cfg, "finetune", cfg.finetune, target), plan_generation(cfg, target)]
+def plan_config(cfg: RunConfig, stage_types) -> list[StagePlan]:
+    """Every model-loading stage's plan, in pipeline order (``Stage.memory_plans``; prepare and
+    select load no model of the config's). ``stage_types``: the pipeline's (``pipeline.STAGE_TYPES``)."""
+    return [p for stage_type in stage_types for p in stage_type.memory_plans(cfg)]
 
 
-def uses_gpus(cfg: RunConfig) -> bool:
-    return bool(cfg.reference.use_gpu or cfg.finetune.use_gpu or cfg.score.resources.num_gpus
-                or cfg.evaluate.generation.backend == "vllm" or cfg.evaluate.generation.resources.num_gpus)
+def check_fits(cfg: RunConfig, stage_types) -> None:
+    """What `rayapp plan` checks, before a run starts: a stage that cannot fit its GPUs stops the
+    run now, not when its model is first loaded (CPU-only configs have nothing to check)."""
+    from rayapp.common.errors import RayappError
+    from rayapp.common.log import get_logger
+
+    if not any(stage_type.uses_gpus(cfg) for stage_type in stage_types):
+        return
+    try:
+        plans = plan_config(cfg, stage_types)
+    except OSError as exc:
+        get_logger("rayapp.run").warning("cannot plan memory (%s); starting without the check", exc)
+        return
+    if infeasible(plans):
+        raise RayappError("a stage will not fit its GPUs (`rayapp plan` shows it; --skip-plan starts anyway):\n"
+                          + format_plans(plans))
 
 
 def _count(n: int) -> str:

@@ -24,6 +24,27 @@ class ReferenceStage(Stage):
 
         return [placement.training(cls.name, cfg.reference)]
     help = "fine-tune the small reference model, checkpoint every epoch"
+
+    @classmethod
+    def uses_gpus(cls, cfg: RunConfig) -> bool:
+        return cfg.reference.use_gpu  # also in local mode, where the driver trains
+
+    @classmethod
+    def disk_need(cls, cfg: RunConfig, hub_params):
+        from rayapp.plan.disk import FULL_CHECKPOINT_BYTES_PER_PARAM, GB, HUB_BYTES_PER_PARAM, DiskNeed
+
+        ref = cfg.models.reference.name_or_path
+        p_ref = hub_params(ref)
+        ckpt, init = FULL_CHECKPOINT_BYTES_PER_PARAM * p_ref, HUB_BYTES_PER_PARAM * p_ref
+        return DiskNeed(cls.name, kept=init, staged=ckpt, checkpoint=ckpt, saves=cfg.reference.epochs,
+                        parts=[f"the staged {ref} ({init / GB:.0f} GB)",
+                               f"one staged checkpoint ({ckpt / GB:.0f} GB: fp32 weights and AdamW moments)"])
+
+    @classmethod
+    def memory_plans(cls, cfg: RunConfig) -> list:
+        from rayapp.plan.check import plan_training, role_shape
+
+        return [plan_training(cfg, cls.name, cfg.reference, role_shape(cfg, "reference"))]
     manifest_type = ReferenceManifest
     reset_on_force = TRAINING_STATE
     reset_on_change = TRAINING_STATE

@@ -72,6 +72,25 @@ class ScoreStage(Stage):
         from rayapp.common import placement
 
         return [placement.scoring(cfg)]
+
+    @classmethod
+    def uses_gpus(cls, cfg: RunConfig) -> bool:
+        return bool(cfg.score.resources.num_gpus)
+
+    @classmethod
+    def disk_need(cls, cfg: RunConfig, hub_params):
+        """P0 (the staged reference) and P1..P{epochs} (the reference's epoch exports)."""
+        from rayapp.plan.disk import EXPORT_BYTES_PER_PARAM, GB, DiskNeed
+
+        n = 1 + cfg.reference.epochs
+        scored = n * EXPORT_BYTES_PER_PARAM * hub_params(cfg.models.reference.name_or_path)
+        return DiskNeed(cls.name, kept=scored, parts=[f"{n} reference checkpoints ({scored / GB:.0f} GB)"])
+
+    @classmethod
+    def memory_plans(cls, cfg: RunConfig) -> list:
+        from rayapp.plan.check import plan_scoring, role_shape
+
+        return [plan_scoring(cfg, role_shape(cfg, "reference"))]
     help = "per-sample response losses for every checkpoint (Ray Data actor pool)"
     manifest_type = ScoresManifest
     # committed (checkpoint, shard) units resume a cut-off run; --force scores everything again
