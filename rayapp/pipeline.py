@@ -21,10 +21,10 @@ from rayapp.reference.stage import ReferenceStage
 from rayapp.score.stage import ScoreStage
 from rayapp.select.stage import SelectStage
 
+# The pipeline's stages in order, by name: the one list a new stage is added to.
 STAGE_TYPES: dict[str, type[Stage]] = {
     s.name: s for s in (PrepareStage, ReferenceStage, ScoreStage, SelectStage, FinetuneStage, EvaluateStage)
 }
-STAGES: list[str] = list(STAGE_TYPES)
 
 
 def stage(name: str, cfg: RunConfig) -> Stage:
@@ -35,7 +35,8 @@ def stage(name: str, cfg: RunConfig) -> Stage:
 def plan(cfg: RunConfig, until: str | None = None) -> list[Stage]:
     """The stages `rayapp run` runs, in order, each as many times as it has runs
     (``Stage.instances``: finetune once per subset evaluation compares)."""
-    names = STAGES if until is None else STAGES[: STAGES.index(until) + 1]
+    names = list(STAGE_TYPES)
+    names = names if until is None else names[: names.index(until) + 1]
     return [s for name in names for s in STAGE_TYPES[name].instances(cfg, names)]
 
 

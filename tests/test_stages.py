@@ -115,8 +115,8 @@ def test_every_stage_has_its_folder_and_manifest_in_the_layout():
 
     layout = RunLayout("/runs/x")
     cfg = load_config(REPO / "configs/tiny.yaml")
-    assert set(pipeline.STAGES) <= set(MANIFEST_TYPES)  # each stage registered itself when defined
-    for name in pipeline.STAGES:
+    assert set(pipeline.STAGE_TYPES) <= set(MANIFEST_TYPES)  # each stage registered itself when defined
+    for name in pipeline.STAGE_TYPES:
         stage = pipeline.stage(name, cfg)
         assert stage.manifest_type is MANIFEST_TYPES[name]
         assert stage.manifest_uri(layout) == f"{stage.work_dir(layout)}/manifest.json"
