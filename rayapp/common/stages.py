@@ -6,8 +6,10 @@ contributes. ``run_stage`` does the rest for every stage alike: the up-to-date c
 claiming the work folder (clearing what the stage says is stale), timing, and writing the
 manifest last. ``rayapp run``, the CLI's stage commands and the Ray job entrypoints all call it.
 
-To add a stage: subclass ``Stage`` in the stage's package, give it a manifest model in
-``common/manifests.py`` and a folder in ``common/layout.py``, and list it in ``rayapp/pipeline.py``.
+A stage also owns what consumers ask of it (its folder, placements, memory and disk, status,
+tracked files, preflight checks): each is a method or class attribute below with a default, and
+`rayapp run`, status, plan, check-cluster and tracking loop over the stages. To add a stage: write
+its module with a ``Stage`` subclass and list the class in ``rayapp/pipeline.py``.
 """
 
 from __future__ import annotations

@@ -193,7 +193,10 @@ class EvaluateStage(Stage):
     def memory_plans(cls, cfg: RunConfig) -> list:
         from rayapp.plan.check import plan_generation, role_shape
 
-        return [plan_generation(cfg, role_shape(cfg, "target"))]
+        from rayapp.common import placement
+
+        gen = cfg.evaluate.generation
+        return [plan_generation(cfg, cls.name, gen, placement.generation(gen), role_shape(cfg, "target"))]
 
     def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
         models = [resolve_model(cfg, layout, m) for m in cfg.evaluate.models]

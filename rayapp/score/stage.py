@@ -90,7 +90,10 @@ class ScoreStage(Stage):
     def memory_plans(cls, cfg: RunConfig) -> list:
         from rayapp.plan.check import plan_scoring, role_shape
 
-        return [plan_scoring(cfg, role_shape(cfg, "reference"))]
+        from rayapp.common import placement
+
+        return [plan_scoring(cfg, cls.name, cfg.score, placement.actor_pool(cls.name, cfg.score.resources),
+                             role_shape(cfg, "reference"))]
     help = "per-sample response losses for every checkpoint (Ray Data actor pool)"
     manifest_type = ScoresManifest
     # committed (checkpoint, shard) units resume a cut-off run; --force scores everything again
