@@ -194,7 +194,7 @@ def score_shape(name: str, tiny: bool, rows: int | None, work: str, peak: float 
     is the config's default cap; ``profile`` adds the top operators of one work unit)."""
     import torch
 
-    from rayapp.models.loading import lean_transformers
+    from rayapp.models.imports import lean_transformers
     from rayapp.plan import memory
     from rayapp.plan.shapes import shape_of_model
     from rayapp.score.actor import LossScorer
@@ -286,7 +286,7 @@ def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | Non
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rayapp.models.loading import lean_transformers
+    from rayapp.models.imports import lean_transformers
     from rayapp.plan import memory
     from rayapp.plan.shapes import shape_of_model
     from rayapp.train.collate import collate

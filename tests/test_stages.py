@@ -192,6 +192,56 @@ def test_shared_pieces_import_no_stage():
                     pytest.fail(f"{path.relative_to(REPO)} imports {m}")
 
 
+def _module_graph() -> dict[str, set[str]]:
+    """rayapp's modules -> the rayapp modules they import, at the top or inside a function."""
+    pkg = REPO / "rayapp"
+    paths = {}
+    for path in pkg.rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        paths[name.removesuffix(".__init__")] = path
+
+    def resolve(name: str) -> str | None:
+        while name and name not in paths:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in paths.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.update(filter(None, (resolve(f"{node.module}.{a.name}") or resolve(node.module)
+                                          for a in node.names)))
+            elif isinstance(node, ast.Import):
+                deps.update(filter(None, (resolve(a.name) for a in node.names)))
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_no_import_circles_and_no_test_code_in_the_product():
+    """Every import counts, also one inside a function: the modules form no circle (a circle means
+    neither side can be read, tested or moved alone). Product code reaches the test suite's fault
+    hooks only through common/hooks.py, never by importing rayapp/testing."""
+    graph = _module_graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                pytest.fail("import circle: " + " -> ".join(path[path.index(dep):] + [node, dep]))
+            if dep not in state:
+                visit(dep, path + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    product = {m: deps for m, deps in graph.items() if not m.startswith("rayapp.testing")}
+    users = sorted(m for m, deps in product.items() if any(d.startswith("rayapp.testing") for d in deps))
+    assert not users, f"product modules import test code: {users}"
+
+
 def test_package_data_globs_match_files():
     """Defect: pyproject shipped `configs/*.yaml` as package data, which matches nothing."""
     import tomllib

@@ -34,7 +34,7 @@ class Embedder:
     def __init__(self, model_path: str, batch_size: int = 64, num_threads: int = 1, max_tokens: int = 256):
         import torch
 
-        from rayapp.models.loading import lean_transformers
+        from rayapp.models.imports import lean_transformers
 
         lean_transformers()
         from sentence_transformers import SentenceTransformer

@@ -118,10 +118,10 @@ class TrainJob:
 
 def _with_allocator_conf(runtime_env: dict | None, use_gpu: bool) -> dict | None:
     """The training workers' runtime env with the caching allocator's expandable segments
-    (plan/memory.py: ALLOCATOR_CONF), which `rayapp plan` budgets fragmentation for. A setting of the
+    (train/policy.py: ALLOCATOR_CONF), which `rayapp plan` budgets fragmentation for. A setting of the
     driver's own (its env or the job's runtime env) is left to the workers; so is one in
     ``runtime_env``."""
-    from rayapp.plan.memory import ALLOCATOR_CONF
+    from rayapp.train.policy import ALLOCATOR_CONF
 
     if not use_gpu or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
         return runtime_env

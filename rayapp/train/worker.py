@@ -136,7 +136,7 @@ class FineTuneRecipe:
         """Reduce-scatter once per optimizer step rather than after every micro-batch (FSDP2)."""
         import torch
 
-        from rayapp.plan.memory import defer_gradient_sync
+        from rayapp.train.policy import defer_gradient_sync
 
         total = torch.cuda.mem_get_info()[1] if self.use_gpu else None
         # the unsharded gradients it keeps are those of what trains (the adapters only, with LoRA)
@@ -209,7 +209,7 @@ class FineTuneRecipe:
         import torch
         from transformers import get_scheduler
 
-        from rayapp.plan.memory import adamw_fused
+        from rayapp.train.policy import adamw_fused
 
         tc = self.tc
         # only what trains: with LoRA the frozen base has no optimizer state (nor gradients)
@@ -458,7 +458,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from rayapp.common import log as logs
-    from rayapp.testing.faults import train_kill_hook
+    from rayapp.common.hooks import hook
 
     jobs = [WorkerConfig.model_validate(job) for job in config["jobs"]]
     logs.configure(jobs[0].log_level)
@@ -470,7 +470,7 @@ def train_loop_per_worker(config: dict) -> None:
         if job_done(cfg, env.rank):
             continue
         FineTuneRecipe(cfg, env, report=ray.train.report, wrap_ddp=wrap_ddp,
-                       fault_hook=train_kill_hook(cfg.stats_dir)).run()
+                       fault_hook=hook("train_kill_hook", cfg.stats_dir)).run()  # tests only
         gc.collect()  # the next job's model replaces this one's
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
