@@ -28,6 +28,7 @@ import os
 
 import numpy as np
 
+from benchmarks.report import write_results
 from rayapp.config import ScoreConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,9 +81,8 @@ def run(out_dir: str = RESULTS) -> dict:
                                      "seconds": seconds, "usd": g * seconds / 3600 * price})
     out = {"estimate": True, "tokens_per_row": tokens_per_row, "checkpoints": CHECKPOINTS,
            "load_bytes_per_s": LOAD_BYTES_PER_S, "cards": cards, "rows": rows_out}
-    with open(os.path.join(out_dir, "score-estimates.json"), "w") as f:
-        json.dump(out, f, indent=2)
     print(table_md(out))
+    write_results(out_dir, "score-estimates", out)
     return out
 
 
@@ -375,9 +375,8 @@ def readme_block(runs: dict) -> str:
 def run_paper(out_dir: str = RESULTS) -> dict:
     runs = {p: paper_run(p) for p in PAPER_PRESETS}
     runs["without-full"] = paper_run(PAPER_PRESETS[0], runs[PAPER_PRESETS[0]]["prompts"], WITHOUT_FULL)
-    with open(os.path.join(out_dir, "paper-run-estimates.json"), "w") as f:
-        json.dump(runs, f, indent=2)
     print(readme_block(runs))
+    write_results(out_dir, "paper-run-estimates", runs)
     return runs
 
 

@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from benchmarks.report import write_results
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LENGTHS = os.path.join(HERE, "data", "alpaca-lengths.npz")
 MAX_LENGTH = 512  # rayapp's default data.max_length
@@ -401,12 +403,8 @@ def run(out_dir: str, tiny: bool | None = None) -> dict:
               f"{r['tokens_per_s']:,.0f} tokens/s, mfu {r.get('mfu', float('nan')):.1%}", flush=True)
     results["vllm"] = vllm_backend()
     results["seconds"] = time.perf_counter() - t_start
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"gpu-{(kind or dev).lower()}")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=2)
-    _plot(results, stem + ".png")
-    print(f"results: {stem}.json, {stem}.png ({results['seconds']:.0f} s)")
+    write_results(out_dir, f"gpu-{(kind or dev).lower()}", results, _plot)
+    print(f"({results['seconds']:.0f} s)")
     return results
 
 
