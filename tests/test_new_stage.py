@@ -60,8 +60,11 @@ class ToyStage(Stage):
     def uses_ray(self, cfg: RunConfig) -> bool:
         return False
 
-    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
-        return fingerprint(prepared=read_prepared(layout).fingerprint)
+    def read_inputs(self, cfg: RunConfig, layout: RunLayout):
+        return read_prepared(layout)
+
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, prepared) -> str:
+        return fingerprint(prepared=prepared.fingerprint)
 
     def run(self, ctx: StageContext) -> ToyManifest:
         table = storage.read_parquet_dir(ctx.layout.prepared)

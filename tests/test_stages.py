@@ -35,7 +35,7 @@ class CountingStage(Stage):
     def __init__(self, setting: str = "a", fail: bool = False):
         self.setting, self.fail = setting, fail
 
-    def fingerprint(self, cfg, layout):
+    def fingerprint(self, cfg, layout, inputs=None):
         from rayapp.common.hashing import fingerprint
 
         return fingerprint(setting=self.setting)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rayapp.common import storage
 from rayapp.common.layout import RunLayout, register_stage_folder
@@ -36,12 +36,14 @@ STATE_FILE = "rayapp_state.json"
 
 @dataclass(frozen=True)
 class StageContext:
-    """What a stage's ``run`` gets: the config, where things live, and the run's fingerprint."""
+    """What a stage's ``run`` gets: the config, where things live, the run's fingerprint, and the
+    upstream inputs the fingerprint was made from (``Stage.read_inputs``)."""
 
     cfg: RunConfig
     layout: RunLayout
     fingerprint: str
     force: bool
+    inputs: Any = None
 
 
 class Stage(ABC):
@@ -77,10 +79,15 @@ class Stage(ABC):
     def manifest_uri(self, layout: RunLayout) -> str:
         return layout.manifest(self.name, self.variant)
 
+    def read_inputs(self, cfg: RunConfig, layout: RunLayout) -> Any:
+        """Read and check the upstream outputs this run is made from (MissingInputError when one
+        is absent), once: the runner hands them to ``fingerprint`` and, as ``ctx.inputs``, to
+        ``run``, so the fingerprint describes exactly what the run uses. None: no upstream."""
+        return None
+
     @abstractmethod
-    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
-        """Identity of the inputs and settings; reading upstream manifests (MissingInputError
-        when one is absent)."""
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: Any = None) -> str:
+        """Identity of ``inputs`` (``read_inputs``) and of the settings the output depends on."""
 
     @abstractmethod
     def run(self, ctx: StageContext) -> StageManifest:
@@ -257,7 +264,8 @@ def run_stages(stages: list[Stage], cfg: RunConfig, force: bool = False) -> list
     for i, stage in enumerate(stages):
         slog = get_logger(f"rayapp.{stage.name}")
         try:
-            fp = stage.fingerprint(cfg, layout)  # reads the inputs: a missing one fails here
+            inputs = stage.read_inputs(cfg, layout)  # a missing one fails here
+            fp = stage.fingerprint(cfg, layout, inputs)
         except Exception as exc:
             _write_state(stage, layout, _failed(exc))
             raise
@@ -268,7 +276,7 @@ def run_stages(stages: list[Stage], cfg: RunConfig, force: bool = False) -> list
                 results[i] = StageResult(stage, done, skipped=True, seconds=time.perf_counter() - t0)
                 continue
         claim_work_dir(stage.work_dir(layout), fp, force, stage.reset_on_force, stage.reset_on_change)
-        todo.append((i, stage, StageContext(cfg, layout, fp, force)))
+        todo.append((i, stage, StageContext(cfg, layout, fp, force, inputs)))
     if todo:
         started = time.time()
         for _, stage, ctx in todo:

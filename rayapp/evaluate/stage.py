@@ -198,13 +198,16 @@ class EvaluateStage(Stage):
         gen = cfg.evaluate.generation
         return [plan_generation(cfg, cls.name, gen, placement.generation(gen), role_shape(cfg, "target"))]
 
-    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
-        models = [resolve_model(cfg, layout, m) for m in cfg.evaluate.models]
+    def read_inputs(self, cfg: RunConfig, layout: RunLayout) -> list[dict]:
+        """The models compared, each resolved to what it is (label, path, identity, rows trained on)."""
+        return [resolve_model(cfg, layout, m) for m in cfg.evaluate.models]
+
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: list[dict]) -> str:
         return fingerprint(evaluate=cfg.evaluate, template=cfg.data.template, sets=_set_files(cfg),
-                           models=[[m["label"], m["identity"]] for m in models])
+                           models=[[m["label"], m["identity"]] for m in inputs])
 
     def run(self, ctx: StageContext) -> EvaluationManifest:
-        return evaluate(ctx.cfg, ctx.layout, ctx.force)
+        return evaluate(ctx.cfg, ctx.layout, ctx.force, ctx.inputs)
 
     def done_detail(self, m: EvaluationManifest) -> dict:
         return {"pairs": ", ".join(m.pairs)} if m.pairs else {}
@@ -229,11 +232,12 @@ class EvaluateStage(Stage):
         return lines
 
 
-def evaluate(cfg: RunConfig, layout: RunLayout, force: bool = False) -> EvaluationManifest:
+def evaluate(cfg: RunConfig, layout: RunLayout, force: bool = False, models: list[dict] | None = None
+             ) -> EvaluationManifest:
     from rayapp.common.raycluster import init_ray
 
     ec = cfg.evaluate
-    models = [resolve_model(cfg, layout, m) for m in ec.models]
+    models = models if models is not None else [resolve_model(cfg, layout, m) for m in ec.models]
     labels = [m["label"] for m in models]
     if len(set(labels)) != len(labels):
         raise RayappError(f"evaluate.models gives two models the same name: {labels}")

@@ -4,6 +4,8 @@ comparisons. One work folder per training subset."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rayapp.common import storage, tracking
 from rayapp.common.artifacts import artifact_uid, export_complete
 from rayapp.common.errors import MissingInputError, RayappError
@@ -102,6 +104,16 @@ def training_data(layout: RunLayout, prepared: PreparedManifest, subset: str,
     return [entry.path], entry.rows, f"{entry.tag} ({entry.rows} rows)", entry.sha256
 
 
+@dataclass(frozen=True)
+class FinetuneInputs:
+    prepared: PreparedManifest
+    init_model: str  # the target it starts from, staged (models/registry.py)
+    files: list[str]  # the rows it trains on (training_data)
+    rows: int
+    data: str  # what they are, in words
+    data_identity: str  # their content identity
+
+
 class FinetuneStage(Stage):
     name = "finetune"
     default_variant = "selected"  # one folder per training subset: finetune/<subset>
@@ -166,13 +178,15 @@ class FinetuneStage(Stage):
 
         return [placement.training(cls.name, cfg.finetune)]
 
-    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
+    def read_inputs(self, cfg: RunConfig, layout: RunLayout) -> FinetuneInputs:
         prepared = read_prepared(layout)
-        _, _, _, data_identity = training_data(layout, prepared, self.subset)
-        init_model = registry.model_source(cfg, "target")
+        return FinetuneInputs(prepared, registry.model_source(cfg, "target"),
+                              *training_data(layout, prepared, self.subset))
+
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: FinetuneInputs) -> str:
         train = cfg.finetune.model_copy(update={"subset": "selected"})  # the subset is the variant
-        return fingerprint(prepared=prepared.fingerprint, data=data_identity, init_model=artifact_uid(init_model),
-                           train=train)
+        return fingerprint(prepared=inputs.prepared.fingerprint, data=inputs.data_identity,
+                           init_model=artifact_uid(inputs.init_model), train=train)
 
     def outputs_complete(self, m: FinetuneManifest, layout: RunLayout) -> bool:
         return artifact_uid(m.export) == m.export_uid
@@ -184,13 +198,14 @@ class FinetuneStage(Stage):
     def run_many(cls, stages: list["FinetuneStage"], ctxs: list[StageContext]) -> list[FinetuneManifest]:
         """Train the target on each subset, one after the other, on one worker group."""
         cfg, layout, fc = ctxs[0].cfg, ctxs[0].layout, ctxs[0].cfg.finetune
-        prepared = read_prepared(layout)
-        init_model = registry.model_source(cfg, "target")
+        prepared, init_model = ctxs[0].inputs.prepared, ctxs[0].inputs.init_model
         check_same_tokenizer(init_model, prepared.tokenizer, cfg.models.target.trust_remote_code)
         holdout = prepared.holdout
         jobs, described = [], []
-        for stage in stages:
-            files, rows, what, _ = training_data(layout, prepared, stage.subset, write=True)
+        for stage, ctx in zip(stages, ctxs):
+            files, rows, what = ctx.inputs.files, ctx.inputs.rows, ctx.inputs.data
+            if stage.subset.endswith(".parquet"):  # a selection file: its rows joined with the prepared data
+                files, rows, what, _ = training_data(layout, prepared, stage.subset, write=True)
             described.append((rows, what))
             log.info("(%s) target %s on %s; FSDP %s, %d workers%s", stage.subset, init_model, what,
                      "on" if fc.fsdp else "off", fc.num_workers,

@@ -213,7 +213,7 @@ class PrepareStage(Stage):
     def uses_ray(self, cfg: RunConfig) -> bool:
         return bool(cfg.data.workers)  # without workers, prepare reads and tokenizes in the driver
 
-    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs=None) -> str:
         sources = []
         for src in cfg.data.sources:
             path = _resolve_source_path(src, quiet=True)

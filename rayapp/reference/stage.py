@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rayapp.common import storage, tracking
 from rayapp.common.artifacts import artifact_uid, export_complete
 from rayapp.common.hashing import fingerprint
 from rayapp.common.layout import RunLayout
-from rayapp.common.manifests import CheckpointRecord, ReferenceManifest, read_prepared
+from rayapp.common.manifests import CheckpointRecord, PreparedManifest, ReferenceManifest, read_prepared
 from rayapp.common.raycluster import init_ray
 from rayapp.common.stages import Stage, StageContext
 from rayapp.config import RunConfig
 from rayapp.models import registry
 from rayapp.train.layout import TRAINING_STATE, TrainingLayout, training_detail, training_progress
 from rayapp.train.runner import TrainJob, run_training
+
+
+@dataclass(frozen=True)
+class ReferenceInputs:
+    prepared: PreparedManifest
+    init_model: str  # the model it starts from, staged (models/registry.py)
 
 
 class ReferenceStage(Stage):
@@ -49,18 +57,19 @@ class ReferenceStage(Stage):
     reset_on_force = TRAINING_STATE
     reset_on_change = TRAINING_STATE
 
-    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
-        prepared = read_prepared(layout)
-        init_model = registry.model_source(cfg, "reference")
-        return fingerprint(prepared=prepared.fingerprint, init_model=artifact_uid(init_model), train=cfg.reference)
+    def read_inputs(self, cfg: RunConfig, layout: RunLayout) -> ReferenceInputs:
+        return ReferenceInputs(read_prepared(layout), registry.model_source(cfg, "reference"))
+
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: ReferenceInputs) -> str:
+        return fingerprint(prepared=inputs.prepared.fingerprint, init_model=artifact_uid(inputs.init_model),
+                           train=cfg.reference)
 
     def outputs_complete(self, m: ReferenceManifest, layout: RunLayout) -> bool:
         return all(artifact_uid(c.path) == c.uid for c in m.checkpoints[1:])
 
     def run(self, ctx: StageContext) -> ReferenceManifest:
         cfg, layout = ctx.cfg, ctx.layout
-        prepared = read_prepared(layout)
-        init_model = registry.model_source(cfg, "reference")
+        prepared, init_model = ctx.inputs.prepared, ctx.inputs.init_model
         work = storage.local_path(layout.reference)
         init_ray(cfg)
         job = TrainJob(label="reference", init_model=init_model, tokenizer=prepared.tokenizer,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 
 from rayapp.common import storage
@@ -43,12 +45,12 @@ def _target_checkpoint(cfg: RunConfig) -> CheckpointRecord:
     return CheckpointRecord(name="target-init", path=path, uid=artifact_uid(path))
 
 
-def _with_target_ifd_scores(cfg: RunConfig, layout: RunLayout, prepared, traj, bos: int, pad: int, prefix):
+def _with_target_ifd_scores(cfg: RunConfig, layout: RunLayout, prepared, target: CheckpointRecord, traj, bos: int,
+                            pad: int, prefix):
     """The untrained target's prompted and response-only NLLs as ``ifd_nll0`` / ``ifd_ro_nll0``
     (the IFD baselines then use them): one scoring pass of the target model, resumable like the rest."""
     import numpy as np
 
-    target = _target_checkpoint(cfg)
     check_same_tokenizer(target.path, prepared.tokenizer, cfg.models.target.trust_remote_code)
     out_dir = layout.scores("target")
     log.info("IFD from the untrained target (%s): scoring it too", target.path)
@@ -61,6 +63,13 @@ def _with_target_ifd_scores(cfg: RunConfig, layout: RunLayout, prepared, traj, b
     take = np.asarray([order[rid] for rid in traj["id"].to_pylist()])
     traj = traj.append_column("ifd_nll0", pa.array(np.asarray(t["nll0"])[take]))
     return traj.append_column("ifd_ro_nll0", pa.array(np.asarray(t["ro_nll0"])[take]))
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    prepared: PreparedManifest
+    checkpoints: list[CheckpointRecord]  # the reference's, as they are now (uids from their markers)
+    target: CheckpointRecord | None  # the untrained target, when IFD is scored with it
 
 
 class ScoreStage(Stage):
@@ -99,8 +108,12 @@ class ScoreStage(Stage):
     # committed (checkpoint, shard) units resume a cut-off run; --force scores everything again
     reset_on_force = ("reference", "target", "trajectories.parquet")
 
-    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
+    def read_inputs(self, cfg: RunConfig, layout: RunLayout) -> ScoreInputs:
         prepared = read_prepared(layout)
+        return ScoreInputs(prepared, reference_checkpoints(layout, prepared),
+                           _target_checkpoint(cfg) if cfg.score.ifd_model == "target" else None)
+
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: ScoreInputs) -> str:
         # what the scores depend on; batch sizes and resources do not change them
         # (the backend only where it is not the default: earlier runs' fingerprints stay valid)
         backend = {} if cfg.score.backend == "torch" else {"backend": cfg.score.backend}
@@ -109,8 +122,8 @@ class ScoreStage(Stage):
         if cfg.score.token_count != "labelled":
             backend["token_count"] = cfg.score.token_count
         if cfg.score.ifd_model == "target":
-            backend["ifd_model"] = _target_checkpoint(cfg).uid
-        return fingerprint(prepared=prepared.fingerprint, checkpoints=[c.uid for c in reference_checkpoints(layout, prepared)],
+            backend["ifd_model"] = inputs.target.uid
+        return fingerprint(prepared=inputs.prepared.fingerprint, checkpoints=[c.uid for c in inputs.checkpoints],
                            modes=sorted(cfg.score.modes), dtype=cfg.score.dtype, **backend)
 
     def outputs_complete(self, m: ScoresManifest, layout: RunLayout) -> bool:
@@ -118,8 +131,7 @@ class ScoreStage(Stage):
 
     def run(self, ctx: StageContext) -> ScoresManifest:
         cfg, layout = ctx.cfg, ctx.layout
-        prepared = read_prepared(layout)
-        checkpoints = reference_checkpoints(layout, prepared)
+        prepared, checkpoints = ctx.inputs.prepared, ctx.inputs.checkpoints
         tokenizer = load_tokenizer(prepared.tokenizer)
         bos, pad = special_ids(tokenizer)
         prefix = tokenizer.encode(cfg.score.response_only_prefix, add_special_tokens=False) \
@@ -132,7 +144,7 @@ class ScoreStage(Stage):
                                   stall_s=cfg.ray.stall_timeout_s)
         traj = build_trajectories(out_dir, [c.name for c in checkpoints])
         if cfg.score.ifd_model == "target":
-            traj = _with_target_ifd_scores(cfg, layout, prepared, traj, bos, pad, prefix)
+            traj = _with_target_ifd_scores(cfg, layout, prepared, ctx.inputs.target, traj, bos, pad, prefix)
         require_match("trajectory rows", layout.trajectories, traj.num_rows, prepared.rows,
                       "the scores do not cover the prepared data: re-run `rayapp score --force`")
         storage.write_parquet(layout.trajectories, traj)

@@ -153,16 +153,14 @@ class SelectStage(Stage):
     manifest_type = SelectionManifest
     reset_on_force = ("embeddings.parquet",)  # the cached sentence embeddings and clusters
 
-    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
-        sc = cfg.select
-        if sc.trajectories is not None:
-            if not storage.exists(sc.trajectories):
-                raise SelectError(f"select.trajectories: file not found: {sc.trajectories}")
-            return fingerprint(trajectories=file_digest(sc.trajectories), select=sc)
-        prepared = read_prepared(layout)
-        sm = check_scores(layout, prepared)
-        return fingerprint(prepared=prepared.fingerprint, scores=sm.fingerprint, trajectories=sm.trajectories_sha256,
-                           select=sc)
+    def read_inputs(self, cfg: RunConfig, layout: RunLayout) -> SelectionInputs:
+        return _read_inputs(cfg, layout)
+
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs) -> str:
+        if inputs.prepared is None:
+            return fingerprint(trajectories=inputs.source["sha256"], select=cfg.select)
+        return fingerprint(prepared=inputs.prepared.fingerprint, scores=inputs.scores.fingerprint,
+                           trajectories=inputs.scores.trajectories_sha256, select=cfg.select)
 
     def outputs_complete(self, m: SelectionManifest, layout: RunLayout) -> bool:
         return all(storage.exists(e.path) and file_digest(e.path) == e.sha256 for e in m.selections.values())
@@ -178,7 +176,7 @@ class SelectStage(Stage):
             finish_ahead(cfg, layout, read_prepared(layout))
 
     def run(self, ctx: StageContext) -> SelectionManifest:
-        return select_rows(ctx.cfg, ctx.layout, ctx.force)
+        return select_rows(ctx.cfg, ctx.layout, ctx.force, ctx.inputs)
 
     def done_detail(self, m: SelectionManifest) -> dict:
         return {"main": m.main}
@@ -199,6 +197,7 @@ class SelectionInputs:
 
     traj: Trajectories
     prepared: PreparedManifest | None  # None: external trajectories (select.trajectories)
+    scores: ScoresManifest | None
     prepared_table: pa.Table | None
     source: dict  # where the trajectories came from, for the provenance
     length_measure: str  # what "longest" measures
@@ -214,11 +213,13 @@ class Chosen:
     info: dict
 
 
-def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False) -> SelectionManifest:
-    """The select stage's work, in order: read the inputs, decide which selections can run, cluster,
-    choose (pure), write each selection with its provenance, draw the report, log."""
+def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False,
+                inputs: SelectionInputs | None = None) -> SelectionManifest:
+    """The select stage's work, in order: the inputs (read now unless given), the selections that
+    can run, the clusters, a pure ``choose``, each selection written with its provenance, the
+    report, the log."""
     sc = cfg.select
-    inputs = _read_inputs(cfg, layout)
+    inputs = inputs or _read_inputs(cfg, layout)
     specs = selection_specs(sc)
     clusters = None
     if any(scope == "stratified" for _, scope in specs.values()):
@@ -241,8 +242,10 @@ def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False) -> Selec
 def _read_inputs(cfg: RunConfig, layout: RunLayout) -> SelectionInputs:
     sc = cfg.select
     if sc.trajectories is not None:
+        if not storage.exists(sc.trajectories):
+            raise SelectError(f"select.trajectories: file not found: {sc.trajectories}")
         traj, traj_digest = load_external_trajectories(sc.trajectories, sc.trajectory_prefix)
-        return SelectionInputs(traj, None, None, {"trajectories": sc.trajectories, "prefix": sc.trajectory_prefix,
+        return SelectionInputs(traj, None, None, None, {"trajectories": sc.trajectories, "prefix": sc.trajectory_prefix,
                                                   "sha256": traj_digest}, "response tokens scored (after truncation)")
     prepared = read_prepared(layout)
     sm = check_scores(layout, prepared)
@@ -252,7 +255,7 @@ def _read_inputs(cfg: RunConfig, layout: RunLayout) -> SelectionInputs:
     traj.response_length = response_characters(table, traj.ids)
     source = {"trajectories": layout.trajectories, "prepared_fingerprint": prepared.fingerprint,
               "trajectories_sha256": sm.trajectories_sha256, "score_checkpoints": [c.name for c in sm.checkpoints]}
-    return SelectionInputs(traj, prepared, table, source, "characters of the response text")
+    return SelectionInputs(traj, prepared, sm, table, source, "characters of the response text")
 
 
 def _without_stratified(sc: SelectConfig, specs: dict) -> dict:
