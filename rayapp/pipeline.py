@@ -114,7 +114,10 @@ def run_steps(stages: list[Stage], cfg: RunConfig, force: bool = False, start_ah
     from rayapp.common.layout import RunLayout
     from rayapp.common.log import get_logger
 
+    from rayapp.common.raycluster import step_back_into
+
     log = get_logger("rayapp.run")
+    isolation.remember_run_dir()
     plan_steps = steps(stages)
     mode = cfg.ray.stage_processes if len(plan_steps) > 1 else "never"
     isolate = mode == "always"
@@ -137,6 +140,7 @@ def run_steps(stages: list[Stage], cfg: RunConfig, force: bool = False, start_ah
                 init_ray(cfg)
                 watch = isolation.LossWatch()
             results += run_stages(group, cfg, force)
+        step_back_into(isolation.run_dir())  # inside a Ray job, the run's folder may have been unpacked again
         if watch is not None and i < len(plan_steps):
             lost = watch.losses()
             if lost:

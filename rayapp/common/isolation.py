@@ -56,14 +56,23 @@ def _context():
     return multiprocessing.get_context("forkserver")
 
 
+def remember_run_dir() -> None:
+    """Note the folder `rayapp run` started in, before any step: inside a Ray job it may later be
+    deleted and unpacked again, and then only its path is left (``run_dir``). Idempotent."""
+    if not _RUN_DIR:
+        _RUN_DIR.append(os.getcwd())
+
+
 def start_forkserver() -> None:
     """Start the warm process steps are forked from. Call once Ray is up: its environment (the
     cluster's auth settings, which Ray reads when it is imported) is copied now. Returns at once;
     the imports run in the forkserver meanwhile. Idempotent."""
     from multiprocessing import forkserver
 
-    if not _RUN_DIR:
-        _RUN_DIR.append(os.getcwd())
+    from rayapp.common.raycluster import step_back_into
+
+    remember_run_dir()
+    step_back_into(run_dir())  # the forkserver starts in the run's folder, as it is now
     ctx = _context()
     ctx.set_forkserver_preload(PRELOAD)
     forkserver.ensure_running()
