@@ -113,7 +113,6 @@ def run_steps(stages: list[Stage], cfg: RunConfig, force: bool = False, start_ah
     from rayapp.common import isolation
     from rayapp.common.layout import RunLayout
     from rayapp.common.log import get_logger
-
     from rayapp.common.raycluster import step_back_into
 
     log = get_logger("rayapp.run")
