@@ -28,11 +28,13 @@ from rayapp.common.manifests import (
     require_same_prepared,
 )
 from rayapp.common.stages import Stage, StageContext
-from rayapp.config import FIXED_SCOPE, RunConfig, SelectConfig, parse_selection
+from rayapp.config import RunConfig, SelectConfig
 from rayapp.select.clusters import clusters_for, finish_ahead, start_ahead, started_ahead
-from rayapp.select.metrics import learning_percentage, learning_percentage_approx, no_response_rows
 from rayapp.select.report import write_report
-from rayapp.select.strategies import Trajectories, n_chunks, select
+from rayapp.selection import methods
+from rayapp.selection.metrics import learning_percentage, learning_percentage_approx, no_response_rows
+from rayapp.selection.methods import Trajectories
+from rayapp.selection.strategies import n_chunks, select
 
 log = get_logger(__name__)
 
@@ -42,22 +44,19 @@ class SelectError(RayappError):
 
 
 def selection_tag(method: str, chunk: str, budget: float, scope: str = "stratified") -> str:
-    """e.g. lp-low-33pct, ppl_high-global-low-5pct (random and clust_rand name their own scope)."""
-    if method == "full":
-        return "full"
-    where = "-global" if scope == "global" and method not in FIXED_SCOPE else ""
-    return f"{method}{where}-{chunk}-{round(budget * 100, 2):g}pct"
+    """e.g. lp-low-33pct, ppl_high-global-low-5pct (``selection.methods.tag``)."""
+    return methods.tag(method, chunk, budget, scope)
 
 
 def selection_specs(sc: SelectConfig) -> dict[str, tuple[str, str]]:
     """{key: (method, scope)} for the main method and each baseline, in order, without repeats. A
-    key is the method's name when it runs in its default scope (FIXED_SCOPE, else the one
+    key is the method's name when it runs in its default scope (its own, else the one
     ``select.stratified`` sets), else METHOD:SCOPE."""
     default = "stratified" if sc.stratified else "global"
     out: dict[str, tuple[str, str]] = {}
     for spec in [sc.method, *sc.baselines]:
-        method, scope = parse_selection(spec)
-        natural = FIXED_SCOPE.get(method, default)
+        method, scope = methods.parse_selection(spec)
+        natural = methods.natural_scope(method, default)
         scope = scope or natural
         out.setdefault(method if scope == natural else f"{method}:{scope}", (method, scope))
     return out
@@ -272,12 +271,10 @@ def _runnable(sc: SelectConfig, specs: dict, traj: Trajectories) -> dict:
     """The selections these trajectories have the scores for; the main method must be one."""
     out = dict(specs)
     for key, (m, _) in specs.items():
-        if m in ("ifd", "ifd_cherry") and traj.nll_response_only is None and traj.ifd_nll_response_only is None:
+        why = methods.method_named(m).unrunnable(traj)
+        if why:
             del out[key]
-            log.info("%s skipped: no response-only scores (add response_only to score.modes)", key)
-        if m == "longest" and traj.response_length is None:
-            del out[key]
-            log.info("%s skipped: no response texts or lengths in these trajectories", key)
+            log.info("%s skipped: %s", key, why)
     if sc.method not in out:
         raise SelectError(f"method {sc.method!r} cannot run on these inputs (see above)")
     return out
@@ -299,7 +296,7 @@ def choose(sc: SelectConfig, traj: Trajectories, specs: dict, clusters: np.ndarr
 
 
 def _chunk(sc: SelectConfig, method: str) -> str:
-    return sc.chunk if method not in ("random", "clust_rand") else "low"
+    return methods.chunk_of(method, sc.chunk)
 
 
 def _provenance(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs, clusters: np.ndarray | None) -> dict:
