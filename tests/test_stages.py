@@ -26,7 +26,7 @@ class CountingManifest(StageManifest):
 class CountingStage(Stage):
     """A real stage on real files: writes ``work/out.txt`` and counts its runs in ``work/runs``."""
 
-    name = "prepare"  # borrows prepare's folder and manifest path in the layout
+    name = "count"  # its own folder: <output_dir>/count
     help = "test stage"
     manifest_type = CountingManifest
     reset_on_force = ("scratch",)
@@ -68,19 +68,19 @@ def test_runner_skips_up_to_date_work_and_force_redoes_it(cfg):
     layout = RunLayout(cfg.output_dir)
     first = run_stage(CountingStage(), cfg)
     assert not first.skipped and first.manifest.runs == 1 and first.manifest.fingerprint
-    manifest = json.loads(Path(layout.manifest("prepare")).read_text())
+    manifest = json.loads(Path(layout.manifest("count")).read_text())
     assert manifest["runs"] == 1 and manifest["config_digest"] == cfg.digest() and manifest["seconds"] >= 0
     again = run_stage(CountingStage(), cfg)
     assert again.skipped and again.manifest.runs == 1  # nothing ran
     forced = run_stage(CountingStage(), cfg, force=True)
     assert not forced.skipped and forced.manifest.runs == 2
     # an output the manifest relies on is gone: the stage runs again
-    Path(layout.prepared, "out.txt").unlink()
+    Path(layout.stage_dir("count"), "out.txt").unlink()
     assert run_stage(CountingStage(), cfg).manifest.runs == 3
 
 
 def test_runner_clears_stale_state_on_force_and_on_other_inputs(cfg):
-    work = Path(RunLayout(cfg.output_dir).prepared)
+    work = Path(RunLayout(cfg.output_dir).stage_dir("count"))
     run_stage(CountingStage("a"), cfg)
     (work / "scratch" / "keep").write_text("?")
     (work / "state" / "keep").write_text("?")
@@ -95,16 +95,16 @@ def test_a_failed_stage_leaves_no_manifest_and_resumes_its_state(cfg):
     layout = RunLayout(cfg.output_dir)
     with pytest.raises(RuntimeError, match="half-way"):
         run_stage(CountingStage("a", fail=True), cfg)
-    assert not storage.exists(layout.manifest("prepare"))  # written last: nothing counts as done
-    (Path(layout.prepared) / "state" / "keep").write_text("partial")
+    assert not storage.exists(layout.manifest("count"))  # written last: nothing counts as done
+    (Path(layout.stage_dir("count")) / "state" / "keep").write_text("partial")
     done = run_stage(CountingStage("a"), cfg)  # same inputs: the partial state stays to resume from
-    assert done.manifest.runs == 2 and (Path(layout.prepared) / "state" / "keep").exists()
+    assert done.manifest.runs == 2 and (Path(layout.stage_dir("count")) / "state" / "keep").exists()
 
 
 def test_a_manifest_that_does_not_validate_counts_as_not_done(cfg):
     layout = RunLayout(cfg.output_dir)
     run_stage(CountingStage(), cfg)
-    Path(layout.manifest("prepare")).write_text(json.dumps({"stage": "count", "runs": "many"}))
+    Path(layout.manifest("count")).write_text(json.dumps({"stage": "count", "runs": "many"}))
     assert not run_stage(CountingStage(), cfg).skipped
 
 
@@ -261,3 +261,15 @@ def test_ray_start_leaves_hub_access_to_the_environment(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "None"
+
+
+def test_a_stage_name_belongs_to_one_stage():
+    """Defining a stage registers its folder and manifest type under its name; a second stage with
+    that name would silently take over the first's folder, so it is refused."""
+    import rayapp.pipeline  # noqa: F401  (the real stages are defined)
+
+    with pytest.raises(TypeError, match="two stages named 'score'"):
+        class AnotherScore(Stage):  # noqa: F841
+            name = "score"
+            help = "?"
+            manifest_type = CountingManifest

@@ -34,6 +34,9 @@ FINGERPRINT_FILE = "fingerprint.txt"
 STATE_FILE = "rayapp_state.json"
 
 
+_DEFINED: dict[str, type] = {}  # stage name -> its class: a name belongs to one stage
+
+
 @dataclass(frozen=True)
 class StageContext:
     """What a stage's ``run`` gets: the config, where things live, the run's fingerprint, and the
@@ -66,6 +69,11 @@ class Stage(ABC):
         into the manifests' table (``require_manifest``)."""
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
+            prev = _DEFINED.setdefault(cls.name, cls)
+            if (prev.__module__, prev.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise TypeError(f"two stages named {cls.name!r}: {prev.__module__}.{prev.__qualname__} and "
+                                f"{cls.__module__}.{cls.__qualname__}")
+            _DEFINED[cls.name] = cls
             register_stage_folder(cls.name, cls.folder or cls.name, cls.default_variant)
             MANIFEST_TYPES[cls.name] = cls.manifest_type
 
