@@ -110,8 +110,9 @@ class LossWatch:
             from ray.util.state import list_workers
 
             for exit_type in self.LOST_EXITS:
-                for w in list_workers(address=self.address, filters=[("is_alive", "=", "False"), ("exit_type", "=", exit_type)],
-                                      limit=10_000, timeout=30, detail=True, raise_on_missing_output=False):
+                dead = [("is_alive", "=", "False"), ("exit_type", "=", exit_type)]
+                for w in list_workers(address=self.address, filters=dead, limit=10_000, timeout=30, detail=True,
+                                      raise_on_missing_output=False):
                     if (w.end_time_ms or 0) >= self.since_ms:
                         lost.append(f"worker pid {w.pid} on node {w.node_id[:12]} ended with {exit_type}")
         except Exception as exc:  # no dashboard, or it did not answer
@@ -199,9 +200,6 @@ def run_step(group: list, cfg, force: bool) -> list:
             proc.kill()
         raise
     proc.join()
-    from rayapp.common.raycluster import step_back_into
-
-    step_back_into(run_dir())  # the run's folder may have been unpacked again under this process
     if outcome is None:
         raise StepProcessError(
             f"{group[0].label}: its driver process ended with exit code {proc.exitcode} and no result "
