@@ -16,7 +16,7 @@ from collections import Counter
 
 import pyarrow as pa
 
-from rayapp.common import storage
+from rayapp.common import keyed, storage
 from rayapp.common.artifacts import artifact_uid
 from rayapp.common.errors import RayappError
 from rayapp.common.hashing import fingerprint
@@ -98,14 +98,11 @@ def _generations(cfg: RunConfig, layout: RunLayout, models: list[dict], prompts:
     for m in models:
         fps[m["label"]] = fp = fingerprint(model=m["identity"], generation=gen,
                                            prompts=[[p["id"], p["prompt"]] for p in prompts])
-        uri = layout.generations(m["label"])
-        if not force and storage.exists(uri):
-            table = storage.read_parquet(uri)
-            meta = table.schema.metadata or {}
-            if meta.get(b"rayapp_fingerprint", b"").decode() == fp:
-                log.info("%s: answers up to date (%d) in %s", m["label"], table.num_rows, uri)
-                out[m["label"]] = (table.to_pylist(), json.loads(meta.get(b"rayapp_stats", b"{}")))
-                continue
+        table = None if force else keyed.read_table(layout.generations(m["label"]), {"rayapp_fingerprint": fp})
+        if table is not None:
+            log.info("%s: answers up to date (%d) in %s", m["label"], table.num_rows, layout.generations(m["label"]))
+            out[m["label"]] = (table.to_pylist(), json.loads(table.schema.metadata.get(b"rayapp_stats", b"{}")))
+            continue
         todo[m["label"]] = m["path"]
     if not todo:
         return out
@@ -115,9 +112,9 @@ def _generations(cfg: RunConfig, layout: RunLayout, models: list[dict], prompts:
     for label, (answers, stats) in generate(rows, todo, gen, trust_remote_code=cfg.models.target.trust_remote_code,
                                             stall_s=cfg.ray.stall_timeout_s, committed=kept).items():
         log.info("%s: %d new tokens (%s tokens/s)", label, stats["new_tokens"], stats["new_tokens_per_s"])
-        table = pa.Table.from_pylist(answers).replace_schema_metadata(
-            {"rayapp_fingerprint": fps[label], "rayapp_stats": json.dumps(stats), "rayapp_model": todo[label]})
-        storage.write_parquet(layout.generations(label), table)
+        keyed.write_table(layout.generations(label), pa.Table.from_pylist(answers),
+                          {"rayapp_fingerprint": fps[label], "rayapp_stats": json.dumps(stats),
+                           "rayapp_model": todo[label]})
         out[label] = (answers, stats)
     return out
 
@@ -131,10 +128,10 @@ def _judge(cfg: RunConfig, layout: RunLayout, a: dict, b: dict, prompts: list[di
     prompt = prompt_record(jc)  # the prompt's hash: a changed prompt file means new judgments
     fp = fingerprint(judge=jc, prompt=prompt, a=[answers[a["label"]][i] for i in ids], b=[answers[b["label"]][i] for i in ids], ids=ids)
     uri = layout.judgments(a["label"], b["label"])
-    meta_uri = uri + ".meta.json"
-    if not force and storage.exists(meta_uri) and storage.read_json(meta_uri).get("fingerprint") == fp:
+    kept = None if force else keyed.read_records(uri, {"fingerprint": fp})
+    if kept is not None:
         log.info("%s vs %s: judgments up to date in %s", a["label"], b["label"], uri)
-        return [json.loads(l) for l in storage.read_bytes(uri).decode().splitlines() if l.strip()]
+        return kept
     judge = make_judge(jc)
     items = [{"set": p["set"], "id": p["id"], "question": _question(p),
               "reference": p.get("reference"), "answer_a": answers[a["label"]][p["id"]],
@@ -144,8 +141,7 @@ def _judge(cfg: RunConfig, layout: RunLayout, a: dict, b: dict, prompts: list[di
     for rec, item in zip(records, items):
         rec.update(question=item["question"], answer_a=item["answer_a"], answer_b=item["answer_b"],
                    model_a=a["label"], model_b=b["label"], **prompt)
-    storage.write_text(uri, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    storage.write_json(meta_uri, {"fingerprint": fp, "judge": judge.name, "rows": len(records), **prompt})
+    keyed.write_records(uri, records, {"fingerprint": fp}, judge=judge.name, **prompt)
     return records
 
 

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from rayapp.common import storage
+from rayapp.common import keyed, storage
 from rayapp.common.log import get_logger
 from rayapp.common.manifests import CheckpointRecord, PreparedManifest
 from rayapp.common.progress import ProgressLine
@@ -40,32 +39,24 @@ SCORE_SCHEMA = pa.schema(
 )
 
 
-def _meta(fingerprint: str, ck: CheckpointRecord, modes: list[str], rows: int,
-          response_only_prefix: str = "", token_count: str = "labelled") -> dict[bytes, bytes]:
-    meta = {
-        b"rayapp.prepared_fingerprint": fingerprint.encode(),
-        b"rayapp.checkpoint_uid": ck.uid.encode(),
-        b"rayapp.modes": ",".join(sorted(modes)).encode(),
-        b"rayapp.rows": str(rows).encode(),
+def _keys(fingerprint: str, ck: CheckpointRecord, modes: list[str], rows: int,
+          response_only_prefix: str = "", token_count: str = "labelled") -> dict[str, str]:
+    """What a committed (checkpoint, shard) unit was scored from (common/keyed.py)."""
+    keys = {
+        "rayapp.prepared_fingerprint": fingerprint,
+        "rayapp.checkpoint_uid": ck.uid,
+        "rayapp.modes": ",".join(sorted(modes)),
+        "rayapp.rows": str(rows),
     }
     if response_only_prefix and "response_only" in modes:  # absent when empty: older units stay valid
-        meta[b"rayapp.response_only_prefix"] = response_only_prefix.encode()
+        keys["rayapp.response_only_prefix"] = response_only_prefix
     if token_count != "labelled":
-        meta[b"rayapp.token_count"] = token_count.encode()
-    return meta
+        keys["rayapp.token_count"] = token_count
+    return keys
 
 
-def is_committed(uri: str, want: dict[bytes, bytes]) -> bool:
-    if not storage.exists(uri):
-        return False
-    fs, path = storage.resolve(uri)
-    try:
-        with fs.open_input_file(path) as f:
-            meta = pq.read_metadata(f)
-    except Exception:
-        return False
-    have = meta.metadata or {}
-    return meta.num_rows == int(want[b"rayapp.rows"]) and all(have.get(k) == v for k, v in want.items())
+def is_committed(uri: str, keys: dict[str, str]) -> bool:
+    return keyed.is_current(uri, keys, rows=int(keys["rayapp.rows"]))
 
 
 def _mean(loss: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -75,7 +66,7 @@ def _mean(loss: np.ndarray, n: np.ndarray) -> np.ndarray:
         return np.where(n > 0, loss / np.maximum(n, 1), 0.0)
 
 
-def _commit(uri: str, parts: list[pa.Table], meta: dict[bytes, bytes], expected_ids: list[str]) -> int:
+def _commit(uri: str, parts: list[pa.Table], keys: dict[str, str], expected_ids: list[str]) -> int:
     """Write one (checkpoint, shard) file, in the prepared shard's row order, after checking that
     it holds exactly the shard's ids: none missing, none twice."""
     t = pa.concat_tables(parts)
@@ -101,8 +92,8 @@ def _commit(uri: str, parts: list[pa.Table], meta: dict[bytes, bytes], expected_
             "response_only_mean_nll": np.where(np.isnan(ro_loss), np.nan, _mean(ro_loss, ro_n)),
         },
         schema=SCORE_SCHEMA,
-    ).replace_schema_metadata(meta)
-    storage.write_parquet(uri, out)
+    )
+    keyed.write_table(uri, out, keys)
     return out.num_rows
 
 
@@ -185,11 +176,11 @@ def score_checkpoints(
     committed once all its rows are in), the rates. Returns ``ScoringStats.as_dict()``."""
     shards = {s.file: s.rows for s in prepared_manifest.shards}
 
-    def meta(ck: CheckpointRecord, rows: int) -> dict[bytes, bytes]:
-        return _meta(prepared_manifest.fingerprint, ck, list(score_cfg.modes), rows, score_cfg.response_only_prefix,
+    def keys(ck: CheckpointRecord, rows: int) -> dict[str, str]:
+        return _keys(prepared_manifest.fingerprint, ck, list(score_cfg.modes), rows, score_cfg.response_only_prefix,
                      score_cfg.token_count)
 
-    pending = _pending(checkpoints, shards, out_dir, meta)
+    pending = _pending(checkpoints, shards, out_dir, keys)
     n_total = len(checkpoints) * len(shards)
     n_todo = sum(len(v) for v in pending.values())
     stats = ScoringStats(work_units=n_total, skipped_units=n_total - n_todo, peak_flops=score_cfg.peak_flops)
@@ -242,7 +233,7 @@ def score_checkpoints(
             if counts[key] == shards[shard]:  # the shard is complete for this checkpoint: commit it
                 ids = storage.read_parquet(storage.join(prepared_dir, shard), ["id"])["id"].to_pylist()
                 stats.rows += _commit(storage.join(out_dir, name, shard), buffers.pop(key),
-                                      meta(by_name[name], shards[shard]), ids)
+                                      keys(by_name[name], shards[shard]), ids)
                 committed[0] += 1
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 line.update(stats.rows, rows_todo, f"{stats.real_tokens / elapsed:,.0f} tokens/s")
@@ -262,11 +253,11 @@ def score_checkpoints(
     return out
 
 
-def _pending(checkpoints: list[CheckpointRecord], shards: dict[str, int], out_dir: str, meta) -> dict[str, list[str]]:
+def _pending(checkpoints: list[CheckpointRecord], shards: dict[str, int], out_dir: str, keys) -> dict[str, list[str]]:
     """checkpoint name -> its shards whose scores are not committed yet (a rerun resumes here)."""
     pending: dict[str, list[str]] = {}
     for ck in checkpoints:
-        todo = [f for f, rows in shards.items() if not is_committed(storage.join(out_dir, ck.name, f), meta(ck, rows))]
+        todo = [f for f, rows in shards.items() if not is_committed(storage.join(out_dir, ck.name, f), keys(ck, rows))]
         if todo:
             pending[ck.name] = todo
     return pending
