@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayapp.common import keyed, storage
+from rayapp.common.datapools import DrivenStream
 from rayapp.common.log import get_logger
 from rayapp.common.manifests import CheckpointRecord, PreparedManifest
 from rayapp.common.progress import ProgressLine
@@ -176,11 +177,11 @@ def score_checkpoints(
     committed once all its rows are in), the rates. Returns ``ScoringStats.as_dict()``."""
     shards = {s.file: s.rows for s in prepared_manifest.shards}
 
-    def keys(ck: CheckpointRecord, rows: int) -> dict[str, str]:
+    def unit_keys(ck: CheckpointRecord, rows: int) -> dict[str, str]:
         return _keys(prepared_manifest.fingerprint, ck, list(score_cfg.modes), rows, score_cfg.response_only_prefix,
                      score_cfg.token_count)
 
-    pending = _pending(checkpoints, shards, out_dir, keys)
+    pending = _pending(checkpoints, shards, out_dir, unit_keys)
     n_total = len(checkpoints) * len(shards)
     n_todo = sum(len(v) for v in pending.values())
     stats = ScoringStats(work_units=n_total, skipped_units=n_total - n_todo, peak_flops=score_cfg.peak_flops)
@@ -205,8 +206,9 @@ def score_checkpoints(
         results = _in_this_process(scorer, scorer_kwargs, units)
     else:
         # each batch from the pool is progress; what is committed is said when it stalls
+        pool = DrivenStream(_on_actor_pool, scorer, scorer_kwargs, units, score_cfg.resources, runtime_env)
         results = watched_iter(
-            _on_actor_pool(scorer, scorer_kwargs, units, score_cfg.resources, runtime_env), stage="score",
+            pool, stage="score", on_stall=pool.close,
             waiting_for=f"the scoring actor pool (Ray Data, {score_cfg.backend} scorers)", stall_s=stall_s,
             committed=lambda: f"{stats.skipped_units + committed[0]} of {n_total} (checkpoint, shard) units under "
                               f"{out_dir}")
@@ -233,7 +235,7 @@ def score_checkpoints(
             if counts[key] == shards[shard]:  # the shard is complete for this checkpoint: commit it
                 ids = storage.read_parquet(storage.join(prepared_dir, shard), ["id"])["id"].to_pylist()
                 stats.rows += _commit(storage.join(out_dir, name, shard), buffers.pop(key),
-                                      keys(by_name[name], shards[shard]), ids)
+                                      unit_keys(by_name[name], shards[shard]), ids)
                 committed[0] += 1
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 line.update(stats.rows, rows_todo, f"{stats.real_tokens / elapsed:,.0f} tokens/s")
@@ -253,11 +255,11 @@ def score_checkpoints(
     return out
 
 
-def _pending(checkpoints: list[CheckpointRecord], shards: dict[str, int], out_dir: str, keys) -> dict[str, list[str]]:
+def _pending(checkpoints: list[CheckpointRecord], shards: dict[str, int], out_dir: str, unit_keys) -> dict[str, list[str]]:
     """checkpoint name -> its shards whose scores are not committed yet (a rerun resumes here)."""
     pending: dict[str, list[str]] = {}
     for ck in checkpoints:
-        todo = [f for f, rows in shards.items() if not is_committed(storage.join(out_dir, ck.name, f), keys(ck, rows))]
+        todo = [f for f, rows in shards.items() if not is_committed(storage.join(out_dir, ck.name, f), unit_keys(ck, rows))]
         if todo:
             pending[ck.name] = todo
     return pending
@@ -297,7 +299,8 @@ def _scorer(score_cfg: ScoreConfig, checkpoints: list[CheckpointRecord], pending
 
 
 def _on_actor_pool(scorer, scorer_kwargs: dict, units: list[dict], res, runtime_env: dict | None):
-    """Ray Data: one block per unit, an actor pool of scorers; results stream back as they finish."""
+    """Ray Data: one block per unit, an actor pool of scorers; results stream back as they finish
+    (runs in a Ray task: common/datapools.py)."""
     import ray
     import ray.data
 
@@ -315,7 +318,7 @@ def _on_actor_pool(scorer, scorer_kwargs: dict, units: list[dict], res, runtime_
         **actor_pool("score", res).actor_options(),
         runtime_env=runtime_env,
     )
-    return ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
 def _in_this_process(scorer, scorer_kwargs: dict, units: list[dict]):
