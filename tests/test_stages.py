@@ -273,3 +273,19 @@ def test_a_stage_name_belongs_to_one_stage():
             name = "score"
             help = "?"
             manifest_type = CountingManifest
+
+
+def test_a_layout_sent_to_a_process_that_imported_no_stage_knows_their_folders(tmp_path):
+    """A Ray worker (the clustering started ahead, an actor pool) gets the run's layout pickled and
+    may have imported no stage module: the folders travel with the layout."""
+    import pickle
+
+    import rayapp.pipeline  # noqa: F401  (defines every stage, as in a run's process)
+
+    layout = RunLayout(str(tmp_path))
+    code = ("import pickle, sys; layout = pickle.loads(sys.stdin.buffer.read()); "
+            "assert not [m for m in sys.modules if m.endswith('.stage')], 'a stage module was imported'; "
+            "print(layout.prepared); print(layout.manifest('finetune'))")
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(layout), capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().split() == [layout.prepared, layout.manifest("finetune")]

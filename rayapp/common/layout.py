@@ -8,7 +8,7 @@ layout knows every stage without a list of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rayapp.common import storage
 
@@ -26,6 +26,10 @@ def register_stage_folder(stage: str, folder: str, default_variant: str | None =
 @dataclass(frozen=True)
 class RunLayout:
     root: str
+    # The stages' folders as registered where the layout is made. A layout sent to a Ray worker
+    # (the clustering started ahead, an actor pool) knows them there, where no stage module is imported.
+    folders: dict[str, tuple[str, str | None]] = field(default_factory=lambda: dict(_STAGE_FOLDERS), repr=False,
+                                                        compare=False)
 
     def _p(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
@@ -33,10 +37,11 @@ class RunLayout:
     def stage_dir(self, stage: str, variant: str | None = None) -> str:
         """The work folder of a stage (one per variant where the stage declares a default variant,
         as finetune does: one per training subset)."""
+        known = self.folders if stage in self.folders else _STAGE_FOLDERS  # (a stage defined later)
         try:
-            folder, default_variant = _STAGE_FOLDERS[stage]
+            folder, default_variant = known[stage]
         except KeyError:
-            raise KeyError(f"no stage named {stage!r} is defined (known: {', '.join(_STAGE_FOLDERS)}); "
+            raise KeyError(f"no stage named {stage!r} is defined (known: {', '.join(known)}); "
                            "import the module that defines it") from None
         return self._p(folder) if default_variant is None else self._p(folder, variant or default_variant)
 
