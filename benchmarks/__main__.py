@@ -1,110 +1,106 @@
-"""Entry point: python -m benchmarks score|scaling|demo|memory|prepare ... (see --help)"""
+"""Entry point: python -m benchmarks score|scaling|demo|memory|prepare ... (see --help)
+
+Each benchmark is one entry of ``BENCHMARKS``: its module, its help, its own arguments (every one
+also takes ``--out``) and how its ``run`` is called. Results go through ``benchmarks.results.write``.
+"""
 
 import argparse
+import importlib
 import sys
+from dataclasses import dataclass, field
+from typing import Callable
 
 
-def main() -> int:
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    module: str  # imported only when this benchmark runs
+    help: str
+    call: Callable  # (module, parsed args) -> None
+    args: list = field(default_factory=list)  # (flags, argparse keyword arguments)
+    out: bool = True  # takes --out (the results folder)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(b) for b in text.split(","))
+
+
+BENCHMARKS = [
+    Benchmark("score", "benchmarks.score_bench",
+              "scoring: start-up and 1 vs 2 actors (optionally beside a baseline commit), padding inside actor "
+              "batches on Alpaca and Dolly, full Alpaca against a plain loop",
+              lambda m, a: m.run(a.rows, a.out, a.baseline, not a.no_full),
+              [(["--rows"], dict(type=int, default=3000, help="Alpaca rows scored with 1 and 2 actors")),
+               (["--baseline"], dict(help="a commit to run the same 1-vs-2-actor probe on first, e.g. f0d60ed")),
+               (["--no-full"], dict(action="store_true", help="skip the full-Alpaca run against the plain loop"))]),
+    Benchmark("scaling", "benchmarks.scaling",
+              "scoring and fine-tuning throughput across node counts, with baselines",
+              lambda m, a: m.run([int(x) for x in a.nodes.split(",")], a.rows, a.cpus_per_node, a.out, a.address,
+                                 not a.no_vllm),
+              [(["--nodes"], dict(default="1,2,4", help="comma-separated node counts")),
+               (["--rows"], dict(type=int, default=1024, help="Alpaca rows")),
+               (["--cpus-per-node"], dict(type=int, default=1)),
+               (["--address"], dict(help="a real cluster's address (otherwise nodes are simulated on this machine)")),
+               (["--no-vllm"], dict(action="store_true", help="skip the vLLM prompt_logprobs backend"))]),
+    Benchmark("demo", "benchmarks.demo",
+              "`rayapp run` on the embedded default: a baseline commit and this checkout",
+              lambda m, a: m.run(a.baseline, a.out, a.repeats, a.name, tuple(a.variant)),
+              [(["--baseline"], dict(required=True, help="the commit to compare with, e.g. 2c6cd9d")),
+               (["--repeats"], dict(type=int, default=1, help="runs of each, alternating; medians compared")),
+               (["--name"], dict(default="demo", help="results go in <out>/<name>-cpu<N>.json and .png")),
+               (["--variant"], dict(action="append", default=[], metavar="LABEL:KEY=VALUE",
+                                    help="also run this checkout with a config override, e.g. "
+                                         "one-driver:ray.stage_processes=never"))]),
+    Benchmark("memory", "benchmarks.memory",
+              "peak memory at real shapes: FSDP2 sharded load and bounded scoring loss, each beside the former path",
+              lambda m, a: m.run(a.out)),
+    Benchmark("lora", "benchmarks.lora_memory",
+              "LoRA against full fine-tuning: peak memory per FSDP2 worker at a 1.1B shape, beside the plan",
+              lambda m, a: m.run(a.out)),
+    Benchmark("prepare", "benchmarks.prepare_bench",
+              "prepare throughput on the full Alpaca and Dolly files: driver, 1 and 2 workers",
+              lambda m, a: m.run(a.out)),
+    Benchmark("gpu", "benchmarks.gpu",
+              "the one-shot GPU check (no Ray needed): scoring rate against the forward-FLOP limit, bf16/fp32 "
+              "agreement, an FSDP2 step's MFU, peak memory against the plan",
+              lambda m, a: m.run(a.out, True if a.tiny else None),
+              [(["--tiny"], dict(action="store_true", help="tiny shapes even on a GPU (the default without one)"))]),
+    Benchmark("lp-vs-baselines", "benchmarks.lp_vs_baselines",
+              "the paper's comparison with a real model: LP vs clust_rand, longest and ppl_high at equal sizes "
+              "(5%%, 10%%) and the full set; held-out NLL, ROUGE-L, pairwise",
+              lambda m, a: m.run(a.config, a.out, _floats(a.budgets), full=not a.no_full),
+              [(["--config"], dict(default="benchmarks/lp_vs_baselines/cpu.yaml",
+                                   help="cpu.yaml here, gpu.yaml on a GPU node")),
+               (["--budgets"], dict(default="0.05,0.10")),
+               (["--no-full"], dict(action="store_true",
+                                    help="leave out the model trained on the full set (the longest run)"))]),
+    Benchmark("fidelity", "benchmarks.fidelity",
+              "measured effects of rayapp's differences from the authors' code (tokenizer boundary, duplicates, "
+              "k-means order, perplexity denominator, bf16)",
+              lambda m, a: m.run(a.out, a.run),
+              [(["--run"], dict(help="a finished run of configs/smollm2.yaml, for the denominator and bf16 "
+                                     "measurements"))]),
+    Benchmark("estimates", "benchmarks.estimates",
+              "scoring time and cost on 1, 8 and 64 GPUs, on paper (from the measured start-up and the GPU "
+              "check's rate where there is one)",
+              lambda m, a: m.run_paper() if a.paper else m.run(),
+              [(["--paper"], dict(action="store_true", help="every line of a paper preset's cluster run, each "
+                                  "marked measured or estimated (the table in cluster/README.md)"))], out=False),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     sub = p.add_subparsers(dest="which", required=True)
-    s = sub.add_parser("score", help="scoring: start-up and 1 vs 2 actors (optionally beside a baseline commit), "
-                       "padding inside actor batches on Alpaca and Dolly, full Alpaca against a plain loop")
-    s.add_argument("--rows", type=int, default=3000, help="Alpaca rows scored with 1 and 2 actors")
-    s.add_argument("--baseline", help="a commit to run the same 1-vs-2-actor probe on first, e.g. f0d60ed")
-    s.add_argument("--no-full", action="store_true", help="skip the full-Alpaca run against the plain loop")
-    s.add_argument("--out", default="benchmarks/results")
-    sc = sub.add_parser("scaling", help="scoring and fine-tuning throughput across node counts, with baselines")
-    sc.add_argument("--nodes", default="1,2,4", help="comma-separated node counts")
-    sc.add_argument("--rows", type=int, default=1024, help="Alpaca rows")
-    sc.add_argument("--cpus-per-node", type=int, default=1)
-    sc.add_argument("--address", help="a real cluster's address (otherwise nodes are simulated on this machine)")
-    sc.add_argument("--no-vllm", action="store_true", help="skip the vLLM prompt_logprobs backend")
-    sc.add_argument("--out", default="benchmarks/results")
-    d = sub.add_parser("demo", help="`rayapp run` on the embedded default: a baseline commit and this checkout")
-    d.add_argument("--baseline", required=True, help="the commit to compare with, e.g. 2c6cd9d")
-    d.add_argument("--repeats", type=int, default=1, help="runs of each, alternating; medians compared")
-    d.add_argument("--name", default="demo", help="results go in <out>/<name>-cpu<N>.json and .png")
-    d.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE",
-                   help="also run this checkout with a config override, e.g. one-driver:ray.stage_processes=false")
-    d.add_argument("--out", default="benchmarks/results")
-    m = sub.add_parser("memory", help="peak memory at real shapes: FSDP2 sharded load and bounded scoring loss, "
-                       "each beside the former path")
-    m.add_argument("--out", default="benchmarks/results")
-    lm = sub.add_parser("lora", help="LoRA against full fine-tuning: peak memory per FSDP2 worker at a 1.1B shape, "
-                        "beside the plan")
-    lm.add_argument("--out", default="benchmarks/results")
-    pr = sub.add_parser("prepare", help="prepare throughput on the full Alpaca and Dolly files: driver, 1 and 2 workers")
-    pr.add_argument("--out", default="benchmarks/results")
-    g = sub.add_parser("gpu", help="the one-shot GPU check (no Ray needed): scoring rate against the forward-FLOP "
-                       "limit, bf16/fp32 agreement, an FSDP2 step's MFU, peak memory against the plan")
-    g.add_argument("--out", default="benchmarks/results")
-    g.add_argument("--tiny", action="store_true", help="tiny shapes even on a GPU (the default without one)")
-    lv = sub.add_parser("lp-vs-baselines", help="the paper's comparison with a real model: LP vs clust_rand, longest "
-                        "and ppl_high at equal sizes (5%%, 10%%) and the full set; held-out NLL, ROUGE-L, pairwise")
-    lv.add_argument("--config", default="benchmarks/lp_vs_baselines/cpu.yaml", help="cpu.yaml here, gpu.yaml on a GPU node")
-    lv.add_argument("--budgets", default="0.05,0.10")
-    lv.add_argument("--out", default="benchmarks/results")
-    lv.add_argument("--no-full", action="store_true", help="leave out the model trained on the full set (the longest run)")
-    fd = sub.add_parser("fidelity", help="measured effects of rayapp's differences from the authors' code "
-                        "(tokenizer boundary, duplicates, k-means order, perplexity denominator, bf16)")
-    fd.add_argument("--run", help="a finished run of configs/smollm2.yaml, for the denominator and bf16 measurements")
-    fd.add_argument("--out", default="benchmarks/results")
-    es = sub.add_parser("estimates", help="scoring time and cost on 1, 8 and 64 GPUs, on paper (from the measured "
-                        "start-up and the GPU check's rate where there is one)")
-    es.add_argument("--paper", action="store_true", help="every line of a paper preset's cluster run, each marked "
-                    "measured or estimated (the table in cluster/README.md)")
-    args = p.parse_args()
-    if args.which == "lora":
-        from benchmarks.lora_memory import run as run_lora
-
-        run_lora(args.out)
-        return 0
-    if args.which == "fidelity":
-        from benchmarks.fidelity import run as run_fidelity
-
-        run_fidelity(args.out, args.run)
-        return 0
-    if args.which == "lp-vs-baselines":
-        from benchmarks.lp_vs_baselines import run as run_lp
-
-        run_lp(args.config, args.out, tuple(float(b) for b in args.budgets.split(",")), full=not args.no_full)
-        return 0
-    if args.which == "estimates":
-        from benchmarks.estimates import run as run_estimates
-        from benchmarks.estimates import run_paper
-
-        run_paper() if args.paper else run_estimates()
-        return 0
-    if args.which == "gpu":
-        from benchmarks.gpu import run as run_gpu
-
-        run_gpu(args.out, True if args.tiny else None)
-        return 0
-    if args.which == "prepare":
-        from benchmarks.prepare_bench import run as run_prepare
-
-        run_prepare(args.out)
-        return 0
-    if args.which == "memory":
-        from benchmarks.memory import run as run_memory
-
-        run_memory(args.out)
-        return 0
-    if args.which == "demo":
-        from benchmarks.demo import run as run_demo
-
-        run_demo(args.baseline, args.out, args.repeats, args.name, tuple(args.variant))
-        return 0
-    if args.which == "scaling":
-        from benchmarks.scaling import run as run_scaling
-
-        run_scaling([int(x) for x in args.nodes.split(",")], args.rows, args.cpus_per_node, args.out,
-                    args.address, not args.no_vllm)
-        return 0
-    if args.which == "score":
-        from benchmarks.score_bench import run
-
-        run(args.rows, args.out, args.baseline, not args.no_full)
+    for b in BENCHMARKS:
+        parser = sub.add_parser(b.name, help=b.help)
+        for flags, kwargs in b.args:
+            parser.add_argument(*flags, **kwargs)
+        if b.out:
+            parser.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    bench = next(b for b in BENCHMARKS if b.name == args.which)
+    bench.call(importlib.import_module(bench.module), args)
     return 0
 
 

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 
+from benchmarks.report import write_results
 from benchmarks.score_bench import _machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,11 +102,8 @@ def run(baseline: str, out: str, repeats: int = 1, name: str = "demo", variants:
                "variants": {label: list(overrides) for label, overrides in arms[1:]},
                "runs": runs, "median_wall_s": medians,
                "speedup": round(medians["baseline"] / medians["current"], 2)}
-    stem = os.path.join(out, f"{name}-cpu{os.cpu_count()}")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=2)
-    _plot(results, stem + ".png")
     print(json.dumps(results, indent=2))
+    write_results(out, f"{name}-cpu{os.cpu_count()}", results, _plot)
     return results
 
 

@@ -28,6 +28,7 @@ import os
 
 import numpy as np
 
+from benchmarks.report import write_results
 from rayapp.config import ScoreConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,9 +81,8 @@ def run(out_dir: str = RESULTS) -> dict:
                                      "seconds": seconds, "usd": g * seconds / 3600 * price})
     out = {"estimate": True, "tokens_per_row": tokens_per_row, "checkpoints": CHECKPOINTS,
            "load_bytes_per_s": LOAD_BYTES_PER_S, "cards": cards, "rows": rows_out}
-    with open(os.path.join(out_dir, "score-estimates.json"), "w") as f:
-        json.dump(out, f, indent=2)
     print(table_md(out))
+    write_results(out_dir, "score-estimates", out)
     return out
 
 
@@ -201,7 +201,8 @@ def paper_run(preset: str, prompts: dict | None = None, overrides: list[str] = (
     from rayapp.config import load_config
     from rayapp.deploy.checks import launcher_node_types, stages_on
     from rayapp.deploy.instances import ALL
-    from rayapp.deploy.needs import DRIVER, EXPORT_BYTES_PER_PARAM, HUB_BYTES_PER_PARAM, _params, disk_needs
+    from rayapp.deploy.needs import DRIVER, _params, disk_needs
+    from rayapp.plan.disk import EXPORT_BYTES_PER_PARAM, HUB_BYTES_PER_PARAM
     from rayapp.finetune.stage import subsets_to_train
     from rayapp.plan.accelerators import ACCELERATOR_BF16_FLOPS
 
@@ -374,9 +375,8 @@ def readme_block(runs: dict) -> str:
 def run_paper(out_dir: str = RESULTS) -> dict:
     runs = {p: paper_run(p) for p in PAPER_PRESETS}
     runs["without-full"] = paper_run(PAPER_PRESETS[0], runs[PAPER_PRESETS[0]]["prompts"], WITHOUT_FULL)
-    with open(os.path.join(out_dir, "paper-run-estimates.json"), "w") as f:
-        json.dump(runs, f, indent=2)
     print(readme_block(runs))
+    write_results(out_dir, "paper-run-estimates", runs)
     return runs
 
 

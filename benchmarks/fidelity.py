@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from benchmarks.report import write_results
+
 SHARED = "../shared/data"
 
 
@@ -155,8 +157,5 @@ def run(out_dir: str, run_dir: str | None) -> dict:
     result["kmeans_order"] = kmeans_order()
     if run_dir:
         result["scoring_variants"] = scoring_variants(run_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"[fidelity] {path}", flush=True)
+    write_results(out_dir, "fidelity", result, indent=1)
     return result

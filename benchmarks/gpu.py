@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from benchmarks.report import write_results
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LENGTHS = os.path.join(HERE, "data", "alpaca-lengths.npz")
 MAX_LENGTH = 512  # rayapp's default data.max_length
@@ -194,7 +196,7 @@ def score_shape(name: str, tiny: bool, rows: int | None, work: str, peak: float 
     is the config's default cap; ``profile`` adds the top operators of one work unit)."""
     import torch
 
-    from rayapp.models.loading import lean_transformers
+    from rayapp.models.imports import lean_transformers
     from rayapp.plan import memory
     from rayapp.plan.shapes import shape_of_model
     from rayapp.score.actor import LossScorer
@@ -286,7 +288,7 @@ def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | Non
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rayapp.models.loading import lean_transformers
+    from rayapp.models.imports import lean_transformers
     from rayapp.plan import memory
     from rayapp.plan.shapes import shape_of_model
     from rayapp.train.collate import collate
@@ -401,12 +403,8 @@ def run(out_dir: str, tiny: bool | None = None) -> dict:
               f"{r['tokens_per_s']:,.0f} tokens/s, mfu {r.get('mfu', float('nan')):.1%}", flush=True)
     results["vllm"] = vllm_backend()
     results["seconds"] = time.perf_counter() - t_start
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"gpu-{(kind or dev).lower()}")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=2)
-    _plot(results, stem + ".png")
-    print(f"results: {stem}.json, {stem}.png ({results['seconds']:.0f} s)")
+    write_results(out_dir, f"gpu-{(kind or dev).lower()}", results, _plot)
+    print(f"({results['seconds']:.0f} s)")
     return results
 
 

@@ -13,11 +13,11 @@ Results: benchmarks/results/lora-memory-cpu<N>.json and .png.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
 from benchmarks.memory import GIB, _write_model
+from benchmarks.report import write_results
 from benchmarks.score_bench import _machine
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": None, "export": "merged"}
@@ -99,8 +99,5 @@ def run(out_dir: str) -> dict:
               "micro_batch": MICRO_BATCH, "lora": LORA, "runs": runs,
               "lora_over_full_measured": lora["above_bare_worker_bytes"] / full["above_bare_worker_bytes"],
               "lora_over_full_plan": lora["plan_bytes"] / full["plan_bytes"]}
-    name = f"lora-memory-cpu{os.cpu_count()}"
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    _plot(result, os.path.join(out_dir, f"{name}.png"))
+    write_results(out_dir, f"lora-memory-cpu{os.cpu_count()}", result, _plot)
     return result

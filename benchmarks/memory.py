@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 
+from benchmarks.report import write_results
 from benchmarks.score_bench import _machine
 
 GIB = 2**30
@@ -192,8 +193,7 @@ def run_adamw_step(out_dir: str, tokens: int = 128) -> dict:
         result["shapes"][name] = {"local_params": [r["local_params"] for r in ranks],
                                   "local_fp32_bytes": max(4 * r["local_params"] for r in ranks),
                                   "seconds": round(time.perf_counter() - t0, 1), "impls": rows}
-    with open(os.path.join(out_dir, f"adamw-step-cpu{os.cpu_count()}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_results(out_dir, f"adamw-step-cpu{os.cpu_count()}", result)
     return result
 
 
@@ -232,10 +232,7 @@ def run(out_dir: str, rows: int = 32, width: int = 512, labelled: float = 0.5) -
                            - scoring["labelled positions, chunked (now)"]["loss_sum_total"])
                        <= 1e-5 * abs(scoring["full logits (before)"]["loss_sum_total"]),
     }
-    name = f"memory-cpu{os.cpu_count()}"
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    _plot(result, os.path.join(out_dir, f"{name}.png"))
+    write_results(out_dir, f"memory-cpu{os.cpu_count()}", result, _plot)
     r = result["ratios"]
     print(f"sharded load: peak RSS {shard / GIB:.2f} GiB per worker = {r['sharded_peak_rss_over_fp32_model']:.2f} x the "
           f"fp32 model ({r['sharded_above_bare_worker_over_fp32_model']:.2f} x above a worker holding no weights); "
@@ -244,7 +241,6 @@ def run(out_dir: str, rows: int = 32, width: int = 512, labelled: float = 0.5) -
     for k, v in result["plan_vs_measured"].items():
         ratio = f"{v['plan_over_measured']:.2f} x" if v["plan_over_measured"] else "-"
         print(f"  plan vs measured, {k}: {v['plan_bytes'] / GIB:.2f} vs {v['measured_bytes'] / GIB:.2f} GiB ({ratio})")
-    print(f"results: {os.path.join(out_dir, name)}.json / .png")
     print("(c) AdamW's step on FSDP2 shards: foreach, fused and for-loop", flush=True)
     result["adamw_step"] = run_adamw_step(out_dir)
     return result

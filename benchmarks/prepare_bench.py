@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 
+from benchmarks.report import write_results
 from benchmarks.score_bench import _machine
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
@@ -93,10 +94,6 @@ def run(out_dir: str) -> dict:
     result = {"machine": _machine(), "block_mb": 2, "results": results,
               "speedup_2_workers_over_driver": {n: r["0"]["seconds"] / r["2"]["seconds"] for n, r in results.items()},
               "speedup_2_over_1_worker": {n: r["1"]["seconds"] / r["2"]["seconds"] for n, r in results.items()}}
-    name = f"prepare-cpu{os.cpu_count()}"
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    _plot(results, os.path.join(out_dir, f"{name}.png"))
     print(json.dumps({k: result[k] for k in ("speedup_2_workers_over_driver", "speedup_2_over_1_worker")}, indent=2))
-    print(f"results: {os.path.join(out_dir, name)}.json / .png")
+    write_results(out_dir, f"prepare-cpu{os.cpu_count()}", result, _plot, plot_data=results)
     return result

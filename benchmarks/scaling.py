@@ -17,7 +17,6 @@ and compares scoring backends on 1 node: rayapp's torch actor and ``score.backen
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -25,6 +24,7 @@ import time
 import numpy as np
 
 from benchmarks.plain_score import plain_scoring
+from benchmarks.report import write_results
 from benchmarks.score_bench import ALPACA, _machine
 from rayapp.common import storage
 from rayapp.common.layout import RunLayout
@@ -169,13 +169,8 @@ def run(nodes: list[int], rows: int, cpus_per_node: int, out_dir: str, address: 
         r["score"]["vs_plain_steady"] = r["score"]["steady_tokens_per_s"] / base["steady_tokens_per_s"]
         r["finetune"]["vs_plain_steady"] = ((r["finetune"]["steady_tokens_per_s"] or 0)
                                             / results["baseline_finetune"]["steady_tokens_per_s"])
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"scaling-cpu{os.cpu_count()}")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=2)
-    _plot(results, stem + ".png")
     print(table_md(results))
-    print(f"results: {stem}.json, {stem}.png")
+    write_results(out_dir, f"scaling-cpu{os.cpu_count()}", results, _plot)
     return results
 
 

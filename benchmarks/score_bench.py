@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from benchmarks.report import write_results
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 ALPACA = os.path.join(SHARED, "alpaca-43k.jsonl")
@@ -195,13 +197,8 @@ def run(rows: int, out_dir: str, baseline: str | None = None, full: bool = True)
         results["full_alpaca"] = full_alpaca(*alpaca_cfg, work)
     shutil.rmtree(work, ignore_errors=True)
 
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"score-cpu{os.cpu_count()}")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=2)
-    _plot(results, stem + ".png")
     print(summary_md(results))
-    print(f"results: {stem}.json, {stem}.png")
+    write_results(out_dir, f"score-cpu{os.cpu_count()}", results, _plot)
     return results
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 
 from rayapp.common.errors import ConfigError, RayappError
 from rayapp.pipeline import STAGE_TYPES
@@ -121,10 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _plan(cfg, as_json: bool, verbose: bool) -> int:
     import json
 
-    from rayapp.plan.check import format_plans, infeasible, plan_config
+    from rayapp.pipeline import memory_plans
+    from rayapp.plan.check import format_plans, infeasible
 
     try:
-        plans = plan_config(cfg)
+        plans = memory_plans(cfg)
     except OSError as exc:
         raise RayappError(str(exc)) from None
     if as_json:
@@ -133,50 +133,6 @@ def _plan(cfg, as_json: bool, verbose: bool) -> int:
     else:
         print(format_plans(plans, verbose))
     return 1 if infeasible(plans) else 0
-
-
-def check_plan(cfg) -> None:
-    """What `rayapp plan` checks, before a run starts: a stage that cannot fit its GPUs stops the
-    run now, not when its model is first loaded (CPU-only configs have nothing to check)."""
-    from rayapp.common.log import get_logger
-    from rayapp.plan.check import format_plans, infeasible, plan_config, uses_gpus
-
-    if not uses_gpus(cfg):
-        return
-    try:
-        plans = plan_config(cfg)
-    except OSError as exc:
-        get_logger("rayapp.run").warning("cannot plan memory (%s); starting without the check", exc)
-        return
-    if infeasible(plans):
-        raise RayappError("a stage will not fit its GPUs (`rayapp plan` shows it; --skip-plan starts anyway):\n"
-                          + format_plans(plans))
-
-
-def run_stages(cfg, names: list[str] | None, force: bool, until: str | None = None, skip_plan: bool = False) -> int:
-    """`rayapp run` (``names`` None: the whole plan up to ``until``) or one stage command."""
-    from rayapp import pipeline
-    from rayapp.common import tracking
-    from rayapp.summary import print_summary
-
-    if cfg.finetune.lora is not None:
-        from rayapp.train.lora import require_peft
-
-        require_peft()
-    tracking.check_available(cfg)
-    if names is None and not skip_plan:
-        check_plan(cfg)
-    stages = pipeline.plan(cfg, until) if names is None else [pipeline.stage(n, cfg) for n in names]
-    tracking.start(cfg)
-    t0 = time.perf_counter()
-    try:
-        results = pipeline.run_steps(stages, cfg, force, start_ahead=names is None)
-    except BaseException:
-        tracking.finish(cfg, ok=False)
-        raise
-    tracking.finish(cfg, ok=True)
-    print_summary(cfg, results, time.perf_counter() - t0)
-    return 0
 
 
 def _compare(args) -> int:
@@ -307,9 +263,13 @@ def _dispatch(args) -> int:
         return _plan(cfg, args.json, getattr(args, "verbose", False))
     if args.command == "status":
         return _status(cfg.output_dir, cfg, args.json)
+    from rayapp.pipeline import run_pipeline
+
     if args.command == "run":
-        return run_stages(cfg, None, args.force, args.until, args.skip_plan)
-    return run_stages(cfg, [args.command], args.force)
+        run_pipeline(cfg, args.until, args.force, args.skip_plan)
+    else:
+        run_pipeline(cfg, force=args.force, names=[args.command])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,42 +10,22 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayapp.common.errors import ConfigError
 from rayapp.common.hashing import short_digest
+from rayapp.selection.methods import NAMES as SELECT_METHODS
+from rayapp.selection.methods import is_tag, parse_selection
 
-# The selection methods, defined once: the config validates against them, the selection math
-# dispatches on them.
-SelectMethod = Literal["lp", "lp_app", "ppl_high", "ppl_low", "ifd", "ifd_cherry", "longest", "random",
-                       "clust_rand", "full"]
-SELECT_METHODS: tuple[str, ...] = get_args(SelectMethod)
-# Where a method ranks its rows: within each k-means cluster (the LP paper's chunking) or over all.
-SCOPES = ("stratified", "global")
-# Methods whose scope is part of their definition: random is a global draw, clust_rand the same
-# per-cluster counts drawn at random, Cherry-LLM's IFD a global top-k.
-FIXED_SCOPE = {"random": "global", "clust_rand": "stratified", "ifd_cherry": "global", "full": "global"}
+# The selection methods are declared once, in rayapp/selection/methods.py: the config validates
+# against their names, the select stage runs and tags them from there.
+SelectMethod = Literal[SELECT_METHODS]
 
 __all__ = ["ConfigError", "RunConfig", "SELECT_METHODS", "load_config", "dump_config", "parse_selection",
            "is_finetune_subset", "subset_folder"]
-
-
-def parse_selection(spec: str) -> tuple[str, str | None]:
-    """``METHOD`` or ``METHOD:global`` / ``METHOD:stratified`` -> (method, scope or None for the
-    run's default). Raises ValueError naming what is wrong."""
-    method, sep, scope = spec.partition(":")
-    if method not in SELECT_METHODS:
-        raise ValueError(f"unknown selection method {method!r}; known: {', '.join(SELECT_METHODS)}")
-    if not sep:
-        return method, None
-    if scope not in SCOPES:
-        raise ValueError(f"{spec!r}: the scope after ':' is 'global' or 'stratified'")
-    if method in FIXED_SCOPE and FIXED_SCOPE[method] != scope:
-        raise ValueError(f"{spec!r}: {method} is always {FIXED_SCOPE[method]}")
-    return method, scope
 
 
 def is_finetune_subset(entry: str) -> bool:
@@ -54,9 +34,8 @@ def is_finetune_subset(entry: str) -> bool:
     selection file (.parquet, with an id column); anything else is a model ('base', a path, a name)."""
     if entry in ("selected", "full") or entry.endswith(".parquet"):
         return True
-    tag = re.fullmatch(r"([a-z_]+)(-global)?-(low|mid|high)-[0-9.]+pct", entry)
-    if tag:
-        return tag.group(1) in SELECT_METHODS
+    if is_tag(entry):
+        return True
     try:
         parse_selection(entry)
     except ValueError:

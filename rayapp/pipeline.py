@@ -1,55 +1,107 @@
-"""The pipeline: its stages in order, and the plan `rayapp run` follows.
+"""The pipeline: its stages in order, the plan `rayapp run` follows, and the one loop that runs it.
 
     prepare -> reference -> score -> select -> finetune (one run per compared subset) -> evaluate
+
+To add a stage, write its module (a ``Stage`` subclass: ``common/stages.py`` says what it declares)
+and list its class in ``STAGE_TYPES`` below. `rayapp run`, its own command, `rayapp status`, `rayapp
+plan`, `rayapp check-cluster`, tracking and the summary all loop over this list.
 """
 
 from __future__ import annotations
+
+import time
 
 from rayapp.common.raycluster import init_ray
 from rayapp.common.stages import Stage, StageResult, run_stage, run_stages
 from rayapp.config import RunConfig
 from rayapp.evaluate.stage import EvaluateStage
-from rayapp.finetune.stage import FinetuneStage, subsets_to_train
+from rayapp.finetune.stage import FinetuneStage
 from rayapp.prepare.stage import PrepareStage
 from rayapp.reference.stage import ReferenceStage
 from rayapp.score.stage import ScoreStage
 from rayapp.select.stage import SelectStage
 
+# The pipeline's stages in order, by name: the one list a new stage is added to.
 STAGE_TYPES: dict[str, type[Stage]] = {
     s.name: s for s in (PrepareStage, ReferenceStage, ScoreStage, SelectStage, FinetuneStage, EvaluateStage)
 }
-STAGES: list[str] = list(STAGE_TYPES)
 
 
 def stage(name: str, cfg: RunConfig) -> Stage:
     """One stage as its own CLI command runs it (finetune trains ``finetune.subset``)."""
-    if name == "finetune":
-        return FinetuneStage(cfg.finetune.subset)
-    return STAGE_TYPES[name]()
+    return STAGE_TYPES[name].for_command(cfg)
 
 
 def plan(cfg: RunConfig, until: str | None = None) -> list[Stage]:
-    """The stages `rayapp run` runs, in order; finetune once per subset evaluation compares."""
-    names = STAGES if until is None else STAGES[: STAGES.index(until) + 1]
-    out: list[Stage] = []
-    for name in names:
-        if name == "finetune":
-            out += [FinetuneStage(s) for s in subsets_to_train(cfg, evaluating="evaluate" in names)]
-        else:
-            out.append(STAGE_TYPES[name]())
-    return out
+    """The stages `rayapp run` runs, in order, each as many times as it has runs
+    (``Stage.instances``: finetune once per subset evaluation compares)."""
+    names = list(STAGE_TYPES)
+    names = names if until is None else names[: names.index(until) + 1]
+    return [s for name in names for s in STAGE_TYPES[name].instances(cfg, names)]
 
 
 def steps(stages: list[Stage]) -> list[list[Stage]]:
-    """The plan in steps: the finetune runs (one per compared subset) form one step, trained by one
-    worker group; every other stage is a step of its own."""
+    """The plan in steps: consecutive runs of one stage (the finetune subsets) form one step, which
+    the stage runs together (``Stage.run_many``: one worker group); every other stage is a step of
+    its own."""
     out: list[list[Stage]] = []
     for s in stages:
-        if out and s.name == "finetune" and out[-1][-1].name == "finetune":
+        if out and type(out[-1][-1]) is type(s):
             out[-1].append(s)
         else:
             out.append([s])
     return out
+
+
+def placements(cfg: RunConfig) -> list:
+    """Every placement a run's stages ask Ray for, in pipeline order (``Stage.placements``): what
+    `rayapp check-cluster` and `rayapp rehearse` check against the node types."""
+    return [p for stage_type in STAGE_TYPES.values() for p in stage_type.placements(cfg) if p is not None]
+
+
+def memory_plans(cfg: RunConfig) -> list:
+    """Every model-loading stage's per-GPU memory at the config's shapes (`rayapp plan`)."""
+    from rayapp.plan.check import plan_config
+
+    return plan_config(cfg, STAGE_TYPES.values())
+
+
+def preflight(cfg: RunConfig, stages: list[Stage], check_fit: bool = True) -> None:
+    """What must hold before any stage starts: each stage's own checks (``Stage.preflight``:
+    missing optional packages), a reachable tracking backend, and with ``check_fit`` that every
+    stage fits its GPUs (what `rayapp plan` says; CPU-only configs have nothing to check)."""
+    from rayapp.common import tracking
+
+    for stage_type in dict.fromkeys(type(s) for s in stages):
+        stage_type.preflight(cfg)
+    tracking.check_available(cfg)
+    if check_fit:
+        from rayapp.plan.check import check_fits
+
+        check_fits(cfg, list(dict.fromkeys(type(s) for s in stages)))
+
+
+def run_pipeline(cfg: RunConfig, until: str | None = None, force: bool = False, skip_plan: bool = False,
+                 names: list[str] | None = None, out=None) -> list[StageResult]:
+    """`rayapp run` (``names`` None: the whole plan up to ``until``) or one stage's own command
+    (``names``: that stage): preflight, tracking, the steps (prepare beside Ray's start-up, work
+    started ahead), and the summary. The CLI, the Ray job entrypoints, tests and benchmarks all
+    call this."""
+    from rayapp.common import tracking
+    from rayapp.summary import print_summary
+
+    stages = plan(cfg, until) if names is None else [stage(n, cfg) for n in names]
+    preflight(cfg, stages, check_fit=names is None and not skip_plan)
+    tracking.start(cfg)
+    t0 = time.perf_counter()
+    try:
+        results = run_steps(stages, cfg, force, start_ahead=names is None)
+    except BaseException:
+        tracking.finish(cfg, ok=False)
+        raise
+    tracking.finish(cfg, ok=True)
+    print_summary(cfg, results, time.perf_counter() - t0, out=out)
+    return results
 
 
 def run_steps(stages: list[Stage], cfg: RunConfig, force: bool = False, start_ahead: bool = True) -> list[StageResult]:

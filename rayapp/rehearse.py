@@ -550,9 +550,10 @@ def _stage_outcomes(cfg, placements: list[Placement], actors: dict[str, list[str
 
 
 def _upto(until: str) -> list[str]:
-    from rayapp.pipeline import STAGES
+    from rayapp.pipeline import STAGE_TYPES
 
-    return STAGES[: STAGES.index(until) + 1]
+    names = list(STAGE_TYPES)
+    return names[: names.index(until) + 1]
 
 
 def _write(workdir: str, report: dict) -> None:

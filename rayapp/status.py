@@ -1,10 +1,10 @@
 """`rayapp status`: where a run stands, read from its output_dir (local or s3://, gs://) alone.
 
 Each stage's work folder says it: ``manifest.json`` (written last) means done; the runner's
-``rayapp_state.json`` says running or failed (with the error); nothing means not started. A running
-stage shows how far along it is where it records it: training's ``stats/progress.json`` (step of
-total steps, written by rank 0), scoring's committed (checkpoint, shard) files out of all of them.
-The time left is extrapolated from the stage's start and its progress so far.
+``rayapp_state.json`` says running or failed (with the error); nothing means not started. What a
+done stage shows (``Stage.done_detail``) and how far a running one is (``Stage.progress``: for
+training, rank 0's step of all steps; for scoring, the committed (checkpoint, shard) units) are
+the stage's to say. The time left is extrapolated from the stage's start and its progress so far.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from rayapp.common import storage
-from rayapp.common.layout import MANIFEST, RunLayout
-from rayapp.common.stages import STATE_FILE, claimed_fingerprint
+from rayapp.common.layout import RunLayout
+from rayapp.common.manifests import read_manifest
+from rayapp.common.stages import STATE_FILE, Stage, claimed_fingerprint
 
 
 @dataclass
@@ -46,82 +47,47 @@ def _read(uri: str):
         return None
 
 
-def _stage_list(layout: RunLayout, cfg=None) -> list[tuple[str, str | None]]:
-    """The run's stages: the config's plan, or (from the output dir alone) the standard stages and
-    every finetune subset that has a folder."""
+def _stages(layout: RunLayout, cfg=None) -> list[Stage]:
+    """The run's stages: the config's plan, or (from the output dir alone) every stage's runs that
+    the output dir has (``Stage.found``)."""
     from rayapp import pipeline
 
     if cfg is not None:
-        return [(s.name, s.variant) for s in pipeline.plan(cfg)]
-    out: list[tuple[str, str | None]] = []
-    for name in pipeline.STAGES:
-        if name == "finetune":
-            variants = storage.list_dirs(storage.join(layout.root, "finetune")) or ["selected"]
-            out += [("finetune", v) for v in variants]
-        else:
-            out.append((name, None))
-    return out
+        return pipeline.plan(cfg)
+    return [s for stage_type in pipeline.STAGE_TYPES.values() for s in stage_type.found(layout)]
 
 
-def stage_status(layout: RunLayout, name: str, variant: str | None, now: float | None = None) -> StageStatus:
-    work = layout.stage_dir(name, variant)
-    st = StageStatus(name, variant, "not started", work)
-    manifest = _read(storage.join(work, MANIFEST))
+def stage_status(layout: RunLayout, stage: Stage, now: float | None = None) -> StageStatus:
+    work = stage.work_dir(layout)
+    st = StageStatus(stage.name, stage.variant, "not started", work)
+    manifest = read_manifest(stage.manifest_uri(layout), stage.manifest_type)
     state = _read(storage.join(work, STATE_FILE)) or {}
     claimed = claimed_fingerprint(work)
     # done: a manifest for the inputs the folder is claimed for (a newer run re-claims it)
-    if manifest and (claimed is None or manifest.get("fingerprint") == claimed) and \
-            state.get("fingerprint", manifest.get("fingerprint")) == manifest.get("fingerprint"):
-        st.state, st.seconds = "done", manifest.get("seconds")
+    if manifest and (claimed is None or manifest.fingerprint == claimed) and \
+            state.get("fingerprint", manifest.fingerprint) == manifest.fingerprint:
+        st.state, st.seconds = "done", manifest.seconds
         st.started = state.get("started")
-        _done_detail(st, name, manifest)
+        st.detail = stage.done_detail(manifest)
         return st
     if not state:
         return st
     st.state, st.started = state["state"], state.get("started")
     st.error = state.get("error")
     if st.state == "running":
-        _progress(st, layout, name, work, now or time.time())
+        now = now or time.time()
+        p = stage.progress(layout, st.started, now)
+        if p is not None:
+            st.done, st.total, st.unit, st.updated, st.detail = p.done, p.total, p.unit, p.updated, p.detail
+        if st.done and st.total and st.started:
+            elapsed = (st.updated or now) - st.started
+            st.eta_s = max(0.0, elapsed / st.done * (st.total - st.done)) if elapsed > 0 else None
     return st
-
-
-def _done_detail(st: StageStatus, name: str, manifest: dict) -> None:
-    if name == "prepare":
-        st.detail = {"rows": manifest.get("rows"), "rejected": manifest.get("rejected")}
-    elif name in ("reference", "finetune"):
-        m = manifest.get("metrics") or {}
-        st.detail = {k: m[k] for k in ("global_step", "eval_loss", "last_loss") if m.get(k) is not None}
-    elif name == "select":
-        st.detail = {"main": manifest.get("main")}
-    elif name == "evaluate":
-        pairs = manifest.get("pairs") or {}
-        st.detail = {"pairs": ", ".join(pairs)} if pairs else {}
-
-
-def _progress(st: StageStatus, layout: RunLayout, name: str, work: str, now: float) -> None:
-    if name in ("reference", "finetune"):
-        p = _read(storage.join(work, "stats", "progress.json"))
-        if p:
-            st.done, st.total, st.unit, st.updated = p.get("step"), p.get("total_steps"), "steps", p.get("time")
-            st.detail = {k: p[k] for k in ("epoch", "epochs", "loss", "tokens_per_s") if k in p}
-    elif name == "score":
-        prepared = _read(layout.prepared_manifest) or {}
-        reference = _read(layout.manifest("reference")) or {}
-        shards = [s["file"] for s in prepared.get("shards", [])]
-        checkpoints = [c["name"] for c in reference.get("checkpoints", [])]
-        if shards and checkpoints:
-            out = layout.scores("reference")
-            st.done = sum(1 for ck in checkpoints for f in storage.list_files(storage.join(out, ck), ".parquet")
-                          if f.rsplit("/", 1)[-1] in shards)
-            st.total, st.unit, st.updated = len(checkpoints) * len(shards), "(checkpoint, shard) units", now
-    if st.done and st.total and st.started:
-        elapsed = (st.updated or now) - st.started
-        st.eta_s = max(0.0, elapsed / st.done * (st.total - st.done)) if elapsed > 0 else None
 
 
 def run_status(output_dir: str, cfg=None, now: float | None = None) -> list[StageStatus]:
     layout = RunLayout(output_dir)
-    return [stage_status(layout, name, variant, now) for name, variant in _stage_list(layout, cfg)]
+    return [stage_status(layout, stage, now) for stage in _stages(layout, cfg)]
 
 
 def _duration(s: float | None) -> str:

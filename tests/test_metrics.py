@@ -23,9 +23,9 @@ SCRIPT = """
 import sys, time, ray
 ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _metrics_export_port=int(sys.argv[2]),
          _system_config={"metrics_report_interval_ms": 500})
-from rayapp.cli import run_stages
 from rayapp.config import load_config
-run_stages(load_config(sys.argv[1]), None, False, "score")
+from rayapp.pipeline import run_pipeline
+run_pipeline(load_config(sys.argv[1]), until="score")
 print("RAYAPP-DONE", flush=True)
 time.sleep(30)  # the metrics stay up for the test to read the final values
 """

@@ -117,6 +117,10 @@ def test_run_finishes_with_a_summary(pipeline_run):
     out, proc, _ = pipeline_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rayapp run 'test' finished" in proc.stdout
+    # the clustering started ahead did its work in its Ray worker, and the actor pools' Ray-internal
+    # lines stayed in Ray's logs (common/datapools.py)
+    assert "background clustering failed" not in proc.stdout
+    assert "core_worker.cc" not in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["stages"]) == ["prepare", "reference", "score", "select", "finetune (selected)",
                                        "finetune (full)", "evaluate"]
@@ -362,3 +366,31 @@ def test_stages_refuse_inputs_from_another_run_or_data(pipeline_run, tmp_path):
         run_stage("select", other)
     with pytest.raises(InputMismatchError, match="the selection in .* made from other prepared data"):
         run_stage("finetune", other)
+
+
+def test_a_rerun_evaluation_reuses_kept_answers_and_judgments(pipeline_run, tmp_path):
+    """Answers and judgments are kept with the keys that made them (common/keyed.py): an evaluation
+    run again reads them back, and makes again only a judgment file that lost a line."""
+    from rayapp import pipeline
+    from rayapp.config import load_config
+
+    run_a, proc, _ = pipeline_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    x = tmp_path / "run"
+    _copy_run(run_a, x, parts=("models", "prepared", "reference", "scores", "select", "finetune", "evaluate"))
+    (x / "evaluate" / "manifest.json").unlink()
+    cfg = load_config(pipeline_config(tmp_path), [f"output_dir={x}"])
+    gens = sorted((x / "evaluate" / "generations").glob("*.parquet"))
+    judgments = sorted((x / "evaluate" / "judgments").glob("*.jsonl"))
+    assert len(gens) == 2 and len(judgments) == 1
+    kept = {f: f.stat().st_mtime_ns for f in gens + judgments}
+    lines = judgments[0].read_text().splitlines(keepends=True)
+    judgments[0].write_text("".join(lines[1:]))  # a judgment lost
+    kept.pop(judgments[0])
+
+    again = pipeline.run("evaluate", cfg)
+    assert not again.skipped
+    assert all(f.stat().st_mtime_ns == t for f, t in kept.items())  # answers read back, not generated
+    assert len(judgments[0].read_text().splitlines()) == len(lines)  # the torn file judged again
+    first = json.loads((run_a / "evaluate" / "results.json").read_text())["pairs"]
+    assert json.loads((x / "evaluate" / "results.json").read_text())["pairs"] == first

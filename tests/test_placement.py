@@ -123,7 +123,7 @@ def test_one_field_places_the_generators_and_plan_and_check_cluster_read_it():
 
 
 def test_every_stage_declares_its_placement_and_consumers_loop_over_them():
-    from rayapp.common.placement import run_placements
+    from rayapp.pipeline import placements as run_placements
     from rayapp.deploy.checks import stage_requests
 
     cfg = load_config(str(REPO / PRESETS[0]))

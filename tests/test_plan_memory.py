@@ -66,11 +66,11 @@ def test_paper_presets_finetune_fits_with_what_a_step_uses():
     """The 13B finetune on 8 x 40 GB A100 (the figure the issue questioned, 29.6 GiB) with the new
     parts: it still fits, with ~6 GiB to spare; foreach AdamW would have left under 1 GiB."""
     from rayapp.config import load_config
-    from rayapp.plan.check import FITS, _shape, plan_training
+    from rayapp.plan.check import FITS, plan_training, role_shape
 
     for preset in ("configs/paper-opt350m-to-13b.yaml", "configs/paper-llama2-7b-to-13b.yaml"):
         cfg = load_config(os.path.join(REPO, preset))
-        plan = plan_training(cfg, "finetune", cfg.finetune, _shape(cfg, "target"))
+        plan = plan_training(cfg, "finetune", cfg.finetune, role_shape(cfg, "target"))
         assert plan.verdict == FITS and plan.have == int(39.4 * GIB)
         assert 32.5 * GIB < plan.need < 34 * GIB, plan.need / GIB
         assert {"unsharded gradients (bf16, output + 1 layer)", "reduce-scatter input (fp32, one unit)",

@@ -14,7 +14,7 @@ from rayapp.config import FinetuneConfig
 from rayapp.models import registry
 from rayapp.models.loading import load_causal_lm, materialize
 from rayapp.common.stages import claim_work_dir
-from rayapp.train.runner import TRAINING_STATE
+from rayapp.train.layout import TRAINING_STATE
 from rayapp.train import checkpoints as ck
 from rayapp.testing.faults import TRAIN_KILL_ENV as KILL_AT_STEP_ENV
 from rayapp.train.runner import TrainJob, run_training
@@ -50,6 +50,35 @@ def test_storage_round_trip(s3, tmp_path):
     assert open(os.path.join(out, "sub", "b.txt")).read() == "b"
     storage.remove_dir("s3://rayapp-test/rt/dir")
     assert not storage.exists("s3://rayapp-test/rt/dir/a.txt")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_keyed_files_are_reused_only_with_the_keys_they_were_written_with(s3, tmp_path, where):
+    import pyarrow as pa
+
+    from rayapp.common import keyed
+
+    root = str(tmp_path) if where == "local" else f"s3://rayapp-test/keyed-{tmp_path.name}"
+    table, keys = pa.table({"id": ["a", "b"], "x": [1, 2]}), {"rayapp.key": "k1", "rayapp.rows": "2"}
+    uri = storage.join(root, "t.parquet")
+    assert keyed.read_table(uri, keys) is None  # nothing there yet
+    keyed.write_table(uri, table, keys)
+    assert keyed.is_current(uri, keys, rows=2) and keyed.read_table(uri, keys, ["id"])["id"].to_pylist() == ["a", "b"]
+    assert not keyed.is_current(uri, {**keys, "rayapp.key": "k2"})  # another input made it
+    assert not keyed.is_current(uri, {**keys, "rayapp.extra": "1"})  # a key it was not written with
+    assert not keyed.is_current(uri, keys, rows=3)
+    data = storage.read_bytes(uri)
+    storage.write_bytes_atomic(uri, data[: len(data) // 2])  # torn: no footer, so never taken as done
+    assert not keyed.is_current(uri, keys) and keyed.read_table(uri, keys) is None
+
+    records, jkeys = [{"id": "a", "v": "é"}, {"id": "b", "v": 2}], {"fingerprint": "f1"}
+    juri = storage.join(root, "r.jsonl")
+    keyed.write_records(juri, records, jkeys, judge="test")
+    assert keyed.read_records(juri, jkeys) == records
+    assert storage.read_json(juri + keyed.META_SUFFIX) == {"fingerprint": "f1", "rows": 2, "judge": "test"}
+    assert keyed.read_records(juri, {"fingerprint": "f2"}) is None
+    storage.write_text(juri, storage.read_bytes(juri).decode().splitlines()[0] + "\n")  # a line lost
+    assert keyed.read_records(juri, jkeys) is None
 
 
 @pytest.mark.extended  # ~1.5 min: `make test-extended`, not CI

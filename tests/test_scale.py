@@ -136,7 +136,8 @@ def _plan(*args):
 
 
 def test_plan_passes_both_paper_presets_on_their_node_types():
-    from rayapp.plan.check import FITS, plan_config
+    from rayapp.pipeline import memory_plans as plan_config
+    from rayapp.plan.check import FITS
 
     for preset in PRESETS:
         plans = plan_config(load_config(os.path.join(REPO, preset)))
@@ -180,7 +181,8 @@ def test_lora_shards_a_13b_bf16_base_on_the_meta_device():
 
 def test_plan_fits_a_13b_lora_on_4_a10g_where_full_fine_tuning_needs_16_gpus():
     pytest.importorskip("peft")
-    from rayapp.plan.check import FITS, TOO_BIG, plan_config
+    from rayapp.pipeline import memory_plans as plan_config
+    from rayapp.plan.check import FITS, TOO_BIG
 
     adapters = OPT13B_ADAPTERS
     four_a10g = ["finetune.num_workers=4", "finetune.resources_per_worker={gpu_4x: 1}"]

@@ -170,3 +170,29 @@ def test_global_baselines_match_the_stratified_selections_size():
     assert t.response_length[longest].min() >= np.sort(t.response_length)[-len(lp)]
     clust_rand, info = select("clust_rand", t, 0.01, clusters=clusters)
     assert len(clust_rand) == len(lp) and info["scope"] == "stratified"
+
+
+def test_a_new_selection_method_is_one_entry(monkeypatch):
+    """The README's recipe: one Method (its key, its rules) in selection/methods.py, and it runs
+    through the same paths as the paper's methods: the name and tag parse, it selects stratified and
+    global, and a method it cannot run on these trajectories is refused with the reason."""
+    from rayapp.selection import methods
+
+    shortest = methods.Method("shortest", "the shortest responses",
+                              lambda t, lp_epoch, seed: np.asarray(t.response_length, dtype=np.float64),
+                              unrunnable=lambda t: "no lengths" if t.response_length is None else None)
+    monkeypatch.setitem(methods.METHODS, "shortest", shortest)
+    assert methods.parse_selection("shortest:global") == ("shortest", "global")
+    assert methods.tag("shortest", "low", 0.25, "global") == "shortest-global-low-25pct"
+    assert methods.is_tag("shortest-low-25pct")
+    lengths = np.array([5, 1, 4, 2, 8, 3, 7, 6])
+    t = Trajectories(ids=np.array([f"r{i}" for i in range(8)]), P=np.full((8, 2), 2.0) - [[0, 1]] * 8,
+                     n_tokens=np.full(8, 4), response_length=lengths)
+    chosen, info = select("shortest", t, 0.25)
+    assert sorted(lengths[chosen]) == [1, 2] and info["scope"] == "global"
+    chosen, info = select("shortest", t, 0.5, clusters=np.array([0, 0, 0, 0, 1, 1, 1, 1]))
+    assert sorted(lengths[chosen]) == [1, 2, 3, 6] and info["scope"] == "stratified"
+    no_lengths = Trajectories(ids=t.ids, P=t.P, n_tokens=t.n_tokens)
+    assert methods.method_named("shortest").unrunnable(no_lengths) == "no lengths"
+    with pytest.raises(ValueError, match="unknown selection method 'longer'"):
+        methods.parse_selection("longer")

@@ -69,6 +69,26 @@ ray.kill(ended)  # ended on purpose, as Ray Train and Ray Data end their actors
 dropped = Worker.remote()
 ray.get(dropped.pid.remote())
 del dropped  # out of scope
+
+from rayapp.common.datapools import DrivenStream
+
+class Double:
+    def __call__(self, batch):
+        if (batch["id"] < 0).any():
+            raise ValueError("a bad row")
+        return {"id": batch["id"] * 2}
+
+def pool(first):  # a Ray Data actor pool, driven and owned by an actor of its own
+    import ray.data
+    ds = ray.data.range(4, override_num_blocks=4).map(lambda r: {"id": r["id"] + first}).map_batches(
+        Double, batch_size=1, num_cpus=0.5, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1))
+    yield from ds.iter_batches(batch_size=None)
+
+assert sum(len(b["id"]) for b in DrivenStream(pool, 0)) == 4  # done: the stream ends its driver
+try:
+    list(DrivenStream(pool, -2))  # failed: the driver ends, and the pool with it
+except Exception as exc:
+    assert "a bad row" in str(exc), exc
 time.sleep(3)
 print("healthy:", watch.losses(), flush=True)
 
@@ -90,8 +110,9 @@ print("killed pid", pid, ":", lost, flush=True)
 
 def test_the_loss_watch_sees_a_killed_worker_and_nothing_in_a_healthy_step():
     """LossWatch on a real local cluster (with its dashboard, as `rayapp run` starts one): tasks,
-    an actor ended with ray.kill and one dropped out of scope are no loss; an actor process that
-    is SIGKILLed is, named by its pid and Ray's exit type."""
+    an actor ended with ray.kill, one dropped out of scope, and Ray Data pools driven from an actor
+    (common/datapools.py) that finish or fail are no loss; an actor process that is SIGKILLed is,
+    named by its pid and Ray's exit type."""
     proc = subprocess.run([sys.executable, "-c", _LOSS_WATCH_SCRIPT], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     out = proc.stdout

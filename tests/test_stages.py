@@ -26,7 +26,7 @@ class CountingManifest(StageManifest):
 class CountingStage(Stage):
     """A real stage on real files: writes ``work/out.txt`` and counts its runs in ``work/runs``."""
 
-    name = "prepare"  # borrows prepare's folder and manifest path in the layout
+    name = "count"  # its own folder: <output_dir>/count
     help = "test stage"
     manifest_type = CountingManifest
     reset_on_force = ("scratch",)
@@ -35,7 +35,7 @@ class CountingStage(Stage):
     def __init__(self, setting: str = "a", fail: bool = False):
         self.setting, self.fail = setting, fail
 
-    def fingerprint(self, cfg, layout):
+    def fingerprint(self, cfg, layout, inputs=None):
         from rayapp.common.hashing import fingerprint
 
         return fingerprint(setting=self.setting)
@@ -68,19 +68,19 @@ def test_runner_skips_up_to_date_work_and_force_redoes_it(cfg):
     layout = RunLayout(cfg.output_dir)
     first = run_stage(CountingStage(), cfg)
     assert not first.skipped and first.manifest.runs == 1 and first.manifest.fingerprint
-    manifest = json.loads(Path(layout.manifest("prepare")).read_text())
+    manifest = json.loads(Path(layout.manifest("count")).read_text())
     assert manifest["runs"] == 1 and manifest["config_digest"] == cfg.digest() and manifest["seconds"] >= 0
     again = run_stage(CountingStage(), cfg)
     assert again.skipped and again.manifest.runs == 1  # nothing ran
     forced = run_stage(CountingStage(), cfg, force=True)
     assert not forced.skipped and forced.manifest.runs == 2
     # an output the manifest relies on is gone: the stage runs again
-    Path(layout.prepared, "out.txt").unlink()
+    Path(layout.stage_dir("count"), "out.txt").unlink()
     assert run_stage(CountingStage(), cfg).manifest.runs == 3
 
 
 def test_runner_clears_stale_state_on_force_and_on_other_inputs(cfg):
-    work = Path(RunLayout(cfg.output_dir).prepared)
+    work = Path(RunLayout(cfg.output_dir).stage_dir("count"))
     run_stage(CountingStage("a"), cfg)
     (work / "scratch" / "keep").write_text("?")
     (work / "state" / "keep").write_text("?")
@@ -95,16 +95,16 @@ def test_a_failed_stage_leaves_no_manifest_and_resumes_its_state(cfg):
     layout = RunLayout(cfg.output_dir)
     with pytest.raises(RuntimeError, match="half-way"):
         run_stage(CountingStage("a", fail=True), cfg)
-    assert not storage.exists(layout.manifest("prepare"))  # written last: nothing counts as done
-    (Path(layout.prepared) / "state" / "keep").write_text("partial")
+    assert not storage.exists(layout.manifest("count"))  # written last: nothing counts as done
+    (Path(layout.stage_dir("count")) / "state" / "keep").write_text("partial")
     done = run_stage(CountingStage("a"), cfg)  # same inputs: the partial state stays to resume from
-    assert done.manifest.runs == 2 and (Path(layout.prepared) / "state" / "keep").exists()
+    assert done.manifest.runs == 2 and (Path(layout.stage_dir("count")) / "state" / "keep").exists()
 
 
 def test_a_manifest_that_does_not_validate_counts_as_not_done(cfg):
     layout = RunLayout(cfg.output_dir)
     run_stage(CountingStage(), cfg)
-    Path(layout.manifest("prepare")).write_text(json.dumps({"stage": "count", "runs": "many"}))
+    Path(layout.manifest("count")).write_text(json.dumps({"stage": "count", "runs": "many"}))
     assert not run_stage(CountingStage(), cfg).skipped
 
 
@@ -115,8 +115,8 @@ def test_every_stage_has_its_folder_and_manifest_in_the_layout():
 
     layout = RunLayout("/runs/x")
     cfg = load_config(REPO / "configs/tiny.yaml")
-    assert pipeline.STAGES == list(MANIFEST_TYPES)
-    for name in pipeline.STAGES:
+    assert set(pipeline.STAGE_TYPES) <= set(MANIFEST_TYPES)  # each stage registered itself when defined
+    for name in pipeline.STAGE_TYPES:
         stage = pipeline.stage(name, cfg)
         assert stage.manifest_type is MANIFEST_TYPES[name]
         assert stage.manifest_uri(layout) == f"{stage.work_dir(layout)}/manifest.json"
@@ -192,6 +192,56 @@ def test_shared_pieces_import_no_stage():
                     pytest.fail(f"{path.relative_to(REPO)} imports {m}")
 
 
+def _module_graph() -> dict[str, set[str]]:
+    """rayapp's modules -> the rayapp modules they import, at the top or inside a function."""
+    pkg = REPO / "rayapp"
+    paths = {}
+    for path in pkg.rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        paths[name.removesuffix(".__init__")] = path
+
+    def resolve(name: str) -> str | None:
+        while name and name not in paths:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in paths.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.update(filter(None, (resolve(f"{node.module}.{a.name}") or resolve(node.module)
+                                          for a in node.names)))
+            elif isinstance(node, ast.Import):
+                deps.update(filter(None, (resolve(a.name) for a in node.names)))
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_no_import_circles_and_no_test_code_in_the_product():
+    """Every import counts, also one inside a function: the modules form no circle (a circle means
+    neither side can be read, tested or moved alone). Product code reaches the test suite's fault
+    hooks only through common/hooks.py, never by importing rayapp/testing."""
+    graph = _module_graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                pytest.fail("import circle: " + " -> ".join(path[path.index(dep):] + [node, dep]))
+            if dep not in state:
+                visit(dep, path + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    product = {m: deps for m, deps in graph.items() if not m.startswith("rayapp.testing")}
+    users = sorted(m for m, deps in product.items() if any(d.startswith("rayapp.testing") for d in deps))
+    assert not users, f"product modules import test code: {users}"
+
+
 def test_package_data_globs_match_files():
     """Defect: pyproject shipped `configs/*.yaml` as package data, which matches nothing."""
     import tomllib
@@ -211,3 +261,31 @@ def test_ray_start_leaves_hub_access_to_the_environment(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "None"
+
+
+def test_a_stage_name_belongs_to_one_stage():
+    """Defining a stage registers its folder and manifest type under its name; a second stage with
+    that name would silently take over the first's folder, so it is refused."""
+    import rayapp.pipeline  # noqa: F401  (the real stages are defined)
+
+    with pytest.raises(TypeError, match="two stages named 'score'"):
+        class AnotherScore(Stage):  # noqa: F841
+            name = "score"
+            help = "?"
+            manifest_type = CountingManifest
+
+
+def test_a_layout_sent_to_a_process_that_imported_no_stage_knows_their_folders(tmp_path):
+    """A Ray worker (the clustering started ahead, an actor pool) gets the run's layout pickled and
+    may have imported no stage module: the folders travel with the layout."""
+    import pickle
+
+    import rayapp.pipeline  # noqa: F401  (defines every stage, as in a run's process)
+
+    layout = RunLayout(str(tmp_path))
+    code = ("import pickle, sys; layout = pickle.loads(sys.stdin.buffer.read()); "
+            "assert not [m for m in sys.modules if m.endswith('.stage')], 'a stage module was imported'; "
+            "print(layout.prepared); print(layout.manifest('finetune'))")
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(layout), capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().split() == [layout.prepared, layout.manifest("finetune")]

@@ -211,7 +211,8 @@ def test_wandb_logs_one_resumable_run_with_a_step_axis_per_stage(tmp_path, monke
     w.close()
     report = tmp_path / "report.html"
     report.write_text("<html></html>")
-    tracking.log_manifest(cfg, "select", {"rows": 12, "report": str(report), "nested": {"seconds": 1.5}})
+    tracking.log_manifest(cfg, "select", {"rows": 12, "report": str(report), "nested": {"seconds": 1.5}},
+                          [str(report), str(tmp_path / "never-written.parquet")])
 
     inits = [c[1] for c in fake.calls if c[0] == "init"]
     assert len(inits) == 2 and inits[0] == inits[1]  # the same run, resumed by each process

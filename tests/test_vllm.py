@@ -229,9 +229,9 @@ METRICS_SCRIPT = """
 import sys, time, ray
 ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
          _metrics_export_port=int(sys.argv[2]), _system_config={"metrics_report_interval_ms": 500})
-from rayapp.cli import run_stages
 from rayapp.config import load_config
-run_stages(load_config(sys.argv[1]), [sys.argv[3]], False)
+from rayapp.pipeline import run_pipeline
+run_pipeline(load_config(sys.argv[1]), names=[sys.argv[3]])
 print("RAYAPP-DONE", flush=True)
 time.sleep(60)  # the metrics stay up for the test to read
 """

@@ -33,10 +33,8 @@ import traceback
 from typing import Any
 
 from rayapp.common.errors import RayappError
+from rayapp.common.raycluster import RUN_CLUSTER_ENV, RUN_DIR_ENV  # noqa: F401  (their home: raycluster reads them)
 
-# The cluster a run's own process started, for its step processes to join (``raycluster``). Not
-# RAY_ADDRESS: that one means "a cluster this run joined", where pools are sized differently.
-RUN_CLUSTER_ENV = "RAYAPP_RUN_CLUSTER"
 # Imported once by the forkserver, so a step process starts with them in memory (copy-on-write).
 # (matplotlib: select's and evaluate's reports are drawn in the step's process)
 # rayapp's own modules that stages import lazily, too: inside a Ray job they live in the job's
@@ -45,11 +43,6 @@ PRELOAD = ["rayapp.pipeline", "rayapp.summary", "torch", "transformers", "pyarro
            "ray.train.torch", "matplotlib.pyplot", "sklearn.cluster", "rayapp.train.runner", "rayapp.train.worker",
            "rayapp.score.engine", "rayapp.select.embed", "rayapp.select.report", "rayapp.evaluate.generate",
            "rayapp.evaluate.report", "rayapp.prepare.parallel"]
-# The folder `rayapp run` was started in, for the step processes to start in. Inside a Ray job
-# that folder is the job's working_dir, which Ray may delete and unpack again when a driver ends
-# and another starts on the node (see raycluster._init_ray): its path, not the process's current
-# directory, is what stays valid.
-RUN_DIR_ENV = "RAYAPP_RUN_DIR"
 _RUN_DIR: list[str] = []
 # How long a step process may take to clean up after Ctrl-C (Ray Train's abort of a worker group)
 INTERRUPT_GRACE_S = 60

@@ -176,14 +176,8 @@ class EvaluationManifest(StageManifest):
     human_page: str | None = None  # the blind pairwise page for people (its key.json beside it)
 
 
-MANIFEST_TYPES: dict[str, type[StageManifest]] = {
-    "prepare": PreparedManifest,
-    "reference": ReferenceManifest,
-    "score": ScoresManifest,
-    "select": SelectionManifest,
-    "finetune": FinetuneManifest,
-    "evaluate": EvaluationManifest,
-}
+# stage name -> its manifest type; a Stage class fills in its own entry when it is defined
+MANIFEST_TYPES: dict[str, type[StageManifest]] = {}
 
 M = TypeVar("M", bound=StageManifest)
 

@@ -137,16 +137,6 @@ def scoring(cfg) -> Placement | None:
     return None if cfg.score.local else actor_pool("score", cfg.score.resources)
 
 
-def run_placements(cfg) -> list[Placement]:
-    """Every placement a run's stages ask Ray for, in pipeline order."""
-    from rayapp.pipeline import STAGE_TYPES
-
-    out: list[Placement] = []
-    for stage in STAGE_TYPES.values():
-        out += [p for p in stage.placements(cfg) if p is not None]
-    return out
-
-
 def preparing(cfg) -> Placement | None:
     """prepare's Ray Data tasks and tokenizer actors (data.workers), one CPU each; None: the driver."""
     if not cfg.data.workers:

@@ -42,6 +42,15 @@ def step_back_into(cwd: str) -> None:
         os.chdir(cwd)
 
 
+# The cluster a run's own process started, for its step processes to join (``raycluster``). Not
+# RAY_ADDRESS: that one means "a cluster this run joined", where pools are sized differently.
+RUN_CLUSTER_ENV = "RAYAPP_RUN_CLUSTER"
+# The folder `rayapp run` was started in, for the step processes to start in. Inside a Ray job
+# that folder is the job's working_dir, which Ray may delete and unpack again when a driver ends
+# and another starts on the node (see raycluster._init_ray): its path, not the process's current
+# directory, is what stays valid.
+RUN_DIR_ENV = "RAYAPP_RUN_DIR"
+
 _INIT_LOCK = threading.Lock()
 
 
@@ -68,16 +77,12 @@ def _init_ray(cfg: RunConfig | None) -> None:
         # until the runtime env is set up on this node, and step back into the re-created folder.
         import torch  # noqa: F401
 
-        from rayapp.common.isolation import RUN_DIR_ENV
-
         cwd = os.environ.get(RUN_DIR_ENV) or os.getcwd()  # a step's process: its run's folder
         ray.init(address=address, log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR")
         if ray.get_runtime_context().runtime_env.get("working_dir"):
             _return_to_working_dir(cwd)
         _quiet_ray_libraries(verbose)
         return
-    from rayapp.common.isolation import RUN_CLUSTER_ENV
-
     if os.environ.get(RUN_CLUSTER_ENV):  # a step of `rayapp run`, in a driver process of its own
         ray.init(address=os.environ[RUN_CLUSTER_ENV], log_to_driver=verbose,
                  logging_level="INFO" if verbose else "ERROR")

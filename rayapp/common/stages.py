@@ -6,22 +6,27 @@ contributes. ``run_stage`` does the rest for every stage alike: the up-to-date c
 claiming the work folder (clearing what the stage says is stale), timing, and writing the
 manifest last. ``rayapp run``, the CLI's stage commands and the Ray job entrypoints all call it.
 
-To add a stage: subclass ``Stage`` in the stage's package, give it a manifest model in
-``common/manifests.py`` and a folder in ``common/layout.py``, and list it in ``rayapp/pipeline.py``.
+A stage also owns what consumers ask of it (its folder, placements, memory and disk, status,
+tracked files, preflight checks): each is a method or class attribute below with a default, and
+`rayapp run`, status, plan, check-cluster and tracking loop over the stages. To add a stage: write
+its module with a ``Stage`` subclass and list the class in ``rayapp/pipeline.py``.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rayapp.common import storage
-from rayapp.common.layout import RunLayout
+from rayapp.common.layout import RunLayout, register_stage_folder
 from rayapp.common.log import get_logger
-from rayapp.common.manifests import StageManifest, read_manifest, write_manifest
+from rayapp.common.manifests import MANIFEST_TYPES, StageManifest, read_manifest, write_manifest
 from rayapp.config import RunConfig
+
+if TYPE_CHECKING:
+    from rayapp.plan.disk import DiskNeed
 
 FINGERPRINT_FILE = "fingerprint.txt"
 # A stage's state while it runs, and after it failed: what `rayapp status` reads (the manifest,
@@ -29,26 +34,48 @@ FINGERPRINT_FILE = "fingerprint.txt"
 STATE_FILE = "rayapp_state.json"
 
 
+_DEFINED: dict[str, type] = {}  # stage name -> its class: a name belongs to one stage
+
+
 @dataclass(frozen=True)
 class StageContext:
-    """What a stage's ``run`` gets: the config, where things live, and the run's fingerprint."""
+    """What a stage's ``run`` gets: the config, where things live, the run's fingerprint, and the
+    upstream inputs the fingerprint was made from (``Stage.read_inputs``)."""
 
     cfg: RunConfig
     layout: RunLayout
     fingerprint: str
     force: bool
+    inputs: Any = None
 
 
 class Stage(ABC):
     name: ClassVar[str]
     help: ClassVar[str]
     manifest_type: ClassVar[type[StageManifest]]
+    # Its work folder in the run's output dir (default: its name). With a default variant, one
+    # folder per variant inside it (finetune: finetune/<subset>, default 'selected').
+    folder: ClassVar[str | None] = None
+    default_variant: ClassVar[str | None] = None
     # Entries of the work folder removed before a run: on --force, and when the fingerprint
     # changed (e.g. training checkpoints of other inputs must never be resumed from).
     reset_on_force: ClassVar[tuple[str, ...]] = ()
     reset_on_change: ClassVar[tuple[str, ...]] = ()
 
     variant: str | None = None  # e.g. the finetune subset; one work folder per variant
+
+    def __init_subclass__(cls, **kwargs):
+        """A stage is known by being defined: its folder goes into the layout, its manifest type
+        into the manifests' table (``require_manifest``)."""
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            prev = _DEFINED.setdefault(cls.name, cls)
+            if (prev.__module__, prev.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise TypeError(f"two stages named {cls.name!r}: {prev.__module__}.{prev.__qualname__} and "
+                                f"{cls.__module__}.{cls.__qualname__}")
+            _DEFINED[cls.name] = cls
+            register_stage_folder(cls.name, cls.folder or cls.name, cls.default_variant)
+            MANIFEST_TYPES[cls.name] = cls.manifest_type
 
     @property
     def label(self) -> str:
@@ -60,10 +87,15 @@ class Stage(ABC):
     def manifest_uri(self, layout: RunLayout) -> str:
         return layout.manifest(self.name, self.variant)
 
+    def read_inputs(self, cfg: RunConfig, layout: RunLayout) -> Any:
+        """Read and check the upstream outputs this run is made from (MissingInputError when one
+        is absent), once: the runner hands them to ``fingerprint`` and, as ``ctx.inputs``, to
+        ``run``, so the fingerprint describes exactly what the run uses. None: no upstream."""
+        return None
+
     @abstractmethod
-    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
-        """Identity of the inputs and settings; reading upstream manifests (MissingInputError
-        when one is absent)."""
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: Any = None) -> str:
+        """Identity of ``inputs`` (``read_inputs``) and of the settings the output depends on."""
 
     @abstractmethod
     def run(self, ctx: StageContext) -> StageManifest:
@@ -98,10 +130,82 @@ class Stage(ABC):
         where ``run`` finds it (its cache): `rayapp run` calls this just before the stage's step,
         which may run in a driver process of its own. Optional."""
 
+    @classmethod
+    def uses_gpus(cls, cfg: RunConfig) -> bool:
+        """Whether the stage's work runs on GPUs (then `rayapp run` checks its memory first)."""
+        return any(p is not None and p.gpus for p in cls.placements(cfg))
+
+    @classmethod
+    def memory_plans(cls, cfg: RunConfig) -> list:
+        """Per-GPU memory of each model the stage loads, at the config's shapes (``plan.check.StagePlan``),
+        for `rayapp plan`; [] for a stage that loads none of the config's models."""
+        return []
+
+    @classmethod
+    def disk_need(cls, cfg: RunConfig, hub_params) -> "DiskNeed | None":
+        """Local disk on a node the stage runs on (``plan.disk.DiskNeed``), at the config's model
+        sizes; ``hub_params(name)``: a hub model's parameters (0 for others). None: nothing to speak of."""
+        return None
+
+    @classmethod
+    def own_models(cls, cfg: RunConfig) -> list[str]:
+        """Models the stage's workers load by name themselves, beyond those the driver stages for
+        every stage (tokenizer, reference, target): `rayapp check-cluster` checks their hub access."""
+        return []
+
+    @classmethod
+    def preflight(cls, cfg: RunConfig) -> None:
+        """Checks that must pass before any stage of the run starts (a missing optional package);
+        raise a RayappError naming the fix."""
+
+    # ---- what consumers ask of a stage (rayapp run's plan, the CLI, status, tracking) ----------
+
+    @classmethod
+    def instances(cls, cfg: RunConfig, planned: list[str]) -> list["Stage"]:
+        """This stage's runs in `rayapp run`'s plan; ``planned``: the names of the stages it runs
+        (finetune trains every subset evaluate compares, when evaluate is planned)."""
+        return [cls()]
+
+    @classmethod
+    def for_command(cls, cfg: RunConfig) -> "Stage":
+        """The run its own command (`rayapp <name>`) makes."""
+        return cls()
+
+    @classmethod
+    def found(cls, layout: RunLayout) -> list["Stage"]:
+        """The runs an output dir has (`rayapp status` without a config): one folder per variant."""
+        if cls.default_variant is None:
+            return [cls()]
+        found = storage.list_dirs(storage.join(layout.root, cls.folder or cls.name))
+        return [cls(v) for v in found] or [cls(cls.default_variant)]  # type: ignore[call-arg]
+
+    def done_detail(self, manifest: StageManifest) -> dict:
+        """A finished run's headline numbers for `rayapp status` (name -> value)."""
+        return {}
+
+    def progress(self, layout: RunLayout, started: float | None, now: float) -> "StageProgress | None":
+        """How far a running run is, where it records that; None where it does not."""
+        return None
+
+    def artifacts(self, manifest: StageManifest, layout: RunLayout) -> list[str]:
+        """Files of a finished run worth keeping with the run's tracking (reports, plots)."""
+        return []
+
     def uses_ray(self, cfg: RunConfig) -> bool:
         """Whether ``run`` starts Ray work. Under `rayapp run` such a step gets a driver process of
         its own (``ray.stage_processes``); one that does not runs while the cluster starts."""
         return True
+
+
+@dataclass
+class StageProgress:
+    """How far a running stage is: ``done`` of ``total`` ``unit``s, as of ``updated``."""
+
+    done: int
+    total: int
+    unit: str
+    updated: float | None = None
+    detail: dict = field(default_factory=dict)  # shown beside the count: epoch, loss, tokens/s
 
 
 @dataclass
@@ -134,11 +238,11 @@ def claim_work_dir(work: str, fingerprint: str, force: bool, reset_on_force: tup
     storage.write_text(marker, fingerprint)
 
 
-def _track(cfg: RunConfig, stage: Stage, manifest: StageManifest) -> None:
+def _track(cfg: RunConfig, stage: Stage, manifest: StageManifest, layout: RunLayout) -> None:
     from rayapp.common import tracking
 
     try:
-        tracking.log_manifest(cfg, stage.label, manifest.model_dump(mode="json"))
+        tracking.log_manifest(cfg, stage.label, manifest.model_dump(mode="json"), stage.artifacts(manifest, layout))
     except Exception as exc:  # tracking is for watching the run; a missing writer was caught at start
         get_logger(f"rayapp.{stage.name}").warning("tracking: %s", exc)
 
@@ -168,7 +272,8 @@ def run_stages(stages: list[Stage], cfg: RunConfig, force: bool = False) -> list
     for i, stage in enumerate(stages):
         slog = get_logger(f"rayapp.{stage.name}")
         try:
-            fp = stage.fingerprint(cfg, layout)  # reads the inputs: a missing one fails here
+            inputs = stage.read_inputs(cfg, layout)  # a missing one fails here
+            fp = stage.fingerprint(cfg, layout, inputs)
         except Exception as exc:
             _write_state(stage, layout, _failed(exc))
             raise
@@ -179,7 +284,7 @@ def run_stages(stages: list[Stage], cfg: RunConfig, force: bool = False) -> list
                 results[i] = StageResult(stage, done, skipped=True, seconds=time.perf_counter() - t0)
                 continue
         claim_work_dir(stage.work_dir(layout), fp, force, stage.reset_on_force, stage.reset_on_change)
-        todo.append((i, stage, StageContext(cfg, layout, fp, force)))
+        todo.append((i, stage, StageContext(cfg, layout, fp, force, inputs)))
     if todo:
         started = time.time()
         for _, stage, ctx in todo:
@@ -198,7 +303,7 @@ def run_stages(stages: list[Stage], cfg: RunConfig, force: bool = False) -> list
             write_manifest(stage.manifest_uri(layout), manifest)  # last: the stage counts as done from here on
             _write_state(stage, layout, {"state": "done", "started": started, "ended": time.time(),
                                          "fingerprint": ctx.fingerprint})
-            _track(cfg, stage, manifest)
+            _track(cfg, stage, manifest, layout)
             get_logger(f"rayapp.{stage.name}").info("done%s in %.1fs", _variant(stage), seconds)
             results[i] = StageResult(stage, manifest, skipped=False, seconds=seconds)
     return [results[i] for i in range(len(stages))]

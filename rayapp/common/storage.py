@@ -202,3 +202,15 @@ def local_cache_dir(uri: str, kind: str) -> str:
     from rayapp.common.hashing import short_digest
 
     return os.path.join(cache_root(), kind, short_digest(uri.encode()))
+
+
+def jsonl_records(where: str, text: str):
+    """(line number, record) of each non-empty line of a JSONL text; a bad line is a ValueError
+    naming ``where`` and the line."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}:{lineno}: not valid JSON ({exc.msg})") from None

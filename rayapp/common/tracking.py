@@ -239,16 +239,9 @@ def _numbers(obj: dict, prefix: str = "", depth: int = 0) -> dict[str, float]:
     return out
 
 
-def _files(obj, depth: int = 0) -> list[str]:
-    if isinstance(obj, dict) and depth < 4:
-        return [f for v in obj.values() for f in _files(v, depth + 1)]
-    if isinstance(obj, str) and obj.endswith((".html", ".md", ".json", ".parquet", ".png")) and "/" in obj:
-        return [obj]
-    return []
-
-
-def log_manifest(cfg, label: str, manifest: dict) -> None:
-    """A finished stage's numbers and the files it names, into the run's tracking."""
+def log_manifest(cfg, label: str, manifest: dict, files: list[str] = ()) -> None:
+    """A finished stage's numbers, and the files it keeps with the run (``Stage.artifacts``), into
+    the run's tracking."""
     t = target(cfg)
     if t is None:
         return
@@ -256,7 +249,7 @@ def log_manifest(cfg, label: str, manifest: dict) -> None:
     try:
         prefix = tag(label)
         w.scalars(prefix, _numbers(manifest), 0)
-        files = sorted(f for f in set(_files(manifest)) if storage.exists(f))
+        files = sorted(f for f in set(files) if storage.exists(f))
         if files:
             w.files(prefix, files)
     finally:

@@ -618,7 +618,7 @@ class Request:
 def stage_requests(cfg) -> list[Request]:
     """What each stage of a run asks Ray for, as bundles (one per actor or worker): the stages' own
     placements (``Stage.placements``), the same objects their Ray calls are made from."""
-    from rayapp.common.placement import run_placements
+    from rayapp.pipeline import placements as run_placements
 
     out = []
     for p in run_placements(cfg):
@@ -689,7 +689,7 @@ def stages_on(cfg, node_types: list[NodeType]) -> dict[str, list[str]]:
     """What may run on each node type: the stages whose placement fits it; on the head, the job's
     driver (needs.DRIVER: it stages the hub's repositories for every stage) and the stages without a
     placement, which the driver runs itself."""
-    from rayapp.common.placement import run_placements
+    from rayapp.pipeline import placements as run_placements
     from rayapp.deploy.needs import DRIVER
     from rayapp.pipeline import STAGE_TYPES
 

@@ -11,21 +11,12 @@ once into the run's model folder (models/registry.py, models/hub.py), and worker
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from rayapp.plan.disk import GB, HUB_BYTES_PER_PARAM, DiskNeed
 
 # Hub organisations whose models need an accepted licence and a token to download (HF_TOKEN):
 # every Meta Llama repository, Google's Gemma and Mistral AI's. A gated model elsewhere is named
 # by the config (models.*.gated).
 GATED_PREFIXES = ("meta-llama/", "google/gemma", "mistralai/")
-
-# Bytes per parameter of what a stage writes or keeps (the estimates use the same figures).
-HUB_BYTES_PER_PARAM = 2  # checkpoints on the hub are fp16/bf16
-# A full fine-tune's sharded checkpoint: fp32 weights plus AdamW's two fp32 moments.
-FULL_CHECKPOINT_BYTES_PER_PARAM = 12
-# LoRA (finetune.lora): the frozen base in bf16 is in the model state; the adapters' state is small.
-LORA_CHECKPOINT_BYTES_PER_PARAM = 2
-EXPORT_BYTES_PER_PARAM = 2  # consolidated exports in bf16
-
 
 def is_hub_name(name: str | None) -> bool:
     """A model the nodes download from the Hugging Face hub (models/hub.py decides, for every reader)."""
@@ -54,19 +45,14 @@ def tokenizer_name(cfg) -> str:
     return cfg.models.tokenizer or cfg.models.reference.name_or_path
 
 
-def _direct_models(cfg) -> list[str]:
-    """evaluate.models entries given as a model name rather than training data or 'base': the
-    evaluation's generators load these themselves."""
-    from rayapp.config import is_finetune_subset
-
-    return [m for m in cfg.evaluate.models if m != "base" and not is_finetune_subset(m)]
-
-
 def hub_models_by_stage(cfg) -> dict[str, list[str]]:
     """The hub repositories each fetches: the driver (tokenizer, reference and target, staged into
-    the run's model folder for every stage), and evaluate's generators for models named directly."""
-    out = {DRIVER: [tokenizer_name(cfg), cfg.models.reference.name_or_path, cfg.models.target.name_or_path],
-           "evaluate": _direct_models(cfg)}
+    the run's model folder for every stage), and each stage's own (``Stage.own_models``: evaluate's
+    generators load the models named directly in evaluate.models)."""
+    from rayapp.pipeline import STAGE_TYPES
+
+    out = {DRIVER: [tokenizer_name(cfg), cfg.models.reference.name_or_path, cfg.models.target.name_or_path]}
+    out.update({name: stage_type.own_models(cfg) for name, stage_type in STAGE_TYPES.items()})
     return {stage: list(dict.fromkeys(m for m in models if is_hub_name(m))) for stage, models in out.items()}
 
 
@@ -76,20 +62,6 @@ def gated_by_stage(cfg) -> dict[str, list[str]]:
 
 
 # ---- disk ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class DiskNeed:
-    """One stage's local disk on a node it runs on: ``kept`` stays for the node's life (hub downloads
-    in HF_HOME, models fetched from the bucket), ``staged`` is written and removed again (a
-    checkpoint staged before its upload, one at a time), ``checkpoint`` is one save's bytes."""
-
-    stage: str
-    kept: int = 0
-    staged: int = 0
-    checkpoint: int = 0
-    saves: int = 0  # checkpoints the stage writes in a run (all its training runs)
-    parts: list[str] = field(default_factory=list)  # what the bytes are, for people
 
 
 def config_params(config: dict) -> int | None:
@@ -137,52 +109,27 @@ _PARAMS: dict[str, int] = {}
 
 
 def disk_needs(cfg) -> dict[str, DiskNeed]:
-    """Each stage's disk need at the config's model sizes (0 for models rayapp cannot size offline:
-    'tiny', packaged or local ones are small or already on the node). Models the stages read from
-    the run's model folder or the bucket are copied to the node's cache (``kept``)."""
-    from rayapp.config import is_finetune_subset
+    """Each stage's disk need at the config's model sizes (``Stage.disk_need``; 0 for models rayapp
+    cannot size offline: 'tiny', packaged or local ones are small or already on the node), and the
+    driver's. Models the stages read from the run's model folder or the bucket are copied to the
+    node's cache (``kept``)."""
+    from rayapp.pipeline import STAGE_TYPES
 
-    def params(name: str) -> int:
-        return _params(name) if is_hub_name(name) else 0
-
-    gb = 1e9
     ref, target = cfg.models.reference.name_or_path, cfg.models.target.name_or_path
-    p_ref, p_target = params(ref), params(target)
-    out = {}
+    p_ref, p_target = hub_params(ref), hub_params(target)
     # the driver: the hub's files in HF_HOME, and one model's safetensors written before their upload
     hub_bytes = HUB_BYTES_PER_PARAM * (p_ref + p_target)
     convert = HUB_BYTES_PER_PARAM * max(p_ref, p_target)
-    out[DRIVER] = DiskNeed(DRIVER, kept=hub_bytes, staged=convert,
-                           parts=[f"{ref} and {target} from the hub ({hub_bytes / gb:.0f} GB)",
-                                  f"one staged as safetensors before its upload ({convert / gb:.0f} GB)"])
-    # score: P0 (the staged reference) and P1..P{epochs} (the reference's epoch exports)
-    epochs = cfg.reference.epochs
-    scored = (1 + epochs) * EXPORT_BYTES_PER_PARAM * p_ref
-    out["score"] = DiskNeed("score", kept=scored, parts=[f"{1 + epochs} reference checkpoints ({scored / gb:.0f} GB)"])
-    ref_ckpt = FULL_CHECKPOINT_BYTES_PER_PARAM * p_ref
-    ref_init = HUB_BYTES_PER_PARAM * p_ref
-    out["reference"] = DiskNeed("reference", kept=ref_init, staged=ref_ckpt, checkpoint=ref_ckpt, saves=epochs,
-                                parts=[f"the staged {ref} ({ref_init / gb:.0f} GB)",
-                                       f"one staged checkpoint ({ref_ckpt / gb:.0f} GB: fp32 weights and AdamW moments)"])
-    from rayapp.finetune.stage import subsets_to_train
-
-    subsets = subsets_to_train(cfg, evaluating=True)
-    per_param = LORA_CHECKPOINT_BYTES_PER_PARAM if cfg.finetune.lora else FULL_CHECKPOINT_BYTES_PER_PARAM
-    ckpt = per_param * p_target
-    target_init = HUB_BYTES_PER_PARAM * p_target
-    out["finetune"] = DiskNeed("finetune", kept=target_init, staged=ckpt, checkpoint=ckpt,
-                               saves=cfg.finetune.epochs * len(subsets),
-                               parts=[f"the staged {target} ({target_init / gb:.0f} GB)",
-                                      f"one staged checkpoint ({ckpt / gb:.0f} GB"
-                                      + (": bf16 base and adapters)" if cfg.finetune.lora else
-                                         ": fp32 weights and AdamW moments)")])
-    trained = [m for m in cfg.evaluate.models if is_finetune_subset(m)]
-    lora_adapters = cfg.finetune.lora is not None and cfg.finetune.lora.export == "adapter"
-    exports = 0 if lora_adapters else len(trained) * EXPORT_BYTES_PER_PARAM * p_target
-    base = target_init if ("base" in cfg.evaluate.models or lora_adapters) else 0
-    direct = sum(HUB_BYTES_PER_PARAM * params(m) for m in _direct_models(cfg) if m.count("/") == 1)
-    out["evaluate"] = DiskNeed("evaluate", kept=exports + base + direct,
-                               parts=[f"{len(trained)} fine-tuned exports ({exports / gb:.0f} GB)"]
-                               + ([f"the staged {target} ({base / gb:.0f} GB)"] if base else [])
-                               + ([f"models named in evaluate.models ({direct / gb:.0f} GB)"] if direct else []))
+    out = {DRIVER: DiskNeed(DRIVER, kept=hub_bytes, staged=convert,
+                            parts=[f"{ref} and {target} from the hub ({hub_bytes / GB:.0f} GB)",
+                                   f"one staged as safetensors before its upload ({convert / GB:.0f} GB)"])}
+    for name, stage_type in STAGE_TYPES.items():
+        need = stage_type.disk_need(cfg, hub_params)
+        if need is not None:
+            out[name] = need
     return out
+
+
+def hub_params(name: str) -> int:
+    """Parameters of a hub model (0 for anything else: tiny, packaged and local models)."""
+    return _params(name) if is_hub_name(name) else 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Iterator
 
 import numpy as np
 
@@ -117,14 +118,25 @@ def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig,
     actors that ask for GPUs): each prompt is answered in the same batch on every run, whichever
     other models share the pool, so seeded sampling gives the same answers. Each answered chunk is
     progress for the watchdog (``stall_s``: ray.stall_timeout_s; common/watchdog.py)."""
+    from rayapp.common.datapools import DrivenStream
+
+    chunks = [{"model": label, **{k: [row[k] for row in rows[i:i + gen.batch_size]] for k in ("set", "id", "prompt")}}
+              for label in models for i in range(0, len(rows), gen.batch_size)]
+    stream = DrivenStream(_answered_chunks, chunks, models, gen, max_positions, trust_remote_code)
+    answered = watched_iter(stream, stage="evaluate", stall_s=stall_s, committed=committed, on_stall=stream.close,
+                            waiting_for=f"the generation actor pool (Ray Data, hf generators for {', '.join(models)})")
+    return [row for chunk in answered for row in chunk]
+
+
+def _answered_chunks(chunks: list[dict], models: dict[str, str], gen: GenerationConfig, max_positions: int | None,
+                     trust_remote_code: bool) -> Iterator[list[dict]]:
+    """The hf actor pool's answers, a chunk's rows at a time (runs in a Ray task: common/datapools.py)."""
     import ray
 
     from rayapp.common import placement
 
     r = gen.resources
     where = placement.generation(gen)
-    chunks = [{"model": label, **{k: [row[k] for row in rows[i:i + gen.batch_size]] for k in ("set", "id", "prompt")}}
-              for label in models for i in range(0, len(rows), gen.batch_size)]
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))  # one chunk per block
     ds = ds.map_batches(
         HFGenerator,
@@ -134,9 +146,8 @@ def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig,
         compute=ray.data.ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
         **where.actor_options(),
     )
-    # ds.take_all(), row by row under the watchdog (take_all is this same loop over iter_rows)
-    return list(watched_iter(ds.iter_rows(), stage="evaluate", stall_s=stall_s, committed=committed,
-                             waiting_for=f"the generation actor pool (Ray Data, hf generators for {', '.join(models)})"))
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield batch.to_pylist()
 
 
 def fit_prompts(rows: list[dict], model_path: str, max_new_tokens: int, max_positions: int | None,

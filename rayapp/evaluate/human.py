@@ -60,7 +60,7 @@ def read_choices(choices_path: str, key_path: str) -> dict[str, dict[str, Tally]
     """{'A vs B': tallies per set (+ overall)} for model A of each pair, from an exported JSONL."""
     with open(key_path, encoding="utf-8") as f:
         key = json.load(f)
-    from rayapp.evaluate.judge_report import jsonl_records
+    from rayapp.common.storage import jsonl_records
 
     chosen: dict[str, str] = {}
     with open(choices_path, encoding="utf-8") as f:

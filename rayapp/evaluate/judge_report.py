@@ -31,18 +31,6 @@ def _files(path: str) -> list[str]:
     return files
 
 
-def jsonl_records(where: str, text: str):
-    """(line number, record) of each non-empty line of a JSONL text; a bad line is a ValueError
-    naming ``where`` and the line."""
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}:{lineno}: not valid JSON ({exc.msg})") from None
-
-
 def read_judgments(path: str) -> tuple[dict[str, Tally], dict[str, int]]:
     """Tallies per set (+ 'overall') for the model whose answers are answer_1, and the reasons
     unparseable judgments could not be read."""
@@ -50,7 +38,7 @@ def read_judgments(path: str) -> tuple[dict[str, Tally], dict[str, int]]:
     reasons: Counter[str] = Counter()
     for f in _files(path):
         set_name = os.path.splitext(os.path.basename(f))[0]
-        for lineno, rec in jsonl_records(f, storage.read_bytes(f).decode("utf-8")):
+        for lineno, rec in storage.jsonl_records(f, storage.read_bytes(f).decode("utf-8")):
             ab = rec.get("review", rec.get("review_ab"))
             ba = rec.get("review_reverse", rec.get("review_ba"))
             if ab is None and ba is None and rec.get("verdict") == "unjudged":

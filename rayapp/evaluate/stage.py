@@ -16,7 +16,7 @@ from collections import Counter
 
 import pyarrow as pa
 
-from rayapp.common import storage
+from rayapp.common import keyed, storage
 from rayapp.common.artifacts import artifact_uid
 from rayapp.common.errors import RayappError
 from rayapp.common.hashing import fingerprint
@@ -98,14 +98,11 @@ def _generations(cfg: RunConfig, layout: RunLayout, models: list[dict], prompts:
     for m in models:
         fps[m["label"]] = fp = fingerprint(model=m["identity"], generation=gen,
                                            prompts=[[p["id"], p["prompt"]] for p in prompts])
-        uri = layout.generations(m["label"])
-        if not force and storage.exists(uri):
-            table = storage.read_parquet(uri)
-            meta = table.schema.metadata or {}
-            if meta.get(b"rayapp_fingerprint", b"").decode() == fp:
-                log.info("%s: answers up to date (%d) in %s", m["label"], table.num_rows, uri)
-                out[m["label"]] = (table.to_pylist(), json.loads(meta.get(b"rayapp_stats", b"{}")))
-                continue
+        table = None if force else keyed.read_table(layout.generations(m["label"]), {"rayapp_fingerprint": fp})
+        if table is not None:
+            log.info("%s: answers up to date (%d) in %s", m["label"], table.num_rows, layout.generations(m["label"]))
+            out[m["label"]] = (table.to_pylist(), json.loads(table.schema.metadata.get(b"rayapp_stats", b"{}")))
+            continue
         todo[m["label"]] = m["path"]
     if not todo:
         return out
@@ -115,9 +112,9 @@ def _generations(cfg: RunConfig, layout: RunLayout, models: list[dict], prompts:
     for label, (answers, stats) in generate(rows, todo, gen, trust_remote_code=cfg.models.target.trust_remote_code,
                                             stall_s=cfg.ray.stall_timeout_s, committed=kept).items():
         log.info("%s: %d new tokens (%s tokens/s)", label, stats["new_tokens"], stats["new_tokens_per_s"])
-        table = pa.Table.from_pylist(answers).replace_schema_metadata(
-            {"rayapp_fingerprint": fps[label], "rayapp_stats": json.dumps(stats), "rayapp_model": todo[label]})
-        storage.write_parquet(layout.generations(label), table)
+        keyed.write_table(layout.generations(label), pa.Table.from_pylist(answers),
+                          {"rayapp_fingerprint": fps[label], "rayapp_stats": json.dumps(stats),
+                           "rayapp_model": todo[label]})
         out[label] = (answers, stats)
     return out
 
@@ -131,10 +128,10 @@ def _judge(cfg: RunConfig, layout: RunLayout, a: dict, b: dict, prompts: list[di
     prompt = prompt_record(jc)  # the prompt's hash: a changed prompt file means new judgments
     fp = fingerprint(judge=jc, prompt=prompt, a=[answers[a["label"]][i] for i in ids], b=[answers[b["label"]][i] for i in ids], ids=ids)
     uri = layout.judgments(a["label"], b["label"])
-    meta_uri = uri + ".meta.json"
-    if not force and storage.exists(meta_uri) and storage.read_json(meta_uri).get("fingerprint") == fp:
+    kept = None if force else keyed.read_records(uri, {"fingerprint": fp})
+    if kept is not None:
         log.info("%s vs %s: judgments up to date in %s", a["label"], b["label"], uri)
-        return [json.loads(l) for l in storage.read_bytes(uri).decode().splitlines() if l.strip()]
+        return kept
     judge = make_judge(jc)
     items = [{"set": p["set"], "id": p["id"], "question": _question(p),
               "reference": p.get("reference"), "answer_a": answers[a["label"]][p["id"]],
@@ -144,8 +141,7 @@ def _judge(cfg: RunConfig, layout: RunLayout, a: dict, b: dict, prompts: list[di
     for rec, item in zip(records, items):
         rec.update(question=item["question"], answer_a=item["answer_a"], answer_b=item["answer_b"],
                    model_a=a["label"], model_b=b["label"], **prompt)
-    storage.write_text(uri, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    storage.write_json(meta_uri, {"fingerprint": fp, "judge": judge.name, "rows": len(records), **prompt})
+    keyed.write_records(uri, records, {"fingerprint": fp}, judge=judge.name, **prompt)
     return records
 
 
@@ -165,13 +161,55 @@ class EvaluateStage(Stage):
 
         return [placement.generation(cfg.evaluate.generation)]
 
-    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
-        models = [resolve_model(cfg, layout, m) for m in cfg.evaluate.models]
+    @classmethod
+    def own_models(cls, cfg: RunConfig) -> list[str]:
+        """evaluate.models entries given as a model name rather than training data or 'base': the
+        generators load these themselves."""
+        return [m for m in cfg.evaluate.models if m != "base" and not is_finetune_subset(m)]
+
+    @classmethod
+    def disk_need(cls, cfg: RunConfig, hub_params):
+        """The fine-tuned exports it generates with, the staged target where it is compared (or LoRA
+        adapters are merged onto it), and models named directly."""
+        from rayapp.plan.disk import EXPORT_BYTES_PER_PARAM, GB, HUB_BYTES_PER_PARAM, DiskNeed
+
+        target = cfg.models.target.name_or_path
+        p_target = hub_params(target)
+        trained = [m for m in cfg.evaluate.models if is_finetune_subset(m)]
+        adapters = cfg.finetune.lora is not None and cfg.finetune.lora.export == "adapter"
+        exports = 0 if adapters else len(trained) * EXPORT_BYTES_PER_PARAM * p_target
+        base = HUB_BYTES_PER_PARAM * p_target if ("base" in cfg.evaluate.models or adapters) else 0
+        direct = sum(HUB_BYTES_PER_PARAM * hub_params(m) for m in cls.own_models(cfg) if m.count("/") == 1)
+        return DiskNeed(cls.name, kept=exports + base + direct,
+                        parts=[f"{len(trained)} fine-tuned exports ({exports / GB:.0f} GB)"]
+                        + ([f"the staged {target} ({base / GB:.0f} GB)"] if base else [])
+                        + ([f"models named in evaluate.models ({direct / GB:.0f} GB)"] if direct else []))
+
+    @classmethod
+    def memory_plans(cls, cfg: RunConfig) -> list:
+        from rayapp.plan.check import plan_generation, role_shape
+
+        from rayapp.common import placement
+
+        gen = cfg.evaluate.generation
+        return [plan_generation(cfg, cls.name, gen, placement.generation(gen), role_shape(cfg, "target"))]
+
+    def read_inputs(self, cfg: RunConfig, layout: RunLayout) -> list[dict]:
+        """The models compared, each resolved to what it is (label, path, identity, rows trained on)."""
+        return [resolve_model(cfg, layout, m) for m in cfg.evaluate.models]
+
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: list[dict]) -> str:
         return fingerprint(evaluate=cfg.evaluate, template=cfg.data.template, sets=_set_files(cfg),
-                           models=[[m["label"], m["identity"]] for m in models])
+                           models=[[m["label"], m["identity"]] for m in inputs])
 
     def run(self, ctx: StageContext) -> EvaluationManifest:
-        return evaluate(ctx.cfg, ctx.layout, ctx.force)
+        return evaluate(ctx.cfg, ctx.layout, ctx.force, ctx.inputs)
+
+    def done_detail(self, m: EvaluationManifest) -> dict:
+        return {"pairs": ", ".join(m.pairs)} if m.pairs else {}
+
+    def artifacts(self, m: EvaluationManifest, layout: RunLayout) -> list[str]:
+        return [p for p in (m.report, m.human_page, layout.results) if p]
 
     def summary(self, m: EvaluationManifest, layout: RunLayout) -> list[str]:
         lines = [f"{m.prompts} prompts ({', '.join(m.judged_sets)}); judge: {m.judge}"]
@@ -190,11 +228,12 @@ class EvaluateStage(Stage):
         return lines
 
 
-def evaluate(cfg: RunConfig, layout: RunLayout, force: bool = False) -> EvaluationManifest:
+def evaluate(cfg: RunConfig, layout: RunLayout, force: bool = False, models: list[dict] | None = None
+             ) -> EvaluationManifest:
     from rayapp.common.raycluster import init_ray
 
     ec = cfg.evaluate
-    models = [resolve_model(cfg, layout, m) for m in ec.models]
+    models = models if models is not None else [resolve_model(cfg, layout, m) for m in ec.models]
     labels = [m["label"] for m in models]
     if len(set(labels)) != len(labels):
         raise RayappError(f"evaluate.models gives two models the same name: {labels}")

@@ -4,6 +4,8 @@ comparisons. One work folder per training subset."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rayapp.common import storage, tracking
 from rayapp.common.artifacts import artifact_uid, export_complete
 from rayapp.common.errors import MissingInputError, RayappError
@@ -26,7 +28,8 @@ from rayapp.common.stages import Stage, StageContext
 from rayapp.config import RunConfig, is_finetune_subset, subset_folder
 from rayapp.models import registry
 from rayapp.models.loading import check_same_tokenizer
-from rayapp.train.runner import TRAINING_STATE, TrainJob, run_training
+from rayapp.train.layout import TRAINING_STATE, TrainingLayout, training_detail, training_progress
+from rayapp.train.runner import TrainJob, run_training
 
 log = get_logger(__name__)
 
@@ -101,8 +104,19 @@ def training_data(layout: RunLayout, prepared: PreparedManifest, subset: str,
     return [entry.path], entry.rows, f"{entry.tag} ({entry.rows} rows)", entry.sha256
 
 
+@dataclass(frozen=True)
+class FinetuneInputs:
+    prepared: PreparedManifest
+    init_model: str  # the target it starts from, staged (models/registry.py)
+    files: list[str]  # the rows it trains on (training_data)
+    rows: int
+    data: str  # what they are, in words
+    data_identity: str  # their content identity
+
+
 class FinetuneStage(Stage):
     name = "finetune"
+    default_variant = "selected"  # one folder per training subset: finetune/<subset>
     help = "fine-tune the target model on the selection (Ray Train, FSDP2)"
     manifest_type = FinetuneManifest
     reset_on_force = TRAINING_STATE
@@ -113,18 +127,66 @@ class FinetuneStage(Stage):
         self.variant = subset_folder(subset)
 
     @classmethod
+    def instances(cls, cfg: RunConfig, planned: list[str]) -> list[Stage]:
+        return [cls(s) for s in subsets_to_train(cfg, evaluating="evaluate" in planned)]
+
+    @classmethod
+    def for_command(cls, cfg: RunConfig) -> Stage:
+        return cls(cfg.finetune.subset)
+
+    @classmethod
+    def uses_gpus(cls, cfg: RunConfig) -> bool:
+        return cfg.finetune.use_gpu
+
+    @classmethod
+    def disk_need(cls, cfg: RunConfig, hub_params):
+        from rayapp.plan.disk import (
+            FULL_CHECKPOINT_BYTES_PER_PARAM,
+            GB,
+            HUB_BYTES_PER_PARAM,
+            LORA_CHECKPOINT_BYTES_PER_PARAM,
+            DiskNeed,
+        )
+
+        target = cfg.models.target.name_or_path
+        p_target = hub_params(target)
+        lora = cfg.finetune.lora is not None
+        ckpt = (LORA_CHECKPOINT_BYTES_PER_PARAM if lora else FULL_CHECKPOINT_BYTES_PER_PARAM) * p_target
+        init = HUB_BYTES_PER_PARAM * p_target
+        return DiskNeed(cls.name, kept=init, staged=ckpt, checkpoint=ckpt,
+                        saves=cfg.finetune.epochs * len(subsets_to_train(cfg, evaluating=True)),
+                        parts=[f"the staged {target} ({init / GB:.0f} GB)",
+                               f"one staged checkpoint ({ckpt / GB:.0f} GB"
+                               + (": bf16 base and adapters)" if lora else ": fp32 weights and AdamW moments)")])
+
+    @classmethod
+    def memory_plans(cls, cfg: RunConfig) -> list:
+        from rayapp.plan.check import plan_training, role_shape
+
+        return [plan_training(cfg, cls.name, cfg.finetune, role_shape(cfg, "target"))]
+
+    @classmethod
+    def preflight(cls, cfg: RunConfig) -> None:
+        if cfg.finetune.lora is not None:
+            from rayapp.train.lora import require_peft
+
+            require_peft()
+
+    @classmethod
     def placements(cls, cfg: RunConfig) -> list:
         from rayapp.common import placement
 
         return [placement.training(cls.name, cfg.finetune)]
 
-    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
+    def read_inputs(self, cfg: RunConfig, layout: RunLayout) -> FinetuneInputs:
         prepared = read_prepared(layout)
-        _, _, _, data_identity = training_data(layout, prepared, self.subset)
-        init_model = registry.model_source(cfg, "target")
+        return FinetuneInputs(prepared, registry.model_source(cfg, "target"),
+                              *training_data(layout, prepared, self.subset))
+
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: FinetuneInputs) -> str:
         train = cfg.finetune.model_copy(update={"subset": "selected"})  # the subset is the variant
-        return fingerprint(prepared=prepared.fingerprint, data=data_identity, init_model=artifact_uid(init_model),
-                           train=train)
+        return fingerprint(prepared=inputs.prepared.fingerprint, data=inputs.data_identity,
+                           init_model=artifact_uid(inputs.init_model), train=train)
 
     def outputs_complete(self, m: FinetuneManifest, layout: RunLayout) -> bool:
         return artifact_uid(m.export) == m.export_uid
@@ -136,13 +198,14 @@ class FinetuneStage(Stage):
     def run_many(cls, stages: list["FinetuneStage"], ctxs: list[StageContext]) -> list[FinetuneManifest]:
         """Train the target on each subset, one after the other, on one worker group."""
         cfg, layout, fc = ctxs[0].cfg, ctxs[0].layout, ctxs[0].cfg.finetune
-        prepared = read_prepared(layout)
-        init_model = registry.model_source(cfg, "target")
+        prepared, init_model = ctxs[0].inputs.prepared, ctxs[0].inputs.init_model
         check_same_tokenizer(init_model, prepared.tokenizer, cfg.models.target.trust_remote_code)
         holdout = prepared.holdout
         jobs, described = [], []
-        for stage in stages:
-            files, rows, what, _ = training_data(layout, prepared, stage.subset, write=True)
+        for stage, ctx in zip(stages, ctxs):
+            files, rows, what = ctx.inputs.files, ctx.inputs.rows, ctx.inputs.data
+            if stage.subset.endswith(".parquet"):  # a selection file: its rows joined with the prepared data
+                files, rows, what, _ = training_data(layout, prepared, stage.subset, write=True)
             described.append((rows, what))
             log.info("(%s) target %s on %s; FSDP %s, %d workers%s", stage.subset, init_model, what,
                      "on" if fc.fsdp else "off", fc.num_workers,
@@ -156,13 +219,19 @@ class FinetuneStage(Stage):
                                    stall_s=cfg.ray.stall_timeout_s)
         out = []
         for stage, job, (rows, what), metrics in zip(stages, jobs, described, all_metrics):
-            export = storage.join(job.work_dir, "exports", "final")
+            export = TrainingLayout(job.work_dir).final_export
             if not export_complete(export):
                 raise RuntimeError(f"finetune: training ended without the export {export}")
             out.append(FinetuneManifest(subset=stage.subset, data=what, rows=rows, init_model=init_model,
                                         export=export, export_uid=artifact_uid(export),
                                         eval_rows=min(fc.eval_rows, holdout.rows) if holdout else 0, metrics=metrics))
         return out
+
+    def done_detail(self, m: FinetuneManifest) -> dict:
+        return training_detail(m.metrics)
+
+    def progress(self, layout: RunLayout, started: float | None, now: float):
+        return training_progress(self.work_dir(layout))
 
     def summary(self, m: FinetuneManifest, layout: RunLayout) -> list[str]:
         ev = f" (held-out loss {m.eval_loss:.3f} on {m.eval_rows} rows)" if m.eval_loss is not None else ""

@@ -81,7 +81,7 @@ def _convert(gguf: str, out: str) -> None:
     import torch
 
     from rayapp.common.log import get_logger
-    from rayapp.models.loading import lean_transformers
+    from rayapp.models.imports import lean_transformers
 
     lean_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -59,7 +59,7 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
-    from rayapp.models.loading import lean_transformers
+    from rayapp.models.imports import lean_transformers
 
     lean_transformers()
     from transformers import AutoConfig
@@ -71,7 +71,7 @@ def empty_causal_lm(config, dtype=None, trust_remote_code: bool = False):
     """The model of ``config`` with every parameter on the meta device (no weight memory)."""
     import torch
 
-    from rayapp.models.loading import lean_transformers
+    from rayapp.models.imports import lean_transformers
 
     lean_transformers()
     from transformers import AutoModelForCausalLM

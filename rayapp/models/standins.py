@@ -160,7 +160,7 @@ def standin_weights(folder: str, seed: int) -> dict:
     own names."""
     import torch
 
-    from rayapp.models.loading import lean_transformers
+    from rayapp.models.imports import lean_transformers
 
     lean_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -213,7 +213,7 @@ def _write_json(path: str, obj) -> None:
 
 def standin_files(repo_id: str, revision: str, out: str) -> None:
     """Write the files of ``repo_id``'s stand-in at ``revision`` into the folder ``out``."""
-    from rayapp.models.loading import lean_transformers
+    from rayapp.models.imports import lean_transformers
 
     lean_transformers()
     fam = family(repo_id)

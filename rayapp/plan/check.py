@@ -65,7 +65,7 @@ def _model_config(cfg: RunConfig, role: str):
     return find_config(spec.name_or_path, spec.trust_remote_code)
 
 
-def _shape(cfg: RunConfig, role: str) -> ModelShape:
+def role_shape(cfg: RunConfig, role: str) -> ModelShape:
     name = getattr(cfg.models, role).name_or_path
     config, source = _model_config(cfg, role)
     return shape_of(config, "tiny" if name == registry.TINY else name, source)
@@ -141,7 +141,7 @@ def plan_training(cfg: RunConfig, stage: str, tc: TrainConfig, shape: ModelShape
             ideas.append("gradient_sync: micro_batch")
         if tc.per_device_batch_size > 1:
             ideas.append("a smaller per_device_batch_size (raise gradient_accumulation_steps to keep the batch)")
-        if stage == "finetune" and not lora:
+        if "lora" in type(tc).model_fields and not lora:  # a config that can train adapters instead
             ideas.append("LoRA adapters rather than full fine-tuning (finetune.lora: {r: 16}; the paper fine-tuned "
                          "every weight)")
         ideas.append("a GPU with more memory (accelerator_type: A100 for the gpu-8x node type, A100-80G, H100)")
@@ -149,26 +149,28 @@ def plan_training(cfg: RunConfig, stage: str, tc: TrainConfig, shape: ModelShape
     return plan
 
 
-def _score_dtype_bytes(cfg: RunConfig, gpu: bool) -> int:
-    d = cfg.score.dtype
+def _score_dtype_bytes(sc, gpu: bool) -> int:
+    d = sc.dtype
     return 4 if d == "float32" or (d == "auto" and not gpu) else 2
 
 
-def plan_scoring(cfg: RunConfig, shape: ModelShape) -> StagePlan:
-    res = cfg.score.resources
+def plan_scoring(cfg: RunConfig, stage: str, sc, where, shape: ModelShape) -> StagePlan:
+    """A scoring actor pool's per-GPU memory: ``sc`` its config section (ScoreConfig), ``where`` its
+    placement."""
+    res = sc.resources
     if not res.num_gpus:
-        return StagePlan("score", shape.name, shape, f"{res.max_actors} CPU actor(s)")
-    have, gpu = _gpu(cfg, placement.actor_pool("score", res))
-    b = _score_dtype_bytes(cfg, True)
-    resident = cfg.score.cached_models or memory.cached_models(shape, have, b)
-    tokens = cfg.score.batch_tokens
+        return StagePlan(stage, shape.name, shape, f"{res.max_actors} CPU actor(s)")
+    have, gpu = _gpu(cfg, where)
+    b = _score_dtype_bytes(sc, True)
+    resident = sc.cached_models or memory.cached_models(shape, have, b)
+    tokens = sc.batch_tokens
     auto = tokens is None
     if auto:
         free = (have or 0) - memory.CUDA_CONTEXT - resident * shape.params * b
         tokens = memory.auto_batch_tokens(shape, max(free, 0), b, cfg.data.max_length) if have else 8192
     parts = memory.scoring_memory(shape, dtype_bytes=b, batch_tokens=tokens, max_length=cfg.data.max_length,
                                   resident_models=resident)
-    plan = StagePlan("score", shape.name, shape, f"{res.max_actors} x {gpu}" + (f" ({_gib(have)})" if have else ""),
+    plan = StagePlan(stage, shape.name, shape, f"{res.max_actors} x {gpu}" + (f" ({_gib(have)})" if have else ""),
                      need=memory.total(parts), have=have, parts=parts,
                      detail=f"{resident} cached checkpoint(s) in {'bf16' if b == 2 else 'fp32'}, batches of "
                             f"{tokens:,} tokens{' (auto)' if auto else ''}, logits at labelled positions only")
@@ -179,17 +181,18 @@ def plan_scoring(cfg: RunConfig, shape: ModelShape) -> StagePlan:
     return plan
 
 
-def plan_generation(cfg: RunConfig, shape: ModelShape) -> StagePlan:
-    gen = cfg.evaluate.generation
+def plan_generation(cfg: RunConfig, stage: str, gen, where, shape: ModelShape) -> StagePlan:
+    """Generators' per-GPU memory (vLLM engines, or hf on GPUs): ``gen`` their GenerationConfig,
+    ``where`` their placement."""
     if gen.backend != "vllm" and not gen.resources.num_gpus:
-        return StagePlan("evaluate", shape.name, shape, "CPU (hf generate)")
-    have, gpu = _gpu(cfg, placement.generation(gen))
+        return StagePlan(stage, shape.name, shape, "CPU (hf generate)")
+    have, gpu = _gpu(cfg, where)
     tp = gen.tensor_parallel_size if gen.backend == "vllm" else 1
     max_len = min(shape.max_positions, cfg.data.max_length + gen.max_new_tokens)
     parts = memory.vllm_memory(shape, tensor_parallel=tp, max_model_len=max_len, batch_size=gen.batch_size,
                                gpu_total=have or 0, utilization=gen.gpu_memory_utilization)
     usable = int(have * gen.gpu_memory_utilization) if have else None
-    plan = StagePlan("evaluate", shape.name, shape, f"{gen.resources.max_actors} engine(s) x {tp} x {gpu}"
+    plan = StagePlan(stage, shape.name, shape, f"{gen.resources.max_actors} engine(s) x {tp} x {gpu}"
                      + (f" ({_gib(have)}, {gen.gpu_memory_utilization:.0%} for vLLM)" if have else ""),
                      need=memory.total(parts), have=usable, parts=parts,
                      detail=f"vLLM, tensor parallel {tp}: bf16 weights, activations, KV cache for one "
@@ -205,16 +208,28 @@ def plan_generation(cfg: RunConfig, shape: ModelShape) -> StagePlan:
     return plan
 
 
-def plan_config(cfg: RunConfig) -> list[StagePlan]:
-    """Every model-loading stage's plan (prepare and select load no model of the config's)."""
-    ref, target = _shape(cfg, "reference"), _shape(cfg, "target")
-    return [plan_training(cfg, "reference", cfg.reference, ref), plan_scoring(cfg, ref),
-            plan_training(cfg, "finetune", cfg.finetune, target), plan_generation(cfg, target)]
+def plan_config(cfg: RunConfig, stage_types) -> list[StagePlan]:
+    """Every model-loading stage's plan, in pipeline order (``Stage.memory_plans``; prepare and
+    select load no model of the config's). ``stage_types``: the pipeline's (``pipeline.STAGE_TYPES``)."""
+    return [p for stage_type in stage_types for p in stage_type.memory_plans(cfg)]
 
 
-def uses_gpus(cfg: RunConfig) -> bool:
-    return bool(cfg.reference.use_gpu or cfg.finetune.use_gpu or cfg.score.resources.num_gpus
-                or cfg.evaluate.generation.backend == "vllm" or cfg.evaluate.generation.resources.num_gpus)
+def check_fits(cfg: RunConfig, stage_types) -> None:
+    """What `rayapp plan` checks, before a run starts: a stage that cannot fit its GPUs stops the
+    run now, not when its model is first loaded (CPU-only configs have nothing to check)."""
+    from rayapp.common.errors import RayappError
+    from rayapp.common.log import get_logger
+
+    if not any(stage_type.uses_gpus(cfg) for stage_type in stage_types):
+        return
+    try:
+        plans = plan_config(cfg, stage_types)
+    except OSError as exc:
+        get_logger("rayapp.run").warning("cannot plan memory (%s); starting without the check", exc)
+        return
+    if infeasible(plans):
+        raise RayappError("a stage will not fit its GPUs (`rayapp plan` shows it; --skip-plan starts anyway):\n"
+                          + format_plans(plans))
 
 
 def _count(n: int) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from rayapp.models.losses import LOGIT_CHUNK_FLOATS, chunk_rows  # one chunk of logits in the bounded loss
 from rayapp.plan.shapes import ModelShape
+from rayapp.train.policy import ALLOCATOR_CONF, adamw_fused, defer_gradient_sync  # noqa: F401  (what the plan budgets for)
 
 GIB = 2**30
 CUDA_CONTEXT = int(1.0 * GIB)  # CUDA context, cuBLAS workspaces and allocator slack, per process
@@ -37,24 +38,12 @@ def live_per_token_layer(s: ModelShape) -> int:
     return 2 * s.hidden + max(_qkv(s) + s.hidden, mlp)
 
 
-# The caching allocator's setting for training workers (train/runner.py puts it in their env):
-# freed blocks' pages are unmapped and remapped where a new allocation needs them, so the gap
-# between reserved and allocated memory stays small.
-ALLOCATOR_CONF = "expandable_segments:True"
 # That gap, as a share of what the allocator hands out to training, with expandable segments: an
 # estimate, not a measurement (no GPU run has recorded reserved beside allocated memory for rayapp
 # yet; the GPU check should). Training counts it as its own part; scoring and vLLM do not.
 FRAGMENTATION = 0.05
 
 ADAMW_IMPLS = ("fused", "foreach", "for-loop")
-
-
-def adamw_fused(device_type: str) -> bool:
-    """Whether rayapp's AdamW runs fused (train/worker.py asks, the plan assumes it): on CUDA, where
-    torch's default is the foreach implementation, whose step allocates a copy of every local
-    parameter at once; the fused kernel updates in place. Elsewhere torch's default stays (on a CPU,
-    the for-loop implementation: the numerics of every CPU run are unchanged)."""
-    return device_type == "cuda"
 
 
 def adamw_step_temporaries(impl: str, trained_local: int, largest_local: int) -> int:
@@ -174,16 +163,6 @@ def cached_models(s: ModelShape, gpu_total: int | None, dtype_bytes: int) -> int
     if gpu_total is None:
         return 2
     return 2 if 2 * s.params * dtype_bytes <= gpu_total // 2 else 1
-
-
-def defer_gradient_sync(setting: str, params: int, gpu_total: int | None, sharded: bool) -> bool:
-    """Whether FSDP2 reduce-scatters once per optimizer step (``TrainConfig.gradient_sync``): always
-    for "step", never for "micro_batch" or an unsharded model; for "auto", when the unsharded fp32
-    gradients it keeps in between take at most a quarter of the GPU (``gpu_total`` None: on CPU,
-    always)."""
-    if not sharded or setting == "micro_batch":
-        return False
-    return setting == "step" or gpu_total is None or 4 * params <= gpu_total // 4
 
 
 def vllm_memory(s: ModelShape, *, tensor_parallel: int, max_model_len: int, batch_size: int,

@@ -200,6 +200,7 @@ def holdout_order(ids: list[str], seed: int) -> list[int]:
 
 class PrepareStage(Stage):
     name = "prepare"
+    folder = "prepared"
     help = "load, normalise, template and tokenize the data into Parquet shards"
     manifest_type = PreparedManifest
 
@@ -212,7 +213,7 @@ class PrepareStage(Stage):
     def uses_ray(self, cfg: RunConfig) -> bool:
         return bool(cfg.data.workers)  # without workers, prepare reads and tokenizes in the driver
 
-    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs=None) -> str:
         sources = []
         for src in cfg.data.sources:
             path = _resolve_source_path(src, quiet=True)
@@ -226,6 +227,9 @@ class PrepareStage(Stage):
 
     def run(self, ctx: StageContext) -> PreparedManifest:
         return prepare(ctx.cfg, ctx.layout)
+
+    def done_detail(self, m: PreparedManifest) -> dict:
+        return {"rows": m.rows, "rejected": m.rejected}
 
     def summary(self, m: PreparedManifest, layout: RunLayout) -> list[str]:
         held = f", {m.holdout.rows} held out for eval" if m.holdout else ""

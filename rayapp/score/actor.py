@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from rayapp.common import metrics
+from rayapp.common.hooks import hook
 from rayapp.common.labels import IGNORE_INDEX
 from rayapp.models.losses import device_losses, pad_batch, response_only_sequence
 from rayapp.score.batching import length_ordered_units, token_budget_batches
-from rayapp.testing.faults import score_fault_hook
 
 
 CPU_BATCH_TOKENS = 8192  # batch_tokens unset on CPU
@@ -83,7 +83,7 @@ class LossScorer:
         self.params: dict[str, int] = {}
         self.shards: OrderedDict[str, tuple] = OrderedDict()  # path -> (table, units)
         self.batches_done = 0
-        self.fault = score_fault_hook()  # tests only: None unless RAYAPP_TEST_SCORE_FAULT is set
+        self.fault = hook("score_fault_hook")  # tests only (common/hooks.py): None in a real run
         self.loading = None
         if first_checkpoint is not None:
             from concurrent.futures import ThreadPoolExecutor

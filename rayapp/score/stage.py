@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 
 from rayapp.common import storage
@@ -10,14 +12,17 @@ from rayapp.common.layout import RunLayout
 from rayapp.common.log import get_logger
 from rayapp.common.manifests import (
     CheckpointRecord,
+    PreparedManifest,
+    ReferenceManifest,
     ScoresManifest,
     file_digest,
+    read_manifest,
     read_prepared,
     reference_checkpoints,
     require_match,
 )
 from rayapp.common.raycluster import init_ray
-from rayapp.common.stages import Stage, StageContext
+from rayapp.common.stages import Stage, StageContext, StageProgress
 from rayapp.config import RunConfig
 from rayapp.models.loading import check_same_tokenizer, load_tokenizer
 from rayapp.score.engine import score_checkpoints
@@ -40,12 +45,12 @@ def _target_checkpoint(cfg: RunConfig) -> CheckpointRecord:
     return CheckpointRecord(name="target-init", path=path, uid=artifact_uid(path))
 
 
-def _with_target_ifd_scores(cfg: RunConfig, layout: RunLayout, prepared, traj, bos: int, pad: int, prefix):
+def _with_target_ifd_scores(cfg: RunConfig, layout: RunLayout, prepared, target: CheckpointRecord, traj, bos: int,
+                            pad: int, prefix):
     """The untrained target's prompted and response-only NLLs as ``ifd_nll0`` / ``ifd_ro_nll0``
     (the IFD baselines then use them): one scoring pass of the target model, resumable like the rest."""
     import numpy as np
 
-    target = _target_checkpoint(cfg)
     check_same_tokenizer(target.path, prepared.tokenizer, cfg.models.target.trust_remote_code)
     out_dir = layout.scores("target")
     log.info("IFD from the untrained target (%s): scoring it too", target.path)
@@ -60,21 +65,55 @@ def _with_target_ifd_scores(cfg: RunConfig, layout: RunLayout, prepared, traj, b
     return traj.append_column("ifd_ro_nll0", pa.array(np.asarray(t["ro_nll0"])[take]))
 
 
+@dataclass(frozen=True)
+class ScoreInputs:
+    prepared: PreparedManifest
+    checkpoints: list[CheckpointRecord]  # the reference's, as they are now (uids from their markers)
+    target: CheckpointRecord | None  # the untrained target, when IFD is scored with it
+
+
 class ScoreStage(Stage):
     name = "score"
+    folder = "scores"
 
     @classmethod
     def placements(cls, cfg: RunConfig) -> list:
         from rayapp.common import placement
 
         return [placement.scoring(cfg)]
+
+    @classmethod
+    def uses_gpus(cls, cfg: RunConfig) -> bool:
+        return bool(cfg.score.resources.num_gpus)
+
+    @classmethod
+    def disk_need(cls, cfg: RunConfig, hub_params):
+        """P0 (the staged reference) and P1..P{epochs} (the reference's epoch exports)."""
+        from rayapp.plan.disk import EXPORT_BYTES_PER_PARAM, GB, DiskNeed
+
+        n = 1 + cfg.reference.epochs
+        scored = n * EXPORT_BYTES_PER_PARAM * hub_params(cfg.models.reference.name_or_path)
+        return DiskNeed(cls.name, kept=scored, parts=[f"{n} reference checkpoints ({scored / GB:.0f} GB)"])
+
+    @classmethod
+    def memory_plans(cls, cfg: RunConfig) -> list:
+        from rayapp.plan.check import plan_scoring, role_shape
+
+        from rayapp.common import placement
+
+        return [plan_scoring(cfg, cls.name, cfg.score, placement.actor_pool(cls.name, cfg.score.resources),
+                             role_shape(cfg, "reference"))]
     help = "per-sample response losses for every checkpoint (Ray Data actor pool)"
     manifest_type = ScoresManifest
     # committed (checkpoint, shard) units resume a cut-off run; --force scores everything again
     reset_on_force = ("reference", "target", "trajectories.parquet")
 
-    def fingerprint(self, cfg: RunConfig, layout: RunLayout) -> str:
+    def read_inputs(self, cfg: RunConfig, layout: RunLayout) -> ScoreInputs:
         prepared = read_prepared(layout)
+        return ScoreInputs(prepared, reference_checkpoints(layout, prepared),
+                           _target_checkpoint(cfg) if cfg.score.ifd_model == "target" else None)
+
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: ScoreInputs) -> str:
         # what the scores depend on; batch sizes and resources do not change them
         # (the backend only where it is not the default: earlier runs' fingerprints stay valid)
         backend = {} if cfg.score.backend == "torch" else {"backend": cfg.score.backend}
@@ -83,8 +122,8 @@ class ScoreStage(Stage):
         if cfg.score.token_count != "labelled":
             backend["token_count"] = cfg.score.token_count
         if cfg.score.ifd_model == "target":
-            backend["ifd_model"] = _target_checkpoint(cfg).uid
-        return fingerprint(prepared=prepared.fingerprint, checkpoints=[c.uid for c in reference_checkpoints(layout, prepared)],
+            backend["ifd_model"] = inputs.target.uid
+        return fingerprint(prepared=inputs.prepared.fingerprint, checkpoints=[c.uid for c in inputs.checkpoints],
                            modes=sorted(cfg.score.modes), dtype=cfg.score.dtype, **backend)
 
     def outputs_complete(self, m: ScoresManifest, layout: RunLayout) -> bool:
@@ -92,8 +131,7 @@ class ScoreStage(Stage):
 
     def run(self, ctx: StageContext) -> ScoresManifest:
         cfg, layout = ctx.cfg, ctx.layout
-        prepared = read_prepared(layout)
-        checkpoints = reference_checkpoints(layout, prepared)
+        prepared, checkpoints = ctx.inputs.prepared, ctx.inputs.checkpoints
         tokenizer = load_tokenizer(prepared.tokenizer)
         bos, pad = special_ids(tokenizer)
         prefix = tokenizer.encode(cfg.score.response_only_prefix, add_special_tokens=False) \
@@ -106,7 +144,7 @@ class ScoreStage(Stage):
                                   stall_s=cfg.ray.stall_timeout_s)
         traj = build_trajectories(out_dir, [c.name for c in checkpoints])
         if cfg.score.ifd_model == "target":
-            traj = _with_target_ifd_scores(cfg, layout, prepared, traj, bos, pad, prefix)
+            traj = _with_target_ifd_scores(cfg, layout, prepared, ctx.inputs.target, traj, bos, pad, prefix)
         require_match("trajectory rows", layout.trajectories, traj.num_rows, prepared.rows,
                       "the scores do not cover the prepared data: re-run `rayapp score --force`")
         storage.write_parquet(layout.trajectories, traj)
@@ -117,6 +155,21 @@ class ScoreStage(Stage):
             trajectories_sha256=file_digest(layout.trajectories),
             stats={k: v for k, v in stats.items() if isinstance(v, (int, float))},
         )
+
+    def progress(self, layout: RunLayout, started: float | None, now: float) -> StageProgress | None:
+        """Committed (checkpoint, shard) units out of all of them."""
+        prepared = read_manifest(layout.prepared_manifest, PreparedManifest)
+        reference = read_manifest(layout.manifest("reference"), ReferenceManifest)
+        if not prepared or not reference or not prepared.shards or not reference.checkpoints:
+            return None
+        shards = {s.file for s in prepared.shards}
+        out = layout.scores("reference")
+        done = sum(1 for c in reference.checkpoints for f in storage.list_files(storage.join(out, c.name), ".parquet")
+                   if f.rsplit("/", 1)[-1] in shards)
+        return StageProgress(done, len(reference.checkpoints) * len(shards), "(checkpoint, shard) units", now)
+
+    def artifacts(self, m: ScoresManifest, layout: RunLayout) -> list[str]:
+        return [m.trajectories]  # every row's loss at every checkpoint: what LP is computed from
 
     def summary(self, m: ScoresManifest, layout: RunLayout) -> list[str]:
         s = m.stats

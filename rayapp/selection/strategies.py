@@ -1,0 +1,110 @@
+"""Selection strategies (pure numpy): the paper's cluster-stratified chunking and its baselines.
+
+Every method reduces to a *sort key* (ascending = chosen first by the "low" chunk). Within each
+cluster rows are sorted by the key and split into ``round(1 / budget)`` chunks with
+``numpy.array_split`` semantics; the "low" chunk is the first, "mid" the middle one, "high" the
+last. The global (unstratified) variant is the same with one cluster holding every row, or, given
+a size (the main selection's row count, so compared subsets are equally large), that many rows from
+the chosen end of the global order.
+
+Cherry-LLM's IFD (``ifd_cherry``) is its own rule, as its authors compute it: rows whose IFD is
+above 1 (the prompt does not help) or undefined are dropped, then the highest IFDs are kept,
+globally: ``int(budget x rows left)`` of them, or the given size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rayapp.selection.metrics import no_response_rows
+from rayapp.selection.methods import Trajectories, ifd_scores, method_named  # noqa: F401  (re-exported)
+
+
+def n_chunks(budget: float) -> int:
+    """1% -> 100 chunks, 5% -> 20, 10% -> 10, 25% -> 4, 33% -> 3 (the paper's budgets)."""
+    if not 0 < budget <= 1:
+        raise ValueError("budget must be in (0, 1]")
+    return max(1, int(round(1 / budget)))
+
+
+def sort_key(method: str, t: Trajectories, lp_epoch: int = 1, seed: int = 42) -> np.ndarray:
+    """Ascending key: the rows a method wants most come first (``methods.METHODS[method].key``)."""
+    m = method_named(method)
+    return np.zeros(len(t.ids)) if m.key is None else m.key(t, lp_epoch, seed)
+
+
+def chunk_index(chunk: str, k: int) -> int:
+    return {"low": 0, "mid": k // 2, "high": k - 1}[chunk]
+
+
+def stratified_select(key: np.ndarray, clusters: np.ndarray, budget: float, chunk: str = "low") -> np.ndarray:
+    """Indices chosen: per cluster, sort by key (stable, ties keep row order), array_split into
+    round(1/budget) chunks, keep the chosen chunk. Returned sorted ascending."""
+    key = np.asarray(key, dtype=np.float64)
+    clusters = np.asarray(clusters)
+    k = n_chunks(budget)
+    which = chunk_index(chunk, k)
+    chosen = []
+    for c in np.unique(clusters):
+        rows = np.nonzero(clusters == c)[0]
+        ordered = rows[np.argsort(key[rows], kind="stable")]
+        chosen.append(np.array_split(ordered, k)[which])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def take_from_end(key: np.ndarray, size: int, chunk: str = "low") -> np.ndarray:
+    """``size`` indices from the chosen end of the global order (low: smallest keys first, high: the
+    largest, mid: the middle), sorted ascending."""
+    ordered = np.argsort(np.asarray(key, dtype=np.float64), kind="stable")
+    size = min(size, len(ordered))
+    start = {"low": 0, "mid": (len(ordered) - size) // 2, "high": len(ordered) - size}[chunk]
+    return np.sort(ordered[start:start + size])
+
+
+def select(
+    method: str,
+    t: Trajectories,
+    budget: float,
+    clusters: np.ndarray | None = None,
+    chunk: str = "low",
+    lp_epoch: int = 1,
+    seed: int = 42,
+    keep_empty_responses: bool = False,
+    size: int | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Indices into ``t`` of the selected rows, and counts for provenance.
+
+    Given ``clusters`` the selection is stratified (per-cluster chunks), else global: the global
+    chunk, or exactly ``size`` rows when given. Rows with no response tokens are excluded before
+    ranking (their LP is 0 by definition, so the original code ranks them hardest) unless
+    ``keep_empty_responses`` reproduces that behaviour."""
+    m = method_named(method)
+    n = len(t.ids)
+    empty = no_response_rows(t.P, t.n_tokens)
+    eligible = np.ones(n, dtype=bool) if keep_empty_responses else ~empty
+    info = {"rows": n, "no_response_rows": int(empty.sum()), "excluded_no_response": int((~eligible).sum())}
+    if m.key is None:  # every row
+        idx = np.nonzero(eligible)[0]
+        return idx, {**info, "selected": len(idx), "scope": "global"}
+    if m.needs_clusters and clusters is None:
+        raise ValueError(f"{method} needs clusters")
+    matched = size
+    if m.scope == "global":
+        clusters = None  # global by definition
+    if m.keep is not None:
+        keep, dropped = m.keep(t)
+        info[dropped] = int((eligible & ~keep).sum())
+        eligible &= keep
+        if size is None:
+            size = int(eligible.sum() * budget)
+    key = sort_key(method, t, lp_epoch=lp_epoch, seed=seed)
+    pos = np.nonzero(eligible)[0]
+    if clusters is not None:
+        chosen = pos[stratified_select(key[pos], np.asarray(clusters)[pos], budget, chunk)]
+    elif size is not None:
+        chosen = pos[take_from_end(key[pos], size, chunk)]
+    else:
+        chosen = pos[stratified_select(key[pos], np.zeros(len(pos), dtype=np.int64), budget, chunk)]
+    return chosen, {**info, "selected": int(len(chosen)), "chunks": n_chunks(budget),
+                    "scope": "stratified" if clusters is not None else "global",
+                    **({"size_matched_to": matched} if matched is not None and clusters is None else {})}
