@@ -50,7 +50,7 @@ test: $(VENV)/.vllm $(MLFLOW_VENV)/.installed
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) || \
 	  echo "chromium not installed: the report screenshot test will be skipped"; }
-	$(PY) -m pytest -q -p no:cacheprovider --durations=12 -m "not extended" tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30 -m "not extended" tests
 
 # The inner loop: what needs no pipeline or training run, no multi-process cluster job, no vLLM,
 # MLflow server or Chromium (the tests marked slow or extended are left out). CI runs `make test`.
