@@ -17,7 +17,7 @@ def _stderr_after(capfd, settle_s: float = 1.0) -> str:
     return capfd.readouterr().err
 
 
-def test_a_pool_driven_from_a_task_streams_its_items_and_keeps_rays_noise_off_the_terminal(ray_local, capfd):
+def test_a_pool_driven_from_an_actor_streams_its_items_and_keeps_rays_noise_off_the_terminal(ray_local, capfd):
     # defined here, so Ray ships them by value to workers that cannot import this test module
     class Doubler:
         def __call__(self, batch):
@@ -64,7 +64,7 @@ def test_closing_a_stream_ends_its_driver(ray_local, tmp_path):
             break
         time.sleep(0.5)
     else:
-        pytest.fail(f"the task's worker {pid} still runs 60 s after the stream was closed")
+        pytest.fail(f"the driving actor {pid} still runs 60 s after the stream was closed")
     with pytest.raises(Exception):
         next(stream)
     stream.close()  # idempotent

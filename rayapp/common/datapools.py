@@ -1,12 +1,12 @@
-"""Ray Data pipelines driven from a Ray task of their own, their output streamed back.
+"""Ray Data pipelines driven from an actor of their own, their output streamed back.
 
-Why a task: Ray Data hands every actor pool its transform as an object-store argument and turns
-actor restarts on, and for each such actor Ray's core worker, in the process that creates it,
-prints an error line (``core_worker.cc ... has constructor arguments in the object store and
-max_restarts > 0``; ray-project/ray#57733). Ray Data holds that argument for the pool's lifetime,
-so the restarts our pools rely on work. Created from a task, the pool's lines go to that task's
-worker log with the rest of Ray's internals (shown with -v), and the user's terminal keeps only
-rayapp's lines.
+Why not from the driver: Ray Data hands every actor pool its transform as an object-store argument
+and turns actor restarts on, and for each such actor Ray's core worker, in the process that
+creates it, prints an error line (``core_worker.cc ... has constructor arguments in the object
+store and max_restarts > 0``; ray-project/ray#57733). Ray Data holds that argument for the pool's
+lifetime, so the restarts our pools rely on work. Created from another process, the pool's lines
+go to that process's worker log with the rest of Ray's internals (shown with -v), and the user's
+terminal keeps only rayapp's lines.
 
 The driver of a pool is an actor of its own on the driver's node, asking for no CPU: it only
 drives Ray Data, and it owns the pool. Its items come back one by one (a streaming generator), so

@@ -130,7 +130,7 @@ def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig,
 
 def _answered_chunks(chunks: list[dict], models: dict[str, str], gen: GenerationConfig, max_positions: int | None,
                      trust_remote_code: bool) -> Iterator[list[dict]]:
-    """The hf actor pool's answers, a chunk's rows at a time (runs in a Ray task: common/datapools.py)."""
+    """The hf actor pool's answers, a chunk's rows at a time (runs in the pool's driving actor: common/datapools.py)."""
     import ray
 
     from rayapp.common import placement

@@ -98,9 +98,10 @@ def _generations(cfg: RunConfig, layout: RunLayout, models: list[dict], prompts:
     for m in models:
         fps[m["label"]] = fp = fingerprint(model=m["identity"], generation=gen,
                                            prompts=[[p["id"], p["prompt"]] for p in prompts])
-        table = None if force else keyed.read_table(layout.generations(m["label"]), {"rayapp_fingerprint": fp})
+        uri = layout.generations(m["label"])
+        table = None if force else keyed.read_table(uri, {"rayapp_fingerprint": fp})
         if table is not None:
-            log.info("%s: answers up to date (%d) in %s", m["label"], table.num_rows, layout.generations(m["label"]))
+            log.info("%s: answers up to date (%d) in %s", m["label"], table.num_rows, uri)
             out[m["label"]] = (table.to_pylist(), json.loads(table.schema.metadata.get(b"rayapp_stats", b"{}")))
             continue
         todo[m["label"]] = m["path"]

@@ -300,7 +300,7 @@ def _scorer(score_cfg: ScoreConfig, checkpoints: list[CheckpointRecord], pending
 
 def _on_actor_pool(scorer, scorer_kwargs: dict, units: list[dict], res, runtime_env: dict | None):
     """Ray Data: one block per unit, an actor pool of scorers; results stream back as they finish
-    (runs in a Ray task: common/datapools.py)."""
+    (runs in the pool's driving actor: common/datapools.py)."""
     import ray
     import ray.data
 

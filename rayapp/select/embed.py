@@ -86,7 +86,7 @@ def embed_prepared(files: list[str], model_name: str, batch_size: int, where, ma
 
 def _embedded_shards(files: list[str], model_name: str, batch_size: int, where, max_tokens: int,
                      max_actors: int) -> Iterator[dict]:
-    """The embedding pool's batches (runs in a Ray task: common/datapools.py)."""
+    """The embedding pool's batches (runs in the pool's driving actor: common/datapools.py)."""
     import ray.data
 
     min_actors = where.min_count or 1
