@@ -217,3 +217,45 @@ def wait_for_url(url: str, timeout: float, what: str, proc=None, log=None) -> No
 
 def wait_for_job_server(address: str, timeout: float = 60) -> None:
     wait_for_url(address + "/api/version", timeout, "Ray job server")
+
+
+MLFLOW_SERVER = REPO / ".venv-mlflow" / "bin" / "mlflow"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (sqlite store, local artifact root), from its own
+    environment (.venv-mlflow: the server needs pyarrow<26); its URI, or None where that
+    environment is not built (`make .venv-mlflow/.installed`; make test builds it)."""
+    import subprocess
+
+    if not MLFLOW_SERVER.exists():
+        yield None
+        return
+    tmp = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(tmp / "mlflow-server.log", "w")
+    server = subprocess.Popen([str(MLFLOW_SERVER), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+                               "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_url(uri + "/health", 120, "mlflow server", server, tmp / "mlflow-server.log")
+        yield uri
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, three_nodes, mlflow_server):
+    """The whole pipeline as a Ray job on the three-node cluster (test_pipeline.py), tracked to
+    the MLflow server: one run that test_pipeline and test_tracking both read (CI's budget)."""
+    from tests.test_pipeline import run_pipeline_job
+
+    tracking = {"backend": "mlflow", "uri": mlflow_server} if mlflow_server else None
+    return run_pipeline_job(tmp_path_factory, three_nodes, stop_first=False, tracking=tracking)

@@ -27,12 +27,12 @@ pytestmark = pytest.mark.slow  # not in `make test-fast`: a pipeline or training
 HOLDOUT = 16  # rows held out of selection and training; the fine-tuned models' eval loss is measured on them
 
 
-def pipeline_config(tmp, limit: int = 160, name: str = "cfg.yaml"):
+def pipeline_config(tmp, limit: int = 160, name: str = "cfg.yaml", tracking: dict | None = None):
     cfg = tiny_config_dict(tmp, [{"path": str(ALPACA), "limit": limit}], data__shard_rows=64, data__max_length=128,
                            data__holdout_rows=HOLDOUT)
     cfg.pop("ray")  # inside a job the stages join the job's cluster (RAY_ADDRESS)
     cfg["reference"] = {"epochs": 3, "learning_rate": 2e-3, "per_device_batch_size": 16, "num_workers": 2,
-                        "fsdp": False, "log_every_steps": 5}
+                        "fsdp": False, "log_every_steps": 1}
     cfg["score"] = {"modes": ["prompted", "response_only"], "rows_per_task": 64,
                     "resources": {"num_cpus": 1, "min_actors": 2, "max_actors": 2, "resources": {"gpu_small": 1}}}
     cfg["select"] = {"budget": 0.25, "n_clusters": 4, "embed_max_tokens": 48}
@@ -43,6 +43,8 @@ def pipeline_config(tmp, limit: int = 160, name: str = "cfg.yaml"):
                        "generation": {"max_new_tokens": 16, "batch_size": 12, "temperature": 0.7, "top_p": 0.9,
                                       "repetition_penalty": 1.2},
                        "judge": {"kind": "reference"}}
+    if tracking:
+        cfg["tracking"] = tracking
     path = tmp / name
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -59,7 +61,7 @@ def wait_for(predicate, timeout: float, what: str, job_id: str, client) -> None:
         time.sleep(0.5)
 
 
-def run_pipeline_job(tmp_path_factory, three_nodes, stop_first: bool):
+def run_pipeline_job(tmp_path_factory, three_nodes, stop_first: bool, tracking: dict | None = None):
     """`rayapp run` as users run it on a cluster: submitted as a Ray job (jobs/run_pipeline.py,
     the repo uploaded as the working dir) to a three-node cluster, scoring pinned by a custom
     resource to the two 'GPU' nodes. With ``stop_first``, a first submission is stopped (`ray job
@@ -71,7 +73,7 @@ def run_pipeline_job(tmp_path_factory, three_nodes, stop_first: bool):
     _, address = three_nodes
     wait_for_job_server(address)
     tmp = tmp_path_factory.mktemp("pipeline")
-    path = pipeline_config(tmp)
+    path = pipeline_config(tmp, tracking=tracking)
     # sys.executable: the venv's python (a cluster image's `python` is its own environment)
     entry = [sys.executable, "jobs/run_pipeline.py", "--config", str(path)]
     if stop_first:
@@ -108,9 +110,7 @@ def submit_and_stop(address: str, entry: list[str], run) -> None:
     assert not (run / "summary.json").exists()
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, three_nodes):
-    return run_pipeline_job(tmp_path_factory, three_nodes, stop_first=False)
+# pipeline_run (conftest.py): this module's run, tracked to a real MLflow server for test_tracking
 
 
 def test_run_finishes_with_a_summary(pipeline_run):

@@ -3,8 +3,9 @@ inside Ray Train's training function (two real workers), every stage's numbers w
 written, all under one run, each tagged with its stage; the values equal the manifests'.
 
 - tensorboard: the event files, read with TensorBoard's EventAccumulator;
-- mlflow, server: a real `mlflow server` on 127.0.0.1 (sqlite store, local artifact root), started
-  here from its own environment (.venv-mlflow: the server needs pyarrow<26), read through its REST API;
+- mlflow, server: a real `mlflow server` on 127.0.0.1 (sqlite store, local artifact root; conftest's
+  mlflow_server, from its own environment), which the whole pipeline's Ray job (conftest's
+  pipeline_run, shared with test_pipeline.py) logs to; read through its REST API;
 - mlflow, file store: a folder as tracking.uri (up to the reference stage: the same client code).
 W&B needs its service: its writer is configured and documented, not run here."""
 
@@ -20,11 +21,9 @@ import pytest
 import yaml
 
 from rayapp.common.errors import ConfigError
+from rayapp.common import tracking
 from rayapp.config import RunConfig, load_config
-from tests.conftest import ALPACA, REPO, free_port, tiny_config_dict, wait_for_url
-
-MLFLOW_SERVER = REPO / ".venv-mlflow" / "bin" / "mlflow"
-
+from tests.conftest import ALPACA, REPO, tiny_config_dict
 
 class TensorBoardRun:
     def __init__(self, folder):
@@ -95,25 +94,15 @@ def tracked_run(request, tmp_path_factory):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         yield run, MlflowRun(f"file://{store}", "tracked"), ["prepare", "reference"]
     else:
-        if not MLFLOW_SERVER.exists():
+        # the pipeline job on the three-node cluster (conftest.pipeline_run), tracked to a real server:
+        # every stage's logging, training's from rank 0 of two workers
+        uri = request.getfixturevalue("mlflow_server")
+        if uri is None:
             pytest.skip("no MLflow server environment: `make .venv-mlflow/.installed` (make test builds it)")
-        port = free_port()
-        log = open(tmp / "mlflow-server.log", "w")
-        server = subprocess.Popen([str(MLFLOW_SERVER), "server", "--host", "127.0.0.1", "--port", str(port),
-                                   "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-                                   "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        uri = f"http://127.0.0.1:{port}"
-        try:
-            wait_for_url(uri + "/health", 120, "mlflow server", server, tmp / "mlflow-server.log")
-            run = _run_pipeline(tmp, {"backend": "mlflow", "uri": uri}, "select")
-            yield run, MlflowRun(uri, "tracked"), ["prepare", "reference", "score", "select"]
-        finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        run, proc, _ = request.getfixturevalue("pipeline_run")
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        labels = json.loads((run / "summary.json").read_text())["stages"]
+        yield run, MlflowRun(uri, "test"), [tracking.tag(label) for label in labels]
 
 
 @pytest.mark.slow
