@@ -249,6 +249,7 @@ def mlflow_server(tmp_path_factory):
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
+        log.close()
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,11 @@ import sys
 import pytest
 import yaml
 
-from rayapp.common.errors import ConfigError
 from rayapp.common import tracking
+from rayapp.common.errors import ConfigError
 from rayapp.config import RunConfig, load_config
 from tests.conftest import ALPACA, REPO, tiny_config_dict
+
 
 class TensorBoardRun:
     def __init__(self, folder):
