@@ -38,7 +38,7 @@ ROWS = {"Alpaca (52,002 rows)": 52_002, "1M rows": 1_000_000}
 GPUS = (1, 8, 64)
 LOAD_BYTES_PER_S = 1e9
 TARGET_EFFICIENCY = {"facebook/opt-350m": 0.45, "meta-llama/Llama-2-7b-hf": 0.60}
-# card: assumed on-demand USD per GPU-hour (AWS g5.xlarge, p5.48xlarge / 8); peaks: plan/accelerators.py
+# card: assumed on-demand USD per GPU-hour (AWS g5.xlarge, p5.48xlarge / 8); peaks: ops/plan/accelerators.py
 PRICE_PER_GPU_HOUR = {"A10G": 1.01, "H100": 6.88}
 
 
@@ -57,8 +57,8 @@ def _measured_rate(card: str, model: str) -> float | None:
 
 
 def run(out_dir: str = RESULTS) -> dict:
-    from rayapp.plan.accelerators import ACCELERATOR_BF16_FLOPS
-    from rayapp.plan.shapes import model_shape
+    from rayapp.ops.plan.accelerators import ACCELERATOR_BF16_FLOPS
+    from rayapp.ops.plan.shapes import model_shape
 
     cards = {card: (ACCELERATOR_BF16_FLOPS[card], price) for card, price in PRICE_PER_GPU_HOUR.items()}
     d = np.load(os.path.join(HERE, "data", "alpaca-lengths.npz"))
@@ -109,7 +109,7 @@ def table_md(out: dict) -> str:
 # The time and cost table of cluster/README.md: every line of a run of a paper preset on the node
 # types of cluster/aws.yaml. Start-up, the hub downloads the job's driver stages into the bucket,
 # training, scoring, checkpoint I/O (each save staged on the node's disk, then uploaded: the disks
-# and bytes are check-cluster's, rayapp/deploy/), model copies to the nodes, generation, the GPT-4
+# and bytes are check-cluster's, rayapp/ops/deploy/), model copies to the nodes, generation, the GPT-4
 # judge, nodes idling before scale-down, the head for the whole run, and the bucket. Every line
 # says how it is known. Writes results/paper-run-estimates.json; the README's tables are
 # table_paper() of it (tests/test_cost_table.py keeps them equal).
@@ -146,8 +146,8 @@ IDLE_TIMEOUT_S = 10 * 60  # cluster/aws.yaml's idle_timeout_minutes
 
 def eval_prompt_stats(cfg) -> dict:
     """Measured: the evaluation prompts the judge reads (instruction and input), from the eval sets."""
-    from rayapp.evaluate.evalsets import load_eval_set, resolve_set
-    from rayapp.evaluate.stage import _question
+    from rayapp.stages.evaluate.evalsets import load_eval_set, resolve_set
+    from rayapp.stages.evaluate.stage import _question
 
     ec, chars, sets = cfg.evaluate, [], {}
     eval_dir = ec.eval_dir if os.path.isabs(ec.eval_dir) else os.path.join(os.path.dirname(HERE), ec.eval_dir)
@@ -164,7 +164,7 @@ def judge_estimate(cfg, prompts: dict) -> dict:
     x 2 orders; a call's input is the system prompt, the pairwise template, the question and both
     answers. Low: answers as long as Alpaca's responses (measured) and short reviews; high: every
     answer at max_new_tokens and every review at the judge's max_tokens."""
-    from rayapp.evaluate.judge import JUDGE_SYSTEM, judge_prompt
+    from rayapp.stages.evaluate.judge import JUDGE_SYSTEM, judge_prompt
 
     jc, gen = cfg.evaluate.judge, cfg.evaluate.generation
     pairs = len(cfg.evaluate.models) - 1
@@ -187,7 +187,7 @@ def judge_estimate(cfg, prompts: dict) -> dict:
 
 
 def _train_seconds(params: int, tokens: float, epochs: int, gpus: int, card: str, recompute: bool) -> float:
-    from rayapp.plan.accelerators import ACCELERATOR_BF16_FLOPS
+    from rayapp.ops.plan.accelerators import ACCELERATOR_BF16_FLOPS
 
     return (8 if recompute else 6) * params * tokens * epochs / (gpus * ACCELERATOR_BF16_FLOPS[card] * TRAIN_MFU)
 
@@ -199,12 +199,12 @@ def paper_run(preset: str, prompts: dict | None = None, overrides: list[str] = (
     import yaml
 
     from rayapp.config import load_config
-    from rayapp.deploy.checks import launcher_node_types, stages_on
-    from rayapp.deploy.instances import ALL
-    from rayapp.deploy.needs import DRIVER, _params, disk_needs
-    from rayapp.plan.disk import EXPORT_BYTES_PER_PARAM, HUB_BYTES_PER_PARAM
-    from rayapp.finetune.stage import subsets_to_train
-    from rayapp.plan.accelerators import ACCELERATOR_BF16_FLOPS
+    from rayapp.ops.deploy.checks import launcher_node_types, stages_on
+    from rayapp.ops.deploy.instances import ALL
+    from rayapp.ops.deploy.needs import DRIVER, _params, disk_needs
+    from rayapp.ops.plan.accelerators import ACCELERATOR_BF16_FLOPS
+    from rayapp.ops.plan.disk import EXPORT_BYTES_PER_PARAM, HUB_BYTES_PER_PARAM
+    from rayapp.stages.finetune.stage import subsets_to_train
 
     repo = os.path.dirname(HERE)
     cfg = load_config(os.path.join(repo, preset), list(overrides))

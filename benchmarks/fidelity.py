@@ -33,10 +33,10 @@ def _rows(path: str) -> list[dict]:
 
 
 def boundary_and_empty(tokenizer_name: str = "smollm2-135m", max_length: int = 512) -> dict:
-    from rayapp.common.labels import IGNORE_INDEX
-    from rayapp.common.template import PromptFormatter
     from rayapp.config import TemplateConfig
-    from rayapp.models.loading import load_tokenizer
+    from rayapp.core.labels import IGNORE_INDEX
+    from rayapp.core.template import PromptFormatter
+    from rayapp.ml.models.loading import load_tokenizer
 
     tok = load_tokenizer(tokenizer_name)
     fmt = PromptFormatter(TemplateConfig())
@@ -71,9 +71,9 @@ def boundary_and_empty(tokenizer_name: str = "smollm2-135m", max_length: int = 5
 def kmeans_order(rows: int = 3000, rows_per_cluster: float = 52002 / 1000, budget: float = 0.05, seed: int = 42) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
-    from rayapp.common.hashing import row_id
-    from rayapp.select.embed import Embedder, kmeans, resolve_embedding_model
-    from rayapp.select.strategies import stratified_select
+    from rayapp.core.hashing import row_id
+    from rayapp.selection.strategies import stratified_select
+    from rayapp.stages.select.embed import Embedder, kmeans, resolve_embedding_model
 
     data = _rows(os.path.join(SHARED, "alpaca-43k.jsonl"))[:rows]
     t = time.time()
@@ -100,15 +100,15 @@ def scoring_variants(run_dir: str, budget: float = 0.25) -> dict:
     """Re-score a finished run's rows and checkpoints with the paper's denominator and in bf16."""
     from scipy.stats import spearmanr
 
-    from rayapp.common.layout import RunLayout
-    from rayapp.common.manifests import read_prepared, reference_checkpoints
     from rayapp.config import ScoreConfig
-    from rayapp.models.loading import load_tokenizer
-    from rayapp.score.engine import score_checkpoints
-    from rayapp.score.stage import special_ids
-    from rayapp.score.trajectories import build_trajectories
-    from rayapp.select.metrics import learning_percentage, no_response_rows
-    from rayapp.select.strategies import take_from_end
+    from rayapp.core.layout import RunLayout
+    from rayapp.core.manifests import read_prepared, reference_checkpoints
+    from rayapp.ml.models.loading import load_tokenizer
+    from rayapp.selection.metrics import learning_percentage, no_response_rows
+    from rayapp.selection.strategies import take_from_end
+    from rayapp.stages.score.engine import score_checkpoints
+    from rayapp.stages.score.stage import special_ids
+    from rayapp.stages.score.trajectories import build_trajectories
 
     layout = RunLayout(run_dir)
     prepared = read_prepared(layout)

@@ -3,7 +3,7 @@
 A GPU machine is lent now and then for a few minutes, with torch and transformers but no Ray, no
 vLLM, no pydantic and no registry. This script runs rayapp's own code there without Ray: the
 scoring actor class (``LossScorer``, called as a plain object) and the training step's torch
-pieces (``rayapp.train.fsdp``: FSDP2 sharding and one optimizer step, what the Ray Train worker
+pieces (``rayapp.ml.train.fsdp``: FSDP2 sharding and one optimizer step, what the Ray Train worker
 calls). It measures, in under five minutes on one H100/H200:
 
 - scoring tokens/s and the fraction of the forward-FLOP limit (2 x params x tokens/s against the
@@ -13,7 +13,7 @@ calls). It measures, in under five minutes on one H100/H200:
 - the agreement of bf16 and fp32 per-row NLL (relative error) on the same weights;
 - one FSDP2 training step's MFU for a ~1.1B Llama on one GPU, with and without activation
   checkpointing;
-- peak GPU memory in each case, beside the `rayapp plan` estimate (rayapp.plan.memory).
+- peak GPU memory in each case, beside the `rayapp plan` estimate (rayapp.ops.plan.memory).
 
 Without a GPU (or with --tiny) the same code runs tiny shapes on the CPU in about a minute, so a
 test keeps it working until a GPU is there. Writes ``gpu-<device>.json`` and ``.png``.
@@ -108,7 +108,7 @@ def _synthetic_shards(folder: str, prompt: np.ndarray, response: np.ndarray, voc
 def _device():
     import torch
 
-    from rayapp.plan.accelerators import ACCELERATOR_BF16_FLOPS, accelerator_in
+    from rayapp.ops.plan.accelerators import ACCELERATOR_BF16_FLOPS, accelerator_in
 
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
@@ -183,7 +183,7 @@ def _random_model(config, folder: str, dtype):
 def _config(name: str, tiny: bool):
     from transformers import LlamaConfig, OPTConfig
 
-    from rayapp.plan.shapes import find_config
+    from rayapp.ops.plan.shapes import find_config
 
     if tiny:
         return OPTConfig(**TINY_OPT) if name.startswith("facebook/opt") else LlamaConfig(**TINY_LLAMA)
@@ -196,10 +196,10 @@ def score_shape(name: str, tiny: bool, rows: int | None, work: str, peak: float 
     is the config's default cap; ``profile`` adds the top operators of one work unit)."""
     import torch
 
-    from rayapp.models.imports import lean_transformers
-    from rayapp.plan import memory
-    from rayapp.plan.shapes import shape_of_model
-    from rayapp.score.actor import LossScorer
+    from rayapp.ml.models.imports import lean_transformers
+    from rayapp.ops.plan import memory
+    from rayapp.ops.plan.shapes import shape_of_model
+    from rayapp.stages.score.actor import LossScorer
 
     lean_transformers()
     config = _config(name, tiny)
@@ -264,7 +264,7 @@ def _profile_unit(scorer, path: str, top: int = 15) -> list[dict]:
 
 def bf16_agreement(name: str, tiny: bool, rows: int, work: str) -> dict:
     """Per-row mean NLL in bf16 against fp32, on the same (bf16-saved) weights and rows."""
-    from rayapp.score.actor import LossScorer
+    from rayapp.stages.score.actor import LossScorer
 
     folder = os.path.join(work, name.replace("/", "--"))  # written by score_shape
     prompt, response = alpaca_lengths(rows)
@@ -284,15 +284,15 @@ def bf16_agreement(name: str, tiny: bool, rows: int, work: str) -> dict:
 
 
 def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | None, batch_rows: int, steps: int) -> dict:
-    """One FSDP2 training step (world of one) through rayapp.train.fsdp, as the Ray Train worker runs it."""
+    """One FSDP2 training step (world of one) through rayapp.ml.train.fsdp, as the Ray Train worker runs it."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rayapp.models.imports import lean_transformers
-    from rayapp.plan import memory
-    from rayapp.plan.shapes import shape_of_model
-    from rayapp.train.collate import collate
-    from rayapp.train.fsdp import optimizer_step, shard_fsdp2
+    from rayapp.ml.models.imports import lean_transformers
+    from rayapp.ml.train.collate import collate
+    from rayapp.ml.train.fsdp import optimizer_step, shard_fsdp2
+    from rayapp.ops.plan import memory
+    from rayapp.ops.plan.shapes import shape_of_model
 
     lean_transformers()
     cuda = torch.cuda.is_available()
@@ -308,7 +308,7 @@ def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | Non
     shape = shape_of_model(model, "llama-1.1b", "random weights")
     params = shape.params
     model = shard_fsdp2(model, bf16=cuda, cpu_offload=False)
-    # as the trainer does: fused AdamW on CUDA (train/worker.py), which the plan counts
+    # as the trainer does: fused AdamW on CUDA (ml/train/worker.py), which the plan counts
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if memory.adamw_fused(dev) else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     prompt, response = alpaca_lengths(None)
@@ -361,7 +361,7 @@ def vllm_backend() -> dict:
 
 
 def run(out_dir: str, tiny: bool | None = None) -> dict:
-    # as rayapp's GPU training workers run (train/runner.py), before CUDA's allocator starts
+    # as rayapp's GPU training workers run (ml/train/runner.py), before CUDA's allocator starts
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
     import torch.distributed as dist

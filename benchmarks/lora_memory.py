@@ -3,10 +3,10 @@
     python -m benchmarks lora
 
 A ~1.1B Llama (TinyLlama-1.1B's shape, random fp32 weights) trains on 2 gloo workers with FSDP2,
-through the training recipe itself (rayapp/train/worker.py): the sharded load, the optimizer, then
+through the training recipe itself (rayapp/ml/train/worker.py): the sharded load, the optimizer, then
 two steps on one micro-batch (AdamW allocates its state at the first). Peak resident memory per
 worker, above a worker that only imports and builds on the meta device, is compared with the
-plan's arithmetic for the same run (rayapp/plan/memory.py, no GPU parts). On a CPU the frozen
+plan's arithmetic for the same run (rayapp/ops/plan/memory.py, no GPU parts). On a CPU the frozen
 base stays fp32 (bf16 is the GPU's mixed precision); on GPUs it halves again.
 Results: benchmarks/results/lora-memory-cpu<N>.json and .png.
 """
@@ -36,9 +36,9 @@ def _rows(path: str) -> None:
 
 
 def _plan(folder: str, lora_params: int | None) -> dict:
-    from rayapp.models import sharded
-    from rayapp.plan import memory
-    from rayapp.plan.shapes import shape_of
+    from rayapp.ml.models import sharded
+    from rayapp.ops.plan import memory
+    from rayapp.ops.plan.shapes import shape_of
 
     shape = shape_of(sharded.load_config(folder), "tinyllama-1.1b-shape", folder)
     return memory.training_memory(shape, world=2, sharded=True, micro_batch_tokens=MICRO_BATCH * SEQ, bf16=False,
@@ -71,7 +71,7 @@ def _plot(result: dict, path: str) -> None:
 
 
 def run(out_dir: str) -> dict:
-    from rayapp.models import tiny
+    from rayapp.ml.models import tiny
     from rayapp.testing.fsdp_probes import shard_on_meta, training_step_memory
     from rayapp.testing.gloo import run_gloo
 

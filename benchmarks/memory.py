@@ -12,7 +12,7 @@
     allocates beyond its state, for torch's foreach implementation (its default on CUDA), the
     fused one (what rayapp uses on CUDA) and the for-loop one (its default on a CPU).
 
-Each figure is compared with `rayapp plan`'s arithmetic (rayapp/plan/memory.py) for the same shapes.
+Each figure is compared with `rayapp plan`'s arithmetic (rayapp/ops/plan/memory.py) for the same shapes.
 Results: benchmarks/results/memory-cpu<N>.json and .png; (c) alone: adamw-step-cpu<N>.json
 (``python -c "from benchmarks.memory import run_adamw_step; run_adamw_step('benchmarks/results')"``).
 """
@@ -41,7 +41,7 @@ def _save_random_llama(folder: str) -> int:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from rayapp.models import sharded
+    from rayapp.ml.models import sharded
 
     config = LlamaConfig(**TINYLLAMA_1B)
     model = sharded.empty_causal_lm(config)
@@ -83,7 +83,7 @@ def _load_side_by_side(folder: str) -> dict:
 SCORING_CHILD = r"""
 import json, resource, sys, numpy as np, torch
 from transformers import OPTConfig, OPTForCausalLM
-from rayapp.models.losses import batch_losses, full_logits_losses, pad_batch
+from rayapp.ml.models.losses import batch_losses, full_logits_losses, pad_batch
 torch.set_num_threads(2)
 path, rows, width, labelled = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 torch.manual_seed(0)
@@ -117,8 +117,8 @@ def _scoring_side_by_side(rows: int, width: int, labelled: float) -> dict:
 
 
 def _estimates(params: int, batch_tokens: int, width: int, labelled: float) -> dict:
-    from rayapp.plan import memory
-    from rayapp.plan.shapes import ModelShape
+    from rayapp.ops.plan import memory
+    from rayapp.ops.plan.shapes import ModelShape
 
     opt_small = ModelShape(name="opt-vocab-small", model_type="opt", params=0, layer_params=0, layers=2, hidden=128,
                            intermediate=512, vocab=50272, heads=4, kv_heads=4, head_dim=32, max_positions=width,
@@ -170,8 +170,8 @@ ADAMW_SHAPES = ("facebook/opt-125m", "facebook/opt-350m")
 def run_adamw_step(out_dir: str, tokens: int = 128) -> dict:
     """(c): for each shape, the step's growth of resident memory per rank, per implementation,
     beside the plan's adamw_step_temporaries for that rank's shard."""
-    from rayapp.plan import memory
-    from rayapp.plan.shapes import bundled_config
+    from rayapp.ops.plan import memory
+    from rayapp.ops.plan.shapes import bundled_config
     from rayapp.testing.gloo import run_gloo
     from rayapp.testing.optimizer_probe import adamw_step_growth
 

@@ -18,8 +18,8 @@ import time
 def plain_scoring(model_path: str, table, pad_id: int, batch_rows: int, threads: int) -> dict:
     import torch
 
-    from rayapp.models.loading import load_causal_lm
-    from rayapp.models.losses import full_logits_losses, pad_batch
+    from rayapp.ml.models.loading import load_causal_lm
+    from rayapp.ml.models.losses import full_logits_losses, pad_batch
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--batch-rows", type=int, required=True)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
-    from rayapp.common import storage
+    from rayapp.core import storage
 
     table = storage.read_parquet_dir(a.prepared_dir, ["id", "input_ids", "labels"])
     out = plain_scoring(a.model, table, a.pad_id, a.batch_rows, a.threads)

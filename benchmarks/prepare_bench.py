@@ -62,11 +62,11 @@ def _plot(results: dict, path: str) -> None:
 def run(out_dir: str) -> dict:
     import ray
 
-    from rayapp.common import storage
-    from rayapp.common.layout import RunLayout
-    from rayapp.models import tiny
+    from rayapp.core import storage
+    from rayapp.core.layout import RunLayout
+    from rayapp.ml.models import tiny
     from rayapp.pipeline import run as run_stage
-    from rayapp.prepare.readers import iter_jsonl
+    from rayapp.stages.prepare.readers import iter_jsonl
 
     os.makedirs(out_dir, exist_ok=True)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING", log_to_driver=False)

@@ -26,13 +26,13 @@ import numpy as np
 from benchmarks.plain_score import plain_scoring
 from benchmarks.report import write_results
 from benchmarks.score_bench import ALPACA, _machine
-from rayapp.common import storage
-from rayapp.common.layout import RunLayout
 from rayapp.config import FinetuneConfig, ScoreConfig, load_config
-from rayapp.models import registry
-from rayapp.models.loading import load_causal_lm, load_tokenizer
+from rayapp.core import storage
+from rayapp.core.layout import RunLayout
+from rayapp.ml.models import registry
+from rayapp.ml.models.loading import load_causal_lm, load_tokenizer
 from rayapp.pipeline import run as run_stage
-from rayapp.score.stage import special_ids
+from rayapp.stages.score.stage import special_ids
 
 
 def _prepared(rows: int, work: str):
@@ -50,7 +50,7 @@ def _prepared(rows: int, work: str):
 def plain_finetune(model_path: str, table, pad_id: int, batch_rows: int, threads: int, lr: float) -> dict:
     import torch
 
-    from rayapp.train.collate import collate
+    from rayapp.ml.train.collate import collate
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -83,9 +83,9 @@ def rayapp_on_nodes(n: int, cpus_per_node: int, cfg, manifest, files, work: str,
     import ray
     from ray.cluster_utils import Cluster
 
-    from rayapp.common.manifests import CheckpointRecord
-    from rayapp.score.engine import score_checkpoints
-    from rayapp.train.runner import TrainJob, run_training
+    from rayapp.core.manifests import CheckpointRecord
+    from rayapp.ml.train.runner import TrainJob, run_training
+    from rayapp.stages.score.engine import score_checkpoints
 
     cluster = None
     if address is None:

@@ -90,7 +90,7 @@ def _prepared_full(source: str, work: str, tokenizer: str | None = None):
 
 
 def shard_lengths(prepared_dir: str) -> list[np.ndarray]:
-    from rayapp.common import storage
+    from rayapp.core import storage
 
     return [storage.read_parquet(f, ["n_tokens"])["n_tokens"].to_numpy()
             for f in storage.list_files(prepared_dir, ".parquet")]
@@ -101,7 +101,7 @@ def padding_by_unit_order(shards: list[np.ndarray], rows_per_unit: int, batch_to
     """Padding share of computed tokens when every unit is batched by token budget: units of
     consecutive rows (the former engine), units in each shard's length order, the same with batches
     bounded to ``max_padding`` (this engine), and the whole set batched at once (the floor)."""
-    from rayapp.score.batching import length_ordered_units, padding_stats, token_budget_batches
+    from rayapp.stages.score.batching import length_ordered_units, padding_stats, token_budget_batches
 
     def share(units_per_shard, bound: float = 1.0) -> float:
         real = padded = 0
@@ -128,14 +128,14 @@ def padding_by_unit_order(shards: list[np.ndarray], rows_per_unit: int, batch_to
 def full_alpaca(cfg, manifest, work: str) -> dict:
     import ray
 
-    from rayapp.common import storage
-    from rayapp.common.layout import RunLayout
-    from rayapp.common.manifests import CheckpointRecord
     from rayapp.config import ScoreConfig
-    from rayapp.models import registry
-    from rayapp.models.loading import load_tokenizer
-    from rayapp.score.engine import score_checkpoints
-    from rayapp.score.stage import special_ids
+    from rayapp.core import storage
+    from rayapp.core.layout import RunLayout
+    from rayapp.core.manifests import CheckpointRecord
+    from rayapp.ml.models import registry
+    from rayapp.ml.models.loading import load_tokenizer
+    from rayapp.stages.score.engine import score_checkpoints
+    from rayapp.stages.score.stage import special_ids
 
     prepared = RunLayout(cfg.output_dir).prepared
     bos, pad = special_ids(load_tokenizer(manifest.tokenizer))
@@ -188,7 +188,7 @@ def run(rows: int, out_dir: str, baseline: str | None = None, full: bool = True)
                                        alpaca_cfg and alpaca_cfg[1].tokenizer)
         if name == "alpaca":
             alpaca_cfg = (cfg, manifest)
-        from rayapp.common.layout import RunLayout
+        from rayapp.core.layout import RunLayout
 
         results["padding"][name] = padding_by_unit_order(shard_lengths(RunLayout(cfg.output_dir).prepared),
                                                           defaults.rows_per_task, 8192, defaults.max_rows_per_batch,

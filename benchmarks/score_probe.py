@@ -27,15 +27,15 @@ def main() -> None:
 
     import ray
 
-    from rayapp.common import storage
-    from rayapp.common.layout import RunLayout
-    from rayapp.common.manifests import CheckpointRecord
     from rayapp.config import DataConfig, ScoreConfig, load_config
-    from rayapp.models import registry
-    from rayapp.models.loading import load_tokenizer
+    from rayapp.core import storage
+    from rayapp.core.layout import RunLayout
+    from rayapp.core.manifests import CheckpointRecord
+    from rayapp.ml.models import registry
+    from rayapp.ml.models.loading import load_tokenizer
     from rayapp.pipeline import run as run_stage
-    from rayapp.score.engine import score_checkpoints
-    from rayapp.score.stage import special_ids
+    from rayapp.stages.score.engine import score_checkpoints
+    from rayapp.stages.score.stage import special_ids
 
     work = tempfile.mkdtemp(prefix="rayapp-score-probe-")
     defaults = DataConfig.model_fields  # the shipped defaults, not tiny.yaml's

@@ -13,8 +13,9 @@ import argparse
 import logging
 import sys
 
-from rayapp.common.errors import ConfigError, RayappError
+from rayapp.core.errors import ConfigError, RayappError
 from rayapp.pipeline import STAGE_TYPES
+
 
 def _verbosity(p: argparse.ArgumentParser, default) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=default,
@@ -120,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _plan(cfg, as_json: bool, verbose: bool) -> int:
     import json
 
+    from rayapp.ops.plan.check import format_plans, infeasible
     from rayapp.pipeline import memory_plans
-    from rayapp.plan.check import format_plans, infeasible
 
     try:
         plans = memory_plans(cfg)
@@ -138,8 +139,8 @@ def _plan(cfg, as_json: bool, verbose: bool) -> int:
 def _compare(args) -> int:
     import os
 
-    from rayapp.select.compare import compare_pair, format_table, plot_overlap
-    from rayapp.select.stage import load_external_trajectories
+    from rayapp.stages.select.compare import compare_pair, format_table, plot_overlap
+    from rayapp.stages.select.stage import load_external_trajectories
 
     try:
         ref, _ = load_external_trajectories(args.trajectories, f"{args.reference}_")
@@ -166,7 +167,7 @@ def _compare(args) -> int:
 def _submit(args) -> int:
     import os
 
-    from rayapp.submit import DEFAULT_ADDRESS, submit
+    from rayapp.ops.submit import DEFAULT_ADDRESS, submit
 
     entry = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
@@ -178,10 +179,10 @@ def _submit(args) -> int:
 
 
 def _judge_report(args) -> int:
-    from rayapp.evaluate.judge_report import main as judge_report
+    from rayapp.stages.evaluate.judge_report import main as judge_report
 
     if args.human:
-        from rayapp.evaluate.judge_report import human_main
+        from rayapp.stages.evaluate.judge_report import human_main
 
         if not args.key:
             raise ConfigError("--human needs --key: the key.json beside the page the choices came from")
@@ -201,8 +202,8 @@ def _judge_report(args) -> int:
 
 
 def _status(output_dir: str, cfg, as_json: bool) -> int:
-    from rayapp.status import as_json as status_json
-    from rayapp.status import format_status, run_status
+    from rayapp.ops.status import as_json as status_json
+    from rayapp.ops.status import format_status, run_status
 
     try:
         stages = run_status(output_dir, cfg)
@@ -213,7 +214,7 @@ def _status(output_dir: str, cfg, as_json: bool) -> int:
 
 
 def _check_cluster(args) -> int:
-    from rayapp.deploy.checks import check_files
+    from rayapp.ops.deploy.checks import check_files
 
     try:
         errors = check_files(args.files, args.configs, args.head_policy)
@@ -227,7 +228,7 @@ def _check_cluster(args) -> int:
 
 
 def _rehearse(args) -> int:
-    from rayapp.rehearse import RehearsalError, rehearse
+    from rayapp.ops.rehearse import RehearsalError, rehearse
 
     try:
         report = rehearse(args.config, args.overrides, args.cluster, args.workdir, args.until)
@@ -273,7 +274,7 @@ def _dispatch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rayapp.common import log as logs
+    from rayapp.core import log as logs
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -15,8 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rayapp.common.errors import ConfigError
-from rayapp.common.hashing import short_digest
+from rayapp.core.errors import ConfigError
+from rayapp.core.hashing import short_digest
 from rayapp.selection.methods import NAMES as SELECT_METHODS
 from rayapp.selection.methods import is_tag, parse_selection
 

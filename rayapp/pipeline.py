@@ -2,7 +2,7 @@
 
     prepare -> reference -> score -> select -> finetune (one run per compared subset) -> evaluate
 
-To add a stage, write its module (a ``Stage`` subclass: ``common/stages.py`` says what it declares)
+To add a stage, write its module (a ``Stage`` subclass: ``core/stage.py`` says what it declares)
 and list its class in ``STAGE_TYPES`` below. `rayapp run`, its own command, `rayapp status`, `rayapp
 plan`, `rayapp check-cluster`, tracking and the summary all loop over this list.
 """
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import time
 
-from rayapp.common.raycluster import init_ray
-from rayapp.common.stages import Stage, StageResult, run_stage, run_stages
 from rayapp.config import RunConfig
-from rayapp.evaluate.stage import EvaluateStage
-from rayapp.finetune.stage import FinetuneStage
-from rayapp.prepare.stage import PrepareStage
-from rayapp.reference.stage import ReferenceStage
-from rayapp.score.stage import ScoreStage
-from rayapp.select.stage import SelectStage
+from rayapp.core.raycluster import init_ray
+from rayapp.core.stage import Stage, StageResult, run_stage, run_stages
+from rayapp.stages.evaluate.stage import EvaluateStage
+from rayapp.stages.finetune.stage import FinetuneStage
+from rayapp.stages.prepare.stage import PrepareStage
+from rayapp.stages.reference.stage import ReferenceStage
+from rayapp.stages.score.stage import ScoreStage
+from rayapp.stages.select.stage import SelectStage
 
 # The pipeline's stages in order, by name: the one list a new stage is added to.
 STAGE_TYPES: dict[str, type[Stage]] = {
@@ -61,7 +61,7 @@ def placements(cfg: RunConfig) -> list:
 
 def memory_plans(cfg: RunConfig) -> list:
     """Every model-loading stage's per-GPU memory at the config's shapes (`rayapp plan`)."""
-    from rayapp.plan.check import plan_config
+    from rayapp.ops.plan.check import plan_config
 
     return plan_config(cfg, STAGE_TYPES.values())
 
@@ -70,13 +70,13 @@ def preflight(cfg: RunConfig, stages: list[Stage], check_fit: bool = True) -> No
     """What must hold before any stage starts: each stage's own checks (``Stage.preflight``:
     missing optional packages), a reachable tracking backend, and with ``check_fit`` that every
     stage fits its GPUs (what `rayapp plan` says; CPU-only configs have nothing to check)."""
-    from rayapp.common import tracking
+    from rayapp.core import tracking
 
     for stage_type in dict.fromkeys(type(s) for s in stages):
         stage_type.preflight(cfg)
     tracking.check_available(cfg)
     if check_fit:
-        from rayapp.plan.check import check_fits
+        from rayapp.ops.plan.check import check_fits
 
         check_fits(cfg, list(dict.fromkeys(type(s) for s in stages)))
 
@@ -87,8 +87,8 @@ def run_pipeline(cfg: RunConfig, until: str | None = None, force: bool = False, 
     (``names``: that stage): preflight, tracking, the steps (prepare beside Ray's start-up, work
     started ahead), and the summary. The CLI, the Ray job entrypoints, tests and benchmarks all
     call this."""
-    from rayapp.common import tracking
-    from rayapp.summary import print_summary
+    from rayapp.core import tracking
+    from rayapp.core.summary import print_summary
 
     stages = plan(cfg, until) if names is None else [stage(n, cfg) for n in names]
     preflight(cfg, stages, check_fit=names is None and not skip_plan)
@@ -106,14 +106,14 @@ def run_pipeline(cfg: RunConfig, until: str | None = None, force: bool = False, 
 
 def run_steps(stages: list[Stage], cfg: RunConfig, force: bool = False, start_ahead: bool = True) -> list[StageResult]:
     """Run a plan step by step (``steps``). Steps that use Ray run in a driver process of their own
-    (``common.isolation``) as ``ray.stage_processes`` says: under ``auto``, every step after one that
+    (``core.isolation``) as ``ray.stage_processes`` says: under ``auto``, every step after one that
     lost a worker or a node, so that what the loss left behind in a driver cannot stall the next
     stage. With ``start_ahead``, work that needs only the prepared data starts once prepare is done
     (``Stage.start_ahead``), in this process, which outlives the steps."""
-    from rayapp.common import isolation
-    from rayapp.common.layout import RunLayout
-    from rayapp.common.log import get_logger
-    from rayapp.common.raycluster import step_back_into
+    from rayapp.core import isolation
+    from rayapp.core.layout import RunLayout
+    from rayapp.core.log import get_logger
+    from rayapp.core.raycluster import step_back_into
 
     log = get_logger("rayapp.run")
     isolation.remember_run_dir()
@@ -156,7 +156,7 @@ def run_steps(stages: list[Stage], cfg: RunConfig, force: bool = False, start_ah
 def _ray_for_steps(cfg: RunConfig) -> None:
     """Ray up in this process (it starts a local cluster, or joins the configured one, and owns the
     work started ahead), and the forkserver the step processes come from."""
-    from rayapp.common import isolation
+    from rayapp.core import isolation
 
     init_ray(cfg)
     isolation.start_forkserver()
@@ -168,7 +168,7 @@ def _while_ray_starts(group: list[Stage], cfg: RunConfig, force: bool, isolate: 
     this process reads and tokenizes the data in a thread."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from rayapp.common.raycluster import existing_cluster_address
+    from rayapp.core.raycluster import existing_cluster_address
 
     up = (lambda: _ray_for_steps(cfg)) if isolate else (lambda: init_ray(cfg))
     # Joining a running cluster takes no time worth hiding, and inside a Ray job ray.init can

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from rayapp.common.hashing import row_id
+from rayapp.core.hashing import row_id
 
 
 @dataclass

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
-# the fault hooks reach product code through its injection point (rayapp/common/hooks.py); every
+# the fault hooks reach product code through its injection point (rayapp/core/hooks.py); every
 # process the tests start inherits this, Ray's clusters and jobs included
 os.environ.setdefault("RAYAPP_TEST_HOOKS", "rayapp.testing.faults")
 

@@ -9,7 +9,7 @@ import subprocess
 
 
 def start_s3_server() -> tuple[subprocess.Popen, dict]:
-    from rayapp.rehearse import start_local_s3
+    from rayapp.ops.rehearse import start_local_s3
 
     return start_local_s3("testing")
 

@@ -68,7 +68,7 @@ def runs(tmp_path_factory):
     and actors."""
     from ray.util.state import list_actors
 
-    from rayapp.submit import submit
+    from rayapp.ops.submit import submit
 
     tmp = tmp_path_factory.mktemp("autoscaling")
     (tmp / "cluster.yaml").write_text(yaml.safe_dump(autoscaling_config(tmp, str(tmp / "cluster"))))

@@ -1,5 +1,5 @@
 """Cluster operations: launcher YAMLs through Ray's own validation, KubeRay manifests through field
-checks (rayapp/deploy/checks.py; the GPU-level checks are in test_cluster_configs.py), and `rayapp submit` against the job server of a real three-node cluster on 127.0.0.1.
+checks (rayapp/ops/deploy/checks.py; the GPU-level checks are in test_cluster_configs.py), and `rayapp submit` against the job server of a real three-node cluster on 127.0.0.1.
 (The whole pipeline runs as a Ray job on that cluster in test_pipeline.py.)"""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 import pytest
 import yaml
 
-from rayapp.deploy.checks import _cluster_spec, check_kuberay
-from rayapp.submit import SubmitError, build_runtime_env, submit
+from rayapp.ops.deploy.checks import _cluster_spec, check_kuberay
+from rayapp.ops.submit import SubmitError, build_runtime_env, submit
 from tests.conftest import REPO, wait_for_job_server
 
 LAUNCHER = ["cluster/aws.yaml", "cluster/gcp.yaml"]

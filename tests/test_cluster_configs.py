@@ -15,9 +15,15 @@ import pytest
 import yaml
 
 from rayapp.config import load_config
-from rayapp.deploy.checks import (check_kuberay, check_launcher, check_placement, kuberay_node_types,
-                                  launcher_node_types, stage_requests)
-from rayapp.deploy.instances import ALL
+from rayapp.ops.deploy.checks import (
+    check_kuberay,
+    check_launcher,
+    check_placement,
+    kuberay_node_types,
+    launcher_node_types,
+    stage_requests,
+)
+from rayapp.ops.deploy.instances import ALL
 from tests.conftest import REPO
 
 LAUNCHER = ["cluster/aws.yaml", "cluster/gcp.yaml"]
@@ -186,7 +192,7 @@ def _spec(doc):
 
 
 def _node_types(path, doc=None):
-    from rayapp.deploy.checks import kuberay_head
+    from rayapp.ops.deploy.checks import kuberay_head
 
     doc = doc or _load(path)
     return [kuberay_head(doc)] + kuberay_node_types(doc) if doc.get("kind") else launcher_node_types(doc)
@@ -197,7 +203,7 @@ def test_every_node_gets_the_hf_token_from_its_own_environment(path):
     """The job's driver (head) stages the gated Llama models from the hub; GPU nodes fetch a model
     named directly in evaluate.models. Before: KubeRay gave the Secret to the head only, and the
     launcher configs passed nothing into any container."""
-    from rayapp.deploy.checks import check_needs
+    from rayapp.ops.deploy.checks import check_needs
 
     types = _node_types(path)
     assert {t.name: bool(t.hf_token) for t in types} == {t.name: True for t in types}
@@ -208,7 +214,7 @@ def test_every_node_gets_the_hf_token_from_its_own_environment(path):
 
 
 def test_check_cluster_names_each_node_type_without_the_token():
-    from rayapp.deploy.checks import check_needs, kuberay_head
+    from rayapp.ops.deploy.checks import check_needs, kuberay_head
 
     llama, opt = load_config(str(REPO / PRESETS[1])), load_config(str(REPO / PRESETS[0]))
     doc = _load("cluster/kuberay/raycluster.yaml")
@@ -304,8 +310,8 @@ def test_the_aws_policies_let_each_host_read_the_secrets_it_fetches():
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("path", LAUNCHER + KUBERAY)
 def test_the_presets_fit_each_node_types_disk_and_stage_checkpoints_fast(path, preset):
-    from rayapp.deploy.checks import SLOW_CHECKPOINT_SAVE_S, check_needs, stages_on
-    from rayapp.deploy.needs import disk_needs
+    from rayapp.ops.deploy.checks import SLOW_CHECKPOINT_SAVE_S, check_needs, stages_on
+    from rayapp.ops.deploy.needs import disk_needs
 
     cfg = load_config(str(REPO / preset))
     types = _node_types(path)
@@ -320,7 +326,7 @@ def test_the_presets_fit_each_node_types_disk_and_stage_checkpoints_fast(path, p
 def test_slow_or_small_disks_are_named_per_node_type():
     """The disks as they were: gp3 at its 125 MiB/s baseline on p4d, GCP's default pd-standard:
     ~20 min a 13B save; and a KubeRay cache too small for what the stages keep there."""
-    from rayapp.deploy.checks import check_needs, kuberay_head
+    from rayapp.ops.deploy.checks import check_needs, kuberay_head
 
     cfg = load_config(str(REPO / PRESETS[0]))
     aws = _load("cluster/aws.yaml")
@@ -368,7 +374,7 @@ def test_kuberay_ephemeral_storage_fits_the_node_pools_disk(path):
 
 
 def test_disk_descriptions_parse_to_their_write_rates():
-    from rayapp.deploy.instances import MIB, DiskSpecError, parse_disk
+    from rayapp.ops.deploy.instances import MIB, DiskSpecError, parse_disk
 
     assert parse_disk("gp3 1000Gi", "p4d.24xlarge").write_bytes_per_s == 125 * MIB
     assert parse_disk("gp3 1000Gi 1000MiBps", "p4d.24xlarge").write_bytes_per_s == 1000 * MIB
@@ -382,10 +388,10 @@ def test_disk_descriptions_parse_to_their_write_rates():
 
 
 def test_parameter_counts_from_config_match_the_models_built_on_the_meta_device():
-    """check-cluster counts parameters from config.json alone (no torch import); plan/shapes.py
+    """check-cluster counts parameters from config.json alone (no torch import); ops/plan/shapes.py
     builds the model: they agree on the paper's models."""
-    from rayapp.deploy.needs import config_params
-    from rayapp.plan.shapes import bundled_config, model_shape
+    from rayapp.ops.deploy.needs import config_params
+    from rayapp.ops.plan.shapes import bundled_config, model_shape
 
     for name in ("facebook/opt-350m", "facebook/opt-13b", "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf"):
         assert config_params(json.load(open(bundled_config(name)))) == model_shape(name).params, name

@@ -47,8 +47,8 @@ def test_node_killed_mid_scoring_leaves_scores_and_selection_unchanged(pipeline_
     joins, as the autoscaler would add one. The job ends with exactly one score per (id,
     checkpoint), and its scores, and the selections made from them, equal those of the first run,
     whose scoring was not interrupted. (Last in this module: it changes the shared cluster's nodes.)"""
+    from rayapp.ops.submit import submit
     from rayapp.testing.faults import SCORE_FAULT_ENV as FAULT_ENV
-    from rayapp.submit import submit
     from tests.conftest import replace_hung_workers_node
 
     cluster, address = three_nodes

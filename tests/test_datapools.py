@@ -1,4 +1,4 @@
-"""Ray Data pools driven from a Ray task (rayapp/common/datapools.py), on a real local Ray."""
+"""Ray Data pools driven from a Ray task (rayapp/core/datapools.py), on a real local Ray."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rayapp.common.datapools import DrivenStream
+from rayapp.core.datapools import DrivenStream
 
 NOISE = "has constructor arguments in the object store and max_restarts > 0"
 

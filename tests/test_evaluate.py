@@ -9,8 +9,8 @@ import json
 import pytest
 
 from rayapp.config import GenerationConfig, JudgeConfig
-from rayapp.evaluate.evalsets import BUILTIN_SETS, EvalSetError, load_eval_set, resolve_set
-from rayapp.evaluate.judge import EndpointJudge, JudgeError, ReferenceJudge, judge_pairs
+from rayapp.stages.evaluate.evalsets import BUILTIN_SETS, EvalSetError, load_eval_set, resolve_set
+from rayapp.stages.evaluate.judge import EndpointJudge, JudgeError, ReferenceJudge, judge_pairs
 from tests.conftest import SHARED
 from tests.judge_server import ScriptedJudgeServer
 
@@ -45,7 +45,7 @@ def test_the_judge_prompt_is_a_file_with_its_hash_recorded(tmp_path):
     """The prompt the endpoint receives is the configured file's text (answers with braces intact);
     the length-neutral sentence is an option that changes the prompt and its hash; a file without
     the three fields is refused, naming the file and what is missing."""
-    from rayapp.evaluate.judge import DEFAULT_PROMPT_FILE, LENGTH_NEUTRAL, judge_prompt, prompt_record
+    from rayapp.stages.evaluate.judge import DEFAULT_PROMPT_FILE, LENGTH_NEUTRAL, judge_prompt, prompt_record
 
     mine = tmp_path / "mine.txt"
     mine.write_text("Q: {question}\nFIRST: {answer_1}\nSECOND: {answer_2}\nScores on line one.\n")
@@ -145,9 +145,9 @@ def test_custom_jsonl_set_errors_name_file_and_line(tmp_path):
 
 @pytest.mark.slow
 def test_hf_backend_generates_on_ray(ray_local, make_config):
-    from rayapp.evaluate.generate import generate
-    from rayapp.models import registry
-    from rayapp.models.tiny import train_tokenizer
+    from rayapp.ml.models import registry
+    from rayapp.ml.models.tiny import train_tokenizer
+    from rayapp.stages.evaluate.generate import generate
     from tests.conftest import alpaca_rows
 
     cfg = make_config([{"path": "unused.jsonl"}])
@@ -176,8 +176,8 @@ def test_hf_backend_generates_on_ray(ray_local, make_config):
 def test_vllm_inputs_honour_trust_remote_code(tmp_path, make_config):
     """Defect: the vLLM path read the model's config and tokenizer without the config's
     trust_remote_code, so a model that ships its own code failed before reaching the engine."""
-    from rayapp.evaluate.generate import vllm_inputs
-    from rayapp.models.tiny import train_tokenizer
+    from rayapp.ml.models.tiny import train_tokenizer
+    from rayapp.stages.evaluate.generate import vllm_inputs
     from tests.conftest import alpaca_rows
 
     model = tmp_path / "custom"

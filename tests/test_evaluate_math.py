@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rayapp.evaluate.judge_report import read_judgments
-from rayapp.evaluate.verdicts import (
+from rayapp.stages.evaluate.judge_report import read_judgments
+from rayapp.stages.evaluate.verdicts import (
     Tally,
     Unparseable,
     combine_orders,

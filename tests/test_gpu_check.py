@@ -40,7 +40,7 @@ def test_gpu_check_runs_without_ray_vllm_or_pydantic(tmp_path):
 
 
 def test_device_names_map_to_their_accelerator_type():
-    from rayapp.plan.accelerators import accelerator_in
+    from rayapp.ops.plan.accelerators import accelerator_in
 
     assert accelerator_in("NVIDIA H100 80GB HBM3") == "H100" and accelerator_in("NVIDIA H200") == "H200"
     assert accelerator_in("NVIDIA A10G") == "A10G" and accelerator_in("NVIDIA A100-SXM4-40GB") == "A100"

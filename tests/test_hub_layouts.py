@@ -1,7 +1,7 @@
 """Checkpoints as the hub publishes them (issue 27, defect 2), and scoring that loads straight onto
 the device (defect 8).
 
-Stand-ins of the paper's models (models/standins.py) sit in a local hub cache in the real
+Stand-ins of the paper's models (ml/models/standins.py) sit in a local hub cache in the real
 repositories' layouts: OPT-350M's single pickled ``pytorch_model.bin``, OPT-13B's ``.bin`` shards
 with an index and names without the ``model.`` prefix, Llama-2's safetensors shards with an index
 (beside ``.bin`` copies), and a pinned non-main revision. The ordinary hub-name code path runs
@@ -20,12 +20,12 @@ import sys
 import pytest
 import torch
 
-from rayapp.common.artifacts import EXPORT_MARKER, artifact_uid
 from rayapp.config import RunConfig
-from rayapp.models import registry
-from rayapp.models.hub import HubCheckpointError
-from rayapp.models.loading import load_causal_lm, load_tokenizer
-from rayapp.models.standins import StandinError, write_hub_standin
+from rayapp.core.artifacts import EXPORT_MARKER, artifact_uid
+from rayapp.ml.models import registry
+from rayapp.ml.models.hub import HubCheckpointError
+from rayapp.ml.models.loading import load_causal_lm, load_tokenizer
+from rayapp.ml.models.standins import StandinError, write_hub_standin
 from tests.conftest import ALPACA, REPO, tiny_config_dict
 
 # layout -> (repository, revision)
@@ -227,7 +227,7 @@ def test_staging_happens_once_and_another_revision_restages(hub, tmp_path, monke
 
 
 def test_a_hub_tokenizer_is_staged_at_the_pinned_revision(hub, tmp_path):
-    from rayapp.prepare.stage import _tokenizer_identity
+    from rayapp.stages.prepare.stage import _tokenizer_identity
 
     cache, commits = hub
     cfg = run_config(tmp_path, "facebook/opt-350m", "v2")
@@ -248,7 +248,7 @@ def test_a_hub_tokenizer_is_staged_at_the_pinned_revision(hub, tmp_path):
 def test_staging_into_an_object_store_output_dir(hub, tmp_path, monkeypatch):
     """The presets write to s3:// (a local S3 API here): the staged folder is built locally,
     uploaded once, and read back by each node through the export cache."""
-    from rayapp.models.loading import materialize
+    from rayapp.ml.models.loading import materialize
     from tests.s3_server import create_bucket, start_s3_server
 
     cache, commits = hub
@@ -339,7 +339,7 @@ def test_pickled_weights_are_read_with_weights_only_and_bad_tensors_are_named(hu
 MEASURE = r"""
 import gc, json, sys
 import torch
-from rayapp.score.actor import LossScorer
+from rayapp.stages.score.actor import LossScorer
 
 def status(key):
     for line in open("/proc/self/status"):

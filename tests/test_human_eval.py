@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from rayapp.evaluate import human
+from rayapp.stages.evaluate import human
 from tests.conftest import REPO
 
 PROMPTS = [

@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rayapp.common import storage
-from rayapp.common.layout import RunLayout
 from rayapp.config import FinetuneConfig, LoraConfig
-from rayapp.models import registry
-from rayapp.models.loading import adapter_base, load_causal_lm
-from rayapp.models.losses import mean_response_nll
+from rayapp.core import storage
+from rayapp.core.layout import RunLayout
+from rayapp.ml.models import registry
+from rayapp.ml.models.loading import adapter_base, load_causal_lm
+from rayapp.ml.models.losses import mean_response_nll
+from rayapp.ml.train.runner import TrainJob, run_training
 from rayapp.testing.faults import TRAIN_KILL_ENV as KILL_AT_STEP_ENV
-from rayapp.train.runner import TrainJob, run_training
 from tests.conftest import alpaca_rows, run_stage, write_jsonl
 
 pytest.importorskip("peft")
@@ -90,7 +90,7 @@ def _eval_loss(model, eval_file, n=32):
 def test_lora_trains_adapters_on_a_sharded_frozen_base(lora_runs):
     export, metrics, work = lora_runs["merged"]
     stats = [json.load(open(os.path.join(work, "stats", f"rank-{r}.json"))) for r in (0, 1)]
-    from rayapp.plan.check import lora_adapter_params
+    from rayapp.ops.plan.check import lora_adapter_params
 
     lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=TARGETS)
     for s in stats:
@@ -140,7 +140,7 @@ def test_merged_export_is_base_plus_adapter_and_evaluation_loads_both(lora_runs,
 
     # evaluation loads the adapter export as base + adapter: the same answers as the merged one
     from rayapp.config import GenerationConfig
-    from rayapp.evaluate.generate import generate
+    from rayapp.stages.evaluate.generate import generate
 
     rows = [{"set": "t", "id": str(i), "prompt": f"### Instruction:\nName a colour {i}.\n\n### Response:\n"}
             for i in range(4)]
@@ -157,7 +157,7 @@ def test_adapters_start_the_same_on_one_worker_and_sharded_on_two(tmp_path):
     import numpy as np
 
     from rayapp.config import TinyModelConfig
-    from rayapp.models import tiny
+    from rayapp.ml.models import tiny
     from rayapp.testing.fsdp_probes import lora_adapters_at_start
     from rayapp.testing.gloo import run_gloo
 

@@ -1,5 +1,5 @@
 """Stage progress as Ray metrics, read back from the node's Prometheus endpoint while a real run
-goes on (rayapp/common/metrics.py): rows and tokens scored by the scoring actors, the training step,
+goes on (rayapp/core/metrics.py): rows and tokens scored by the scoring actors, the training step,
 live actors per pool. The run is `rayapp run --until score` in a subprocess whose Ray reports
 metrics every 0.5 s (Ray's default is 10 s) on a port this test picks."""
 

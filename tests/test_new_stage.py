@@ -25,11 +25,11 @@ from typing import Literal
 
 import pyarrow.compute as pc
 
-from rayapp.common import storage
-from rayapp.common.hashing import fingerprint
-from rayapp.common.layout import RunLayout
-from rayapp.common.manifests import StageManifest, read_prepared
-from rayapp.common.stages import Stage, StageContext
+from rayapp.core import storage
+from rayapp.core.hashing import fingerprint
+from rayapp.core.layout import RunLayout
+from rayapp.core.manifests import StageManifest, read_prepared
+from rayapp.core.stage import Stage, StageContext
 from rayapp.config import RunConfig
 
 
@@ -46,14 +46,14 @@ class ToyStage(Stage):
 
     @classmethod
     def placements(cls, cfg: RunConfig) -> list:
-        from rayapp.common.placement import Placement
+        from rayapp.core.placement import Placement
 
         # on a node type no cluster file has: check-cluster must say so, naming the stage
         return [Placement(cls.name, "actor pool", {"CPU": 1, "toy_node": 1}, 1)]
 
     @classmethod
     def memory_plans(cls, cfg: RunConfig) -> list:
-        from rayapp.plan.check import StagePlan
+        from rayapp.ops.plan.check import StagePlan
 
         return [StagePlan(cls.name, "no model", None, "1 CPU actor(s)")]
 
@@ -95,17 +95,17 @@ def test_a_new_stage_is_one_file_and_one_list_entry(tmp_path):
     pkg_root = tmp_path / "src"
     shutil.copytree(REPO / "rayapp", pkg_root / "rayapp", ignore=shutil.ignore_patterns("__pycache__"))
     # the one new file
-    (pkg_root / "rayapp" / "toy").mkdir()
-    (pkg_root / "rayapp" / "toy" / "__init__.py").write_text("")
-    (pkg_root / "rayapp" / "toy" / "stage.py").write_text(TOY_STAGE)
+    (pkg_root / "rayapp" / "stages" / "toy").mkdir()
+    (pkg_root / "rayapp" / "stages" / "toy" / "__init__.py").write_text("")
+    (pkg_root / "rayapp" / "stages" / "toy" / "stage.py").write_text(TOY_STAGE)
     # the one list entry (after prepare), and its import
     pipeline = pkg_root / "rayapp" / "pipeline.py"
     text = pipeline.read_text()
     entry = "PrepareStage, ReferenceStage,"
     assert text.count(entry) == 1
     text = text.replace(entry, "PrepareStage, ToyStage, ReferenceStage,")
-    text = text.replace("from rayapp.prepare.stage import PrepareStage\n",
-                        "from rayapp.prepare.stage import PrepareStage\nfrom rayapp.toy.stage import ToyStage\n")
+    text = text.replace("from rayapp.stages.prepare.stage import PrepareStage\n",
+                        "from rayapp.stages.prepare.stage import PrepareStage\nfrom rayapp.stages.toy.stage import ToyStage\n")
     pipeline.write_text(text)
 
     cfg = tiny_config_dict(tmp_path, [{"path": str(ALPACA), "limit": 120}])

@@ -67,7 +67,7 @@ def run_pipeline_job(tmp_path_factory, three_nodes, stop_first: bool, tracking: 
     resource to the two 'GPU' nodes. With ``stop_first``, a first submission is stopped (`ray job
     stop`) once the reference model's first epoch checkpoint is committed, and the same command is
     then submitted again to finish the run."""
-    from rayapp.submit import submit
+    from rayapp.ops.submit import submit
     from tests.conftest import wait_for_job_server
 
     _, address = three_nodes
@@ -88,7 +88,7 @@ def submit_and_stop(address: str, entry: list[str], run) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors
 
-    from rayapp.submit import submit
+    from rayapp.ops.submit import submit
 
     client = JobSubmissionClient(address)
     first = f"rayapp-test-{uuid.uuid4().hex[:8]}"
@@ -118,7 +118,7 @@ def test_run_finishes_with_a_summary(pipeline_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rayapp run 'test' finished" in proc.stdout
     # the clustering started ahead did its work in its Ray worker, and the actor pools' Ray-internal
-    # lines stayed in Ray's logs (common/datapools.py)
+    # lines stayed in Ray's logs (core/datapools.py)
     assert "background clustering failed" not in proc.stdout
     assert "core_worker.cc" not in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -228,8 +228,8 @@ def test_finetuned_target_exists_and_reloads(pipeline_run):
 def test_finetune_on_a_selection_file(pipeline_run, tmp_path):
     """A selection made elsewhere (a Parquet of ids) trains the target on exactly those prepared
     rows; an id that is not a prepared training row is an error naming the file, row and field."""
-    from rayapp.common.errors import RayappError
     from rayapp.config import load_config
+    from rayapp.core.errors import RayappError
     from tests.conftest import run_stage
 
     run_a, proc, _ = pipeline_run
@@ -256,8 +256,8 @@ def test_ifd_from_the_untrained_target(pipeline_run, tmp_path):
     committed are kept), and the IFD baselines use its losses, as Cherry-LLM scores with the model
     it selects for."""
     from rayapp.config import load_config
-    from rayapp.models.loading import load_causal_lm
-    from rayapp.models.losses import one_row_losses
+    from rayapp.ml.models.loading import load_causal_lm
+    from rayapp.ml.models.losses import one_row_losses
     from tests.conftest import run_stage
 
     run_a, proc, _ = pipeline_run
@@ -313,8 +313,8 @@ def test_stages_refuse_inputs_from_another_run_or_data(pipeline_run, tmp_path):
     """Each stage checks its inputs' manifests and refuses a mix: trajectories or a selected shard
     changed after they were written, scores of an older reference model, and scores, checkpoints or
     a selection made from other prepared data."""
-    from rayapp.common.errors import InputMismatchError
     from rayapp.config import load_config
+    from rayapp.core.errors import InputMismatchError
     from tests.conftest import run_stage
 
     run_a, proc, _ = pipeline_run
@@ -369,7 +369,7 @@ def test_stages_refuse_inputs_from_another_run_or_data(pipeline_run, tmp_path):
 
 
 def test_a_rerun_evaluation_reuses_kept_answers_and_judgments(pipeline_run, tmp_path):
-    """Answers and judgments are kept with the keys that made them (common/keyed.py): an evaluation
+    """Answers and judgments are kept with the keys that made them (core/keyed.py): an evaluation
     run again reads them back, and makes again only a judgment file that lost a line."""
     from rayapp import pipeline
     from rayapp.config import load_config

@@ -26,7 +26,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayapp.config import load_config
-from rayapp.evaluate.generate import engine_placement
+from rayapp.stages.evaluate.generate import engine_placement
 
 # one gpu-8x node: 8 logical GPUs, its label and accelerator type, its CPUs
 ray.init(address="local", num_cpus=16, num_gpus=8, resources={"gpu_8x": 8, "accelerator_type:A100": 1},
@@ -101,11 +101,11 @@ def test_tensor_parallel_engines_are_scheduled_by_ray_as_ray_data_llm_starts_the
 
 
 def test_one_field_places_the_generators_and_plan_and_check_cluster_read_it():
-    from rayapp.common import placement
-    from rayapp.deploy.checks import check_placement, launcher_node_types, stage_requests
-    from rayapp.plan.check import _gpu
-
     import yaml
+
+    from rayapp.core import placement
+    from rayapp.ops.deploy.checks import check_placement, launcher_node_types, stage_requests
+    from rayapp.ops.plan.check import _gpu
 
     # the hf generator on H100s: the Ray call, the plan and check-cluster all see H100
     cfg = load_config(str(REPO / "configs/tiny.yaml"),
@@ -123,8 +123,8 @@ def test_one_field_places_the_generators_and_plan_and_check_cluster_read_it():
 
 
 def test_every_stage_declares_its_placement_and_consumers_loop_over_them():
+    from rayapp.ops.deploy.checks import stage_requests
     from rayapp.pipeline import placements as run_placements
-    from rayapp.deploy.checks import stage_requests
 
     cfg = load_config(str(REPO / PRESETS[0]))
     by_stage = {p.stage: p for p in run_placements(cfg)}

@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from rayapp.plan import memory
-from rayapp.plan.shapes import model_shape
+from rayapp.ops.plan import memory
+from rayapp.ops.plan.shapes import model_shape
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
@@ -66,7 +66,7 @@ def test_paper_presets_finetune_fits_with_what_a_step_uses():
     """The 13B finetune on 8 x 40 GB A100 (the figure the issue questioned, 29.6 GiB) with the new
     parts: it still fits, with ~6 GiB to spare; foreach AdamW would have left under 1 GiB."""
     from rayapp.config import load_config
-    from rayapp.plan.check import FITS, plan_training, role_shape
+    from rayapp.ops.plan.check import FITS, plan_training, role_shape
 
     for preset in ("configs/paper-opt350m-to-13b.yaml", "configs/paper-llama2-7b-to-13b.yaml"):
         cfg = load_config(os.path.join(REPO, preset))
@@ -85,7 +85,7 @@ def test_worker_runs_adamw_fused_on_cuda_and_torchs_default_elsewhere():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from rayapp.config import TrainConfig
-    from rayapp.train.worker import FineTuneRecipe
+    from rayapp.ml.train.worker import FineTuneRecipe
 
     def optimizer_for(device: str):
         recipe = FineTuneRecipe.__new__(FineTuneRecipe)  # only what setup_optimizer reads
@@ -125,7 +125,7 @@ def test_adamw_step_allocates_what_the_plan_says_on_fsdp2_shards():
 
 @pytest.mark.slow
 def test_training_workers_run_with_expandable_segments(monkeypatch):
-    from rayapp.train.runner import _with_allocator_conf
+    from rayapp.ml.train.runner import _with_allocator_conf
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
@@ -150,7 +150,7 @@ def test_meta_model_build_touches_no_host_memory_with_deterministic_kernels_on()
     torch.empty with NaN; building OPT-13B on meta must still write nothing (it once wrote ~52 GB,
     taking 20 s rather than 0.1 s)."""
     code = ("import resource, torch\n"
-            "from rayapp.plan.shapes import model_shape\n"
+            "from rayapp.ops.plan.shapes import model_shape\n"
             "model_shape('facebook/opt-125m')\n"
             "torch.use_deterministic_algorithms(True, warn_only=True)\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from rayapp.common import storage
-from rayapp.common.errors import InputDataError
-from rayapp.common.hashing import row_id
-from rayapp.common.layout import RunLayout
-from rayapp.models.loading import load_tokenizer
-from rayapp.common.labels import IGNORE_INDEX
-from tests.conftest import REPO, alpaca_rows, tiny_config_dict, write_jsonl, run_stage
+from rayapp.core import storage
+from rayapp.core.errors import InputDataError
+from rayapp.core.hashing import row_id
+from rayapp.core.labels import IGNORE_INDEX
+from rayapp.core.layout import RunLayout
+from rayapp.ml.models.loading import load_tokenizer
+from tests.conftest import REPO, alpaca_rows, run_stage, tiny_config_dict, write_jsonl
 
 
 def _prepared(cfg) -> pa.Table:
@@ -300,7 +300,7 @@ def test_prepare_on_ray_data_gives_the_same_rows_and_rejects(ray_local, tmp_path
     assert m2.sources == m0.sources
     assert m0.reject_reasons["duplicate row"] >= 150 and m0.sources[2].rows_read == 333
     # how the work is spread is not part of what was prepared
-    from rayapp.prepare.stage import PrepareStage
+    from rayapp.stages.prepare.stage import PrepareStage
 
     spread = cfg0.model_copy(deep=True)
     spread.data.workers, spread.data.block_mb = 2, 0.02

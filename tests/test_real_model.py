@@ -24,11 +24,11 @@ MODEL = "smollm2-135m"
 
 
 def test_real_tokenizer_masks_exactly_the_prompt():
-    from rayapp.common.labels import IGNORE_INDEX
-    from rayapp.common.template import PromptFormatter
     from rayapp.config import TemplateConfig
-    from rayapp.models.loading import load_tokenizer
-    from rayapp.prepare.tokenize import tokenize_pairs
+    from rayapp.core.labels import IGNORE_INDEX
+    from rayapp.core.template import PromptFormatter
+    from rayapp.ml.models.loading import load_tokenizer
+    from rayapp.stages.prepare.tokenize import tokenize_pairs
 
     tok = load_tokenizer(MODEL)
     assert len(tok) == 49152 and tok.is_fast
@@ -75,7 +75,7 @@ def test_perplexity_falls_with_fine_tuning_on_real_text(real_run):
 @pytest.mark.slow
 def test_real_model_answers_are_readable(real_run, ray_local):
     from rayapp.config import GenerationConfig
-    from rayapp.evaluate.generate import generate
+    from rayapp.stages.evaluate.generate import generate
 
     out, cfg = real_run
     prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -101,13 +101,13 @@ def test_lora_on_the_real_model_learns_and_its_adapter_evaluates(real_run, ray_l
 
     import yaml
 
-    from rayapp.common import storage
-    from rayapp.common.layout import RunLayout
-    from rayapp.common.manifests import FinetuneManifest
     from rayapp.config import GenerationConfig
-    from rayapp.evaluate.generate import generate
-    from rayapp.models.loading import adapter_base, load_causal_lm
-    from rayapp.models.losses import mean_response_nll
+    from rayapp.core import storage
+    from rayapp.core.layout import RunLayout
+    from rayapp.core.manifests import FinetuneManifest
+    from rayapp.ml.models.loading import adapter_base, load_causal_lm
+    from rayapp.ml.models.losses import mean_response_nll
+    from rayapp.stages.evaluate.generate import generate
 
     out, cfg = real_run
     cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update=dict(

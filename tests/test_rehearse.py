@@ -15,8 +15,8 @@ import sys
 import pytest
 
 from rayapp.config import load_config
+from rayapp.ops.rehearse import hub_models, node_types_of, nodes_for, rehearsal_changes, secrets_needed
 from rayapp.pipeline import STAGE_TYPES
-from rayapp.rehearse import hub_models, node_types_of, nodes_for, rehearsal_changes, secrets_needed
 from tests.conftest import REPO
 
 PRESETS = ["configs/paper-opt350m-to-13b.yaml", "configs/paper-llama2-7b-to-13b.yaml"]

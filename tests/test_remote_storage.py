@@ -8,17 +8,17 @@ import os
 
 import pytest
 
-from rayapp.common import storage
-from rayapp.common.layout import RunLayout
 from rayapp.config import FinetuneConfig
-from rayapp.models import registry
-from rayapp.models.loading import load_causal_lm, materialize
-from rayapp.common.stages import claim_work_dir
-from rayapp.train.layout import TRAINING_STATE
-from rayapp.train import checkpoints as ck
+from rayapp.core import storage
+from rayapp.core.layout import RunLayout
+from rayapp.core.stage import claim_work_dir
+from rayapp.ml.models import registry
+from rayapp.ml.models.loading import load_causal_lm, materialize
+from rayapp.ml.train import checkpoints as ck
+from rayapp.ml.train.layout import TRAINING_STATE
+from rayapp.ml.train.runner import TrainJob, run_training
 from rayapp.testing.faults import TRAIN_KILL_ENV as KILL_AT_STEP_ENV
-from rayapp.train.runner import TrainJob, run_training
-from tests.conftest import alpaca_rows, write_jsonl, run_stage
+from tests.conftest import alpaca_rows, run_stage, write_jsonl
 from tests.s3_server import create_bucket, start_s3_server
 
 
@@ -56,7 +56,7 @@ def test_storage_round_trip(s3, tmp_path):
 def test_keyed_files_are_reused_only_with_the_keys_they_were_written_with(s3, tmp_path, where):
     import pyarrow as pa
 
-    from rayapp.common import keyed
+    from rayapp.core import keyed
 
     root = str(tmp_path) if where == "local" else f"s3://rayapp-test/keyed-{tmp_path.name}"
     table, keys = pa.table({"id": ["a", "b"], "x": [1, 2]}), {"rayapp.key": "k1", "rayapp.rows": "2"}
@@ -115,7 +115,7 @@ def test_fsdp_training_checkpoints_to_s3_and_resumes(s3, ray_local, tmp_path, ma
 
 def _fake_export(uri: str, tmp, weights: bytes) -> str:
     """A folder shaped like an export: files, then the marker (with a fresh uid) last."""
-    from rayapp.common.artifacts import mark_export
+    from rayapp.core.artifacts import mark_export
 
     src = tmp / f"src-{os.urandom(4).hex()}"
     src.mkdir()
@@ -129,11 +129,16 @@ def _fake_export(uri: str, tmp, weights: bytes) -> str:
 def test_score_sees_a_retrained_reference_on_s3(s3, tmp_path):
     """Defect: the score stage took an s3:// checkpoint's uid to be its path (it looked for the
     marker with os.path.exists), so scores were silently reused after the reference re-trained."""
-    from rayapp.common.hashing import fingerprint
-    from rayapp.common.layout import RunLayout
-    from rayapp.common.manifests import (CheckpointRecord, HoldoutRecord, PreparedManifest, ReferenceManifest,
-                                         write_manifest)
-    from rayapp.common.manifests import reference_checkpoints
+    from rayapp.core.hashing import fingerprint
+    from rayapp.core.layout import RunLayout
+    from rayapp.core.manifests import (
+        CheckpointRecord,
+        HoldoutRecord,
+        PreparedManifest,
+        ReferenceManifest,
+        reference_checkpoints,
+        write_manifest,
+    )
 
     layout = RunLayout("s3://rayapp-test/uid-run")
     prepared = PreparedManifest(fingerprint=fingerprint(x=1), tokenizer="t", vocab_size=1, eos_token=None, template={},
@@ -221,10 +226,10 @@ def test_resume_downloads_a_step_once_per_node_and_removes_it(s3, tmp_path, monk
 def test_vllm_inputs_read_an_s3_export_without_its_weights(s3, tmp_path):
     """Defect: vLLM evaluation on an s3:// output_dir failed (AutoConfig was given the s3:// path),
     and the driver would have downloaded the whole export to tokenize prompts."""
-    from rayapp.common.artifacts import mark_export
     from rayapp.config import GenerationConfig, TinyModelConfig
-    from rayapp.evaluate.generate import vllm_inputs
-    from rayapp.models import tiny
+    from rayapp.core.artifacts import mark_export
+    from rayapp.ml.models import tiny
+    from rayapp.stages.evaluate.generate import vllm_inputs
 
     rows = alpaca_rows(40)
     tiny.train_tokenizer((r["instruction"] + " " + r["output"] for r in rows), 400, str(tmp_path / "tok"))
@@ -235,7 +240,7 @@ def test_vllm_inputs_read_an_s3_export_without_its_weights(s3, tmp_path):
     prompts = [{"set": "s", "id": str(i), "prompt": r["instruction"] * 20} for i, r in enumerate(rows[:5])]
     fitted, kwargs = vllm_inputs(prompts, uri, GenerationConfig(backend="vllm", max_new_tokens=32), None)
     assert kwargs["max_model_len"] == 96  # read from the export's config.json
-    from rayapp.models.loading import load_tokenizer
+    from rayapp.ml.models.loading import load_tokenizer
 
     tok = load_tokenizer(uri)
     assert all(len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) <= 96 - 32 - 1 for r in fitted)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from rayapp.config import load_config
-from rayapp.models import tiny
-from rayapp.models.loading import load_causal_lm
-from rayapp.models.losses import batch_losses, full_logits_losses, pad_batch
-from rayapp.plan.shapes import bundled_config, model_shape
+from rayapp.ml.models import tiny
+from rayapp.ml.models.loading import load_causal_lm
+from rayapp.ml.models.losses import batch_losses, full_logits_losses, pad_batch
+from rayapp.ops.plan.shapes import bundled_config, model_shape
 from rayapp.testing.fsdp_probes import shard_on_meta, sharded_load, train_steps
 from rayapp.testing.gloo import run_gloo
 from tests.conftest import alpaca_rows
@@ -109,7 +109,7 @@ def test_bounded_loss_equals_full_logits_per_row(tmp_path, build):
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
     assert got[0][2] == 0 and (got[1] == want[1]).all()
     # chunks smaller than the scored positions give the same numbers
-    import rayapp.models.losses as losses
+    import rayapp.ml.models.losses as losses
 
     saved = losses.LOGIT_CHUNK_FLOATS
     losses.LOGIT_CHUNK_FLOATS = 301 * 5
@@ -136,8 +136,8 @@ def _plan(*args):
 
 
 def test_plan_passes_both_paper_presets_on_their_node_types():
+    from rayapp.ops.plan.check import FITS
     from rayapp.pipeline import memory_plans as plan_config
-    from rayapp.plan.check import FITS
 
     for preset in PRESETS:
         plans = plan_config(load_config(os.path.join(REPO, preset)))
@@ -181,8 +181,8 @@ def test_lora_shards_a_13b_bf16_base_on_the_meta_device():
 
 def test_plan_fits_a_13b_lora_on_4_a10g_where_full_fine_tuning_needs_16_gpus():
     pytest.importorskip("peft")
+    from rayapp.ops.plan.check import FITS, TOO_BIG
     from rayapp.pipeline import memory_plans as plan_config
-    from rayapp.plan.check import FITS, TOO_BIG
 
     adapters = OPT13B_ADAPTERS
     four_a10g = ["finetune.num_workers=4", "finetune.resources_per_worker={gpu_4x: 1}"]
@@ -210,7 +210,7 @@ def test_nonzero_token_count_reproduces_the_papers_denominator(tmp_path, build):
     """score.token_count: nonzero counts, as the paper's torch.count_nonzero(loss) does, only the
     labelled tokens whose loss is not exactly 0; tokens the model is certain of drop out of the
     perplexity's denominator (the loss sum is the same)."""
-    from rayapp.models.losses import device_losses
+    from rayapp.ml.models.losses import device_losses
 
     model = load_causal_lm(build(tmp_path / "m"), dtype=torch.float32).eval()
     certain = 7

@@ -9,20 +9,20 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from rayapp.common import storage
-from rayapp.common.layout import RunLayout
 from rayapp.config import ScoreConfig
-from rayapp.models import registry
-from rayapp.models.loading import load_causal_lm, load_tokenizer
+from rayapp.core import storage
+from rayapp.core.layout import RunLayout
+from rayapp.core.manifests import CheckpointRecord
+from rayapp.ml.models import registry
+from rayapp.ml.models.loading import load_causal_lm, load_tokenizer
+from rayapp.ml.models.losses import one_row_losses, response_only_sequence
+from rayapp.selection.strategies import select
+from rayapp.stages.score.batching import fixed_size_batches, length_ordered_units, padding_stats, token_budget_batches
+from rayapp.stages.score.engine import score_checkpoints
+from rayapp.stages.score.stage import special_ids
+from rayapp.stages.score.trajectories import build_trajectories
+from rayapp.stages.select.stage import trajectories_from_table
 from rayapp.testing.faults import SCORE_FAULT_ENV as FAULT_ENV
-from rayapp.score.batching import fixed_size_batches, length_ordered_units, padding_stats, token_budget_batches
-from rayapp.common.manifests import CheckpointRecord
-from rayapp.score.engine import score_checkpoints
-from rayapp.models.losses import one_row_losses, response_only_sequence
-from rayapp.score.stage import special_ids
-from rayapp.score.trajectories import build_trajectories
-from rayapp.select.stage import trajectories_from_table
-from rayapp.select.strategies import select
 from tests.bad_rows import mixed_corpus
 from tests.conftest import alpaca_rows, run_stage, wait_for_idle_cpus
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rayapp.select.metrics import ifd, learning_percentage, learning_percentage_approx, no_response_rows
-from rayapp.select.strategies import Trajectories, n_chunks, select, stratified_select
+from rayapp.selection.metrics import ifd, learning_percentage, learning_percentage_approx, no_response_rows
+from rayapp.selection.strategies import Trajectories, n_chunks, select, stratified_select
 
 
 def test_lp_known_values():

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayapp.config import ConfigError, load_config
-from rayapp.select.stage import SelectError
+from rayapp.stages.select.stage import SelectError
 from tests.conftest import REPO, SHARED, run_stage
 
 

@@ -49,7 +49,7 @@ def _config(tmp, output_dir):
 
 def _submit(address, path, env: dict | None = None, until: str | None = None):
     """Submit `rayapp run` (jobs/run_pipeline.py) in a thread; returns (thread, result, output)."""
-    from rayapp.submit import submit
+    from rayapp.ops.submit import submit
 
     entry = [sys.executable, "jobs/run_pipeline.py", "--config", str(path)] + (["--until", until] if until else [])
     runtime_env = json.dumps({"env_vars": env}) if env else None

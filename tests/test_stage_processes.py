@@ -1,4 +1,4 @@
-"""`rayapp run` runs steps that use Ray in a driver process of their own (common/isolation.py):
+"""`rayapp run` runs steps that use Ray in a driver process of their own (core/isolation.py):
 after a step that lost a worker or a node (``LossWatch``), or every step with ``always``. What a
 step raises, or a step process that dies, reaches the user as it would from one process, and a
 rerun resumes. The cross-stage fault tests on a cluster, where the loss watch turns the step
@@ -18,15 +18,14 @@ import yaml
 from tests.conftest import REPO, alpaca_rows, tiny_config_dict, write_jsonl
 
 
-
 def test_a_step_in_its_own_process_returns_what_it_made_and_raises_what_it_raised(tmp_path, make_config):
     """isolation.run_step with the real prepare stage (no Ray needed): the results come back from
     the step's process as the runner made them, and a user's error comes back as itself (type
     and message), not as a generic failure."""
-    from rayapp.common import isolation
-    from rayapp.common.errors import RayappError
-    from rayapp.common.manifests import PreparedManifest, read_manifest
-    from rayapp.prepare.stage import PrepareStage
+    from rayapp.core import isolation
+    from rayapp.core.errors import RayappError
+    from rayapp.core.manifests import PreparedManifest, read_manifest
+    from rayapp.stages.prepare.stage import PrepareStage
 
     cfg = make_config([{"path": str(write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(40)))}])
     isolation.start_forkserver()
@@ -45,7 +44,7 @@ def test_a_step_in_its_own_process_returns_what_it_made_and_raises_what_it_raise
 
 _LOSS_WATCH_SCRIPT = """
 import os, signal, time, ray
-from rayapp.common.isolation import LossWatch
+from rayapp.core.isolation import LossWatch
 
 ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
          logging_level="ERROR", log_to_driver=False)
@@ -70,7 +69,7 @@ dropped = Worker.remote()
 ray.get(dropped.pid.remote())
 del dropped  # out of scope
 
-from rayapp.common.datapools import DrivenStream
+from rayapp.core.datapools import DrivenStream
 
 class Double:
     def __call__(self, batch):
@@ -116,7 +115,7 @@ print("killed pid", pid, ":", lost, flush=True)
 def test_the_loss_watch_sees_a_killed_worker_and_nothing_in_a_healthy_step():
     """LossWatch on a real local cluster (with its dashboard, as `rayapp run` starts one): tasks,
     an actor ended with ray.kill, one dropped out of scope, and a Ray Data pool driven from an actor
-    (common/datapools.py) that finishes are no loss; an actor process that is SIGKILLed is,
+    (core/datapools.py) that finishes are no loss; an actor process that is SIGKILLed is,
     named by its pid and Ray's exit type."""
     proc = subprocess.run([sys.executable, "-c", _LOSS_WATCH_SCRIPT], cwd=REPO, capture_output=True, text=True,
                           timeout=300)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from rayapp.config import load_config
-from rayapp.status import run_status
+from rayapp.ops.status import run_status
 from tests.conftest import ALPACA, REPO, tiny_config_dict
 from tests.s3_server import create_bucket, start_s3_server
 
@@ -98,7 +98,7 @@ def test_a_failed_stage_shows_its_error(tmp_path):
 
 @pytest.mark.slow
 def test_status_reads_a_run_on_an_object_store(watched_run, tmp_path):
-    from rayapp.common import storage
+    from rayapp.core import storage
 
     config, _, _ = watched_run
     proc, env = start_s3_server()

@@ -20,9 +20,9 @@ import sys
 import pytest
 import yaml
 
-from rayapp.common import tracking
-from rayapp.common.errors import ConfigError
 from rayapp.config import RunConfig, load_config
+from rayapp.core import tracking
+from rayapp.core.errors import ConfigError
 from tests.conftest import ALPACA, REPO, tiny_config_dict
 
 
@@ -184,7 +184,7 @@ class _RecordingWandb:
 
 
 def test_wandb_logs_one_resumable_run_with_a_step_axis_per_stage(tmp_path, monkeypatch):
-    from rayapp.common import tracking
+    from rayapp.core import tracking
 
     cfg = tiny_config_dict(tmp_path, [{"path": str(ALPACA)}], name="paper")
     cfg["tracking"] = {"backend": "wandb", "experiment": "lp-data"}

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from rayapp.common import storage
-from rayapp.common.layout import RunLayout
 from rayapp.config import FinetuneConfig
-from rayapp.models import registry
-from rayapp.models.loading import load_causal_lm
-from rayapp.models.losses import mean_response_nll
+from rayapp.core import storage
+from rayapp.core.layout import RunLayout
+from rayapp.ml.models import registry
+from rayapp.ml.models.loading import load_causal_lm
+from rayapp.ml.models.losses import mean_response_nll
+from rayapp.ml.train.runner import TrainJob, run_training
 from rayapp.testing.faults import TRAIN_KILL_ENV as KILL_AT_STEP_ENV
-from rayapp.train.runner import TrainJob, run_training
-from tests.conftest import alpaca_rows, write_jsonl, run_stage
+from tests.conftest import alpaca_rows, run_stage, write_jsonl
 
 
 def _eval_loss(model_path, eval_file, n):
@@ -81,8 +81,8 @@ def test_an_epochs_short_last_accumulation_group_gets_its_full_weight(tmp_path, 
     recipe itself, in this process (world size 1, no Ray)."""
     import copy
 
-    from rayapp.train.collate import collate
-    from rayapp.train.worker import FineTuneRecipe, WorkerConfig, WorkerEnv, micro_batch_weight
+    from rayapp.ml.train.collate import collate
+    from rayapp.ml.train.worker import FineTuneRecipe, WorkerConfig, WorkerEnv, micro_batch_weight
 
     cfg = make_config([{"path": str(write_jsonl(tmp_path / "a.jsonl", alpaca_rows(40)))}])
     manifest = run_stage("prepare", cfg)

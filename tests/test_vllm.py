@@ -31,7 +31,7 @@ TEMPLATE = REPO / "rayapp" / "assets" / "plain_chat_template.jinja"
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     from rayapp.config import TinyModelConfig
-    from rayapp.models import tiny
+    from rayapp.ml.models import tiny
 
     tmp = tmp_path_factory.mktemp("vllm")
     rows = alpaca_rows(300)
@@ -112,7 +112,7 @@ def test_vllm_generation_and_served_judge(tiny_models, vllm_server, ray_local):
 
     # the two backends agree: greedy decoding in float32 gives the same tokens with transformers
     from rayapp.config import GenerationConfig
-    from rayapp.evaluate.generate import generate
+    from rayapp.stages.evaluate.generate import generate
 
     prompts = [{"set": r["set"], "id": r["id"], "prompt": r["prompt"]} for r in gens["a"]]
     hf, _ = generate(prompts, {"a": str(tiny_models / "a")}, GenerationConfig(max_new_tokens=16, dtype="float32"))["a"]
@@ -125,8 +125,8 @@ def test_vllm_generation_from_models_on_s3(tiny_models, tmp_path):
     AutoConfig), and the driver would have fetched every export's weights to tokenize prompts. The
     engines now fetch the weights on their own nodes (ray.data.llm); the driver reads the config and
     tokenizer only. S3 API served locally (tests/s3_server.py)."""
-    from rayapp.common import storage
-    from rayapp.common.artifacts import mark_export
+    from rayapp.core import storage
+    from rayapp.core.artifacts import mark_export
     from tests.s3_server import create_bucket, start_s3_server
 
     proc, s3_env = start_s3_server()
@@ -266,13 +266,13 @@ def test_vllm_scoring_backend_matches_the_torch_actor(tiny_models, ray_local, tm
     token counts equal the torch actor's, and the stats report no padding (vLLM packs rows)."""
     import numpy as np
 
-    from rayapp.common import storage
-    from rayapp.common.layout import RunLayout
-    from rayapp.common.manifests import CheckpointRecord
     from rayapp.config import RunConfig, ScoreConfig
-    from rayapp.models.loading import load_tokenizer
-    from rayapp.score.engine import score_checkpoints
-    from rayapp.score.stage import special_ids
+    from rayapp.core import storage
+    from rayapp.core.layout import RunLayout
+    from rayapp.core.manifests import CheckpointRecord
+    from rayapp.ml.models.loading import load_tokenizer
+    from rayapp.stages.score.engine import score_checkpoints
+    from rayapp.stages.score.stage import special_ids
     from tests.conftest import ALPACA, run_stage
 
     cfg = RunConfig.model_validate(tiny_config_dict(tmp_path, [{"path": str(ALPACA), "limit": 48}],
@@ -305,13 +305,13 @@ def test_vllm_scores_a_real_llama_like_the_torch_scorer(tmp_path):
     prefix) equal the torch scorer's, in the driver's process (score.local)."""
     import numpy as np
 
-    from rayapp.common import storage
-    from rayapp.common.layout import RunLayout
-    from rayapp.common.manifests import CheckpointRecord
     from rayapp.config import RunConfig, ScoreConfig
-    from rayapp.models.loading import load_tokenizer
-    from rayapp.score.engine import score_checkpoints
-    from rayapp.score.stage import special_ids
+    from rayapp.core import storage
+    from rayapp.core.layout import RunLayout
+    from rayapp.core.manifests import CheckpointRecord
+    from rayapp.ml.models.loading import load_tokenizer
+    from rayapp.stages.score.engine import score_checkpoints
+    from rayapp.stages.score.stage import special_ids
     from tests.conftest import ALPACA, run_stage
 
     cfg = RunConfig.model_validate(tiny_config_dict(tmp_path, [{"path": str(ALPACA), "limit": 12}],

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from rayapp.common.errors import RayappError, StallError
-from rayapp.common.watchdog import watched, watched_iter
+from rayapp.core.errors import RayappError, StallError
+from rayapp.core.watchdog import watched, watched_iter
 from tests.conftest import wait_for_idle_cpus
 
 MARGIN_S = 1.0  # how late past stall_s the pure watchdog may raise
@@ -113,14 +113,14 @@ def test_a_scoring_pool_that_stops_making_progress_fails_in_time_with_what_is_co
     scorer's own fault hook: the actor is alive, no result ever comes). The stage fails within
     ray.stall_timeout_s of its last result, and says what is committed, which a rerun keeps
     (test_score.py: test_interrupted_run_resumes_without_rescoring)."""
-    from rayapp.common import storage
-    from rayapp.common.layout import RunLayout
-    from rayapp.common.manifests import CheckpointRecord
     from rayapp.config import ScoreConfig
-    from rayapp.models import registry
-    from rayapp.models.loading import load_tokenizer
-    from rayapp.score.engine import score_checkpoints
-    from rayapp.score.stage import special_ids
+    from rayapp.core import storage
+    from rayapp.core.layout import RunLayout
+    from rayapp.core.manifests import CheckpointRecord
+    from rayapp.ml.models import registry
+    from rayapp.ml.models.loading import load_tokenizer
+    from rayapp.stages.score.engine import score_checkpoints
+    from rayapp.stages.score.stage import special_ids
     from rayapp.testing.faults import SCORE_FAULT_ENV
     from tests.conftest import alpaca_rows, run_stage, write_jsonl
 
@@ -165,16 +165,16 @@ def test_a_training_fit_whose_workers_hang_is_stopped_and_raises(ray_local, monk
     """A Ray Train fit (2 workers) whose workers log one step, then hang: the fit is aborted
     (its workers gone, their CPUs free) and a StallError names the stage, the fit and what is
     committed."""
-    import rayapp.train.worker
+    import rayapp.ml.train.worker
     from rayapp.config import FinetuneConfig
-    from rayapp.train.runner import TrainJob, run_training
+    from rayapp.ml.train.runner import TrainJob, run_training
 
     def hang(config):  # the training loop, pickled by value to the workers
         import time as _time
 
         import ray.train
 
-        from rayapp.common import storage
+        from rayapp.core import storage
 
         job = config["jobs"][0]
         rank = ray.train.get_context().get_world_rank()
@@ -185,7 +185,7 @@ def test_a_training_fit_whose_workers_hang_is_stopped_and_raises(ray_local, monk
                                 "tokens_per_s": 1.0, "time": _time.time()})
         _time.sleep(3600)
 
-    monkeypatch.setattr(rayapp.train.worker, "train_loop_per_worker", hang)
+    monkeypatch.setattr(rayapp.ml.train.worker, "train_loop_per_worker", hang)
     work = tmp_path / "ft"
     job = TrainJob(label="finetune (full)", init_model="tiny", tokenizer="tiny", train_files=["none.parquet"],
                    total_rows=8, work_dir=str(work))
@@ -196,7 +196,7 @@ def test_a_training_fit_whose_workers_hang_is_stopped_and_raises(ray_local, monk
     def heartbeat():
         """Progress while the workers start (30 s and more on 2 busy cores), as a slow first step's
         log lines would be: the stall this test is about begins once both workers hang."""
-        from rayapp.common import storage
+        from rayapp.core import storage
 
         while not all((stats / f"pid-{r}").exists() for r in (0, 1)):
             storage.write_json(str(stats / "progress.json"), {"step": 0, "total_steps": 10, "epoch": 1, "epochs": 1,

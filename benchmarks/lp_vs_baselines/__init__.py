@@ -38,7 +38,7 @@ def _rows_of(path: str, n: int) -> list[dict]:
 
 def held_out_sources(shared: str, tmp: str) -> list[dict]:
     """Dolly rows and Self-Instruct (prompt, reference answer) pairs as Alpaca-style JSONL sources."""
-    from rayapp.evaluate.evalsets import load_eval_set, resolve_set
+    from rayapp.stages.evaluate.evalsets import load_eval_set, resolve_set
 
     name, path, field, id_field = resolve_set("sinstruct", os.path.join(shared, "eval"), "prompt")
     rows = [r for r in load_eval_set(name, path, field, id_field) if r.get("reference")][:HELD_OUT_SINSTRUCT]
@@ -54,14 +54,14 @@ def held_out_sources(shared: str, tmp: str) -> list[dict]:
 def held_out_nll(cfg, models: dict[str, str], shared: str) -> dict[str, dict[str, float]]:
     """{model: {source: mean response NLL per token}} on rows no model trained on."""
     from rayapp import pipeline
-    from rayapp.common import storage
-    from rayapp.common.layout import RunLayout
-    from rayapp.common.manifests import CheckpointRecord, read_prepared
     from rayapp.config import RunConfig, ScoreConfig
-    from rayapp.models.loading import load_tokenizer
-    from rayapp.models.registry import tokenizer_source
-    from rayapp.score.engine import score_checkpoints
-    from rayapp.score.stage import special_ids
+    from rayapp.core import storage
+    from rayapp.core.layout import RunLayout
+    from rayapp.core.manifests import CheckpointRecord, read_prepared
+    from rayapp.ml.models.loading import load_tokenizer
+    from rayapp.ml.models.registry import tokenizer_source
+    from rayapp.stages.score.engine import score_checkpoints
+    from rayapp.stages.score.stage import special_ids
 
     tmp = tempfile.mkdtemp(prefix="rayapp-held-out-")
     tree = cfg.model_dump(mode="json", by_alias=True)
@@ -92,9 +92,9 @@ def held_out_nll(cfg, models: dict[str, str], shared: str) -> dict[str, dict[str
 
 def run(config: str, out_dir: str, budgets=BUDGETS, shared: str = "../shared/data", full: bool = True) -> dict:
     from rayapp import pipeline
-    from rayapp.common import storage
-    from rayapp.common.log import configure
     from rayapp.config import load_config
+    from rayapp.core import storage
+    from rayapp.core.log import configure
 
     configure()  # the stages' progress lines, as `rayapp run` prints them
     t0 = time.time()
@@ -130,7 +130,7 @@ def run(config: str, out_dir: str, budgets=BUDGETS, shared: str = "../shared/dat
             mean_chars = float(np.mean(storage.read_parquet(e.path)["output"].to_pandas().str.len()))
             subsets[e.tag]["mean_response_chars"] = round(mean_chars, 1)
             timed(f"finetune {e.tag}", lambda t=e.tag: pipeline.run("finetune", load_config(config, [f"finetune.subset={t}"])))
-    from rayapp.common.layout import RunLayout
+    from rayapp.core.layout import RunLayout
 
     if full:
         timed("finetune full", lambda: pipeline.run("finetune", load_config(config, ["finetune.subset=full"])))
@@ -138,8 +138,8 @@ def run(config: str, out_dir: str, budgets=BUDGETS, shared: str = "../shared/dat
         outputs = storage.read_parquet_dir(RunLayout(base.output_dir).prepared)["output"].to_pandas()
         subsets["full"]["mean_response_chars"] = round(float(outputs.str.len().mean()), 1)
 
-    from rayapp.common.manifests import FinetuneManifest, read_manifest
     from rayapp.config import subset_folder
+    from rayapp.core.manifests import FinetuneManifest, read_manifest
 
     layout = RunLayout(base.output_dir)
     exports = {}
@@ -151,7 +151,7 @@ def run(config: str, out_dir: str, budgets=BUDGETS, shared: str = "../shared/dat
                     heldout_alpaca_loss=m.metrics.get("eval_loss"))
         exports[tag] = m.export
     result["models"] = subsets
-    from rayapp.models import registry
+    from rayapp.ml.models import registry
 
     # the untrained target too: did fine-tuning on a subset help at all?
     exports["base"] = registry.model_source(base, "target")

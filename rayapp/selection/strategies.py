@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rayapp.selection.metrics import no_response_rows
 from rayapp.selection.methods import Trajectories, ifd_scores, method_named  # noqa: F401  (re-exported)
+from rayapp.selection.metrics import no_response_rows
 
 
 def n_chunks(budget: float) -> int:

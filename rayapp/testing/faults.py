@@ -78,7 +78,7 @@ class TrainKill:
     def __call__(self, global_step: int, rank: int) -> None:
         if rank != 0 or global_step < self.at_step:
             return
-        from rayapp.common import storage
+        from rayapp.core import storage
 
         if storage.exists(self.marker):
             return
@@ -115,6 +115,6 @@ def train_kill_hook(stats_dir: str):
     at = int(os.environ.get(TRAIN_KILL_ENV, "0") or 0)
     if not at:
         return None
-    from rayapp.common import storage
+    from rayapp.core import storage
 
     return TrainKill(at, storage.join(stats_dir, ".fault_injected"))

@@ -21,13 +21,13 @@ def shard_on_meta(rank: int, world: int, config_file: str, lora: dict | None = N
     as a LoRA run on GPUs does."""
     import torch
 
-    from rayapp.models import sharded
-    from rayapp.train.fsdp import shard_fsdp2
+    from rayapp.ml.models import sharded
+    from rayapp.ml.train.fsdp import shard_fsdp2
 
     config = sharded.load_config(config_file)
     model = sharded.empty_causal_lm(config)
     if lora is not None:
-        from rayapp.train import lora as lora_mod
+        from rayapp.ml.train import lora as lora_mod
 
         model = lora_mod.attach(model, lora, config_file, torch.bfloat16)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -43,8 +43,8 @@ def sharded_load(rank: int, world: int, folder: str, full_tensors: bool = True) 
     """Load ``folder`` the way training does with FSDP2 (meta build, shard, read own rows)."""
     import torch
 
-    from rayapp.models import sharded
-    from rayapp.train.fsdp import shard_fsdp2
+    from rayapp.ml.models import sharded
+    from rayapp.ml.train.fsdp import shard_fsdp2
 
     model = sharded.empty_causal_lm(sharded.load_config(folder))
     buffers = sharded.real_buffers(model)
@@ -64,8 +64,8 @@ def full_load_then_shard(rank: int, world: int, folder: str) -> dict:
     ``from_pretrained``, then shards it (the benchmark's baseline)."""
     import torch
 
-    from rayapp.models.loading import load_causal_lm
-    from rayapp.train.fsdp import shard_fsdp2
+    from rayapp.ml.models.loading import load_causal_lm
+    from rayapp.ml.train.fsdp import shard_fsdp2
 
     model = load_causal_lm(folder, dtype=torch.float32)
     shard_fsdp2(model, bf16=False, cpu_offload=False)
@@ -76,12 +76,11 @@ def full_load_then_shard(rank: int, world: int, folder: str) -> dict:
 def train_steps(rank: int, world: int, folder: str, rows_file: str, work_dir: str, sharded_init: bool) -> dict:
     """A few optimizer steps of the training recipe on ``world`` gloo ranks, from a sharded load
     (``sharded_init``) or from the former full load on every rank; returns the full weights."""
+    import pyarrow.parquet as pq
     import torch
 
     from rayapp.config import TrainConfig
-    from rayapp.train.worker import FineTuneRecipe, WorkerConfig, WorkerEnv, shard_fsdp2
-
-    import pyarrow.parquet as pq
+    from rayapp.ml.train.worker import FineTuneRecipe, WorkerConfig, WorkerEnv, shard_fsdp2
 
     tc = TrainConfig(epochs=1, per_device_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3,
                      warmup_ratio=0.0, num_workers=world, eval_rows=0, log_every_steps=1000)
@@ -91,7 +90,7 @@ def train_steps(rank: int, world: int, folder: str, rows_file: str, work_dir: st
     recipe = FineTuneRecipe(cfg, WorkerEnv(rank=rank, world=world, local_rank=rank, distributed=True))
     if not sharded_init:
         def full_load_on_every_rank():
-            from rayapp.models.loading import load_causal_lm
+            from rayapp.ml.models.loading import load_causal_lm
 
             model = load_causal_lm(folder, dtype=torch.float32)
             recipe.model = model
@@ -114,8 +113,8 @@ def training_step_memory(rank: int, world: int, folder: str, rows_file: str, wor
     import pyarrow.parquet as pq
 
     from rayapp.config import LoraConfig, TrainConfig
-    from rayapp.train.collate import collate
-    from rayapp.train.worker import FineTuneRecipe, WorkerConfig, WorkerEnv
+    from rayapp.ml.train.collate import collate
+    from rayapp.ml.train.worker import FineTuneRecipe, WorkerConfig, WorkerEnv
 
     tc = TrainConfig(epochs=1, per_device_batch_size=micro_batch, learning_rate=1e-4, warmup_ratio=0.0,
                      num_workers=world, eval_rows=0, log_every_steps=1000)
@@ -142,7 +141,7 @@ def lora_adapters_at_start(rank: int, world: int, folder: str, lora: dict) -> di
     """The adapters of the training recipe right after ``setup_model`` (full tensors, by name): on a
     gloo group of ``world`` ranks (FSDP2-sharded when world > 1), or in this process for world 1."""
     from rayapp.config import LoraConfig, TrainConfig
-    from rayapp.train.worker import FineTuneRecipe, WorkerConfig, WorkerEnv
+    from rayapp.ml.train.worker import FineTuneRecipe, WorkerConfig, WorkerEnv
 
     tc = TrainConfig(num_workers=world, fsdp=world > 1)
     cfg = WorkerConfig(stage="probe", train=tc, init_model=folder, tokenizer=folder, total_rows=1,

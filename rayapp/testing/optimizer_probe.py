@@ -1,6 +1,6 @@
 """What AdamW's step allocates on one FSDP2 rank, per implementation (fused, foreach, for-loop):
 resident memory before ``optimizer.step()`` against its peak during the step, on the CPU, beside
-`rayapp plan`'s figure (plan/memory.py: adamw_step_temporaries). Used by tests/test_plan_memory.py
+`rayapp plan`'s figure (ops/plan/memory.py: adamw_step_temporaries). Used by tests/test_plan_memory.py
 and ``python -m benchmarks memory`` through ``rayapp.testing.gloo.run_gloo`` (no Ray needed)."""
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def adamw_step_growth(rank: int, world: int, model_config: dict, impls: list[str
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from rayapp.ml.train.fsdp import shard_fsdp2
     from rayapp.testing.fsdp_probes import peak_rss_bytes
-    from rayapp.train.fsdp import shard_fsdp2
 
     _release_freed_memory_at_once()
     t0 = time.perf_counter()

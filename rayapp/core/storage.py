@@ -1,0 +1,216 @@
+"""Read and write run outputs on a local path or an object store (s3://, gs://) through pyarrow.fs.
+
+Every write is atomic: the bytes go to a temporary name in the same folder and are renamed into
+place, so a crash never leaves a half-written file that a later stage would take as complete.
+(On object stores a single PUT is already atomic, and rename is not, so we write directly.)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files directly inside folder ``uri`` ending with ``suffix``, sorted, as full URIs/paths."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    names = sorted(
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.File and i.base_name.endswith(suffix) and ".tmp-" not in i.base_name
+    )
+    return [join(uri, n) for n in names]
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if is_remote(uri):
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes_atomic(uri, text.encode("utf-8"))
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes_atomic(uri, buf.getvalue())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = resolve(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
+    files = list_files(uri, ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no Parquet files in {uri}")
+    return pa.concat_tables([read_parquet(f, columns) for f in files])
+
+
+def local_path(uri: str) -> str:
+    """A local filesystem path for ``uri``; remote URIs are returned unchanged."""
+    return uri if is_remote(uri) else resolve(uri)[1]
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the folders directly inside ``uri`` (empty if it does not exist)."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=False))
+                  if i.type == pafs.FileType.Directory)
+
+
+def remove_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def remove(uri: str) -> None:
+    """Remove a file or a folder (with its contents); nothing if it is not there."""
+    fs, path = resolve(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def object_identity(uri: str) -> str:
+    """What identifies a file's current version without reading it: size and modification time
+    (an object store's PUT changes both). Used for sources too large, or too remote, to hash."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(uri)
+    mtime = info.mtime_ns if info.mtime_ns is not None else None
+    return f"size={info.size};mtime_ns={mtime}"
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder's files (recursively) to ``uri``; an object store gets one PUT per file."""
+    pafs.copy_files(os.path.abspath(local_dir), uri if is_remote(uri) else resolve(uri)[1],
+                    destination_filesystem=None if is_remote(uri) else pafs.LocalFileSystem())
+
+
+def download_dir(uri: str, local_dir: str, skip_suffixes: tuple[str, ...] = ()) -> str:
+    """Copy folder ``uri`` into ``local_dir`` (written under a temporary name, then renamed, so a
+    half-finished download is never taken for a complete one), leaving out files whose names end
+    with ``skip_suffixes`` (e.g. the weights, when only a model's config and tokenizer are needed).
+    Returns ``local_dir``."""
+    import shutil
+
+    tmp = f"{local_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    fs, path = resolve(uri)
+    os.makedirs(tmp)  # copy_files creates sub-folders, not the destination itself
+    if skip_suffixes:
+        _copy_files_except(fs, path, tmp, skip_suffixes)
+    else:
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    if os.path.exists(local_dir):
+        shutil.rmtree(local_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(local_dir)), exist_ok=True)
+    os.replace(tmp, local_dir)
+    return local_dir
+
+
+def _copy_files_except(fs: pafs.FileSystem, path: str, local_dir: str, skip_suffixes: tuple[str, ...]) -> None:
+    import shutil
+
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type != pafs.FileType.File or info.path.endswith(skip_suffixes):
+            continue
+        dest = os.path.join(local_dir, os.path.relpath(info.path, path))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with fs.open_input_stream(info.path) as src, open(dest, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def cache_root() -> str:
+    """The node's rayapp cache ($RAYAPP_CACHE_DIR, else ~/.cache/rayapp)."""
+    return os.environ.get("RAYAPP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "rayapp")
+
+
+def local_cache_dir(uri: str, kind: str) -> str:
+    """A per-URI folder under the node's cache for copies of remote artifacts (models, checkpoints)."""
+    from rayapp.core.hashing import short_digest
+
+    return os.path.join(cache_root(), kind, short_digest(uri.encode()))
+
+
+def jsonl_records(where: str, text: str):
+    """(line number, record) of each non-empty line of a JSONL text; a bad line is a ValueError
+    naming ``where`` and the line."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}:{lineno}: not valid JSON ({exc.msg})") from None

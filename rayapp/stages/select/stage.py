@@ -1,0 +1,407 @@
+"""The select stage: trajectories (+ clusters) -> selections for the method and its baselines,
+the selected shard with the original rows and ids, selection.json provenance, and the report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rayapp import __version__
+from rayapp.config import RunConfig, SelectConfig
+from rayapp.core import storage
+from rayapp.core.errors import RayappError
+from rayapp.core.hashing import fingerprint, short_digest
+from rayapp.core.layout import RunLayout
+from rayapp.core.log import get_logger
+from rayapp.core.manifests import (
+    PreparedManifest,
+    ScoresManifest,
+    SelectionManifest,
+    SelectionRecord,
+    file_digest,
+    read_prepared,
+    reference_checkpoints,
+    require_manifest,
+    require_match,
+    require_same_prepared,
+)
+from rayapp.core.stage import Stage, StageContext
+from rayapp.selection import methods
+from rayapp.selection.methods import Trajectories
+from rayapp.selection.metrics import learning_percentage, learning_percentage_approx, no_response_rows
+from rayapp.selection.strategies import n_chunks, select
+from rayapp.stages.select.clusters import clusters_for, finish_ahead, start_ahead, started_ahead
+from rayapp.stages.select.report import write_report
+
+log = get_logger(__name__)
+
+
+class SelectError(RayappError):
+    """Selection cannot run on these inputs (missing columns, text needed but absent)."""
+
+
+def selection_tag(method: str, chunk: str, budget: float, scope: str = "stratified") -> str:
+    """e.g. lp-low-33pct, ppl_high-global-low-5pct (``selection.methods.tag``)."""
+    return methods.tag(method, chunk, budget, scope)
+
+
+def selection_specs(sc: SelectConfig) -> dict[str, tuple[str, str]]:
+    """{key: (method, scope)} for the main method and each baseline, in order, without repeats. A
+    key is the method's name when it runs in its default scope (its own, else the one
+    ``select.stratified`` sets), else METHOD:SCOPE."""
+    default = "stratified" if sc.stratified else "global"
+    out: dict[str, tuple[str, str]] = {}
+    for spec in [sc.method, *sc.baselines]:
+        method, scope = methods.parse_selection(spec)
+        natural = methods.natural_scope(method, default)
+        scope = scope or natural
+        out.setdefault(method if scope == natural else f"{method}:{scope}", (method, scope))
+    return out
+
+
+def load_external_trajectories(path: str, prefix: str) -> tuple[Trajectories, str]:
+    """A Parquet with an id (or index) column and {prefix}P0..Pn columns (e.g. the paper's)."""
+    t = storage.read_parquet(path)
+    id_col = "id" if "id" in t.column_names else "index" if "index" in t.column_names else None
+    if id_col is None:
+        raise SelectError(f"{path}: needs an 'id' or 'index' column")
+    cols = []
+    i = 0
+    while f"{prefix}P{i}" in t.column_names:
+        cols.append(f"{prefix}P{i}")
+        i += 1
+    if len(cols) < 2:
+        have = sorted({c.split("_P")[0] + "_" for c in t.column_names if "_P" in c})
+        raise SelectError(f"{path}: no columns {prefix}P0..Pn (prefixes present: {have})")
+    P = np.stack([np.asarray(t[c], dtype=np.float64) for c in cols], axis=1)
+    ids = np.asarray([str(x) for x in t[id_col].to_pylist()])
+    n_tok = np.asarray(t[f"{prefix}n_tokens"]) if f"{prefix}n_tokens" in t.column_names else None
+    return Trajectories(ids=ids, P=P, n_tokens=n_tok), file_digest(path)
+
+
+def trajectories_from_table(t: pa.Table) -> Trajectories:
+    """The score stage's trajectories table (id, n_tokens, P0..Pn, ro_nll0) -> Trajectories."""
+    n = 0
+    while f"P{n}" in t.column_names:
+        n += 1
+    P = np.stack([np.asarray(t[f"P{i}"], dtype=np.float64) for i in range(n)], axis=1)
+    def column(name):
+        return np.asarray(t[name], dtype=np.float64) if name in t.column_names else None
+
+    n_tok = np.asarray(t["n_tokens"])
+    return Trajectories(ids=np.asarray(t["id"].to_pylist()), P=P, n_tokens=n_tok, nll_response_only=column("ro_nll0"),
+                        response_length=n_tok, ifd_nll=column("ifd_nll0"), ifd_nll_response_only=column("ifd_ro_nll0"))
+
+
+def response_characters(prepared_table: pa.Table, ids: np.ndarray) -> np.ndarray:
+    """Characters of each row's response text (``output``), in the order of ``ids``."""
+    chars = dict(zip(prepared_table["id"].to_pylist(), pc.utf8_length(prepared_table["output"]).to_pylist()))
+    missing = [i for i in ids if i not in chars]
+    if missing:
+        raise SelectError(f"{len(missing)} trajectory ids are not in the prepared data (e.g. {missing[0]})")
+    return np.asarray([chars[i] for i in ids], dtype=np.int64)
+
+
+def check_scores(layout: RunLayout, prepared: PreparedManifest) -> ScoresManifest:
+    """The score manifest, once the trajectories are shown to be this run's: same prepared data,
+    the file the score stage wrote (hash), every prepared row, and the current reference checkpoints."""
+    sm: ScoresManifest = require_manifest(layout, "score")  # type: ignore[assignment]
+    where = f"scores in {layout.scores_root}"
+    require_same_prepared(where, sm.prepared_fingerprint, prepared, "re-run `rayapp score`")
+    require_match("rows", where, sm.rows, prepared.rows, "re-run `rayapp score`")
+    require_match("content hashes", layout.trajectories,
+                  file_digest(layout.trajectories) if storage.exists(layout.trajectories) else None,
+                  sm.trajectories_sha256, "the file changed after the score stage wrote it: re-run `rayapp score`")
+    if storage.exists(layout.manifest("reference")):
+        current = [c.uid for c in reference_checkpoints(layout, prepared)]
+        require_match("reference checkpoints", where, [c.uid for c in sm.checkpoints], current,
+                      "the reference model was trained again after scoring: re-run `rayapp score`")
+    return sm
+
+
+def _clusters(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, ids: np.ndarray,
+              force: bool) -> np.ndarray:
+    """k-means cluster per trajectory row."""
+    by_id = clusters_for(cfg, layout, prepared, force)
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise SelectError(f"{len(missing)} trajectory ids are not in the prepared data (e.g. {missing[0]})")
+    return np.asarray([by_id[i] for i in ids])
+
+
+def _metrics_columns(t: Trajectories, sc: SelectConfig) -> dict[str, np.ndarray]:
+    cols = {f"P{i}": t.P[:, i] for i in range(t.P.shape[1])}
+    for i in range(1, t.P.shape[1]):
+        cols[f"lp{i}"] = learning_percentage(t.P, i)
+    cols["lp_app"] = learning_percentage_approx(t.P[:, 0], t.P[:, 1])
+    return cols
+
+
+class SelectStage(Stage):
+    name = "select"
+
+    @classmethod
+    def placements(cls, cfg: RunConfig) -> list:
+        from rayapp.core import placement
+
+        return [placement.embedding(cfg)]
+    help = "learning-percentage ranking and baselines -> selected shard + report"
+    manifest_type = SelectionManifest
+    reset_on_force = ("embeddings.parquet",)  # the cached sentence embeddings and clusters
+
+    def read_inputs(self, cfg: RunConfig, layout: RunLayout) -> SelectionInputs:
+        return _read_inputs(cfg, layout)
+
+    def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs) -> str:
+        if inputs.prepared is None:
+            return fingerprint(trajectories=inputs.source["sha256"], select=cfg.select)
+        return fingerprint(prepared=inputs.prepared.fingerprint, scores=inputs.scores.fingerprint,
+                           trajectories=inputs.scores.trajectories_sha256, select=cfg.select)
+
+    def outputs_complete(self, m: SelectionManifest, layout: RunLayout) -> bool:
+        return all(storage.exists(e.path) and file_digest(e.path) == e.sha256 for e in m.selections.values())
+
+    def start_ahead(self, cfg: RunConfig, layout: RunLayout) -> None:
+        """The clusters need only the prepared data: start them while earlier stages run."""
+        sc = cfg.select
+        if sc.trajectories is None and (sc.stratified or "clust_rand" in sc.baselines):
+            start_ahead(cfg, layout, read_prepared(layout))
+
+    def finish_ahead(self, cfg: RunConfig, layout: RunLayout) -> None:
+        if started_ahead():  # else nothing to wait for (and maybe no prepared data: --trajectories)
+            finish_ahead(cfg, layout, read_prepared(layout))
+
+    def run(self, ctx: StageContext) -> SelectionManifest:
+        return select_rows(ctx.cfg, ctx.layout, ctx.force, ctx.inputs)
+
+    def done_detail(self, m: SelectionManifest) -> dict:
+        return {"main": m.main}
+
+    def artifacts(self, m: SelectionManifest, layout: RunLayout) -> list[str]:
+        return [m.report] + [s.path for s in m.selections.values()]
+
+    def summary(self, m: SelectionManifest, layout: RunLayout) -> list[str]:
+        main = m.main_selection
+        others = ", ".join(f"{k} {e.rows}" for k, e in m.selections.items() if k != m.main)
+        return [f"{m.main}: {main.rows} rows -> {main.path}", f"baselines: {others}", f"report: {m.report}"]
+
+
+@dataclass
+class SelectionInputs:
+    """What a selection is made from: the trajectories, and (unless they came from elsewhere) the
+    prepared rows they belong to."""
+
+    traj: Trajectories
+    prepared: PreparedManifest | None  # None: external trajectories (select.trajectories)
+    scores: ScoresManifest | None
+    prepared_table: pa.Table | None
+    source: dict  # where the trajectories came from, for the provenance
+    length_measure: str  # what "longest" measures
+
+
+@dataclass
+class Chosen:
+    """One selection: the rows' positions in the trajectories and how they were chosen."""
+
+    method: str
+    scope: str
+    idx: np.ndarray
+    info: dict
+
+
+def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False,
+                inputs: SelectionInputs | None = None) -> SelectionManifest:
+    """The select stage's work, in order: the inputs (read now unless given), the selections that
+    can run, the clusters, a pure ``choose``, each selection written with its provenance, the
+    report, the log."""
+    sc = cfg.select
+    inputs = inputs or _read_inputs(cfg, layout)
+    specs = selection_specs(sc)
+    clusters = None
+    if any(scope == "stratified" for _, scope in specs.values()):
+        if inputs.prepared is None:
+            specs = _without_stratified(sc, specs)
+        else:
+            clusters = _clusters(cfg, layout, inputs.prepared, inputs.traj.ids, force)
+    specs = _runnable(sc, specs, inputs.traj)
+    chosen = choose(sc, inputs.traj, specs, clusters)
+    metric_cols = _metrics_columns(inputs.traj, sc)
+    common = _provenance(cfg, layout, inputs, clusters)
+    records = {key: _write_selection(cfg, layout, inputs, key, c, clusters, metric_cols, common)
+               for key, c in chosen.items()}
+    report = _write_selection_report(cfg, layout, inputs, chosen, records, clusters, metric_cols, common)
+    _log_selections(sc, inputs.traj, chosen, records, common, report)
+    return SelectionManifest(prepared_fingerprint=inputs.prepared.fingerprint if inputs.prepared else None,
+                             main=sc.method, selections=records, report=report)
+
+
+def _read_inputs(cfg: RunConfig, layout: RunLayout) -> SelectionInputs:
+    sc = cfg.select
+    if sc.trajectories is not None:
+        if not storage.exists(sc.trajectories):
+            raise SelectError(f"select.trajectories: file not found: {sc.trajectories}")
+        traj, traj_digest = load_external_trajectories(sc.trajectories, sc.trajectory_prefix)
+        return SelectionInputs(traj, None, None, None, {"trajectories": sc.trajectories, "prefix": sc.trajectory_prefix,
+                                                  "sha256": traj_digest}, "response tokens scored (after truncation)")
+    prepared = read_prepared(layout)
+    sm = check_scores(layout, prepared)
+    traj = trajectories_from_table(storage.read_parquet(layout.trajectories))
+    table = storage.read_parquet_dir(layout.prepared)
+    # "Long Is More": the response text's length, not what truncation left of its tokens
+    traj.response_length = response_characters(table, traj.ids)
+    source = {"trajectories": layout.trajectories, "prepared_fingerprint": prepared.fingerprint,
+              "trajectories_sha256": sm.trajectories_sha256, "score_checkpoints": [c.name for c in sm.checkpoints]}
+    return SelectionInputs(traj, prepared, sm, table, source, "characters of the response text")
+
+
+def _without_stratified(sc: SelectConfig, specs: dict) -> dict:
+    """External trajectories come without the rows' text, so nothing can be clustered."""
+    if specs[sc.method][1] == "stratified":
+        raise SelectError("stratified selection clusters the rows' text, and external trajectories come without "
+                          "it: use --set select.stratified=false (the global variant)")
+    dropped = [k for k, (_, scope) in specs.items() if scope == "stratified"]
+    log.info("%s skipped: external trajectories have no text to cluster", ", ".join(dropped))
+    return {k: v for k, v in specs.items() if k not in dropped}
+
+
+def _runnable(sc: SelectConfig, specs: dict, traj: Trajectories) -> dict:
+    """The selections these trajectories have the scores for; the main method must be one."""
+    out = dict(specs)
+    for key, (m, _) in specs.items():
+        why = methods.method_named(m).unrunnable(traj)
+        if why:
+            del out[key]
+            log.info("%s skipped: %s", key, why)
+    if sc.method not in out:
+        raise SelectError(f"method {sc.method!r} cannot run on these inputs (see above)")
+    return out
+
+
+def choose(sc: SelectConfig, traj: Trajectories, specs: dict, clusters: np.ndarray | None) -> dict[str, Chosen]:
+    """Every selection (pure: numpy only), the main method first. Equal sizes: a global selection
+    keeps as many rows as the main one (stratified ones already do: the same per-cluster chunks)."""
+    chosen: dict[str, Chosen] = {}
+    for key, (m, scope) in specs.items():
+        size = len(chosen[sc.method].idx) if sc.match_size and scope == "global" and key != sc.method else None
+        idx, info = select(
+            m, traj, sc.budget, clusters=clusters if scope == "stratified" else None,
+            chunk=_chunk(sc, m), lp_epoch=sc.lp_epoch, seed=sc.seed,
+            keep_empty_responses=sc.keep_empty_responses, size=size,
+        )
+        chosen[key] = Chosen(m, scope, idx, info)
+    return chosen
+
+
+def _chunk(sc: SelectConfig, method: str) -> str:
+    return methods.chunk_of(method, sc.chunk)
+
+
+def _provenance(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs, clusters: np.ndarray | None) -> dict:
+    """What every selection.json (and the report) records about how the selections were made."""
+    sc = cfg.select
+    n_ck = inputs.traj.P.shape[1]
+    return {
+        "rayapp_version": __version__,
+        "budget": sc.budget,
+        "chunks": n_chunks(sc.budget),
+        "chunk": sc.chunk,
+        "stratified": sc.stratified,
+        "n_clusters": int(len(np.unique(clusters))) if clusters is not None else None,
+        "cluster_settings": {"embedding_model": sc.embedding_model, "n_clusters": sc.n_clusters,
+                             "random_state": sc.seed} if clusters is not None else None,
+        "seed": sc.seed,
+        "lp_epoch": sc.lp_epoch,
+        "lp_app_p1_from": "a 1-epoch reference run" if n_ck == 2 else f"epoch 1 of a {n_ck - 1}-epoch reference run",
+        "keep_empty_responses": sc.keep_empty_responses,
+        "config_digest": cfg.digest(),
+        "input_manifest_sha256": file_digest(layout.prepared_manifest) if inputs.prepared else None,
+        **inputs.source,
+    }
+
+
+def _write_selection(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs, key: str, c: Chosen,
+                     clusters: np.ndarray | None, metric_cols: dict, common: dict) -> SelectionRecord:
+    """One selection's folder: the chosen rows (all their prepared columns, in selection order, with
+    their scores and cluster) and selection.json."""
+    traj, table = inputs.traj, inputs.prepared_table
+    tag = selection_tag(c.method, _chunk(cfg.select, c.method), cfg.select.budget, c.scope)
+    folder = layout.selection_dir(tag)
+    chosen_ids = traj.ids[c.idx]
+    extra = {k: v[c.idx] for k, v in metric_cols.items()}
+    if clusters is not None:
+        extra["cluster"] = clusters[c.idx]
+    if table is not None:
+        rows = table.filter(pc.is_in(table["id"], value_set=pa.array(chosen_ids)))
+        order = {rid: i for i, rid in enumerate(chosen_ids)}
+        rows = rows.take(pa.array(np.argsort([order[r] for r in rows["id"].to_pylist()])))
+        if rows.num_rows != len(chosen_ids):
+            raise SelectError(f"{tag}: {len(chosen_ids) - rows.num_rows} selected ids are missing from the prepared data")
+    else:
+        rows = pa.table({"id": pa.array(chosen_ids, pa.string())})
+    for k, v in extra.items():
+        rows = rows.append_column(k, pa.array(v))
+    shard = storage.join(folder, "selected.parquet")
+    storage.write_parquet(shard, rows)
+    prov = {"method": c.method, "selection": key, "tag": tag, **common, **c.info,
+            "selected_ids_sha256": short_digest("\n".join(sorted(chosen_ids)).encode())}
+    if c.method in ("ifd", "ifd_cherry"):
+        prefix = cfg.score.response_only_prefix
+        prov["ifd_unconditioned_text"] = ("BOS + the response's tokens" if not prefix
+                                          else f"{prefix!r} + the response's tokens")
+        prov["ifd_scored_by"] = ("the untrained target model" if traj.ifd_nll is not None
+                                 else "the reference model before training (epoch 0)")
+    if c.method == "longest":
+        prov["length_measure"] = inputs.length_measure
+    storage.write_json(storage.join(folder, "selection.json"), prov)
+    return SelectionRecord(method=c.method, tag=tag, rows=int(len(c.idx)), path=shard, sha256=file_digest(shard))
+
+
+def _write_selection_report(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs, chosen: dict[str, Chosen],
+                            records: dict[str, SelectionRecord], clusters: np.ndarray | None, metric_cols: dict,
+                            common: dict) -> str:
+    """The HTML report (drawn locally; uploaded beside the other outputs when output_dir is
+    remote): LP's distribution, the selections' overlap, and the rows learned earliest and latest."""
+    sc, traj, table = cfg.select, inputs.traj, inputs.prepared_table
+    main = chosen[sc.method]
+    eligible = np.ones(len(traj.ids), dtype=bool) if sc.keep_empty_responses else ~no_response_rows(traj.P, traj.n_tokens)
+    lp = learning_percentage(traj.P, sc.lp_epoch) if sc.method != "lp_app" else metric_cols["lp_app"]
+    examples = None
+    if table is not None:
+        order = np.argsort(lp[eligible], kind="stable")
+        pos = np.nonzero(eligible)[0][order]
+        pick = np.concatenate([pos[:5], pos[-5:]]) if len(pos) > 10 else pos
+        wanted = set(traj.ids[pick])
+        text = {r["id"]: r for r in table.select(["id", "instruction", "output"]).to_pylist() if r["id"] in wanted}
+        examples = [{"lp": float(lp[i]), **text[traj.ids[i]]} for i in pick]
+    report_uri = layout.selection_report
+    report_dir = storage.local_path(report_uri)
+    if storage.is_remote(report_uri):
+        import tempfile
+
+        report_dir = tempfile.mkdtemp(prefix="rayapp-report-")
+    html_path = write_report(
+        report_dir, f"rayapp selection: {records[sc.method].tag} ({cfg.name})", traj.P, lp, main.idx, eligible,
+        traj.response_length, clusters, {k: traj.ids[c.idx] for k, c in chosen.items()}, examples,
+        {"method": sc.method, "rows": len(traj.ids), "selected": int(len(main.idx)),
+         "no_response_rows (excluded)": main.info["excluded_no_response"], **common},
+        length_label="response characters" if table is not None else "response tokens",
+    )
+    if storage.is_remote(report_uri):
+        storage.upload_dir(report_dir, report_uri)
+        html_path = storage.join(report_uri, "report.html")
+    return html_path
+
+
+def _log_selections(sc: SelectConfig, traj: Trajectories, chosen: dict[str, Chosen],
+                    records: dict[str, SelectionRecord], common: dict, report: str) -> None:
+    main = chosen[sc.method]
+    where = f"stratified over {common['n_clusters']} clusters" if main.info["scope"] == "stratified" else "global"
+    log.info("%s: kept %d of %d rows (budget %.0f%%, %s; %d rows with no response tokens excluded)", sc.method,
+             len(main.idx), len(traj.ids), 100 * sc.budget, where, main.info["excluded_no_response"])
+    for key in list(chosen)[1:]:
+        log.info("  baseline %-16s %d rows (%s) -> %s", key, len(chosen[key].idx), chosen[key].info["scope"],
+                 records[key].tag)
+    log.info("report: %s", report)
