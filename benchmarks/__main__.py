@@ -60,6 +60,11 @@ BENCHMARKS = [
     Benchmark("prepare", "benchmarks.prepare_bench",
               "prepare throughput on the full Alpaca and Dolly files: driver, 1 and 2 workers",
               lambda m, a: m.run(a.out)),
+    Benchmark("train", "benchmarks.train_bench",
+              "training batches, padded against packed: padding at the presets' shapes on Alpaca, and optimizer "
+              "steps measured side by side (OPT-125M's shape and the tiny model, on this CPU)",
+              lambda m, a: m.run(a.out, a.steps),
+              [(["--steps"], dict(type=int, default=6, help="measured steps of each kind, per model"))]),
     Benchmark("gpu", "benchmarks.gpu",
               "the one-shot GPU check (no Ray needed): scoring rate against the forward-FLOP limit, bf16/fp32 "
               "agreement, an FSDP2 step's MFU, peak memory against the plan",

@@ -9,7 +9,8 @@ a 1M-row set) and GPU count (1, 8, 64), on A10G and H100 GPUs:
     cost = GPUs x time x price per GPU-hour
 
 - **token-forwards**: rows x mean tokens per row (Alpaca's, from benchmarks/data/alpaca-lengths.npz)
-  x 4 checkpoints (P0..P3, the paper's three epochs).
+  x 4 checkpoints (P0..P3, the paper's three epochs), plus the response-only pass (IFD's
+  denominator: BOS, "### Response:" and the response), which is scored at P0 alone.
 - **per-GPU rate**: measured by the one-shot GPU check (results/gpu-<card>.json) when there is one
   for that card and model; otherwise the issue's targets, 45 % (OPT-350M) and 60 % (7B) of the
   card's dense bf16 peak, i.e. rate = efficiency x peak / (2 x params).
@@ -37,6 +38,15 @@ CHECKPOINTS = 4
 ROWS = {"Alpaca (52,002 rows)": 52_002, "1M rows": 1_000_000}
 GPUS = (1, 8, 64)
 LOAD_BYTES_PER_S = 1e9
+RESPONSE_ONLY_HEAD_TOKENS = 5  # BOS and "### Response:" before the response in the response-only pass
+
+
+def scored_tokens_per_row(lengths, max_length: int, checkpoints: int = CHECKPOINTS) -> float:
+    """Tokens a row costs the score stage: its prompted pass at every checkpoint and its
+    response-only pass at the first only (stages/score/engine.modes_by_checkpoint)."""
+    prompted = np.minimum(lengths["prompt_tokens"].astype(int) + lengths["response_tokens"], max_length).mean()
+    response_only = np.minimum(lengths["response_tokens"].astype(int) + RESPONSE_ONLY_HEAD_TOKENS, max_length).mean()
+    return float(prompted * checkpoints + response_only)
 TARGET_EFFICIENCY = {"facebook/opt-350m": 0.45, "meta-llama/Llama-2-7b-hf": 0.60}
 # card: assumed on-demand USD per GPU-hour (AWS g5.xlarge, p5.48xlarge / 8); peaks: ops/plan/accelerators.py
 PRICE_PER_GPU_HOUR = {"A10G": 1.01, "H100": 6.88}
@@ -63,6 +73,7 @@ def run(out_dir: str = RESULTS) -> dict:
     cards = {card: (ACCELERATOR_BF16_FLOPS[card], price) for card, price in PRICE_PER_GPU_HOUR.items()}
     d = np.load(os.path.join(HERE, "data", "alpaca-lengths.npz"))
     tokens_per_row = float(np.mean(np.minimum(d["prompt_tokens"].astype(int) + d["response_tokens"], 512)))
+    scored_per_row = scored_tokens_per_row(d, 512)
     startup = json.load(open(os.path.join(RESULTS, "score-cpu2.json")))["current"]["runs"][0]["first_result_s"]
     rows_out = []
     for model, eff in TARGET_EFFICIENCY.items():
@@ -72,14 +83,15 @@ def run(out_dir: str = RESULTS) -> dict:
             rate = measured or eff * peak / (2 * params)
             load = CHECKPOINTS * 2 * params / LOAD_BYTES_PER_S
             for data, rows in ROWS.items():
-                forwards = rows * tokens_per_row * CHECKPOINTS
+                forwards = rows * scored_per_row
                 for g in GPUS:
                     seconds = startup + load + forwards / (g * rate)
                     rows_out.append({"model": model, "params": params, "card": card, "data": data, "gpus": g,
                                      "rate_tokens_per_s": rate, "rate_source": "measured" if measured else
                                      f"target {eff:.0%} of bf16 peak", "startup_s": startup, "load_s": load,
                                      "seconds": seconds, "usd": g * seconds / 3600 * price})
-    out = {"estimate": True, "tokens_per_row": tokens_per_row, "checkpoints": CHECKPOINTS,
+    out = {"estimate": True, "tokens_per_row": tokens_per_row, "scored_tokens_per_row": scored_per_row,
+           "checkpoints": CHECKPOINTS,
            "load_bytes_per_s": LOAD_BYTES_PER_S, "cards": cards, "rows": rows_out}
     print(table_md(out))
     write_results(out_dir, "score-estimates", out)
@@ -262,7 +274,7 @@ def paper_run(preset: str, prompts: dict | None = None, overrides: list[str] = (
     st, pool = node["score"].name, cfg.score.resources.max_actors
     rate = _measured_rate(card[st], ref) or TARGET_EFFICIENCY.get(ref, 0.45) * ACCELERATOR_BF16_FLOPS[card[st]] / (2 * p_ref)
     startup = json.load(open(os.path.join(RESULTS, "score-cpu2.json")))["current"]["runs"][0]["first_result_s"]
-    sc_s = startup + CHECKPOINTS * 2 * p_ref / LOAD_BYTES_PER_S + tokens_full * CHECKPOINTS / (pool * rate)
+    sc_s = startup + CHECKPOINTS * 2 * p_ref / LOAD_BYTES_PER_S + ALPACA_ROWS * scored_tokens_per_row(d, cfg.data.max_length) / (pool * rate)
     line(f"score: P0..P{CHECKPOINTS - 1} on {ALPACA_ROWS:,} rows", f"{pool} x {st}",
          f"estimated: {rate:,.0f} tokens/s a GPU ({TARGET_EFFICIENCY.get(ref, 0.45):.0%} of the {card[st]}'s bf16 "
          f"peak), plus an actor's start-up ({startup:.0f} s, measured on CPU) and checkpoint loads: the scoring "

@@ -283,13 +283,15 @@ def bf16_agreement(name: str, tiny: bool, rows: int, work: str) -> dict:
             "mean_nll_fp32": float(nll["float32"].mean())}
 
 
-def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | None, batch_rows: int, steps: int) -> dict:
-    """One FSDP2 training step (world of one) through rayapp.ml.train.fsdp, as the Ray Train worker runs it."""
+def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | None, batch_rows: int, steps: int,
+                   packing: bool = False) -> dict:
+    """One FSDP2 training step (world of one) through rayapp.ml.train.fsdp, as the Ray Train worker runs it;
+    ``packing``: the same rows packed without padding (ml/train/packing.py), as the worker does by default."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from rayapp.ml.models.imports import lean_transformers
-    from rayapp.ml.train.collate import collate
+    from rayapp.ml.train.collate import collate, collate_packed
     from rayapp.ml.train.fsdp import optimizer_step, shard_fsdp2
     from rayapp.ops.plan import memory
     from rayapp.ops.plan.shapes import shape_of_model
@@ -318,8 +320,9 @@ def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | Non
         pick = rng.choice(len(prompt), size=batch_rows, replace=False)
         ids = [rng.integers(4, config.vocab_size, size=prompt[i] + response[i]) for i in pick]
         labels = [np.concatenate([np.full(prompt[i], -100), x[prompt[i]:]]) for i, x in zip(pick, ids)]
-        batches.append(collate({"input_ids": np.array(ids, dtype=object), "labels": np.array(labels, dtype=object)},
-                               pad_id=0, device=dev))
+        rows = {"input_ids": np.array(ids, dtype=object), "labels": np.array(labels, dtype=object)}
+        batches.append(collate_packed(rows, 0, dev, model.config, torch.bfloat16 if cuda else torch.float32)
+                       if packing else collate(rows, pad_id=0, device=dev))
     model.train()
     # Warm-up over the very batches timed: each padded length is a new set of GEMM shapes, whose
     # first run pays for kernel selection (a first run timed cold measured a third of the rate).
@@ -331,15 +334,15 @@ def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | Non
     for b in batches:
         _, n = optimizer_step(model, optimizer, scheduler, [b], [1.0], max_grad_norm=1.0)
         tokens += n
-        padded += b["attention_mask"].numel()
+        padded += b["input_ids"].numel()  # computed tokens, padding included
     _sync()
     seconds = time.perf_counter() - t0
-    micro_tokens = max(b["attention_mask"].numel() for b in batches)
+    micro_tokens = max(b["input_ids"].numel() for b in batches)
     plan = memory.total(memory.training_memory(shape, world=1, sharded=True, micro_batch_tokens=micro_tokens,
                                                bf16=cuda, activation_checkpointing=activation_checkpointing,
                                                defer_gradient_sync=False, gpu=cuda))
     out = {"model": f"llama {params / 1e9:.2f}B" if not tiny else "tiny llama", "params": params,
-           "activation_checkpointing": activation_checkpointing, "batch_rows": batch_rows, "steps": steps,
+           "packing": packing, "activation_checkpointing": activation_checkpointing, "batch_rows": batch_rows, "steps": steps,
            "tokens_per_step": tokens / steps, "padded_tokens_per_step": padded / steps,
            "step_s": seconds / steps, "tokens_per_s": tokens / seconds,
            "peak_memory_bytes": _peak_memory(), "peak_reserved_bytes": _peak_reserved(), "plan_memory_bytes": plan}
@@ -394,12 +397,15 @@ def run(out_dir: str, tiny: bool | None = None) -> dict:
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     dist.init_process_group("nccl" if dev == "cuda" else "gloo", rank=0, world_size=1)
     try:
-        results["training"] = [train_step_mfu(tiny, ac, peak, batch_rows=4 if tiny else 32, steps=2 if tiny else 6)
-                               for ac in (False, True)]
+        # padded as before, then packed (the default since issue 29), side by side on the same rows
+        results["training"] = [train_step_mfu(tiny, ac, peak, batch_rows=4 if tiny else 32, steps=2 if tiny else 6,
+                                              packing=packing) for ac, packing in ((False, False), (True, False),
+                                                                                   (False, True), (True, True))]
     finally:
         dist.destroy_process_group()
     for r in results["training"]:
-        print(f"[gpu] train step (activation checkpointing {r['activation_checkpointing']}): "
+        print(f"[gpu] train step ({'packed' if r['packing'] else 'padded'}, activation checkpointing "
+              f"{r['activation_checkpointing']}): "
               f"{r['tokens_per_s']:,.0f} tokens/s, mfu {r.get('mfu', float('nan')):.1%}", flush=True)
     results["vllm"] = vllm_backend()
     results["seconds"] = time.perf_counter() - t_start
@@ -418,16 +424,17 @@ def _plot(results: dict, path: str) -> None:
     key = "fraction_of_peak" if results["peak_bf16_flops"] else "fraction_of_measured_matmul"
     tag = " (tiny)" if results["tiny_shapes"] else ""
     bars = [(r["model"].split("/")[-1] + tag + " score", 100 * r[key]) for r in results["scoring"]]
-    bars += [(f"train AC={'on' if r['activation_checkpointing'] else 'off'}",
+    bars += [(f"train {'packed' if r.get('packing') else 'padded'} AC={'on' if r['activation_checkpointing'] else 'off'}",
               100 * r.get("mfu", 6 * r["params"] * r["tokens_per_s"] / results["measured_matmul_flops"]))
              for r in results["training"]]
-    a.bar([x for x, _ in bars], [y for _, y in bars], color=["#2c7fb8"] * len(results["scoring"]) + ["#c0392b"] * 2)
+    a.bar([x for x, _ in bars], [y for _, y in bars], color=["#2c7fb8"] * len(results["scoring"]) + ["#c0392b"] * len(results["training"]))
     limit = "bf16 peak" if results["peak_bf16_flops"] else "measured matmul rate"
     a.set_ylabel(f"% of the {limit}")
     a.set_title(f"{results['device']}{' (tiny shapes)' if results['tiny_shapes'] else ''}")
     a.tick_params(axis="x", labelsize=8)
     mem = [(r["model"].split("/")[-1] + " score", r) for r in results["scoring"]]
-    mem += [(f"train AC={'on' if r['activation_checkpointing'] else 'off'}", r) for r in results["training"]]
+    mem += [(f"train {'packed' if r.get('packing') else 'padded'} AC={'on' if r['activation_checkpointing'] else 'off'}", r)
+            for r in results["training"]]
     if all(r["peak_memory_bytes"] for _, r in mem):
         x = np.arange(len(mem))
         b.bar(x - 0.2, [r["peak_memory_bytes"] / 2**30 for _, r in mem], 0.4, color="#2c7fb8", label="measured peak")

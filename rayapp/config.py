@@ -317,6 +317,10 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto: bf16 on GPU")
     fsdp: bool = Field(True, description="Shard with FSDP2 (fully_shard) per decoder layer")
     activation_checkpointing: bool = False
+    packing: bool = Field(
+        True, description="Padding-free micro-batches: each micro-batch's rows packed end to end, position ids "
+        "restarting per row, attention kept within rows (the same rows and the same loss as padded batches). "
+        "Used for the model types whose packed attention is checked (ml/train/packing.py), padded otherwise")
     cpu_offload: bool = False
     gradient_sync: Literal["auto", "step", "micro_batch"] = Field(
         "auto", description="FSDP2 gradient reduce-scatter with gradient accumulation: once per optimizer "
@@ -330,6 +334,11 @@ class TrainConfig(_Strict):
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Sharded checkpoint cadence (also at epoch ends)")
     eval_rows: int = Field(256, ge=0, description="Held-out rows scored after training for eval_loss (0: skip)")
     keep_checkpoints: int = Field(2, ge=1, description="Sharded step checkpoints kept for resume (newest)")
+    async_checkpoints: bool = Field(
+        True, description="Write sharded checkpoints in the background (torch.distributed.checkpoint.async_save: "
+        "a host copy of each rank's shards is taken, then written while training goes on) where the checkpoint "
+        "folder is a filesystem path; a save is marked complete once every rank's files are written. Object "
+        "stores keep the staged, synchronous save")
     log_every_steps: int = Field(10, ge=1)
     peak_flops: float | None = Field(None, description="Per-device peak FLOP/s for MFU (e.g. 989e12 H100 bf16)")
 

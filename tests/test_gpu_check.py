@@ -33,9 +33,13 @@ def test_gpu_check_runs_without_ray_vllm_or_pydantic(tmp_path):
         assert s["plan_memory_bytes"] > 0 and s["fraction_of_measured_matmul"] > 0
     agree = r["bf16_vs_fp32"]
     assert agree["rows"] == 64 and 0 < agree["max_relative_error"] < 0.05  # bf16 is close to, not equal to, fp32
-    ac_off, ac_on = r["training"]
-    assert (ac_off["activation_checkpointing"], ac_on["activation_checkpointing"]) == (False, True)
-    assert ac_off["tokens_per_s"] > 0 and ac_on["tokens_per_s"] > 0 and ac_off["params"] == ac_on["params"]
+    runs = r["training"]
+    assert [(x["packing"], x["activation_checkpointing"]) for x in runs] == [(False, False), (False, True),
+                                                                              (True, False), (True, True)]
+    assert all(x["tokens_per_s"] > 0 and x["params"] == runs[0]["params"] for x in runs)
+    # the same rows each way: the same real tokens, never more computed when packed
+    assert runs[0]["tokens_per_step"] == runs[2]["tokens_per_step"]
+    assert runs[2]["padded_tokens_per_step"] <= runs[0]["padded_tokens_per_step"]
     assert r["vllm"]["measured"] is False and "vLLM" in r["vllm"]["why"]
 
 

@@ -98,9 +98,11 @@ def test_fsdp_training_checkpoints_to_s3_and_resumes(s3, ray_local, tmp_path, ma
     [metrics] = run_training("finetune", tc, [job], runtime_env={"env_vars": {**s3, KILL_AT_STEP_ENV: "3"}})
     stats = [storage.read_json(f"{work}/stats/rank-{r}.json") for r in (0, 1)]
     assert all(s["resumed_from_step"] == 2 and s["global_step"] == s["total_steps"] == 4 for s in stats)
+    assert all(s["background_saves"] == 0 for s in stats)  # an object store: staged and uploaded at once
     steps = storage.list_dirs(f"{work}/checkpoints")
-    assert steps == ["step-000003", "step-000004"]  # older ones pruned in the bucket
-    names = {os.path.basename(f) for f in storage.list_files(f"{work}/checkpoints/step-000004")}
+    # older ones pruned in the bucket; none after the last step, whose final export follows at once
+    assert steps == ["step-000002", "step-000003"]
+    names = {os.path.basename(f) for f in storage.list_files(f"{work}/checkpoints/step-000003")}
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", ck.PROGRESS} <= names  # both ranks' shards
     export = f"{work}/exports/final"
     assert ck.export_complete(export)

@@ -97,6 +97,39 @@ def test_training_from_the_sharded_load_matches_the_full_load(tmp_path):
     assert any(not np.array_equal(v, start[k].numpy()) for k, v in new[0]["state"].items())  # it trained
 
 
+@pytest.mark.slow
+def test_collectives_per_step_at_the_presets_depths():
+    """FSDP2's collectives in one optimizer step on 2 gloo ranks, at the presets' depths and
+    accumulation (tiny widths: the counts depend only on the units and micro-batches).
+
+    The OPT-350M reference (24 decoder layers and the root: 25 units; 8 micro-batches; on a 24 GB
+    A10G the policy defers the gradient sync and keeps the weights gathered): 400 all-gathers a
+    step by FSDP2's default (every unit for every micro-batch's forward and again for its
+    backward), 25 kept gathered; 25 reduce-scatters either way. The 13B target (40 layers; 4
+    micro-batches; on a 40 GB A100 neither fits): unchanged, 328 all-gathers and 164
+    reduce-scatters. The weights after the step do not depend on keeping the weights gathered."""
+    from rayapp.ml.train.policy import defer_gradient_sync, keep_weights_gathered
+    from rayapp.testing.fsdp_probes import collectives_per_step
+
+    a10g, a100 = 24 * 2**30, 40 * 2**30
+    assert keep_weights_gathered(331_000_000, a10g, True, True) and defer_gradient_sync("auto", 331_000_000, a10g, True)
+    assert not keep_weights_gathered(12_900_000_000, a100, True, True)
+    assert not defer_gradient_sync("auto", 12_900_000_000, a100, True)
+
+    def opt(layers):
+        return dict(model_type="opt", vocab_size=97, hidden_size=16, ffn_dim=32, word_embed_proj_dim=16,
+                    num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=64)
+
+    ranks = run_gloo(collectives_per_step, 2, [(opt(24), False, 8, True), (opt(24), True, 8, True),
+                                               (opt(40), False, 4, False)])
+    for default, kept, target in ranks:
+        assert (default["all_gathers"], default["reduce_scatters"]) == (400, 25)
+        assert (kept["all_gathers"], kept["reduce_scatters"]) == (25, 25)
+        assert (target["all_gathers"], target["reduce_scatters"]) == (328, 164)
+        for k, v in default["state"].items():
+            np.testing.assert_allclose(kept["state"][k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
 @pytest.mark.parametrize("build", [_tiny_llama, _tiny_opt])
 def test_bounded_loss_equals_full_logits_per_row(tmp_path, build):
     model = load_causal_lm(build(tmp_path / "m"), dtype=torch.float32).eval()
@@ -147,6 +180,11 @@ def test_plan_passes_both_paper_presets_on_their_node_types():
         assert finetune.have == int(39.4 * 2**30) and 0.5 * finetune.have < finetune.need < finetune.have
         # a 40 GB A100 cannot keep a 13B model's unsharded fp32 gradients: per-micro-batch sync
         assert not any("no-sync" in k for k in finetune.parts)
+        # nor its whole bf16 copy gathered through a step; the small reference keeps its own
+        assert "gathered units" in finetune.parts
+        reference = plans[0]
+        kept = "gathered weights (kept through the step)" in reference.parts
+        assert kept == (reference.shape.params < 1e9), (preset, reference.parts)
 
 
 @pytest.mark.slow

@@ -99,6 +99,20 @@ def _run(setup, out, runtime_env=None, **score_kw):
                              runtime_env=runtime_env)
 
 
+def test_response_only_is_scored_with_the_first_checkpoint_alone():
+    """Selection reads response-only scores at P0 only (IFD's ro_nll0): the later checkpoints
+    score the prompted mode alone, unless prompted is not asked for at all."""
+    from rayapp.core.manifests import CheckpointRecord
+    from rayapp.stages.score.engine import modes_by_checkpoint
+
+    cks = [CheckpointRecord(name=f"epoch-{i}", path=f"/c/{i}", uid=str(i)) for i in range(4)]
+    both = modes_by_checkpoint(cks, ["prompted", "response_only"])
+    assert both == {"epoch-0": ["prompted", "response_only"], "epoch-1": ["prompted"], "epoch-2": ["prompted"],
+                    "epoch-3": ["prompted"]}
+    assert set(map(tuple, modes_by_checkpoint(cks, ["prompted"]).values())) == {("prompted",)}
+    assert set(map(tuple, modes_by_checkpoint(cks, ["response_only"]).values())) == {("response_only",)}
+
+
 def _load(out, name):
     return storage.read_parquet_dir(storage.join(out, name)).to_pandas().set_index("id")
 
@@ -119,7 +133,7 @@ def test_engine_matches_one_row_loop_and_is_batch_invariant(ray_local, scored_se
     assert s_small["padding_fraction"] < s_big["padding_fraction"] or s_small["padding_fraction"] < 0.2
 
     prepared = storage.read_parquet_dir(RunLayout(cfg.output_dir).prepared).to_pandas()
-    for ck in ckpts:
+    for k, ck in enumerate(ckpts):
         a, b = _load(small, ck.name), _load(big, ck.name)
         # exactly one score per id and checkpoint, for every prepared row
         assert sorted(a.index) == sorted(prepared["id"]) == sorted(good_ids) and a.index.is_unique
@@ -133,8 +147,12 @@ def test_engine_matches_one_row_loop_and_is_batch_invariant(ray_local, scored_se
         np.testing.assert_allclose(a.loc[sample.id, "loss_sum"], [x[0] for x in ref], rtol=1e-4, atol=1e-4)
         assert a.loc[sample.id, "n_tokens"].tolist() == [x[1] for x in ref]
         assert a.loc[sample.id, "n_tokens"].tolist() == sample.n_response_tokens.tolist()
-        ro = one_row_losses(model, [response_only_sequence(i, l, bos) for i, l in rows])
-        np.testing.assert_allclose(a.loc[sample.id, "response_only_loss_sum"], [x[0] for x in ro], rtol=1e-4, atol=1e-4)
+        if k == 0:
+            ro = one_row_losses(model, [response_only_sequence(i, l, bos) for i, l in rows])
+            np.testing.assert_allclose(a.loc[sample.id, "response_only_loss_sum"], [x[0] for x in ro], rtol=1e-4,
+                                       atol=1e-4)
+        else:  # read at the first checkpoint only (IFD's ro_nll0): not scored again
+            assert a.response_only_loss_sum.isna().all()
         np.testing.assert_allclose(a.mean_nll, np.where(a.n_tokens > 0, a.loss_sum / a.n_tokens.clip(lower=1), 0.0))
     # the two checkpoints really are different models
     assert not np.allclose(_load(big, "epoch-0").loss_sum, _load(big, "other").loss_sum)

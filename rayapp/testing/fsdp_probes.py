@@ -73,9 +73,11 @@ def full_load_then_shard(rank: int, world: int, folder: str) -> dict:
             "local_bytes": sum(p.to_local().numel() * p.element_size() for p in model.parameters())}
 
 
-def train_steps(rank: int, world: int, folder: str, rows_file: str, work_dir: str, sharded_init: bool) -> dict:
+def train_steps(rank: int, world: int, folder: str, rows_file: str, work_dir: str, sharded_init: bool,
+                packing: bool = True) -> dict:
     """A few optimizer steps of the training recipe on ``world`` gloo ranks, from a sharded load
-    (``sharded_init``) or from the former full load on every rank; returns the full weights."""
+    (``sharded_init``) or from the former full load on every rank, with packed or padded
+    micro-batches; returns the full weights."""
     import pyarrow.parquet as pq
     import torch
 
@@ -83,7 +85,7 @@ def train_steps(rank: int, world: int, folder: str, rows_file: str, work_dir: st
     from rayapp.ml.train.worker import FineTuneRecipe, WorkerConfig, WorkerEnv, shard_fsdp2
 
     tc = TrainConfig(epochs=1, per_device_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3,
-                     warmup_ratio=0.0, num_workers=world, eval_rows=0, log_every_steps=1000)
+                     warmup_ratio=0.0, num_workers=world, eval_rows=0, log_every_steps=1000, packing=packing)
     cfg = WorkerConfig(stage="probe", train=tc, init_model=folder, tokenizer=folder,
                        total_rows=pq.read_metadata(rows_file).num_rows, train_files=(rows_file,), work_dir=work_dir,
                        staging_dir=None, export_every_epoch=False, eval_file=None)
@@ -102,7 +104,13 @@ def train_steps(rank: int, world: int, folder: str, rows_file: str, work_dir: st
     recipe.setup_optimizer()
     recipe.train()
     state = {k: v.full_tensor().numpy() for k, v in recipe.model.state_dict().items() if hasattr(v, "full_tensor")}
-    return {"rank": rank, "steps": recipe.progress.global_step, "state": state, "deferred_sync": recipe.defer_sync}
+    return {"rank": rank, "steps": recipe.progress.global_step, "state": state, "deferred_sync": recipe.defer_sync,
+            "packing": recipe.packing}
+
+
+def train_steps_each(rank: int, world: int, runs: list[tuple]) -> list[dict]:
+    """``train_steps`` for each argument tuple of ``runs``, in one process group."""
+    return [train_steps(rank, world, *run) for run in runs]
 
 
 def training_step_memory(rank: int, world: int, folder: str, rows_file: str, work_dir: str,
@@ -151,3 +159,55 @@ def lora_adapters_at_start(rank: int, world: int, folder: str, lora: dict) -> di
     recipe.setup_model()
     return {n.split("base_model.model.")[-1]: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().numpy()
             for n, p in recipe.model.named_parameters() if p.requires_grad}
+
+
+def collectives_per_step(rank: int, world: int, runs: list[tuple[dict, bool, int, bool]]) -> list[dict]:
+    """``_collectives_per_step`` for each (config, keep_gathered, micro_batches, defer_sync) of
+    ``runs``, in one process group (one spawn of the ranks for all)."""
+    return [_collectives_per_step(rank, *run) for run in runs]
+
+
+def _collectives_per_step(rank: int, config: dict, keep_gathered: bool, micro_batches: int,
+                          defer_sync: bool = False) -> dict:
+    """FSDP2's all-gathers and reduce-scatters in one optimizer step of ``micro_batches`` (counted
+    at FSDP2's own collective calls), with the weights kept gathered through the step or
+    re-gathered as FSDP2 does by default, and gradients reduced once a step (``defer_sync``) or
+    after every micro-batch; and the weights after the step, which must not depend on either."""
+    import torch
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rayapp.ml.train.fsdp import optimizer_step, shard_fsdp2
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).eval()  # no dropout
+    shard_fsdp2(model, bf16=False, cpu_offload=False, keep_gathered=keep_gathered)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    generator = torch.Generator().manual_seed(rank)
+    batches = []
+    for _ in range(micro_batches):
+        ids = torch.randint(3, config["vocab_size"], (2, 16), generator=generator)
+        batches.append({"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
+    weights = [1 / micro_batches] * micro_batches
+    kw = dict(max_grad_norm=1.0, keep_gathered=keep_gathered, defer_sync=defer_sync)
+    optimizer_step(model, optimizer, scheduler, batches, weights, **kw)  # FSDP2's lazy set-up
+    calls = {"all_gathers": 0, "reduce_scatters": 0}
+    real = {"all_gathers": collectives.DefaultAllGather.__call__,
+            "reduce_scatters": collectives.DefaultReduceScatter.__call__}
+
+    def counted(kind):
+        def call(self, *args, **kwargs):
+            calls[kind] += 1
+            return real[kind](self, *args, **kwargs)
+        return call
+
+    collectives.DefaultAllGather.__call__ = counted("all_gathers")
+    collectives.DefaultReduceScatter.__call__ = counted("reduce_scatters")
+    try:
+        optimizer_step(model, optimizer, scheduler, batches, weights, **kw)
+    finally:
+        collectives.DefaultAllGather.__call__ = real["all_gathers"]
+        collectives.DefaultReduceScatter.__call__ = real["reduce_scatters"]
+    state = {k: v.full_tensor().numpy() for k, v in model.state_dict().items() if hasattr(v, "full_tensor")}
+    return {**calls, "state": state}

@@ -32,3 +32,16 @@ class TrainRows:
 def collate(batch: dict[str, np.ndarray], pad_id: int, device: str) -> dict[str, torch.Tensor]:
     ids, labels, mask = pad_batch(list(batch["input_ids"]), list(batch["labels"]), pad_id)
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def collate_packed(batch: dict[str, np.ndarray], pad_id: int, device: str, config, compute_dtype) -> dict[str, torch.Tensor]:
+    """The same rows packed without padding (ml/train/packing.py), laid out by the model's shape
+    and attention kernel."""
+    from rayapp.ml.train.packing import attention_inputs, pack_batch, pack_layout
+
+    seqs, labs = list(batch["input_ids"]), list(batch["labels"])
+    rows = pack_layout([len(s) for s in seqs], getattr(config, "_attn_implementation", None), config.hidden_size,
+                       config.num_hidden_layers, config.vocab_size)
+    packed = {k: v.to(device) for k, v in pack_batch(seqs, labs, rows, pad_id).items()}
+    packed.update(attention_inputs(config, packed, compute_dtype))
+    return packed

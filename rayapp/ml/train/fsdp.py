@@ -19,16 +19,20 @@ def decoder_layers(model):
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
 
 
-def shard_fsdp2(model, bf16: bool, cpu_offload: bool):
-    """FSDP2: ``fully_shard`` each decoder layer, then the root (parameters become DTensors)."""
+def shard_fsdp2(model, bf16: bool, cpu_offload: bool, keep_gathered: bool = False):
+    """FSDP2: ``fully_shard`` each decoder layer, then the root (parameters become DTensors).
+
+    ``keep_gathered`` (policy.keep_weights_gathered): no reshard after forward, so a layer's
+    weights gathered for the forward serve its backward too; ``optimizer_step`` also keeps them
+    between micro-batches, resharding after the step's last backward."""
     import torch
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=mp, offload_policy=offload)
-    fully_shard(model, mp_policy=mp, offload_policy=offload)
+        fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=not keep_gathered)
+    fully_shard(model, mp_policy=mp, offload_policy=offload, reshard_after_forward=not keep_gathered)
     return model
 
 
@@ -41,25 +45,34 @@ def micro_batch_weight(batch_index: int, batches_per_epoch: int, accum: int) -> 
 
 
 def optimizer_step(model, optimizer, scheduler, micro_batches: list[dict], weights: list[float], *,
-                   max_grad_norm: float, autocast_bf16: bool = False, defer_sync: bool = False) -> tuple[float, int]:
+                   max_grad_norm: float, autocast_bf16: bool = False, defer_sync: bool = False,
+                   keep_gathered: bool = False) -> tuple[float, int]:
     """One optimizer step over ``micro_batches`` (gradient accumulation): each micro-batch's mean
     response-token loss counts with its weight. Returns (the group's mean loss, tokens).
 
     ``defer_sync`` (FSDP2): reduce-scatter once per step, on the last micro-batch's backward; the
     unsharded gradients accumulate locally until then (see TrainConfig.gradient_sync).
+    ``keep_gathered`` (FSDP2, sharded with it): the weights stay gathered between micro-batches and
+    are resharded after the last one's backward, before the optimizer updates the shards.
     ``autocast_bf16``: bf16 autocast for an unsharded model on a GPU (FSDP2 casts by its policy)."""
     import torch
 
     loss_total, tokens = 0.0, 0
     defer_sync = defer_sync and len(micro_batches) > 1
     for k, (inputs, weight) in enumerate(zip(micro_batches, weights)):
+        last = k == len(micro_batches) - 1
         if defer_sync:
-            model.set_requires_gradient_sync(k == len(micro_batches) - 1)
+            model.set_requires_gradient_sync(last)
+        if keep_gathered:
+            model.set_reshard_after_backward(last)
+        # real tokens: a packed batch says how many (ml/train/packing.py), a padded one has its mask
+        n_tokens = inputs["num_tokens"] if "num_tokens" in inputs else inputs["attention_mask"].sum()
+        inputs = {key: value for key, value in inputs.items() if key != "num_tokens"}
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast_bf16):
             out = model(**inputs, use_cache=False)  # a training step needs no KV cache (it only copies)
         (out.loss * weight).backward()
         loss_total += float(out.loss.detach()) * weight
-        tokens += int(inputs["attention_mask"].sum())
+        tokens += int(n_tokens)
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     scheduler.step()

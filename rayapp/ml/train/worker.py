@@ -28,6 +28,7 @@ from rayapp.core import storage, tracking
 from rayapp.core.log import get_logger
 from rayapp.ml.train.fsdp import decoder_layers, micro_batch_weight, optimizer_step, shard_fsdp2  # noqa: F401  (re-exported)
 from rayapp.ml.train.layout import TrainingLayout
+from rayapp.ml.train.policy import epoch_end_saves, keep_weights_gathered
 
 
 class WorkerConfig(BaseModel):
@@ -92,6 +93,9 @@ class FineTuneRecipe:
 
         self.cfg, self.tc, self.env = cfg, cfg.train, env
         self.report, self.wrap_ddp, self.fault_hook = report, wrap_ddp, fault_hook
+        self._background_save = None  # (future, step folder, progress) of a save being written
+        self._save_group = None  # the gloo group background saves coordinate over
+        self.background_saves = 0
         self.use_gpu = self.tc.use_gpu and torch.cuda.is_available()
         self.device = f"cuda:{env.local_rank}" if self.use_gpu else "cpu"
         if self.use_gpu:
@@ -117,6 +121,7 @@ class FineTuneRecipe:
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.sharded = tc.fsdp and self.env.world > 1 and self.env.distributed
+        self.keep_gathered = False  # decided in _sharded_model (policy.keep_weights_gathered)
         if self.sharded:
             self.model = self._sharded_model()
         else:
@@ -130,6 +135,7 @@ class FineTuneRecipe:
             self._log(f"LoRA r={cfg.lora.r}: {self.n_trainable:,} trainable of {self.n_params:,} parameters "
                       f"({self.n_trainable / self.n_params:.2%})")
         self.defer_sync = self._defer_gradient_sync()
+        self.packing = self._packing()
         self.local_params = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
                                 for p in self.model.parameters())
 
@@ -142,6 +148,32 @@ class FineTuneRecipe:
         total = torch.cuda.mem_get_info()[1] if self.use_gpu else None
         # the unsharded gradients it keeps are those of what trains (the adapters only, with LoRA)
         return defer_gradient_sync(self.tc.gradient_sync, self.n_trainable, total, self.sharded)
+
+    def _packing(self) -> bool:
+        """Padding-free micro-batches (TrainConfig.packing) where the model's attention is known to
+        keep packed rows apart (ml/train/packing.py); padded ones otherwise, said once."""
+        from rayapp.ml.train.packing import PACKABLE_MODEL_TYPES, can_pack
+
+        if not self.tc.packing:
+            return False
+        if can_pack(self.model.config):
+            return True
+        self._log(f"packing off: model type {getattr(self.model.config, 'model_type', None)!r} is not one whose "
+                  f"packed attention is checked ({', '.join(sorted(PACKABLE_MODEL_TYPES))}); padded micro-batches")
+        return False
+
+    def micro_batch(self, indices: list[int]) -> dict:
+        """One micro-batch's tensors on this worker's device: packed or padded (the same rows and
+        the same loss either way)."""
+        import torch
+
+        from rayapp.ml.train.collate import collate, collate_packed
+
+        rows = self.rows.batch(indices)
+        if self.packing:
+            return collate_packed(rows, self.pad_id, self.device, self.model.config,
+                                  torch.bfloat16 if self.bf16 else torch.float32)
+        return collate(rows, self.pad_id, self.device)
 
     def _with_adapters(self, model):
         """The model with LoRA adapters when finetune.lora is set (its base frozen, in bf16 under
@@ -179,7 +211,10 @@ class FineTuneRecipe:
         self._checkpoint_activations()
         base = self.model.get_base_model() if self.cfg.lora else self.model
         buffers = sharded.real_buffers(base)
-        self.train_model = shard_fsdp2(self.model, self.bf16, self.tc.cpu_offload)
+        total = torch.cuda.mem_get_info()[1] if self.use_gpu else None
+        self.keep_gathered = not self.tc.cpu_offload and keep_weights_gathered(
+            sum(p.numel() for p in self.model.parameters()), total, True, self.bf16)
+        self.train_model = shard_fsdp2(self.model, self.bf16, self.tc.cpu_offload, self.keep_gathered)
         self.model.to_empty(device="cpu" if self.tc.cpu_offload else self.device)
         if self.cfg.lora:
             from rayapp.ml.train import lora
@@ -269,23 +304,54 @@ class FineTuneRecipe:
             self.export(self.epoch_export(p.epoch), {"epoch": p.epoch, "step": p.global_step})
 
     def save_checkpoint(self, epoch: int, batch_in_epoch: int) -> None:
+        """A sharded checkpoint of this step: written in the background on a filesystem path
+        (TrainConfig.async_checkpoints), else now. It counts as complete once its marker is
+        written, after every rank's files (``finish_checkpoint``)."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         from rayapp.ml.train import checkpoints as ck
 
+        self.finish_checkpoint()  # the previous one, if still being written
         path = ck.step_dir(self.cfg.checkpoint_dir, self.progress.global_step)
+        progress = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "global_step": self.progress.global_step,
+                    "loss": self.progress.last_loss}
         model_sd, optim_sd = get_state_dict(self.train_model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.tc.async_checkpoints and not storage.is_remote(path):
+            if self.env.distributed and self._save_group is None:
+                # its own group: the background writer's collectives must not interleave with
+                # training's on the default one (NCCL on GPUs)
+                self._save_group = dist.new_group(backend="gloo")
+            future = dcp.async_save(state, checkpoint_id=path, process_group=self._save_group,
+                                    no_dist=not self.env.distributed)
+            self._background_save = (future, path, progress)
+            self.background_saves += 1
+            return
         local = ck.save_location(path, self.env.rank, self.cfg.staging_dir)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=local, no_dist=not self.env.distributed)
+        dcp.save(state, checkpoint_id=local, no_dist=not self.env.distributed)
         ck.publish(local, path)  # each rank uploads its own shards (object stores only)
+        self._mark_saved(path, progress)
+
+    def finish_checkpoint(self) -> None:
+        """Wait for the background save, then mark it complete (no-op without one)."""
+        if self._background_save is None:
+            return
+        future, path, progress = self._background_save
+        self._background_save = None
+        future.result()
+        self._mark_saved(path, progress)
+
+    def _mark_saved(self, path: str, progress: dict) -> None:
+        import torch.distributed as dist
+
+        from rayapp.ml.train import checkpoints as ck
+
         if self.env.distributed:
-            dist.barrier()
+            dist.barrier()  # every rank's files are written
         if self.env.rank == 0:
-            storage.write_json(storage.join(path, ck.PROGRESS),
-                               {"epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                                "global_step": self.progress.global_step, "loss": self.progress.last_loss})
+            storage.write_json(storage.join(path, ck.PROGRESS), progress)
             ck.prune(self.cfg.checkpoint_dir, keep=self.tc.keep_checkpoints)
         if self.env.distributed:
             dist.barrier()
@@ -337,11 +403,9 @@ class FineTuneRecipe:
         return optimizer_step(self.train_model, self.optimizer, self.scheduler, micro_batches, weights,
                               max_grad_norm=self.tc.max_grad_norm,
                               autocast_bf16=self.bf16 and self.use_gpu and not self.sharded,
-                              defer_sync=self.defer_sync)
+                              defer_sync=self.defer_sync, keep_gathered=self.keep_gathered)
 
     def train(self) -> dict:
-        from rayapp.ml.train.collate import collate
-
         tc, p, env = self.tc, self.progress, self.env
         accum = tc.gradient_accumulation_steps
         every = tc.checkpoint_every_steps or 0
@@ -355,13 +419,15 @@ class FineTuneRecipe:
             first = p.batch_in_epoch if epoch == p.epoch else 0  # batches consumed before the checkpoint
             for group_start in range(first, self.batches_per_epoch, accum):
                 group = range(group_start, min(group_start + accum, self.batches_per_epoch))
-                micro = [collate(self.rows.batch(order[b * bs:(b + 1) * bs]), self.pad_id, self.device) for b in group]
+                micro = [self.micro_batch(order[b * bs:(b + 1) * bs]) for b in group]
                 weights = [micro_batch_weight(b, self.batches_per_epoch, accum) for b in group]
                 p.last_loss, n_tok = self.train_step(micro, weights)
                 p.global_step += 1
                 tokens_seen += n_tok
                 tokens_since_log += n_tok
                 if self.fault_hook:
+                    # tests kill a worker here; the save before it counts as written by then
+                    self.finish_checkpoint()
                     self.fault_hook(p.global_step, env.rank)
                 if p.global_step % tc.log_every_steps == 0 or p.global_step == self.total_steps:
                     dt = max(time.perf_counter() - t_log, 1e-9)
@@ -370,11 +436,16 @@ class FineTuneRecipe:
                 end = group[-1] + 1
                 if every and p.global_step % every == 0 and end < self.batches_per_epoch:
                     self.save_checkpoint(epoch, end)
-            # end of epoch: resumable state, then (optionally) a consolidated export
-            self.save_checkpoint(epoch + 1, 0)
+            # end of epoch: resumable state, then (optionally) a consolidated export. Not after the
+            # last epoch: the final export follows at once and supersedes it (a 13B save is ~150 GB;
+            # a loss between the two redoes the steps since the previous save)
+            if epoch < epoch_end_saves(tc.epochs):
+                self.save_checkpoint(epoch + 1, 0)
             if self.cfg.export_every_epoch:
                 self.export(self.epoch_export(epoch + 1), {"epoch": epoch + 1, "step": p.global_step})
-        return {"tokens_seen": tokens_seen, "train_seconds": time.perf_counter() - t0}
+        self.finish_checkpoint()
+        return {"tokens_seen": tokens_seen, "train_seconds": time.perf_counter() - t0,
+                "background_saves": self.background_saves}
 
     def evaluate(self) -> float | None:
         """Mean response-token loss over the first ``eval_rows`` held-out rows; every rank runs the
@@ -386,6 +457,8 @@ class FineTuneRecipe:
         rows = storage.read_parquet(self.cfg.eval_file, ["input_ids", "labels"]).slice(0, self.tc.eval_rows).to_pylist()
         self.train_model.eval()
         loss = mean_response_nll(self.train_model, rows, self.pad_id, self.device)
+        if self.keep_gathered:  # forward-only passes leave the weights gathered: back to the shards
+            self.train_model.reshard()
         self.train_model.train()
         return loss
 

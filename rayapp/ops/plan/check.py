@@ -113,8 +113,10 @@ def plan_training(cfg: RunConfig, stage: str, tc: TrainConfig, shape: ModelShape
         # an unknown GPU (have None) is planned as too small to keep the unsharded gradients
         defer = tc.gradient_accumulation_steps > 1 and memory.defer_gradient_sync(
             sync, adapters or shape.params, have or 0, sh)
+        keep = not tc.cpu_offload and memory.keep_weights_gathered(shape.params, have or 0, sh, bf16)
         return memory.training_memory(shape, world=w, sharded=sh, micro_batch_tokens=tokens, bf16=bf16,
-                                      activation_checkpointing=ckpt, defer_gradient_sync=defer, lora_params=adapters)
+                                      activation_checkpointing=ckpt, defer_gradient_sync=defer, lora_params=adapters,
+                                      keep_gathered=keep)
 
     parts = need(world, tc.activation_checkpointing, tc.gradient_sync)
     way = f"{world}-way FSDP" if sharded else ("DDP" if world > 1 else "one GPU")

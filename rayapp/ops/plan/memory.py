@@ -10,7 +10,12 @@ compares them with these numbers.
 from __future__ import annotations
 
 from rayapp.ml.models.losses import LOGIT_CHUNK_FLOATS, chunk_rows  # one chunk of logits in the bounded loss
-from rayapp.ml.train.policy import ALLOCATOR_CONF, adamw_fused, defer_gradient_sync  # noqa: F401  (what the plan budgets for)
+from rayapp.ml.train.policy import (  # noqa: F401  (what the plan budgets for)
+    ALLOCATOR_CONF,
+    adamw_fused,
+    defer_gradient_sync,
+    keep_weights_gathered,
+)
 from rayapp.ops.plan.shapes import ModelShape
 
 GIB = 2**30
@@ -62,7 +67,8 @@ def adamw_step_temporaries(impl: str, trained_local: int, largest_local: int) ->
 
 def training_memory(s: ModelShape, *, world: int, sharded: bool, micro_batch_tokens: int, bf16: bool,
                     activation_checkpointing: bool, defer_gradient_sync: bool, gpu: bool = True,
-                    lora_params: int | None = None, adamw: str | None = None) -> dict[str, int]:
+                    lora_params: int | None = None, adamw: str | None = None,
+                    keep_gathered: bool = False) -> dict[str, int]:
     """One training worker: fp32 master weights, fp32 gradients and AdamW's two fp32 moments
     (sharded over ``world`` under FSDP), the unsharded compute copies of the units FSDP has
     gathered (the root and two layers: the current one and the prefetched one), the activations of
@@ -83,7 +89,10 @@ def training_memory(s: ModelShape, *, world: int, sharded: bool, micro_batch_tok
 
     ``lora_params``: only that many (adapter) parameters train; the frozen base has no gradient
     and no optimizer state, and is held in the compute dtype (bf16 under mixed precision). The
-    activations stay: the backward pass still goes through every layer to reach the adapters."""
+    activations stay: the backward pass still goes through every layer to reach the adapters.
+
+    ``keep_gathered`` (policy.keep_weights_gathered, a small model): the whole model's compute
+    copy stays gathered through the step, in place of the root and two layers."""
     P = s.params
     shards = world if sharded else 1
     c = 2 if bf16 else 4  # compute dtype bytes
@@ -97,7 +106,10 @@ def training_memory(s: ModelShape, *, world: int, sharded: bool, micro_batch_tok
     parts["gradients (fp32)"] = 4 * trained // shards
     parts["AdamW state (fp32)"] = 8 * trained // shards
     if sharded:
-        parts["gathered units"] = c * (s.root_params + 2 * s.layer_params)
+        if keep_gathered:
+            parts["gathered weights (kept through the step)"] = c * P
+        else:
+            parts["gathered units"] = c * (s.root_params + 2 * s.layer_params)
         if defer_gradient_sync:
             # FSDP2 keeps unsharded gradients, in its reduce dtype (fp32), until the step's reduce-scatter
             parts["unsharded gradients (no-sync accumulation)"] = 4 * trained

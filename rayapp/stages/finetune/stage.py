@@ -140,6 +140,7 @@ class FinetuneStage(Stage):
 
     @classmethod
     def disk_need(cls, cfg: RunConfig, hub_params):
+        from rayapp.ml.train.policy import epoch_end_saves
         from rayapp.ops.plan.disk import (
             FULL_CHECKPOINT_BYTES_PER_PARAM,
             GB,
@@ -154,7 +155,7 @@ class FinetuneStage(Stage):
         ckpt = (LORA_CHECKPOINT_BYTES_PER_PARAM if lora else FULL_CHECKPOINT_BYTES_PER_PARAM) * p_target
         init = HUB_BYTES_PER_PARAM * p_target
         return DiskNeed(cls.name, kept=init, staged=ckpt, checkpoint=ckpt,
-                        saves=cfg.finetune.epochs * len(subsets_to_train(cfg, evaluating=True)),
+                        saves=epoch_end_saves(cfg.finetune.epochs) * len(subsets_to_train(cfg, evaluating=True)),
                         parts=[f"the staged {target} ({init / GB:.0f} GB)",
                                f"one staged checkpoint ({ckpt / GB:.0f} GB"
                                + (": bf16 base and adapters)" if lora else ": fp32 weights and AdamW moments)")])

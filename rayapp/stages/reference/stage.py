@@ -39,12 +39,13 @@ class ReferenceStage(Stage):
 
     @classmethod
     def disk_need(cls, cfg: RunConfig, hub_params):
+        from rayapp.ml.train.policy import epoch_end_saves
         from rayapp.ops.plan.disk import FULL_CHECKPOINT_BYTES_PER_PARAM, GB, HUB_BYTES_PER_PARAM, DiskNeed
 
         ref = cfg.models.reference.name_or_path
         p_ref = hub_params(ref)
         ckpt, init = FULL_CHECKPOINT_BYTES_PER_PARAM * p_ref, HUB_BYTES_PER_PARAM * p_ref
-        return DiskNeed(cls.name, kept=init, staged=ckpt, checkpoint=ckpt, saves=cfg.reference.epochs,
+        return DiskNeed(cls.name, kept=init, staged=ckpt, checkpoint=ckpt, saves=epoch_end_saves(cfg.reference.epochs),
                         parts=[f"the staged {ref} ({init / GB:.0f} GB)",
                                f"one staged checkpoint ({ckpt / GB:.0f} GB: fp32 weights and AdamW moments)"])
 

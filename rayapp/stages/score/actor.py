@@ -54,6 +54,7 @@ class LossScorer:
         max_batch_padding: float = 1.0,
         prefix_ids: Sequence[int] = (),
         token_count: str = "labelled",
+        modes_by_checkpoint: dict[str, list[str]] | None = None,
     ):
         import torch
 
@@ -66,6 +67,7 @@ class LossScorer:
         self.dtype = resolve_dtype(dtype, self.device)
         self.checkpoints = checkpoints
         self.modes = modes
+        self.modes_by_checkpoint = modes_by_checkpoint or {}  # engine.modes_by_checkpoint
         self.batch_tokens = batch_tokens
         self.max_rows = max_rows_per_batch
         self.max_padding = max_batch_padding
@@ -195,20 +197,21 @@ class LossScorer:
             "real_tokens": np.zeros(n, dtype=np.int64),
             "pad_tokens": np.zeros(n, dtype=np.int64),
         }
-        if "prompted" in self.modes:
+        modes = self.modes_by_checkpoint.get(name, self.modes)
+        if "prompted" in modes:
             s, c, pad, lens = self._score(model, seqs, labs)
             out["loss_sum"], out["n_tokens"] = s, c
             out["pad_tokens"] += pad
             out["real_tokens"] += lens
         if self.fault:
             self.fault(self.batches_done)  # mid-unit: some of it is scored, none of it returned
-        if "response_only" in self.modes:
+        if "response_only" in modes:
             pairs = [response_only_sequence(i, l, self.bos_id, self.prefix_ids) for i, l in zip(seqs, labs)]
             s, c, pad, lens = self._score(model, [p[0] for p in pairs], [p[1] for p in pairs])
             out["response_only_loss_sum"], out["response_only_n_tokens"] = s, c
             out["pad_tokens"] += pad
             out["real_tokens"] += lens
-        if "prompted" not in self.modes:
+        if "prompted" not in modes:
             out["n_tokens"] = np.array([int((l != IGNORE_INDEX).sum()) for l in labs], dtype=np.int64)
         # for the forward-FLOP rate: 2 x params x tokens over the seconds this call took
         out["model_params"] = np.full(n, self.params[name], dtype=np.int64)

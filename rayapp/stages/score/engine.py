@@ -56,6 +56,16 @@ def _keys(fingerprint: str, ck: CheckpointRecord, modes: list[str], rows: int,
     return keys
 
 
+def modes_by_checkpoint(checkpoints: list[CheckpointRecord], modes: list[str]) -> dict[str, list[str]]:
+    """The modes each checkpoint is scored in. Selection reads the response-only scores of the
+    first checkpoint alone (IFD's ``ro_nll0``), so with ``prompted`` also asked for, the later
+    checkpoints score ``prompted`` only: at 3 epochs that is a quarter of the scoring work."""
+    if "prompted" not in modes:
+        return {ck.name: list(modes) for ck in checkpoints}
+    later = [m for m in modes if m != "response_only"]
+    return {ck.name: list(modes) if k == 0 else later for k, ck in enumerate(checkpoints)}
+
+
 def is_committed(uri: str, keys: dict[str, str]) -> bool:
     return keyed.is_current(uri, keys, rows=int(keys["rayapp.rows"]))
 
@@ -176,9 +186,10 @@ def score_checkpoints(
     shard) units not yet committed, the scorers' settings, the scores as they arrive (a shard is
     committed once all its rows are in), the rates. Returns ``ScoringStats.as_dict()``."""
     shards = {s.file: s.rows for s in prepared_manifest.shards}
+    modes = modes_by_checkpoint(checkpoints, list(score_cfg.modes))
 
     def unit_keys(ck: CheckpointRecord, rows: int) -> dict[str, str]:
-        return _keys(prepared_manifest.fingerprint, ck, list(score_cfg.modes), rows, score_cfg.response_only_prefix,
+        return _keys(prepared_manifest.fingerprint, ck, modes[ck.name], rows, score_cfg.response_only_prefix,
                      score_cfg.token_count)
 
     pending = _pending(checkpoints, shards, out_dir, unit_keys)
@@ -281,6 +292,7 @@ def _scorer(score_cfg: ScoreConfig, checkpoints: list[CheckpointRecord], pending
         **backend_kwargs,
         checkpoints={ck.name: ck.path for ck in checkpoints},
         modes=list(score_cfg.modes),
+        modes_by_checkpoint=modes_by_checkpoint(checkpoints, list(score_cfg.modes)),
         batch_tokens=score_cfg.batch_tokens,
         max_rows_per_batch=score_cfg.max_rows_per_batch,
         max_batch_padding=score_cfg.max_batch_padding,
