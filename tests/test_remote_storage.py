@@ -225,9 +225,11 @@ def test_resume_downloads_a_step_once_per_node_and_removes_it(s3, tmp_path, monk
     assert not os.path.exists(paths[0]) and os.listdir(os.path.dirname(paths[0])) == []
 
 
-def test_vllm_inputs_read_an_s3_export_without_its_weights(s3, tmp_path):
+def test_vllm_inputs_read_an_s3_export_without_its_weights(s3, tmp_path, monkeypatch):
     """Defect: vLLM evaluation on an s3:// output_dir failed (AutoConfig was given the s3:// path),
     and the driver would have downloaded the whole export to tokenize prompts."""
+    # a cache of its own: the module's other tests (the extended FSDP one) fetch whole exports
+    monkeypatch.setenv("RAYAPP_CACHE_DIR", str(tmp_path / "cache"))
     from rayapp.config import GenerationConfig, TinyModelConfig
     from rayapp.core.artifacts import mark_export
     from rayapp.ml.models import tiny
