@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.conftest import ALPACA, REPO, tiny_config_dict
@@ -91,6 +92,7 @@ def _rayapp(pkg_root, *args, timeout=600):
                           timeout=timeout, env=env)
 
 
+@pytest.mark.slow  # rayapp run, status, plan and check-cluster as subprocesses: ~60 s
 def test_a_new_stage_is_one_file_and_one_list_entry(tmp_path):
     pkg_root = tmp_path / "src"
     shutil.copytree(REPO / "rayapp", pkg_root / "rayapp", ignore=shutil.ignore_patterns("__pycache__"))

@@ -18,6 +18,7 @@ import yaml
 from tests.conftest import REPO, alpaca_rows, tiny_config_dict, write_jsonl
 
 
+@pytest.mark.slow  # a forkserver driver process per step: ~25 s
 def test_a_step_in_its_own_process_returns_what_it_made_and_raises_what_it_raised(tmp_path, make_config):
     """isolation.run_step with the real prepare stage (no Ray needed): the results come back from
     the step's process as the runner made them, and a user's error comes back as itself (type
@@ -112,6 +113,7 @@ print("killed pid", pid, ":", lost, flush=True)
 """
 
 
+@pytest.mark.slow  # a Ray cluster with its dashboard in a subprocess: ~60 s
 def test_the_loss_watch_sees_a_killed_worker_and_nothing_in_a_healthy_step():
     """LossWatch on a real local cluster (with its dashboard, as `rayapp run` starts one): tasks,
     an actor ended with ray.kill, one dropped out of scope, and a Ray Data pool driven from an actor
