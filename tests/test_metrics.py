@@ -46,6 +46,7 @@ def _scrape(port: int) -> dict[str, float]:
     return out
 
 
+@pytest.mark.extended  # ~85 s; CI's 30-minute budget (make test-extended)
 def test_scoring_and_training_progress_reach_the_metrics_endpoint(tmp_path):
     rows = 160
     cfg = tiny_config_dict(tmp_path, [{"path": str(ALPACA), "limit": rows}])

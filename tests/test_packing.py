@@ -222,7 +222,7 @@ def test_a_real_pretrained_models_rows_are_the_same_packed():
     _check_rows_alone(model, seqs, labs, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # ~30 s; CI's 30-minute budget (make test-extended)
 def test_a_packed_fsdp2_step_on_two_workers_leaves_the_padded_steps_weights(tmp_path):
     """One optimizer step of the training recipe on 2 gloo FSDP2 ranks, packed and padded, from
     the same weights on the same rows: the parameters agree within 1e-5."""

@@ -72,7 +72,7 @@ def test_perplexity_falls_with_fine_tuning_on_real_text(real_run):
     assert np.median(scored.P1) < np.median(scored.P0)
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # ~35 s; CI's 30-minute budget (make test-extended)
 def test_real_model_answers_are_readable(real_run, ray_local):
     from rayapp.config import GenerationConfig
     from rayapp.stages.evaluate.generate import generate

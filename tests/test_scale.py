@@ -46,7 +46,7 @@ def _tiny_opt(folder):
 
 
 @pytest.mark.parametrize("name", ["facebook/opt-13b", "meta-llama/Llama-2-13b-hf"])
-@pytest.mark.slow
+@pytest.mark.extended  # ~20 s each; CI's 30-minute budget (make test-extended)
 def test_13b_models_shard_on_the_meta_device_without_a_full_copy(name):
     results = run_gloo(shard_on_meta, 2, bundled_config(name))
     total = results[0]["total_bytes"]
@@ -97,7 +97,7 @@ def test_training_from_the_sharded_load_matches_the_full_load(tmp_path):
     assert any(not np.array_equal(v, start[k].numpy()) for k, v in new[0]["state"].items())  # it trained
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # ~55 s; CI's 30-minute budget (make test-extended)
 def test_collectives_per_step_at_the_presets_depths():
     """FSDP2's collectives in one optimizer step on 2 gloo ranks, at the presets' depths and
     accumulation (tiny widths: the counts depend only on the units and micro-batches).
@@ -187,7 +187,7 @@ def test_plan_passes_both_paper_presets_on_their_node_types():
         assert kept == (reference.shape.params < 1e9), (preset, reference.parts)
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # ~35 s; CI's 30-minute budget (make test-extended)
 def test_plan_fails_an_infeasible_config_with_a_suggestion():
     proc = _plan("-c", PRESETS[0], "--set", "finetune.num_workers=4", "--set", "finetune.accelerator_type=A10G")
     assert proc.returncode == 1, proc.stdout + proc.stderr

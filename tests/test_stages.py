@@ -254,7 +254,7 @@ def test_package_data_globs_match_files():
         assert list((REPO / "rayapp").glob(pattern)), f"package-data {pattern!r} matches no file"
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # ~28 s; CI's 30-minute budget (make test-extended)
 def test_ray_start_leaves_hub_access_to_the_environment(tmp_path):
     """Defect: init_ray set HF_HUB_OFFLINE=0 when it was unset, although no stage should reach the
     hub unless the environment allows it."""
