@@ -24,7 +24,6 @@ import numpy as np
 
 from benchmarks.report import write_results
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS_PER_MICRO_BATCH = 4
 MAX_LENGTH = 512
 LAYOUTS = [("OPT-350M, sdpa", "facebook/opt-350m", "sdpa"), ("OPT-13B, sdpa", "facebook/opt-13b", "sdpa"),
@@ -32,9 +31,12 @@ LAYOUTS = [("OPT-350M, sdpa", "facebook/opt-350m", "sdpa"), ("OPT-13B, sdpa", "f
            ("any model, flash attention", "facebook/opt-350m", "flash_attention_2")]
 
 
-def alpaca_lengths(max_length: int = MAX_LENGTH) -> np.ndarray:
-    d = np.load(os.path.join(HERE, "data", "alpaca-lengths.npz"))
-    return np.minimum(d["prompt_tokens"].astype(int) + d["response_tokens"], max_length)
+def alpaca_lengths() -> np.ndarray:
+    """Alpaca's row lengths cut at 512, as prepare cuts them (the GPU check's reader)."""
+    from benchmarks.gpu import alpaca_lengths as prompt_and_response
+
+    prompt, response = prompt_and_response(None)
+    return prompt + response
 
 
 def micro_batches(lengths: np.ndarray, n: int, seed: int = 0) -> list[list[int]]:
