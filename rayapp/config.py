@@ -98,7 +98,9 @@ class SourceConfig(_Strict):
 
     path: str = Field(description="File (JSON/JSONL/Parquet, local or s3://, gs://), or an HF datasets name/dir")
     format: Literal["auto", "json", "jsonl", "parquet", "hf"] = "auto"
-    schema_: Literal["auto", "alpaca", "dolly"] = Field("auto", alias="schema")
+    schema_: Literal["auto", "alpaca", "dolly", "messages", "sharegpt"] = Field(
+        "auto", alias="schema", description="alpaca (instruction/input/output), dolly (instruction/context/"
+        "response), messages (OpenAI chat turns), sharegpt (`conversations` of from/value); auto: from the first row")
     name: str | None = Field(None, description="Name recorded in the `source` column; defaults to the file stem")
     split: str = Field("train", description="Split, for format=hf")
     limit: int | None = Field(None, ge=1, description="Keep only the first N rows read (a slice for demos)")
@@ -129,6 +131,9 @@ class TemplateConfig(_Strict):
     name: str = "alpaca"
     with_input: str | None = Field(None, description="Overrides the named template's with-input prompt")
     no_input: str | None = Field(None, description="Overrides the named template's no-input prompt")
+    chat: Literal["auto", "model", "plain"] = Field(
+        "auto", description="How conversations are formatted: model (the tokenizer's own chat template), plain "
+        "(rayapp's ### System/User/Assistant template, core/chat.py), auto (the model's where it ships one)")
 
     @field_validator("name")
     @classmethod
@@ -146,9 +151,11 @@ class DataConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     template: TemplateConfig = TemplateConfig()
     max_length: int = Field(512, ge=8)
-    truncation: Literal["truncate", "drop"] = Field(
+    truncation: Literal["truncate", "drop", "keep_last_turns"] = Field(
         "truncate",
-        description="truncate: keep over-long rows cut to max_length (counted); drop: reject them",
+        description="truncate: keep over-long rows cut to max_length (counted); drop: reject them; "
+        "keep_last_turns: drop a conversation's earliest exchanges (keeping its system prompt) until it fits, and "
+        "cut what still does not (Alpaca rows: as truncate)",
     )
     max_chars: int = Field(
         200_000, ge=100, description="Rows whose text exceeds this many characters are rejected unread"
@@ -503,6 +510,10 @@ class EvaluateConfig(_Strict):
     eval_dir: str = Field("../shared/data/eval", description="Folder of the built-in sets")
     prompt_field: str = Field("prompt", description="Prompt field of JSONL sets given by path")
     max_prompts: int | None = Field(None, ge=1, description="Per set (a slice for demos)")
+    prompt_format: Literal["auto", "alpaca", "chat"] = Field(
+        "auto", description="How the models are prompted: alpaca (data.template), chat (the chat template the "
+        "prepared conversations were formatted with, one user turn), auto (chat when most prepared rows are "
+        "conversations)")
     generation: GenerationConfig = GenerationConfig()
     judge: JudgeConfig = JudgeConfig(kind="reference")
     human_page: bool = Field(

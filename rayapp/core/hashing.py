@@ -19,6 +19,13 @@ def row_id(instruction: str, input_text: str, output: str) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
 
 
+def conversation_id(messages: list[dict[str, str]]) -> str:
+    """Same turns -> same id; covers every turn's role and text. The JSON list of [role, content]
+    pairs cannot collide with an Alpaca triple's list of three strings."""
+    blob = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -72,6 +72,10 @@ class PreparedManifest(StageManifest):
     rejected: int
     reject_reasons: dict[str, int]
     truncated: int
+    conversations: int = 0  # rows that are conversations (the rest are Alpaca-style)
+    chat_template: str | None = None  # what formatted them: model (the tokenizer's own) or plain (core/chat.py)
+    chat_template_sha256: str | None = None
+    turns_dropped: int = 0  # conversations whose earliest exchanges were dropped to fit (keep_last_turns)
     no_response_tokens: int
     tokens: int
     response_tokens: int

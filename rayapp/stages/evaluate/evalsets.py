@@ -1,6 +1,10 @@
 """The evaluation prompt sets: the five of this line of work, each with its own schema, and any
 JSONL of prompts with a configurable field. Every set maps to rows of
-``{set, id, instruction, input, reference}`` (reference: a gold answer where the set has one)."""
+``{set, id, instruction, input, reference}`` (reference: a gold answer where the set has one).
+
+A JSONL set may hold conversations instead: ``messages`` (OpenAI roles) or ``conversations`` as a
+list of ShareGPT turns. The model answers the last user turn given the turns before it; a last
+assistant turn is the reference answer. Such rows also carry ``turns`` (the turns before the answer)."""
 
 from __future__ import annotations
 
@@ -42,6 +46,31 @@ def _text(value, where: str) -> str:
     return value
 
 
+def _turns(rec: dict, where: str) -> list[dict] | None:
+    """A conversation row's turns (roles normalised), or None for a single-prompt row."""
+    from rayapp.stages.prepare.normalize import CONVERSATION_FIELDS, ROLE_ALIASES
+
+    for key, role_key, text_key in CONVERSATION_FIELDS.values():
+        value = rec.get(key)
+        if not (isinstance(value, list) and value and all(isinstance(t, dict) for t in value)):
+            continue
+        turns = []
+        for i, t in enumerate(value):
+            role = ROLE_ALIASES.get(t.get(role_key)) if isinstance(t.get(role_key), str) else None
+            if role is None:
+                raise EvalSetError(f"{where}: field '{key}[{i}].{role_key}': unknown role {t.get(role_key)!r}")
+            if not isinstance(t.get(text_key), str):
+                raise EvalSetError(f"{where}: field '{key}[{i}].{text_key}' must be a string")
+            turns.append({"role": role, "content": t[text_key]})
+        return turns
+    return None
+
+
+def render_turns(turns: list[dict]) -> str:
+    """Turns as plain text, for judges and the Alpaca template: each under its speaker's name."""
+    return "\n\n".join(f"{t['role'].title()}: {t['content']}" for t in turns)
+
+
 def load_eval_set(name: str, path: str, prompt_field: str, id_field: str | None = None,
                   limit: int | None = None) -> list[dict]:
     """Read one set. Self-Instruct rows carry `instances`: the first instance's input is the
@@ -59,6 +88,18 @@ def load_eval_set(name: str, path: str, prompt_field: str, id_field: str | None 
             raise EvalSetError(f"{where}: not valid JSON ({exc.msg})") from None
         if not isinstance(rec, dict):
             raise EvalSetError(f"{where}: expected a JSON object")
+        turns = _turns(rec, where)
+        if turns is not None:
+            reference = turns.pop()["content"] if turns[-1]["role"] == "assistant" else None
+            if not turns or turns[-1]["role"] != "user":
+                raise EvalSetError(f"{where}: a conversation prompt must end with a user turn (or a user turn "
+                                   "and its reference answer)")
+            rid = rec.get(id_field) if id_field else None
+            rows.append({"set": name, "id": f"{name}-{rid if rid is not None else lineno}",
+                         "instruction": turns[-1]["content"], "input": "", "reference": reference, "turns": turns})
+            if limit and len(rows) >= limit:
+                break
+            continue
         if prompt_field not in rec:
             raise EvalSetError(f"{where}: field '{prompt_field}' is missing (set '{name}')")
         instruction = _text(rec[prompt_field], f"{where}: field '{prompt_field}'").strip()

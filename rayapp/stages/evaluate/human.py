@@ -36,6 +36,8 @@ def build_items(pairs: list[tuple[str, str]], prompts: list[dict], answers: dict
             if not a_left:
                 left, right = right, left
             items.append({"item": item, "set": p["set"], "question": p["question"], "left": left, "right": right})
+            if len(p.get("turns") or []) > 1:  # a conversation: shown turn by turn
+                items[-1]["turns"] = p["turns"]
             key[item] = {"model_a": a, "model_b": b, "set": p["set"], "prompt_id": p["id"],
                          "left": "a" if a_left else "b"}
     rng.shuffle(items)  # the same prompt's pairs, and the pairs' order, are not told by position
@@ -97,6 +99,7 @@ header{display:flex;gap:1em;align-items:center;padding:.6em 1.2em;background:#26
 header h1{font-size:1.05em;margin:0;flex:1}
 main{max-width:1200px;margin:1em auto;padding:0 1em}
 .q{background:#fff;border:1px solid #ddd;padding:1em;white-space:pre-wrap;border-radius:6px}
+.turn{margin:.3em 0 .8em}.turn.assistant{color:#37474f;padding-left:1em;border-left:3px solid #90a4ae}
 .answers{display:grid;grid-template-columns:1fr 1fr;gap:1em;margin-top:1em}
 .answer{background:#fff;border:2px solid #ddd;padding:1em;white-space:pre-wrap;border-radius:6px;min-height:6em}
 .answer.chosen{border-color:#2e7d32}.tie .answer{border-color:#f9a825}
@@ -135,7 +138,20 @@ function save() { localStorage.setItem(STORE, JSON.stringify(choices)); }
 function show() {
   const it = DATA.items[at];
   document.getElementById("where").textContent = "prompt " + (at + 1) + " of " + DATA.items.length + " (" + it.set + ")";
-  document.getElementById("question").textContent = it.question;
+  const q = document.getElementById("question");
+  q.replaceChildren();
+  if (it.turns) {
+    for (const t of it.turns) {
+      const turn = document.createElement("div");
+      turn.className = "turn " + t.role;
+      const who = document.createElement("b");
+      who.textContent = t.role.charAt(0).toUpperCase() + t.role.slice(1) + ": ";
+      turn.append(who, document.createTextNode(t.content));
+      q.append(turn);
+    }
+  } else {
+    q.textContent = it.question;
+  }
   document.getElementById("left").textContent = it.left;
   document.getElementById("right").textContent = it.right;
   const c = choices[it.item] ? choices[it.item].choice : null;

@@ -50,11 +50,37 @@ def resolve_model(cfg: RunConfig, layout: RunLayout, entry: str) -> dict:
     return {"label": label, "path": path, "identity": artifact_uid(path), "data": data, "rows": rows}
 
 
-def load_prompts(cfg: RunConfig) -> tuple[list[dict], list[str]]:
+def chat_formatter(cfg: RunConfig, layout: RunLayout | None):
+    """How a question becomes a prompt under ``evaluate.prompt_format``: None for the Alpaca template,
+    else a function rendering it as one user turn with the chat template the training conversations
+    were formatted with (the prepared tokenizer's own, or rayapp's plain one)."""
+    from rayapp.core.manifests import PreparedManifest, read_manifest
+
+    fmt = cfg.evaluate.prompt_format
+    if fmt == "alpaca":
+        return None
+    prepared = read_manifest(layout.manifest("prepare"), PreparedManifest) if layout else None
+    if fmt == "auto":
+        kept = prepared.rows + (prepared.holdout.rows if prepared.holdout else 0) if prepared else 0
+        if not prepared or 2 * prepared.conversations <= kept:
+            return None
+    from rayapp.core.chat import chat_template, generation_prompt
+    from rayapp.ml.models import registry
+    from rayapp.ml.models.loading import load_tokenizer
+
+    source = prepared.tokenizer if prepared else registry.tokenizer_source(cfg)
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.models.target.trust_remote_code)
+    template, kind = chat_template(tokenizer, cfg.data.template.chat)
+    log.info("prompts in the %s chat template of %s", kind, source)
+    return lambda turns: generation_prompt(tokenizer, template, turns)
+
+
+def load_prompts(cfg: RunConfig, layout: RunLayout | None = None) -> tuple[list[dict], list[str]]:
     """The prompts of every set the judge can judge, and the sets left out (a reference judge
     needs reference answers; a set without any would only count as unjudged)."""
     ec = cfg.evaluate
     fmt = PromptFormatter(cfg.data.template)
+    chat = chat_formatter(cfg, layout)
     rows: list[dict] = []
     skipped: list[str] = []
     for entry in ec.sets:
@@ -64,7 +90,10 @@ def load_prompts(cfg: RunConfig) -> tuple[list[dict], list[str]]:
             skipped.append(name)
             continue
         for r in got:
-            r["prompt"] = fmt.prompt(r["instruction"], r["input"])
+            if chat:
+                r["prompt"] = chat(r.get("turns") or [{"role": "user", "content": _question(r)}])
+            else:
+                r["prompt"] = fmt.prompt(_question(r) if r.get("turns") else r["instruction"], r["input"])
             rows.append(r)
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):
@@ -147,7 +176,12 @@ def _judge(cfg: RunConfig, layout: RunLayout, a: dict, b: dict, prompts: list[di
 
 
 def _question(p: dict) -> str:
-    """What the judge reads as the question: the instruction and its input, without the template."""
+    """What the judge reads as the question: the instruction and its input, without the template; a
+    conversation's turns under their speakers' names."""
+    if p.get("turns"):
+        from rayapp.stages.evaluate.evalsets import render_turns
+
+        return render_turns(p["turns"]) if len(p["turns"]) > 1 else p["turns"][0]["content"]
     return p["instruction"] + (f"\n\n{p['input']}" if p["input"].strip() else "")
 
 
@@ -237,7 +271,7 @@ def evaluate(cfg: RunConfig, layout: RunLayout, force: bool = False, models: lis
     labels = [m["label"] for m in models]
     if len(set(labels)) != len(labels):
         raise RayappError(f"evaluate.models gives two models the same name: {labels}")
-    prompts, skipped = load_prompts(cfg)
+    prompts, skipped = load_prompts(cfg, layout)
     judged_sets = list(dict.fromkeys(p["set"] for p in prompts))
     log.info("%d prompts from %s; models: %s", len(prompts), ", ".join(judged_sets), ", ".join(labels))
     if skipped:

@@ -22,7 +22,8 @@ from rayapp.core.template import PromptFormatter
 from rayapp.stages.prepare.normalize import RowError, detect_schema, normalize_row
 from rayapp.stages.prepare.readers import RawRow, UnreadableSourceError, detect_format, iter_jsonl, iter_rows
 
-NO_SCHEMA = "cannot tell the schema: no 'output' (Alpaca) or 'response' (Dolly) field"
+NO_SCHEMA = ("cannot tell the schema: no 'output' (Alpaca), 'response' (Dolly), 'messages' (OpenAI chat) or "
+             "'conversations' (ShareGPT) field")
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class Outcome:
     instruction: str | None = None
     input: str | None = None
     output: str | None = None
-    prompt: str | None = None
+    prompt: str | None = None  # Alpaca rows: the templated prompt; conversations: filled in when tokenized
+    messages: list[dict] | None = None
     field: str | None = None
     reason: str | None = None
     raw: str | None = None
@@ -161,8 +163,9 @@ def process_block(block: Block, schema: str | None, detected_at: tuple[int, int]
                 preview = raw.raw or json.dumps(raw.data, ensure_ascii=False, default=str)[:300]
                 out.append(Outcome(raw.row, raw.row_kind, field=err.field, reason=err.reason, raw=preview))
                 continue
+            prompt = None if norm.messages is not None else fmt.prompt(norm.instruction, norm.input)
             out.append(Outcome(raw.row, raw.row_kind, norm.id, norm.instruction, norm.input, norm.output,
-                               fmt.prompt(norm.instruction, norm.input)))
+                               prompt, norm.messages))
         return BlockResult(block, out, span)
     except UnreadableSourceError as exc:
         return BlockResult(block, [], 0, error=str(exc))

@@ -1,8 +1,16 @@
-"""Map Alpaca- and Dolly-style rows onto one schema and validate them.
+"""Map Alpaca- and Dolly-style rows and conversations onto one schema and validate them.
 
 Alpaca: instruction, input, output.  Dolly: instruction, context, response (category ignored).
 `input`/`context` is optional (missing or null means no input); `instruction` and the response are
-required non-empty strings. Every problem names the field.
+required non-empty strings.
+
+Conversations: ``messages`` (OpenAI: ``[{role, content}]`` with roles system/user/assistant) or
+ShareGPT ``conversations`` (``[{from, value}]`` with system/human/gpt and the usual aliases). A
+conversation must end with a non-empty assistant turn; a system prompt may only open it. Besides its
+turns a conversation row fills the Alpaca fields that selection and reports read: ``instruction`` is
+its user turns joined by blank lines, ``input`` is empty and ``output`` is its last assistant turn.
+
+Every problem names the field (``messages[3].role``).
 """
 
 from __future__ import annotations
@@ -10,12 +18,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rayapp.core.hashing import row_id
+from rayapp.core.chat import ROLES
+from rayapp.core.hashing import conversation_id, row_id
 
 FIELD_MAPS: dict[str, dict[str, str]] = {
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
     "dolly": {"instruction": "instruction", "input": "context", "output": "response"},
 }
+
+CONVERSATION_FIELDS: dict[str, tuple[str, str, str]] = {
+    # schema: (the list's field, each turn's role key, each turn's text key)
+    "messages": ("messages", "role", "content"),
+    "sharegpt": ("conversations", "from", "value"),
+}
+
+# ShareGPT speakers (FastChat's, LLaMA-Factory's and OpenAI's names) and OpenAI roles -> ours
+ROLE_ALIASES: dict[str, str] = {
+    "system": "system",
+    "user": "user", "human": "user",
+    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+    "model": "assistant",
+}
+
+SCHEMAS = ("alpaca", "dolly", *CONVERSATION_FIELDS)
 
 
 @dataclass
@@ -24,6 +49,7 @@ class Normalized:
     instruction: str
     input: str
     output: str
+    messages: list[dict[str, str]] | None = None  # a conversation's turns, roles normalised
 
 
 class RowError(ValueError):
@@ -38,6 +64,10 @@ def detect_schema(obj: dict[str, Any]) -> str | None:
         return "alpaca"
     if "response" in obj:
         return "dolly"
+    if "messages" in obj:
+        return "messages"
+    if "conversations" in obj:
+        return "sharegpt"
     return None
 
 
@@ -46,6 +76,8 @@ def _type_name(v: Any) -> str:
 
 
 def normalize_row(obj: dict[str, Any], schema: str, max_chars: int) -> Normalized:
+    if schema in CONVERSATION_FIELDS:
+        return normalize_conversation(obj, schema, max_chars)
     fields = FIELD_MAPS[schema]
     values: dict[str, str] = {}
     for ours, theirs in fields.items():
@@ -77,4 +109,56 @@ def normalize_row(obj: dict[str, Any], schema: str, max_chars: int) -> Normalize
         instruction=values["instruction"],
         input=values["input"],
         output=values["output"],
+    )
+
+
+def normalize_conversation(obj: dict[str, Any], schema: str, max_chars: int) -> Normalized:
+    key, role_key, text_key = CONVERSATION_FIELDS[schema]
+    if key not in obj:
+        raise RowError(key, f"field '{key}' is missing")
+    turns = obj[key]
+    if not isinstance(turns, (list, tuple)):
+        # Parquet and HF datasets give lists; a JSON string of turns is still one string
+        raise RowError(key, f"field '{key}' must be a list of turns, got {_type_name(turns)}")
+    if not turns:
+        raise RowError(key, f"field '{key}' has no turns")
+    messages: list[dict[str, str]] = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise RowError(where, f"turn {where} must be an object, got {_type_name(turn)}")
+        if role_key not in turn:
+            raise RowError(f"{where}.{role_key}", f"turn {where} has no '{role_key}'")
+        role = ROLE_ALIASES.get(turn[role_key]) if isinstance(turn[role_key], str) else None
+        if role is None:
+            known = ", ".join(ROLES if schema == "messages" else sorted(ROLE_ALIASES))
+            raise RowError(f"{where}.{role_key}", f"unknown role {turn[role_key]!r} in {where} (known: {known})")
+        if text_key not in turn:
+            raise RowError(f"{where}.{text_key}", f"turn {where} has no '{text_key}'")
+        text = turn[text_key]
+        if not isinstance(text, str):
+            raise RowError(f"{where}.{text_key}", f"{where}.{text_key} must be a string, got {_type_name(text)}")
+        if "\x00" in text:
+            raise RowError(f"{where}.{text_key}", f"{where}.{text_key} contains a NUL character")
+        if role == "assistant" and not text.strip():
+            raise RowError(f"{where}.{text_key}", f"empty assistant turn {where}")
+        if role == "system" and i > 0:
+            raise RowError(f"{where}.{role_key}", f"a system turn may only open the conversation ({where})")
+        messages.append({"role": role, "content": text})
+    assistant = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not assistant:
+        raise RowError(key, f"no assistant turn in '{key}'")
+    if messages[-1]["role"] != "assistant":
+        last = f"{key}[{len(messages) - 1}]"
+        raise RowError(f"{last}.{role_key}", f"the last turn {last} is the {messages[-1]['role']}'s, not the "
+                                             "assistant's (nothing to learn after it)")
+    total = sum(len(m["content"]) for m in messages)
+    if total > max_chars:
+        raise RowError(None, f"row too large: {total} characters > max_chars {max_chars}")
+    return Normalized(
+        id=conversation_id(messages),
+        instruction="\n\n".join(m["content"] for m in messages if m["role"] == "user"),
+        input="",
+        output=assistant[-1],
+        messages=messages,
     )

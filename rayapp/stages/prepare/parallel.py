@@ -39,33 +39,36 @@ def process_blocks(jobs: list[dict], workers: int, stall_s: float | None = None)
 
 
 class _Tokenizer:
-    def __init__(self, tokenizer: str, trust_remote_code: bool, max_length: int):
+    def __init__(self, tokenizer: str, trust_remote_code: bool, max_length: int, truncation: str,
+                 chat_template: str | None):
         from rayapp.ml.models.loading import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-        self.max_length = max_length
+        self.max_length, self.truncation, self.chat_template = max_length, truncation, chat_template
 
     def __call__(self, item: dict) -> dict:
-        from rayapp.stages.prepare.tokenize import tokenize_pairs
+        from rayapp.stages.prepare.tokenize import tokenize_rows
 
-        return {"lo": item["lo"], "tokens": tokenize_pairs(self.tokenizer, item["prompts"], item["responses"],
-                                                           self.max_length)}
+        return {"lo": item["lo"], "tokens": tokenize_rows(self.tokenizer, json.loads(item["rows"]), self.max_length,
+                                                          self.truncation, self.chat_template)}
 
 
-def tokenize(prompts: list[str], responses: list[str], tokenizer: str, trust_remote_code: bool, max_length: int,
-             workers: int, chunk_rows: int = 4096, stall_s: float | None = None) -> list:
-    """``tokenize_pairs`` over all rows, in chunks, on ``workers`` actors; results in row order.
-    Each tokenized chunk is progress for the watchdog (``stall_s``)."""
+def tokenize(rows: list[dict], tokenizer: str, trust_remote_code: bool, max_length: int, truncation: str,
+             chat_template: str | None, workers: int, chunk_rows: int = 4096, stall_s: float | None = None) -> list:
+    """``tokenize_rows`` over all rows (Alpaca ``{prompt, response}`` or ``{messages}``), in chunks,
+    on ``workers`` actors; results in row order. Each tokenized chunk is progress for the watchdog
+    (``stall_s``)."""
     import ray.data
 
-    chunks = [{"lo": lo, "prompts": prompts[lo:lo + chunk_rows], "responses": responses[lo:lo + chunk_rows]}
-              for lo in range(0, len(prompts), chunk_rows)]
+    # each chunk's rows as JSON: Alpaca rows and conversations have different shapes
+    chunks = [{"lo": lo, "rows": json.dumps(rows[lo:lo + chunk_rows], ensure_ascii=False)}
+              for lo in range(0, len(rows), chunk_rows)]
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map(
         _Tokenizer, fn_constructor_kwargs=dict(tokenizer=tokenizer, trust_remote_code=trust_remote_code,
-                                               max_length=max_length),
+                                               max_length=max_length, truncation=truncation,
+                                               chat_template=chat_template),
         num_cpus=1, concurrency=min(workers, len(chunks)))
     done = sorted(watched_iter(ds.iter_rows(), stage="prepare", stall_s=stall_s, committed=NOTHING_YET,
                                waiting_for=f"the tokenizer actor pool (Ray Data, {len(chunks)} chunks)"),
                   key=lambda row: row["lo"])
     return [tk for row in done for tk in row["tokens"]]
-

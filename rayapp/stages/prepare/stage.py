@@ -15,6 +15,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from rayapp.config import RunConfig, SourceConfig
 from rayapp.core import storage
+from rayapp.core.chat import chat_template, has_generation_blocks
 from rayapp.core.errors import InputDataError
 from rayapp.core.hashing import fingerprint, sha256_bytes, sha256_file
 from rayapp.core.layout import RunLayout
@@ -26,7 +27,7 @@ from rayapp.ml.models import registry
 from rayapp.ml.models.loading import load_tokenizer
 from rayapp.stages.prepare.blocks import BlockResult, detect, plan_blocks, process_block
 from rayapp.stages.prepare.readers import UnreadableSourceError, source_identity
-from rayapp.stages.prepare.tokenize import tokenize_pairs
+from rayapp.stages.prepare.tokenize import tokenize_rows
 
 log = get_logger(__name__)
 
@@ -39,6 +40,8 @@ SHARD_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("source_row", pa.int64()),
         ("prompt", pa.string()),
+        # a conversation's turns (roles system/user/assistant); null for Alpaca-style rows
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
         ("input_ids", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())),
         ("n_tokens", pa.int32()),
@@ -68,7 +71,8 @@ class _Row:
     output: str
     source: str
     source_row: int
-    prompt: str
+    prompt: str | None
+    messages: list[dict] | None = None
 
 
 @dataclass
@@ -146,7 +150,7 @@ def read_sources(cfg: RunConfig) -> tuple[list[_Row], list[Reject], list[SourceR
                     continue
                 seen[o.id] = f"{report.path}:{o.row_kind} {line}"
                 rows.append(_Row(report.path, o.row_kind, o.id, o.instruction, o.input, o.output, report.name,
-                                 line, o.prompt))
+                                 line, o.prompt, o.messages))
                 report.rows_ok += 1
             offset += res.span
         path = report.path
@@ -233,38 +237,53 @@ class PrepareStage(Stage):
 
     def summary(self, m: PreparedManifest, layout: RunLayout) -> list[str]:
         held = f", {m.holdout.rows} held out for eval" if m.holdout else ""
-        return [f"{m.rows} training rows{held}, {m.rejected} rejected ({layout.rejects}), {m.truncated} truncated, "
-                f"{m.no_response_tokens} with no response tokens"]
+        chats = (f" ({m.conversations} conversations, {m.chat_template} chat template, {m.turns_dropped} with "
+                 "earliest turns dropped)") if m.conversations else ""
+        return [f"{m.rows} training rows{chats}{held}, {m.rejected} rejected ({layout.rejects}), {m.truncated} "
+                f"truncated, {m.no_response_tokens} with no response tokens"]
+
+
+def _plain_text(messages: list[dict]) -> str:
+    """A conversation as text for training the tiny tokenizer (before any chat template exists)."""
+    return "".join(f"### {m['role'].title()}:\n{m['content']}\n\n" for m in messages)
 
 
 def prepare(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
     t_start = time.perf_counter()
     rows, rejects, reports = read_sources(cfg)
     fmt = PromptFormatter(cfg.data.template)
-    prompts = [r.prompt for r in rows]
 
     def training_texts():
-        for p, r in zip(prompts, rows):
-            yield p + r.output
+        for r in rows:
+            yield r.prompt + r.output if r.messages is None else _plain_text(r.messages)
 
     tok_src = registry.ensure_tokenizer(cfg, training_texts)
     tokenizer = load_tokenizer(tok_src, trust_remote_code=cfg.models.reference.trust_remote_code)
     eos = tokenizer.eos_token
+    n_conversations = sum(r.messages is not None for r in rows)
+    template, template_kind = chat_template(tokenizer, cfg.data.template.chat) if n_conversations else (None, None)
+    if n_conversations:
+        how = "its assistant masks" if has_generation_blocks(template) else "rendered turn boundaries"
+        log.info("%d conversations: %s chat template, labels from %s", n_conversations, template_kind, how)
 
     t_tok = time.perf_counter()
     kept_cols: dict[str, list] = {n: [] for n in SHARD_SCHEMA.names}
     counts: Counter = Counter()
-    responses = [fmt.response(r.output, eos) for r in rows]
+    items = [{"prompt": r.prompt, "response": fmt.response(r.output, eos)} if r.messages is None
+             else {"messages": r.messages} for r in rows]
     if cfg.data.workers:
         from rayapp.stages.prepare.parallel import tokenize
 
-        tokens = tokenize(prompts, responses, tok_src, cfg.models.reference.trust_remote_code, cfg.data.max_length,
-                          cfg.data.workers, stall_s=cfg.ray.stall_timeout_s)
+        tokens = tokenize(items, tok_src, cfg.models.reference.trust_remote_code, cfg.data.max_length,
+                          cfg.data.truncation, template, cfg.data.workers, stall_s=cfg.ray.stall_timeout_s)
     else:
-        tokens = [tk for lo in range(0, len(rows), 1024)
-                  for tk in tokenize_pairs(tokenizer, prompts[lo:lo + 1024], responses[lo:lo + 1024],
-                                           cfg.data.max_length)]
-    for row, prompt, tk in zip(rows, prompts, tokens):
+        tokens = tokenize_rows(tokenizer, items, cfg.data.max_length, cfg.data.truncation, template)
+    for row, tk in zip(rows, tokens):
+        if tk.error:
+            rejects.append(Reject(row.file, row.row_kind, row.source_row, "messages", tk.error))
+            counts["template_errors"] += 1
+            continue
+        prompt = row.prompt if row.messages is None else tk.prompt
         if tk.truncated and cfg.data.truncation == "drop":
             rejects.append(Reject(row.file, row.row_kind, row.source_row, None,
                                   f"too long: {tk.full_length} tokens > max_length {cfg.data.max_length} "
@@ -272,10 +291,12 @@ def prepare(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
             counts["dropped_too_long"] += 1
             continue
         counts["truncated"] += tk.truncated
+        counts["turns_dropped"] += tk.turns_dropped > 0
         counts["no_response_tokens"] += tk.n_response_tokens == 0
+        counts["conversations"] += row.messages is not None
         for name, value in (
             ("id", row.id), ("instruction", row.instruction), ("input", row.input), ("output", row.output),
-            ("source", row.source), ("source_row", row.source_row), ("prompt", prompt),
+            ("source", row.source), ("source_row", row.source_row), ("prompt", prompt), ("messages", row.messages),
             ("input_ids", tk.input_ids), ("labels", tk.labels), ("n_tokens", len(tk.input_ids)),
             ("n_response_tokens", tk.n_response_tokens), ("truncated", tk.truncated),
         ):
@@ -324,6 +345,8 @@ def prepare(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
         reject_reasons.update(rep.rejected)
     if counts["dropped_too_long"]:
         reject_reasons["too long (truncation: drop)"] += counts["dropped_too_long"]
+    if counts["template_errors"]:
+        reject_reasons["chat template cannot render the conversation"] += counts["template_errors"]
     rows_read = sum(r.rows_read for r in reports)
     kept = n_rows + (holdout.rows if holdout else 0)
     if rows_read != kept + len(rejects):
@@ -342,6 +365,10 @@ def prepare(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
         rejected=len(rejects),
         reject_reasons=dict(reject_reasons),
         truncated=counts["truncated"],
+        conversations=counts["conversations"],
+        chat_template=template_kind,
+        chat_template_sha256=sha256_bytes(template.encode())[:16] if template else None,
+        turns_dropped=counts["turns_dropped"],
         no_response_tokens=counts["no_response_tokens"],
         tokens=int(pa.compute.sum(table["n_tokens"]).as_py() or 0),
         response_tokens=int(pa.compute.sum(table["n_response_tokens"]).as_py() or 0),
@@ -355,6 +382,9 @@ def prepare(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
     log.info("%d rows kept%s, %d rejected of %d read; %d truncated to %d tokens, %d with no response tokens left; "
              "%d tokens in %d shards", n_rows, held, len(rejects), rows_read, counts["truncated"], cfg.data.max_length,
              counts["no_response_tokens"], manifest.tokens, len(shards))
+    if counts["conversations"]:
+        log.info("%d of them conversations; %d kept their last turns only (earliest exchanges dropped to fit)",
+                 counts["conversations"], counts["turns_dropped"])
     if rejects:
         log.info("rejects with reasons: %s", layout.rejects)
         for reason, n in reject_reasons.most_common(8):

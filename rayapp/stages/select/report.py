@@ -122,10 +122,16 @@ def write_report(
     )
     ex_html = ""
     if examples:
+        def turns_html(messages):
+            """A conversation turn by turn; the last assistant turn is the response column."""
+            return "".join(f"<div class='turn {m['role']}'><b>{m['role'].title()}:</b> "
+                           f"{html.escape(m['content'][:300])}</div>" for m in messages[:-1])
+
         def ex_table(items, heading):
             body = "".join(
-                f"<tr><td>{e['lp']:.3f}</td><td>{html.escape(e['instruction'][:300])}</td>"
-                f"<td>{html.escape(e['output'][:300])}</td></tr>" for e in items
+                f"<tr><td>{e['lp']:.3f}</td><td>"
+                + (turns_html(e["messages"]) if e.get("messages") else html.escape(e["instruction"][:300]))
+                + f"</td><td>{html.escape(e['output'][:300])}</td></tr>" for e in items
             )
             return f"<h3>{heading}</h3><table class=ex><tr><th>LP</th><th>instruction</th><th>response</th></tr>{body}</table>"
 
@@ -136,7 +142,7 @@ def write_report(
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}}
 table{{border-collapse:collapse;margin:.5em 0 1.5em}}th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top;font-size:14px}}
 figure{{display:inline-block;margin:0 1em 1em 0}}figcaption{{font-size:13px;color:#555;max-width:600px}}
-table.ex td{{max-width:460px}}</style></head><body>
+table.ex td{{max-width:460px}}.turn{{margin:0 0 .5em}}.turn.assistant{{color:#455a64}}</style></head><body>
 <h1>{html.escape(title)}</h1><table>{rows}</table>{imgs}{ex_html}</body></html>"""
     path = os.path.join(out_dir, "report.html")
     with open(path, "w", encoding="utf-8") as f:

@@ -374,7 +374,8 @@ def _write_selection_report(cfg: RunConfig, layout: RunLayout, inputs: Selection
         pos = np.nonzero(eligible)[0][order]
         pick = np.concatenate([pos[:5], pos[-5:]]) if len(pos) > 10 else pos
         wanted = set(traj.ids[pick])
-        text = {r["id"]: r for r in table.select(["id", "instruction", "output"]).to_pylist() if r["id"] in wanted}
+        columns = ["id", "instruction", "output"] + (["messages"] if "messages" in table.column_names else [])
+        text = {r["id"]: r for r in table.select(columns).to_pylist() if r["id"] in wanted}
         examples = [{"lp": float(lp[i]), **text[traj.ids[i]]} for i in pick]
     report_uri = layout.selection_report
     report_dir = storage.local_path(report_uri)
