@@ -91,3 +91,28 @@ def test_people_judge_in_chromium_and_the_report_counts_them(tmp_path):
     cells = [c.strip() for c in overall.strip("|").split("|")]
     assert cells[1:5] == [str(verdicts.count("win")), "1", str(verdicts.count("lose")), "3"]
     assert "3 prompts judged by people" in proc.stdout and "1 not yet" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_conversation_prompt_is_shown_turn_by_turn_in_chromium(tmp_path):
+    """A conversation prompt (an eval set of conversations) shows each turn under its speaker's
+    name, as text (markup in a turn stays text)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (`make test` installs it where it can)")
+    from playwright.sync_api import sync_playwright
+
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."},
+             {"role": "assistant", "content": "An apple."}, {"role": "user", "content": "<b>Another</b>?"}]
+    prompt = {"set": "chats", "id": "c1", "question": "unused for conversations", "turns": turns}
+    items, key = human.build_items([("selected", "full")], [prompt],
+                                   {"selected": {"c1": "A pear."}, "full": {"c1": "Plum"}}, seed=0)
+    page_path = human.write_page(str(tmp_path / "human"), "Which answer is better?", items, key)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"file://{page_path}")
+        shown = page.locator("#question .turn").all_inner_texts()
+        assert shown == ["System: Be brief.", "User: Name a fruit.", "Assistant: An apple.", "User: <b>Another</b>?"]
+        assert page.locator("#question .turn.assistant").count() == 1
+        browser.close()
