@@ -21,7 +21,7 @@ from rayapp.core.chat import PLAIN_CHAT_TEMPLATE, chat_template, has_generation_
 from rayapp.core.hashing import conversation_id
 from rayapp.core.labels import IGNORE_INDEX
 from rayapp.core.layout import RunLayout
-from rayapp.stages.prepare.tokenize import tokenize_conversation
+from rayapp.ml.tokenize import tokenize_conversation
 from tests.conftest import SHARED, run_stage, write_jsonl
 
 MESSAGES = ASSETS / "conversations-messages.jsonl"
@@ -262,7 +262,7 @@ def test_alpaca_rows_and_conversations_mix_and_alpaca_labels_do_not_change(tmp_p
     assert len(alpaca_part) == 30
     assert all(r["prompt"].startswith("Below is an instruction") for r in alpaca_part)
     from rayapp.ml.models.loading import load_tokenizer
-    from rayapp.stages.prepare.tokenize import tokenize_pairs
+    from rayapp.ml.tokenize import tokenize_pairs
 
     tok = load_tokenizer(m.tokenizer)
     again = tokenize_pairs(tok, [r["prompt"] for r in alpaca_part],

@@ -28,7 +28,7 @@ def test_real_tokenizer_masks_exactly_the_prompt():
     from rayapp.core.labels import IGNORE_INDEX
     from rayapp.core.template import PromptFormatter
     from rayapp.ml.models.loading import load_tokenizer
-    from rayapp.stages.prepare.tokenize import tokenize_pairs
+    from rayapp.ml.tokenize import tokenize_pairs
 
     tok = load_tokenizer(MODEL)
     assert len(tok) == 49152 and tok.is_fast

@@ -16,6 +16,20 @@ from typing import Any
 
 ROLES = ("system", "user", "assistant")
 
+CONVERSATION_FIELDS: dict[str, tuple[str, str, str]] = {
+    # schema: (the list's field, each turn's role key, each turn's text key)
+    "messages": ("messages", "role", "content"),
+    "sharegpt": ("conversations", "from", "value"),
+}
+
+# ShareGPT speakers (FastChat's, LLaMA-Factory's and OpenAI's names) and OpenAI roles -> ours
+ROLE_ALIASES: dict[str, str] = {
+    "system": "system",
+    "user": "user", "human": "user",
+    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+    "model": "assistant",
+}
+
 PLAIN_CHAT_TEMPLATE = (
     "{% if add_bos %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}"

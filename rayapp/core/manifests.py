@@ -156,6 +156,9 @@ class FinetuneManifest(StageManifest):
     export_uid: str
     eval_rows: int  # held-out rows the eval loss is measured on (0: none)
     metrics: dict[str, Any]
+    # a target with another tokenizer than the prepared data's: what tokenizing the rows again for
+    # it did (rows_in, rows, dropped_too_long, no_response_tokens, template_errors, truncated, ...)
+    retokenized: dict[str, Any] | None = None
 
     @property
     def eval_loss(self) -> float | None:

@@ -196,13 +196,17 @@ def is_local_model_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
 
 
+def same_tokenizer(target: str, prepared_tokenizer: str, trust_remote_code: bool) -> bool:
+    """Whether the prepared token ids are valid for ``target``: the same vocabulary."""
+    if target == prepared_tokenizer:
+        return True
+    a = load_tokenizer(target, trust_remote_code=trust_remote_code).get_vocab()
+    return a == load_tokenizer(prepared_tokenizer).get_vocab()
+
+
 def check_same_tokenizer(target: str, prepared_tokenizer: str, trust_remote_code: bool) -> None:
     """The prepared token ids are only valid for the target if it uses the same vocabulary."""
-    if target == prepared_tokenizer:
-        return
-    a = load_tokenizer(target, trust_remote_code=trust_remote_code).get_vocab()
-    b = load_tokenizer(prepared_tokenizer).get_vocab()
-    if a != b:
+    if not same_tokenizer(target, prepared_tokenizer, trust_remote_code):
         from rayapp.core.errors import RayappError
 
         raise RayappError(

@@ -48,7 +48,7 @@ def _text(value, where: str) -> str:
 
 def _turns(rec: dict, where: str) -> list[dict] | None:
     """A conversation row's turns (roles normalised), or None for a single-prompt row."""
-    from rayapp.stages.prepare.normalize import CONVERSATION_FIELDS, ROLE_ALIASES
+    from rayapp.core.chat import CONVERSATION_FIELDS, ROLE_ALIASES
 
     for key, role_key, text_key in CONVERSATION_FIELDS.values():
         value = rec.get(key)

@@ -248,7 +248,7 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
         **lora,
         concurrency=gen.resources.max_actors,
         batch_size=gen.batch_size,
-        chat_template_stage=False,  # the fine-tuned models answer the training template, not a chat one
+        chat_template_stage=False,  # prompts arrive rendered in the training template (Alpaca or chat)
         log_engine_metrics=engine_metrics_on(gen),
         accelerator_type=gen.resources.accelerator_type,
         placement_group_config=engine_placement(gen),

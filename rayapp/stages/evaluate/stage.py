@@ -68,7 +68,9 @@ def chat_formatter(cfg: RunConfig, layout: RunLayout | None):
     from rayapp.ml.models import registry
     from rayapp.ml.models.loading import load_tokenizer
 
-    source = prepared.tokenizer if prepared else registry.tokenizer_source(cfg)
+    # the target's own tokenizer and template: a target of another family than the selector
+    # (stages/finetune/retokenize.py) was trained in its own
+    source = registry.model_source(cfg, "target")
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.models.target.trust_remote_code)
     template, kind = chat_template(tokenizer, cfg.data.template.chat)
     log.info("prompts in the %s chat template of %s", kind, source)

@@ -27,7 +27,7 @@ from rayapp.core.manifests import (
 from rayapp.core.raycluster import init_ray
 from rayapp.core.stage import Stage, StageContext
 from rayapp.ml.models import registry
-from rayapp.ml.models.loading import check_same_tokenizer
+from rayapp.ml.models.loading import load_tokenizer, same_tokenizer
 from rayapp.ml.train.layout import TRAINING_STATE, TrainingLayout, training_detail, training_progress
 from rayapp.ml.train.runner import TrainJob, run_training
 
@@ -200,32 +200,60 @@ class FinetuneStage(Stage):
         """Train the target on each subset, one after the other, on one worker group."""
         cfg, layout, fc = ctxs[0].cfg, ctxs[0].layout, ctxs[0].cfg.finetune
         prepared, init_model = ctxs[0].inputs.prepared, ctxs[0].inputs.init_model
-        check_same_tokenizer(init_model, prepared.tokenizer, cfg.models.target.trust_remote_code)
+        trc = cfg.models.target.trust_remote_code
+        # a target of another family: the rows in its own tokens (stages/finetune/retokenize.py)
+        own_tokens = not same_tokenizer(init_model, prepared.tokenizer, trc)
+        tokenizer = init_model if own_tokens else prepared.tokenizer
         holdout = prepared.holdout
-        jobs, described = [], []
+        eval_file = holdout.path if holdout and fc.eval_rows else None
+        if own_tokens:
+            from rayapp.stages.finetune.retokenize import retokenize_files
+
+            target_tok = load_tokenizer(init_model, trust_remote_code=trc)
+            log.info("the target %s has another tokenizer than the selector's (%s): its rows are tokenized again "
+                     "with its own (%d tokens)", init_model, prepared.tokenizer, len(target_tok))
+        jobs, described, retokenized = [], [], []
         for stage, ctx in zip(stages, ctxs):
             files, rows, what = ctx.inputs.files, ctx.inputs.rows, ctx.inputs.data
             if stage.subset.endswith(".parquet"):  # a selection file: its rows joined with the prepared data
                 files, rows, what, _ = training_data(layout, prepared, stage.subset, write=True)
+            counts, job_eval = None, eval_file
+            if own_tokens:
+                data_dir = storage.join(layout.finetune(stage.variant), "data")
+                if eval_file:
+                    job_eval = storage.join(data_dir, "holdout-target-tokens.parquet")
+                    held = retokenize_files([eval_file], job_eval, storage.join(data_dir, "holdout-target-rejects.jsonl"),
+                                            target_tok, cfg.data)
+                    log.info("(%s) held-out rows in the target's tokens: %d of %d", stage.subset, held["rows"],
+                             held["rows_in"])
+                out = storage.join(data_dir, "target-tokens.parquet")
+                counts = retokenize_files(files, out, storage.join(data_dir, "target-rejects.jsonl"), target_tok,
+                                          cfg.data)
+                files, rows = [out], counts["rows"]
+                left = counts["rows_in"] - counts["rows"]
+                what += (f"; {rows} in the target's tokens" + (f", {left} left out (see {data_dir}/"
+                                                                "target-rejects.jsonl)" if left else ""))
+                log.info("(%s) %s", stage.subset, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+            retokenized.append(dict(counts, tokenizer=init_model) if counts is not None else None)
             described.append((rows, what))
             log.info("(%s) target %s on %s; FSDP %s, %d workers%s", stage.subset, init_model, what,
                      "on" if fc.fsdp else "off", fc.num_workers,
                      f"; LoRA r={fc.lora.r} ({fc.lora.export} export)" if fc.lora else "")
-            jobs.append(TrainJob(label=stage.label, init_model=init_model, tokenizer=prepared.tokenizer,
+            jobs.append(TrainJob(label=stage.label, init_model=init_model, tokenizer=tokenizer,
                                  train_files=files, total_rows=rows, work_dir=storage.local_path(layout.finetune(stage.variant)),
-                                 eval_file=holdout.path if holdout and fc.eval_rows else None,
-                                 trust_remote_code=cfg.models.target.trust_remote_code))
+                                 eval_file=job_eval, trust_remote_code=trc))
         init_ray(cfg)
         all_metrics = run_training("finetune", fc, jobs, tracking=tracking.target(cfg),
                                    stall_s=cfg.ray.stall_timeout_s)
         out = []
-        for stage, job, (rows, what), metrics in zip(stages, jobs, described, all_metrics):
+        for stage, job, (rows, what), metrics, counts in zip(stages, jobs, described, all_metrics, retokenized):
             export = TrainingLayout(job.work_dir).final_export
             if not export_complete(export):
                 raise RuntimeError(f"finetune: training ended without the export {export}")
             out.append(FinetuneManifest(subset=stage.subset, data=what, rows=rows, init_model=init_model,
                                         export=export, export_uid=artifact_uid(export),
-                                        eval_rows=min(fc.eval_rows, holdout.rows) if holdout else 0, metrics=metrics))
+                                        eval_rows=min(fc.eval_rows, holdout.rows) if holdout else 0, metrics=metrics,
+                                        retokenized=counts))
         return out
 
     def done_detail(self, m: FinetuneManifest) -> dict:

@@ -18,26 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rayapp.core.chat import ROLES
+from rayapp.core.chat import CONVERSATION_FIELDS, ROLE_ALIASES, ROLES
 from rayapp.core.hashing import conversation_id, row_id
 
 FIELD_MAPS: dict[str, dict[str, str]] = {
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
     "dolly": {"instruction": "instruction", "input": "context", "output": "response"},
-}
-
-CONVERSATION_FIELDS: dict[str, tuple[str, str, str]] = {
-    # schema: (the list's field, each turn's role key, each turn's text key)
-    "messages": ("messages", "role", "content"),
-    "sharegpt": ("conversations", "from", "value"),
-}
-
-# ShareGPT speakers (FastChat's, LLaMA-Factory's and OpenAI's names) and OpenAI roles -> ours
-ROLE_ALIASES: dict[str, str] = {
-    "system": "system",
-    "user": "user", "human": "user",
-    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
-    "model": "assistant",
 }
 
 SCHEMAS = ("alpaca", "dolly", *CONVERSATION_FIELDS)

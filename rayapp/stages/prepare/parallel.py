@@ -47,7 +47,7 @@ class _Tokenizer:
         self.max_length, self.truncation, self.chat_template = max_length, truncation, chat_template
 
     def __call__(self, item: dict) -> dict:
-        from rayapp.stages.prepare.tokenize import tokenize_rows
+        from rayapp.ml.tokenize import tokenize_rows
 
         return {"lo": item["lo"], "tokens": tokenize_rows(self.tokenizer, json.loads(item["rows"]), self.max_length,
                                                           self.truncation, self.chat_template)}

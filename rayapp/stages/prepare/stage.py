@@ -25,9 +25,9 @@ from rayapp.core.stage import Stage, StageContext
 from rayapp.core.template import PromptFormatter
 from rayapp.ml.models import registry
 from rayapp.ml.models.loading import load_tokenizer
+from rayapp.ml.tokenize import tokenize_rows
 from rayapp.stages.prepare.blocks import BlockResult, detect, plan_blocks, process_block
 from rayapp.stages.prepare.readers import UnreadableSourceError, source_identity
-from rayapp.stages.prepare.tokenize import tokenize_rows
 
 log = get_logger(__name__)
 
