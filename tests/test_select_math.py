@@ -116,11 +116,14 @@ def test_selection_properties(args):
     assert np.array_equal(idx, again)  # deterministic for a seed
 
 
-def cherry_reference(nll_prompted: np.ndarray, nll_alone: np.ndarray, rate: float) -> list[int]:
-    """Cherry-LLM's data_by_IFD.py loop, restated: rows with a mean-loss ratio above 1 are skipped,
-    the rest sorted by (ratio, row) ascending, the last int(len * rate) kept."""
+def cherry_reference(nll_prompted: np.ndarray, nll_alone: np.ndarray, rate: float, truncated=None) -> list[int]:
+    """Cherry-LLM's data_by_IFD.py loop, restated: rows cut to max_length (skipped before scoring)
+    and rows with a mean-loss ratio above 1 are skipped, the rest sorted by (ratio, row) ascending,
+    the last int(len * rate) kept."""
     rates = []
     for i, (a, b) in enumerate(zip(nll_prompted, nll_alone)):
+        if truncated is not None and truncated[i]:
+            continue
         if not b > 0:
             continue
         r = a / b
@@ -135,20 +138,24 @@ def cherry_reference(nll_prompted: np.ndarray, nll_alone: np.ndarray, rate: floa
 @settings(max_examples=100, deadline=None)
 @given(st.integers(2, 80).flatmap(lambda n: st.tuples(
     st.lists(st.floats(0.05, 6.0), min_size=n, max_size=n), st.lists(st.floats(0.0, 6.0), min_size=n, max_size=n),
-    st.sampled_from([0.05, 0.1, 0.25, 0.33, 0.5]))))
+    st.sampled_from([0.05, 0.1, 0.25, 0.33, 0.5]),
+    st.one_of(st.none(), st.lists(st.booleans(), min_size=n, max_size=n)))))
 def test_ifd_cherry_is_cherry_llms_rule(args):
     prompted, alone, rate = (np.array(args[0]), np.array(args[1]), args[2])
+    truncated = None if args[3] is None else np.array(args[3])
     prompted = np.log(np.exp(prompted))  # what rayapp reads back from P0 = exp(mean NLL)
     n = len(prompted)
     t = Trajectories(ids=np.array([f"r{i}" for i in range(n)]), P=np.stack([np.exp(prompted), np.exp(prompted)], 1),
-                     n_tokens=np.full(n, 5), nll_response_only=alone)
+                     n_tokens=np.full(n, 5), nll_response_only=alone, truncated=truncated)
     ratio = prompted / np.where(alone > 0, alone, 1)
     if len(set(np.round(ratio[alone > 0], 12))) < (alone > 0).sum():
         return  # ties: Cherry breaks them by row index, descending; rayapp keeps row order (documented)
     idx, info = select("ifd_cherry", t, rate)
-    assert idx.tolist() == cherry_reference(prompted, alone, rate)
+    assert idx.tolist() == cherry_reference(prompted, alone, rate, truncated)
     assert info["scope"] == "global"
-    assert info["dropped_ifd_above_1_or_undefined"] == int((~((alone > 0) & (ratio <= 1))).sum())
+    whole = np.ones(n, dtype=bool) if truncated is None else ~truncated
+    assert info.get("dropped_truncated", 0) == int((~whole).sum())
+    assert info["dropped_ifd_above_1_or_undefined"] == int((whole & ~((alone > 0) & (ratio <= 1))).sum())
 
 
 def test_global_baselines_match_the_stratified_selections_size():

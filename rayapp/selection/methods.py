@@ -32,6 +32,7 @@ class Trajectories:
     n_tokens: np.ndarray | None = None  # response tokens
     nll_response_only: np.ndarray | None = None  # epoch-0 NLL of the response without its prompt
     response_length: np.ndarray | None = None  # characters or tokens of the response
+    truncated: np.ndarray | None = None  # bool: the row was cut to max_length (None: not known)
     # the model IFD is measured with, when not the reference's epoch 0 (e.g. the untrained target):
     # its mean NLL of the response with and without the prompt
     ifd_nll: np.ndarray | None = None
@@ -59,8 +60,8 @@ class Method:
     needs_clusters: bool = False
     # why these trajectories cannot run it (a column missing), or None when they can
     unrunnable: Callable[[Trajectories], str | None] = lambda t: None
-    # the rows it may choose at all (before ranking), when it refuses some: (mask, what it dropped)
-    keep: Callable[[Trajectories], tuple[np.ndarray, str]] | None = None
+    # the rows it may choose at all (before ranking), when it refuses some: [(mask, what it dropped)]
+    keep: Callable[[Trajectories], list[tuple[np.ndarray, str]]] | None = None
 
 
 def _no_response_only(t: Trajectories) -> str | None:
@@ -85,9 +86,14 @@ def _ifd_cherry_key(t: Trajectories, lp_epoch: int, seed: int) -> np.ndarray:
     return np.where(np.isnan(score) | (score > 1), np.inf, -score)
 
 
-def _ifd_at_most_1(t: Trajectories) -> tuple[np.ndarray, str]:
+def _cherry_rows(t: Trajectories) -> list[tuple[np.ndarray, str]]:
+    """Cherry-LLM ranks only rows that fit its max_length whole (it skips truncated ones before
+    scoring), and only IFD <= 1 (`if mean_rate > 1: continue`)."""
     score = ifd_scores(t)
-    return ~np.isnan(score) & (score <= 1), "dropped_ifd_above_1_or_undefined"  # `if mean_rate > 1: continue`
+    rules = [(~np.isnan(score) & (score <= 1), "dropped_ifd_above_1_or_undefined")]
+    if t.truncated is not None:
+        rules.insert(0, (~np.asarray(t.truncated, dtype=bool), "dropped_truncated"))
+    return rules
 
 
 def _random_key(name: str) -> Callable[[Trajectories, int, int], np.ndarray]:
@@ -106,7 +112,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ppl_low", "lowest perplexity before training", lambda t, lp_epoch, seed: t.P[:, 0]),
     Method("ifd", "highest instruction-following difficulty (IFD < 1)", _ifd_key, unrunnable=_no_response_only),
     Method("ifd_cherry", "Cherry-LLM's IFD: IFD <= 1 only, the highest kept globally", _ifd_cherry_key,
-           scope="global", unrunnable=_no_response_only, keep=_ifd_at_most_1),
+           scope="global", unrunnable=_no_response_only, keep=_cherry_rows),
     Method("longest", "the longest responses (Long Is More)",
            lambda t, lp_epoch, seed: -np.asarray(t.response_length, dtype=np.float64), unrunnable=_no_lengths),
     Method("random", "a random draw over all rows", _random_key("random"), scope="global", chunked=False),

@@ -7,8 +7,9 @@ last. The global (unstratified) variant is the same with one cluster holding eve
 a size (the main selection's row count, so compared subsets are equally large), that many rows from
 the chosen end of the global order.
 
-Cherry-LLM's IFD (``ifd_cherry``) is its own rule, as its authors compute it: rows whose IFD is
-above 1 (the prompt does not help) or undefined are dropped, then the highest IFDs are kept,
+Cherry-LLM's IFD (``ifd_cherry``) is its own rule, as its authors compute it: rows cut to
+max_length (where the trajectories say which) and rows whose IFD is above 1 (the prompt does not
+help) or undefined are dropped, then the highest IFDs are kept,
 globally: ``int(budget x rows left)`` of them, or the given size.
 """
 
@@ -92,9 +93,9 @@ def select(
     if m.scope == "global":
         clusters = None  # global by definition
     if m.keep is not None:
-        keep, dropped = m.keep(t)
-        info[dropped] = int((eligible & ~keep).sum())
-        eligible &= keep
+        for keep, dropped in m.keep(t):
+            info[dropped] = int((eligible & ~keep).sum())
+            eligible &= keep
         if size is None:
             size = int(eligible.sum() * budget)
     key = sort_key(method, t, lp_epoch=lp_epoch, seed=seed)

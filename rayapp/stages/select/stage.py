@@ -252,6 +252,8 @@ def _read_inputs(cfg: RunConfig, layout: RunLayout) -> SelectionInputs:
     table = storage.read_parquet_dir(layout.prepared)
     # "Long Is More": the response text's length, not what truncation left of its tokens
     traj.response_length = response_characters(table, traj.ids)
+    order = dict(zip(table["id"].to_pylist(), range(table.num_rows)))
+    traj.truncated = np.asarray(table["truncated"].to_numpy(zero_copy_only=False))[[order[i] for i in traj.ids]]
     source = {"trajectories": layout.trajectories, "prepared_fingerprint": prepared.fingerprint,
               "trajectories_sha256": sm.trajectories_sha256, "score_checkpoints": [c.name for c in sm.checkpoints]}
     return SelectionInputs(traj, prepared, sm, table, source, "characters of the response text")
