@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel = sub.choices["select"]
     sel.add_argument("--trajectories", help="select from trajectories produced elsewhere (Parquet: id/index, P0..Pn)")
     sel.add_argument("--model", help="column prefix model name in --trajectories, e.g. opt-350m")
+    sel.add_argument("--clusters", help="a clustering made elsewhere (Parquet: id/index and cluster, or embedding "
+                                        "to cluster here); stratified selection then runs on --trajectories too")
     cmp_ = sub.add_parser("compare", help="hardness transfer between models' trajectories (LP correlations, overlap)")
     cmp_.add_argument("--trajectories", required=True, help="Parquet with <model>_P0..Pn columns")
     cmp_.add_argument("--reference", required=True, help="the model others are compared against, e.g. opt-13b")
@@ -256,6 +258,8 @@ def _dispatch(args) -> int:
     if args.command == "select" and args.trajectories:
         args.overrides = [f"select.trajectories={args.trajectories}",
                           f"select.trajectory_prefix={args.model + '_' if args.model else ''}"] + args.overrides
+    if args.command == "select" and args.clusters:
+        args.overrides = [f"select.clusters={args.clusters}"] + args.overrides
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         print(dump_config(cfg), end="")

@@ -385,6 +385,10 @@ class SelectConfig(_Strict):
         None, description="Use trajectories produced elsewhere (Parquet: id/index + P0..Pn columns)"
     )
     trajectory_prefix: str = Field("", description="Column prefix in `trajectories`, e.g. 'opt-350m_'")
+    clusters: str | None = Field(
+        None, description="A clustering made elsewhere (Parquet: id or index, and `cluster` per row, or "
+        "`embedding` per row to cluster here with k-means as the paper's authors did); also lets stratified "
+        "selection run on external `trajectories`")
 
     @field_validator("baselines")
     @classmethod

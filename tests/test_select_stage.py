@@ -89,3 +89,80 @@ def test_compare_cli_prints_the_cross_model_table(tmp_path):
     rho_big = float(rows["opt-6.7b"].split("|")[2])
     assert 0.5 < rho_small < rho_big < 1.0  # hardness transfers, and more so between closer sizes
     assert (tmp_path / "compare.png").stat().st_size > 5000
+
+
+def test_stratified_selection_on_published_perplexities_with_clusters_made_elsewhere(tmp_path):
+    """select --trajectories refused stratified selection (no text to cluster); with a clustering
+    from a file it runs the paper's per-cluster chunks, and equals the pure strategy on it."""
+    import pyarrow as pa
+
+    from rayapp.selection.methods import Trajectories
+    from rayapp.selection.strategies import select as pure_select
+    from rayapp.stages.select.stage import load_external_trajectories
+
+    path = PAPER / "dolly.parquet"
+    index = pq.read_table(path)["index"].to_numpy()
+    clusters = (index * 7919) % 40  # any clustering made elsewhere: 40 groups
+    pq.write_table(pa.table({"index": index, "cluster": clusters.astype(np.int32)}), tmp_path / "clusters.parquet")
+    cfg = _cfg(tmp_path / "run", path, "opt-350m", "select.budget=0.1", "select.stratified=true",
+               f"select.clusters={tmp_path / 'clusters.parquet'}", "select.baselines=[clust_rand, 'ppl_high:global']")
+    out = run_select(cfg)
+    assert set(out.selections) == {"lp", "clust_rand", "ppl_high:global"}
+    prov = json.loads((tmp_path / "run" / "select" / out.selections["lp"].tag / "selection.json").read_text())
+    assert prov["stratified"] is True and prov["n_clusters"] == 40
+    assert prov["cluster_settings"]["kind"] == "clusters"
+    traj, _ = load_external_trajectories(str(path), "opt-350m_")
+    by_index = dict(zip(index.astype(str), clusters))
+    idx, _ = pure_select("lp", Trajectories(ids=traj.ids, P=traj.P), 0.1,
+                         clusters=np.asarray([by_index[i] for i in traj.ids]))
+    assert set(pq.read_table(out.selections["lp"].path)["id"].to_pylist()) == set(traj.ids[idx])
+
+
+def test_embeddings_from_a_file_are_clustered_with_the_authors_recipe(tmp_path):
+    """An `embedding` column is clustered here: KMeans(n_clusters, random_state=seed, n_init="auto")
+    in the file's order, as the authors' code clusters."""
+    import pyarrow as pa
+    from sklearn.cluster import KMeans
+
+    from rayapp.stages.select.external_clusters import read_clusters
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 10, (5, 16))
+    vecs = np.concatenate([c + rng.normal(0, 0.1, (30, 16)) for c in centers]).astype(np.float32)
+    ids = [f"r{i}" for i in range(len(vecs))]
+    pq.write_table(pa.table({"id": ids, "embedding": list(vecs)}), tmp_path / "emb.parquet")
+    by_id, how = read_clusters(str(tmp_path / "emb.parquet"), n_clusters=5, seed=42)
+    want = KMeans(n_clusters=5, random_state=42, n_init="auto").fit_predict(vecs)
+    assert [by_id[i] for i in ids] == want.tolist()
+    assert how["kind"] == "embeddings" and how["dim"] == 16
+    assert len({by_id[f"r{i}"] for i in range(30)}) == 1  # one blob, one cluster
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"name": ["a"], "cluster": [1]}, "needs an 'id' or 'index' column"),
+    ({"id": ["a", "b"], "size": [1, 2]}, "needs a 'cluster' column"),
+    ({"id": ["a", "b", "a"], "cluster": [1, 2, 3]}, "row 2: field 'id': 'a' repeats row 0"),
+    ({"id": ["a", "b"], "cluster": [1, None]}, "row 1: field 'cluster' is null"),
+    ({"id": ["a", "b"], "cluster": [1.5, 2.0]}, "field 'cluster' must hold integers"),
+    ({"id": ["a", "b"], "embedding": [[1.0, 2.0], [1.0]]}, "row 1: field 'embedding' has 1 dimensions, not 2"),
+    ({"id": ["a", "b"], "embedding": [[1.0, 2.0], None]}, "row 1: field 'embedding' is empty"),
+])
+def test_a_bad_clusters_file_names_its_file_row_and_field(tmp_path, table, message):
+    import pyarrow as pa
+
+    from rayapp.stages.select.external_clusters import ClustersFileError, read_clusters
+
+    path = tmp_path / "clusters.parquet"
+    pq.write_table(pa.table(table), path)
+    with pytest.raises(ClustersFileError, match=f"{path}.*{message}".replace("(", r"\(").replace(")", r"\)")):
+        read_clusters(str(path), n_clusters=2, seed=0)
+
+
+def test_rows_without_a_cluster_are_an_error(tmp_path):
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"index": [0, 1, 2], "cluster": [0, 0, 1]}), tmp_path / "few.parquet")
+    cfg = _cfg(tmp_path / "run", PAPER / "dolly.parquet", "opt-350m", "select.stratified=true",
+               f"select.clusters={tmp_path / 'few.parquet'}", "select.baselines=[]")
+    with pytest.raises(Exception, match="rows to select from have no cluster"):
+        run_select(cfg)

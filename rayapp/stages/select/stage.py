@@ -132,6 +132,12 @@ def _clusters(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, ids
     return np.asarray([by_id[i] for i in ids])
 
 
+def _clusters_identity(cfg: RunConfig) -> str | None:
+    """A clusters file's content: a changed file selects again."""
+    path = cfg.select.clusters
+    return file_digest(path) if path and storage.exists(path) else None
+
+
 def _metrics_columns(t: Trajectories, sc: SelectConfig) -> dict[str, np.ndarray]:
     cols = {f"P{i}": t.P[:, i] for i in range(t.P.shape[1])}
     for i in range(1, t.P.shape[1]):
@@ -157,9 +163,10 @@ class SelectStage(Stage):
 
     def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs) -> str:
         if inputs.prepared is None:
-            return fingerprint(trajectories=inputs.source["sha256"], select=cfg.select)
+            return fingerprint(trajectories=inputs.source["sha256"], select=cfg.select, clusters=_clusters_identity(cfg))
         return fingerprint(prepared=inputs.prepared.fingerprint, scores=inputs.scores.fingerprint,
-                           trajectories=inputs.scores.trajectories_sha256, select=cfg.select)
+                           trajectories=inputs.scores.trajectories_sha256, select=cfg.select,
+                           clusters=_clusters_identity(cfg))
 
     def outputs_complete(self, m: SelectionManifest, layout: RunLayout) -> bool:
         return all(storage.exists(e.path) and file_digest(e.path) == e.sha256 for e in m.selections.values())
@@ -167,7 +174,7 @@ class SelectStage(Stage):
     def start_ahead(self, cfg: RunConfig, layout: RunLayout) -> None:
         """The clusters need only the prepared data: start them while earlier stages run."""
         sc = cfg.select
-        if sc.trajectories is None and (sc.stratified or "clust_rand" in sc.baselines):
+        if sc.trajectories is None and sc.clusters is None and (sc.stratified or "clust_rand" in sc.baselines):
             start_ahead(cfg, layout, read_prepared(layout))
 
     def finish_ahead(self, cfg: RunConfig, layout: RunLayout) -> None:
@@ -220,9 +227,15 @@ def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False,
     sc = cfg.select
     inputs = inputs or _read_inputs(cfg, layout)
     specs = selection_specs(sc)
-    clusters = None
+    clusters, cluster_source = None, None
     if any(scope == "stratified" for _, scope in specs.values()):
-        if inputs.prepared is None:
+        if sc.clusters is not None:
+            from rayapp.stages.select.external_clusters import clusters_for_ids, read_clusters
+
+            by_id, cluster_source = read_clusters(sc.clusters, sc.n_clusters, sc.seed)
+            clusters = clusters_for_ids(sc.clusters, by_id, inputs.traj.ids)
+            log.info("clusters from %s: %d (%s)", sc.clusters, len(np.unique(clusters)), cluster_source["kind"])
+        elif inputs.prepared is None:
             specs = _without_stratified(sc, specs)
         else:
             clusters = _clusters(cfg, layout, inputs.prepared, inputs.traj.ids, force)
@@ -230,6 +243,8 @@ def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False,
     chosen = choose(sc, inputs.traj, specs, clusters)
     metric_cols = _metrics_columns(inputs.traj, sc)
     common = _provenance(cfg, layout, inputs, clusters)
+    if cluster_source is not None:
+        common["cluster_settings"] = cluster_source
     records = {key: _write_selection(cfg, layout, inputs, key, c, clusters, metric_cols, common)
                for key, c in chosen.items()}
     report = _write_selection_report(cfg, layout, inputs, chosen, records, clusters, metric_cols, common)
