@@ -64,9 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--clusters", help="a clustering made elsewhere (Parquet: id/index and cluster, or embedding "
                                         "to cluster here); stratified selection then runs on --trajectories too")
     cmp_ = sub.add_parser("compare", help="hardness transfer between models' trajectories (LP correlations, overlap)")
-    cmp_.add_argument("--trajectories", required=True, help="Parquet with <model>_P0..Pn columns")
+    cmp_.add_argument("--trajectories", help="Parquet with <model>_P0..Pn columns (e.g. the paper's)")
+    cmp_.add_argument("--run", action="append", default=[], metavar="NAME=PATH",
+                      help="a run's trajectories (its output_dir, or scores/trajectories.parquet), repeatable: runs "
+                           "with different models or tokenizers are matched row by row by id")
     cmp_.add_argument("--reference", required=True, help="the model others are compared against, e.g. opt-13b")
-    cmp_.add_argument("--models", required=True, help="comma-separated models, e.g. opt-350m,opt-1.3b")
+    cmp_.add_argument("--models", help="comma-separated models, e.g. opt-350m,opt-1.3b (default: every --run)")
     cmp_.add_argument("--out", help="write the table (Markdown) and plot (PNG) here")
     jr = sub.add_parser("judge-report", help="win / tie / lose from existing pairwise judgments (JSONL)")
     jr.add_argument("--judgments",
@@ -141,15 +144,43 @@ def _plan(cfg, as_json: bool, verbose: bool) -> int:
 def _compare(args) -> int:
     import os
 
-    from rayapp.stages.select.compare import compare_pair, format_table, plot_overlap
+    from rayapp.stages.select.compare import align_by_id, compare_pair, format_table, plot_overlap
     from rayapp.stages.select.stage import load_external_trajectories
 
+    if bool(args.trajectories) == bool(args.run):
+        raise RayappError("compare: give --trajectories FILE (models as column prefixes) or --run NAME=PATH (twice "
+                          "or more)")
     try:
-        ref, _ = load_external_trajectories(args.trajectories, f"{args.reference}_")
+        if args.trajectories:
+            def load(name):
+                return load_external_trajectories(args.trajectories, f"{name}_")[0]
+            names = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+            if not names:
+                raise RayappError("compare --trajectories needs --models")
+        else:
+            runs = {}
+            for spec in args.run:
+                name, sep, path = spec.partition("=")
+                if not sep or not name or not path:
+                    raise RayappError(f"compare --run {spec!r}: expected NAME=PATH")
+                if not path.endswith(".parquet"):
+                    path = os.path.join(path, "scores", "trajectories.parquet")
+                runs[name] = path
+
+            def load(name):
+                if name not in runs:
+                    raise RayappError(f"compare: no --run named {name!r} (have: {', '.join(runs)})")
+                return load_external_trajectories(runs[name], "")[0]
+            names = [m.strip() for m in args.models.split(",")] if args.models else \
+                [n for n in runs if n != args.reference]
+        ref = load(args.reference)
         rows = {}
-        for m in [m.strip() for m in args.models.split(",") if m.strip()]:
-            other, _ = load_external_trajectories(args.trajectories, f"{m}_")
-            rows[m] = compare_pair(other, ref)
+        for m in names:
+            other, ref_m, unmatched = align_by_id(load(m), ref)
+            if unmatched:
+                print(f"{m} vs {args.reference}: {unmatched} rows are in only one of them (compared on the "
+                      f"{len(ref_m.ids)} they share)")
+            rows[m] = compare_pair(other, ref_m)
     except (FileNotFoundError, ValueError) as exc:
         raise RayappError(str(exc)) from None
     table = format_table(rows)

@@ -185,3 +185,39 @@ def test_kmeans_in_source_order_is_the_authors_clustering_and_differs_from_id_or
     assert labels.tolist() == authors[shuffled].tolist()
     by_id = kmeans_in_order(ids, vecs[shuffled], sorted(ids, key=lambda s: s[::-1]), 12, 42)
     assert by_id.tolist() != labels.tolist()
+
+
+def test_compare_runs_of_different_families_row_by_row(tmp_path):
+    """`compare --run NAME=PATH`: two runs' trajectories (as the score stage writes them), in other
+    row orders and with rows only one has, are matched by id, as runs with different tokenizers
+    are; the table equals the one on the shared file."""
+    import pyarrow as pa
+
+    full = pq.read_table(PAPER / "alpaca.parquet")
+    ids = np.asarray([str(i) for i in full["index"].to_pylist()])
+
+    def run_file(model, rows, name):
+        cols = {"id": pa.array(ids[rows])}
+        cols.update({f"P{i}": full[f"{model}_P{i}"].take(pa.array(rows)) for i in range(4)})
+        pq.write_table(pa.table(cols), tmp_path / name)
+        return tmp_path / name
+
+    rng = np.random.default_rng(0)
+    n = len(ids)
+    a = run_file("opt-350m", rng.permutation(n)[: n - 7], "a.parquet")  # 7 rows it does not have
+    b = run_file("llama2-7b", rng.permutation(n), "b.parquet")
+    proc = subprocess.run([sys.executable, "-m", "rayapp", "compare", "--run", f"opt-350m={a}", "--run",
+                           f"llama2-7b={b}", "--reference", "llama2-7b"], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "7 rows are in only one of them" in proc.stdout
+    got = next(line for line in proc.stdout.splitlines() if line.startswith("| opt-350m"))
+
+    from rayapp.stages.select.compare import align_by_id, compare_pair, format_table
+    from rayapp.stages.select.stage import load_external_trajectories
+
+    x, y, unmatched = align_by_id(load_external_trajectories(str(a), "")[0], load_external_trajectories(str(b), "")[0])
+    assert unmatched == 7 and np.array_equal(x.ids, y.ids)
+    want = next(line for line in format_table({"opt-350m": compare_pair(x, y)}).splitlines()
+                if line.startswith("| opt-350m"))
+    assert got == want

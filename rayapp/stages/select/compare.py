@@ -12,6 +12,20 @@ from rayapp.selection.strategies import select
 BUDGETS = (0.01, 0.03, 0.05, 0.10, 0.25, 0.33)
 
 
+def _take(t: Trajectories, idx: np.ndarray) -> Trajectories:
+    return Trajectories(ids=t.ids[idx], P=t.P[idx], n_tokens=None if t.n_tokens is None else t.n_tokens[idx])
+
+
+def align_by_id(a: Trajectories, b: Trajectories) -> tuple[Trajectories, Trajectories, int]:
+    """Both trajectories on the rows they share, in ``a``'s order, and how many rows only one has.
+    Rows are matched by id (a hash of their text), so runs with different tokenizers, models of
+    different families, compare row for row."""
+    pos_b = {rid: i for i, rid in enumerate(b.ids)}
+    ia = np.asarray([i for i, rid in enumerate(a.ids) if rid in pos_b], dtype=np.int64)
+    ib = np.asarray([pos_b[rid] for rid in a.ids[ia]], dtype=np.int64)
+    return _take(a, ia), _take(b, ib), len(a.ids) + len(b.ids) - 2 * len(ia)
+
+
 def compare_pair(a: Trajectories, b: Trajectories, budgets=BUDGETS, response_length: np.ndarray | None = None) -> dict:
     from scipy.stats import kendalltau, spearmanr
 
