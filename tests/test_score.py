@@ -231,3 +231,25 @@ def test_interrupted_run_resumes_without_rescoring(ray_local, scored_setup, tmp_
             assert meta[b"rayapp.prepared_fingerprint"] == manifest.fingerprint.encode()
     # a third run has nothing to do
     assert _run(scored_setup, out, batch_tokens=4096)["skipped_units"] == total
+
+
+def test_a_unit_scored_with_a_non_default_setting_is_not_current_for_the_default(tmp_path):
+    """Defect: a unit's keys held token_count and the response-only prefix only where they were not
+    the default, and the check asked only for the keys it wanted, so a `labelled` run reused units
+    scored with `nonzero`; and the scoring dtype was not keyed at all. Each setting now rescores."""
+    import pyarrow as pa
+
+    from rayapp.core import keyed
+    from rayapp.core.manifests import CheckpointRecord
+    from rayapp.stages.score.engine import _keys, is_committed
+
+    ck = CheckpointRecord(name="epoch-1", path="x", uid="u1")
+    table = pa.table({"id": ["a", "b"]})
+    variants = {"default": {}, "nonzero": {"token_count": "nonzero"}, "bf16": {"dtype": "bfloat16"},
+                "prefix": {"response_only_prefix": "### Response:"}}
+    for name, setting in variants.items():
+        uri = str(tmp_path / f"{name}.parquet")
+        keyed.write_table(uri, table, _keys("fp", ck, ["prompted", "response_only"], 2, **setting))
+        for other, other_setting in variants.items():
+            current = is_committed(uri, _keys("fp", ck, ["prompted", "response_only"], 2, **other_setting))
+            assert current == (other == name), (name, other)

@@ -44,13 +44,15 @@ def table_keys(uri: str) -> tuple[dict[str, str], int] | None:
     return have, meta.num_rows
 
 
-def is_current(uri: str, keys: Mapping[str, str], rows: int | None = None) -> bool:
-    """Whether the Parquet file at ``uri`` was written with ``keys`` (and has ``rows`` rows)."""
+def is_current(uri: str, keys: Mapping[str, str], rows: int | None = None, absent: tuple | list = ()) -> bool:
+    """Whether the Parquet file at ``uri`` was written with ``keys`` (and has ``rows`` rows), and
+    without any of the ``absent`` keys (settings written only where they are not the default)."""
     found = table_keys(uri)
     if found is None:
         return False
     have, n = found
-    return (rows is None or n == rows) and all(have.get(k) == str(v) for k, v in keys.items())
+    return ((rows is None or n == rows) and all(have.get(k) == str(v) for k, v in keys.items())
+            and not any(k in have for k in absent))
 
 
 def read_table(uri: str, keys: Mapping[str, str], columns: list[str] | None = None) -> pa.Table | None:

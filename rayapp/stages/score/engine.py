@@ -40,8 +40,13 @@ SCORE_SCHEMA = pa.schema(
 )
 
 
+# Keys a unit carries only where its setting is not the default (so older units stay valid): a
+# unit scored with one of them set is not current for a lookup that leaves it at the default.
+OPTIONAL_KEYS = ("rayapp.response_only_prefix", "rayapp.token_count", "rayapp.dtype")
+
+
 def _keys(fingerprint: str, ck: CheckpointRecord, modes: list[str], rows: int,
-          response_only_prefix: str = "", token_count: str = "labelled") -> dict[str, str]:
+          response_only_prefix: str = "", token_count: str = "labelled", dtype: str = "auto") -> dict[str, str]:
     """What a committed (checkpoint, shard) unit was scored from (core/keyed.py)."""
     keys = {
         "rayapp.prepared_fingerprint": fingerprint,
@@ -53,6 +58,8 @@ def _keys(fingerprint: str, ck: CheckpointRecord, modes: list[str], rows: int,
         keys["rayapp.response_only_prefix"] = response_only_prefix
     if token_count != "labelled":
         keys["rayapp.token_count"] = token_count
+    if dtype != "auto":
+        keys["rayapp.dtype"] = dtype
     return keys
 
 
@@ -67,7 +74,8 @@ def modes_by_checkpoint(checkpoints: list[CheckpointRecord], modes: list[str]) -
 
 
 def is_committed(uri: str, keys: dict[str, str]) -> bool:
-    return keyed.is_current(uri, keys, rows=int(keys["rayapp.rows"]))
+    return keyed.is_current(uri, keys, rows=int(keys["rayapp.rows"]),
+                            absent=[k for k in OPTIONAL_KEYS if k not in keys])
 
 
 def _mean(loss: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -190,7 +198,7 @@ def score_checkpoints(
 
     def unit_keys(ck: CheckpointRecord, rows: int) -> dict[str, str]:
         return _keys(prepared_manifest.fingerprint, ck, modes[ck.name], rows, score_cfg.response_only_prefix,
-                     score_cfg.token_count)
+                     score_cfg.token_count, score_cfg.dtype)
 
     pending = _pending(checkpoints, shards, out_dir, unit_keys)
     n_total = len(checkpoints) * len(shards)
