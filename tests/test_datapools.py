@@ -12,9 +12,16 @@ from rayapp.core.datapools import DrivenStream
 NOISE = "has constructor arguments in the object store and max_restarts > 0"
 
 
-def _stderr_after(capfd, settle_s: float = 1.0) -> str:
-    time.sleep(settle_s)  # Ray's C++ logger writes from its own threads
-    return capfd.readouterr().err
+def _stderr_after(capfd, settle_s: float = 1.0, until: str | None = None, wait_s: float = 20.0) -> str:
+    """What reached stderr: after ``settle_s``, or, with ``until``, once it appears (or ``wait_s``
+    passes): Ray's C++ logger writes from its own threads, sometimes seconds late under load."""
+    time.sleep(settle_s)
+    err = capfd.readouterr().err
+    deadline = time.time() + wait_s
+    while until is not None and until not in err and time.time() < deadline:
+        time.sleep(0.5)
+        err += capfd.readouterr().err
+    return err
 
 
 def test_a_pool_driven_from_an_actor_streams_its_items_and_keeps_rays_noise_off_the_terminal(ray_local, capfd):
@@ -38,7 +45,7 @@ def test_a_pool_driven_from_an_actor_streams_its_items_and_keeps_rays_noise_off_
     assert NOISE not in _stderr_after(capfd)
     # the same pool created by this process: Ray's core worker prints the line here (ray#57733)
     assert sorted(x for item in doubled(5) for x in item) == [0, 2, 4, 6, 8]
-    err = _stderr_after(capfd)
+    err = _stderr_after(capfd, until=NOISE)
     assert NOISE in err and "MapWorker(MapBatches(Doubler))" in err
 
 
