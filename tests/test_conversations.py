@@ -300,23 +300,6 @@ def test_evaluation_prompts_use_the_chat_template_and_conversation_sets(tmp_path
     assert load_prompts(alpaca_cfg, layout)[0][1]["prompt"].startswith("Below is an instruction")
 
 
-@pytest.mark.slow
-def test_conversations_on_ray_data_give_the_driver_s_rows(ray_local, tmp_path, make_config):
-    """data.workers: conversations read and tokenized by Ray Data tasks and actors, keep_last_turns
-    included, give the driver's prepared rows and manifest."""
-    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in sample()[:60]])
-    made = {}
-    for name, workers in (("driver", 0), ("ray", 2)):
-        cfg = make_config([{"path": str(path)}], output_dir=str(tmp_path / name), data__max_length=256,
-                          data__truncation="keep_last_turns", data__workers=workers, data__block_mb=0.05)
-        made[name] = (cfg, run_stage("prepare", cfg))
-    (c0, m0), (c2, m2) = made["driver"], made["ray"]
-    assert _prepared(c2).equals(_prepared(c0))
-    keys = ("rows", "conversations", "turns_dropped", "truncated", "tokens", "response_tokens", "ids_sha256")
-    assert {k: getattr(m2, k) for k in keys} == {k: getattr(m0, k) for k in keys}
-    assert m0.turns_dropped > 0
-
-
 @needs_smollm2
 @pytest.mark.extended
 def test_smollm2_chat_run_prepares_scores_and_answers_in_its_chat_template(tmp_path, ray_local):

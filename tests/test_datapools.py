@@ -43,7 +43,9 @@ def test_a_pool_driven_from_an_actor_streams_its_items_and_keeps_rays_noise_off_
     items = list(DrivenStream(doubled, 5))
     assert sorted(x for item in items for x in item) == [0, 2, 4, 6, 8]
     assert NOISE not in _stderr_after(capfd)
-    # the same pool created by this process: Ray's core worker prints the line here (ray#57733)
+    # the same pool created by this process: Ray's core worker prints the line here (ray#57733),
+    # once per process: no earlier test in this process may create an actor pool with constructor
+    # arguments (test files run in name order; test_prepare.py's do, after this one)
     assert sorted(x for item in doubled(5) for x in item) == [0, 2, 4, 6, 8]
     err = _stderr_after(capfd, until=NOISE)
     assert NOISE in err and "MapWorker(MapBatches(Doubler))" in err

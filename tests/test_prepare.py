@@ -306,3 +306,24 @@ def test_prepare_on_ray_data_gives_the_same_rows_and_rejects(ray_local, tmp_path
     spread.data.workers, spread.data.block_mb = 2, 0.02
     layout = RunLayout(cfg0.output_dir)
     assert PrepareStage().fingerprint(spread, layout) == PrepareStage().fingerprint(cfg0, layout)
+
+
+@pytest.mark.slow
+def test_conversations_on_ray_data_give_the_driver_s_rows(ray_local, tmp_path, make_config):
+    """data.workers: conversations read and tokenized by Ray Data tasks and actors, keep_last_turns
+    included, give the driver's prepared rows and manifest. (Here, not in test_conversations.py:
+    Ray prints a warning test_datapools.py looks for once per driver process, at the first actor
+    pool with constructor arguments, and test files run in name order.)"""
+    from tests.test_conversations import sample
+
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in sample()[:60]])
+    made = {}
+    for name, workers in (("driver", 0), ("ray", 2)):
+        cfg = make_config([{"path": str(path)}], output_dir=str(tmp_path / name), data__max_length=256,
+                          data__truncation="keep_last_turns", data__workers=workers, data__block_mb=0.05)
+        made[name] = (cfg, run_stage("prepare", cfg))
+    (c0, m0), (c2, m2) = made["driver"], made["ray"]
+    assert _prepared(c2).equals(_prepared(c0))
+    keys = ("rows", "conversations", "turns_dropped", "truncated", "tokens", "response_tokens", "ids_sha256")
+    assert {k: getattr(m2, k) for k in keys} == {k: getattr(m0, k) for k in keys}
+    assert m0.turns_dropped > 0
