@@ -22,6 +22,7 @@ from rayapp.core.hashing import conversation_id
 from rayapp.core.labels import IGNORE_INDEX
 from rayapp.core.layout import RunLayout
 from rayapp.ml.tokenize import tokenize_conversation
+from rayapp.testing.conversations import as_sharegpt
 from tests.conftest import SHARED, run_stage, write_jsonl
 
 MESSAGES = ASSETS / "conversations-messages.jsonl"
@@ -64,7 +65,7 @@ def _rejects(cfg) -> list[dict]:
 
 def test_the_sample_is_what_its_rule_builds():
     """The committed sample is the builder's output on the shared Dolly rows (when they are here)."""
-    from rayapp.testing.conversations import EVAL_ROWS, as_sharegpt, build
+    from rayapp.testing.conversations import EVAL_ROWS, build
 
     dolly = SHARED / "dolly-15k.jsonl"
     if not dolly.exists():
@@ -126,8 +127,7 @@ def test_messages_and_sharegpt_from_every_format_give_the_same_rows(tmp_path, ma
 
     convs = sample()[:24]
     openai = [{"messages": m} for m in convs]
-    share = [{"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(t["role"], t["role"]),
-                                 "value": t["content"]} for t in m]} for m in convs]
+    share = [as_sharegpt(m) for m in convs]
     write_jsonl(tmp_path / "m.jsonl", openai)
     (tmp_path / "s.json").write_text(json.dumps(share))
     pq.write_table(pa.Table.from_pylist(share), tmp_path / "s.parquet")
@@ -197,8 +197,7 @@ def test_every_bad_conversation_is_rejected_with_file_row_and_field(fmt, bad, tm
     the good rows are all kept."""
     good = [{"messages": m} for m in sample()[:10]]
     if fmt == "sharegpt":
-        good = [{"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(t["role"], t["role"]),
-                                    "value": t["content"]} for t in g["messages"]]} for g in good]
+        good = [as_sharegpt(g["messages"]) for g in good]
     rows = [good[0]] + [r for r, _, _ in bad] + good[1:]
     path = write_jsonl(tmp_path / "chats.jsonl", rows)
     cfg = make_config([{"path": str(path)}], data__max_length=4096)
