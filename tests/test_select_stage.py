@@ -221,3 +221,34 @@ def test_compare_runs_of_different_families_row_by_row(tmp_path):
     want = next(line for line in format_table({"opt-350m": compare_pair(x, y)}).splitlines()
                 if line.startswith("| opt-350m"))
     assert got == want
+
+
+@pytest.mark.slow
+def test_another_seed_or_cluster_count_reclusters_the_cached_embeddings(make_config, tmp_path, monkeypatch):
+    """Re-selecting with another seed or number of clusters re-runs k-means on the cached sentence
+    embeddings: the encoder does not run again, and the clusters are those k-means gives from scratch."""
+    from rayapp.core import storage
+    from rayapp.core.layout import RunLayout
+    from rayapp.core.manifests import read_prepared
+    from rayapp.stages.select import clusters, embed
+    from tests.conftest import alpaca_rows, write_jsonl
+
+    src = write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(48))
+    cfg = make_config([{"path": str(src)}], select__n_clusters=4)
+    run_stage("prepare", cfg)
+    layout, prepared = RunLayout(cfg.output_dir), read_prepared(RunLayout(cfg.output_dir))
+    first = clusters.clusters_for(cfg, layout, prepared, force=False)
+    cached = storage.read_parquet(layout.embeddings)
+    ids = cached["id"].to_pylist()
+    vecs = np.asarray(cached["embedding"].combine_chunks().flatten()).reshape(len(ids), -1)
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the rows were embedded again")
+
+    monkeypatch.setattr(embed, "embed_prepared", no_encoder)
+    for n, seed in ((4, 7), (6, 42)):
+        other = cfg.model_copy(update={"select": cfg.select.model_copy(update={"n_clusters": n, "seed": seed})})
+        labels = clusters.clusters_for(other, layout, prepared, force=False)
+        assert [labels[i] for i in ids] == embed.kmeans(vecs, n, seed).tolist()
+        assert len(set(labels.values())) == n
+    assert first != labels

@@ -3,7 +3,8 @@
 They depend on the prepared data alone, not on the scores, so `rayapp run` starts them as soon
 as prepare is done (``start_ahead``), in a Ray task beside the reference training and the
 scoring, and select then only reads the cache. Cached in ``select/embeddings.parquet``, keyed by
-the prepared data and the clustering settings.
+the prepared data and the clustering settings; another seed, cluster count or order re-clusters the
+cached embeddings (keyed by the prepared data and the encoder alone) instead of embedding again.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def clusters_key(cfg: RunConfig, prepared: PreparedManifest) -> str:
                        n_clusters=sc.n_clusters, seed=sc.seed, **order)
 
 
+def embeddings_key(cfg: RunConfig, prepared: PreparedManifest) -> str:
+    sc = cfg.select
+    return fingerprint(prepared=prepared.fingerprint, model=sc.embedding_model, max_tokens=sc.embed_max_tokens)
+
+
 def cached(layout: RunLayout, key: str) -> dict[str, int] | None:
     t = keyed.read_table(layout.embeddings, {"rayapp.key": key}, ["id", "cluster"])
     if t is None:
@@ -50,13 +56,19 @@ def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: 
     from rayapp.stages.select.embed import embed_prepared, embeddings_table, kmeans, kmeans_in_order
 
     sc, where = cfg.select, placement.embedding(cfg)
-    init_ray(cfg)
     t0 = time.perf_counter()
-    actors = pool_size_leaving_a_cpu(cfg, where.cpus, where.count)
-    ids, vecs = embed_prepared(prepared.shard_paths(layout), sc.embedding_model, sc.embed_batch_size, where,
-                               sc.embed_max_tokens, max_actors=actors,
-                               stall_s=cfg.ray.stall_timeout_s if watch else None,
-                               committed=f"no embeddings yet (all of them go in {layout.embeddings} at once)")
+    ekey = embeddings_key(cfg, prepared)
+    reused = keyed.read_table(layout.embeddings, {"rayapp.embeddings_key": ekey}, ["id", "embedding"])
+    if reused is not None:  # the same rows and encoder: only the clustering settings changed
+        ids = reused["id"].to_pylist()
+        vecs = np.asarray(reused["embedding"].combine_chunks().flatten()).reshape(len(ids), -1)
+    else:
+        init_ray(cfg)
+        actors = pool_size_leaving_a_cpu(cfg, where.cpus, where.count)
+        ids, vecs = embed_prepared(prepared.shard_paths(layout), sc.embedding_model, sc.embed_batch_size, where,
+                                   sc.embed_max_tokens, max_actors=actors,
+                                   stall_s=cfg.ray.stall_timeout_s if watch else None,
+                                   committed=f"no embeddings yet (all of them go in {layout.embeddings} at once)")
     t1 = time.perf_counter()
     if sc.cluster_order == "source":  # the prepared shards keep the sources' order
         from rayapp.core import storage
@@ -65,9 +77,11 @@ def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: 
         labels = kmeans_in_order(list(ids), vecs, order, sc.n_clusters, sc.seed)
     else:
         labels = kmeans(vecs, sc.n_clusters, sc.seed)
-    log.info("embedded %d rows in %.1fs; k-means (%d clusters) in %.1fs", len(ids), t1 - t0,
+    log.info("%s %d rows in %.1fs; k-means (%d clusters) in %.1fs",
+             "reused the cached embeddings of" if reused is not None else "embedded", len(ids), t1 - t0,
              min(sc.n_clusters, len(vecs)), time.perf_counter() - t1)
-    keyed.write_table(layout.embeddings, embeddings_table(ids, vecs, labels), {"rayapp.key": key})
+    keyed.write_table(layout.embeddings, embeddings_table(ids, vecs, labels),
+                      {"rayapp.key": key, "rayapp.embeddings_key": ekey})
     return dict(zip(ids, labels.tolist()))
 
 
