@@ -21,10 +21,6 @@ class Benchmark:
     out: bool = True  # takes --out (the results folder)
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(b) for b in text.split(","))
-
-
 BENCHMARKS = [
     Benchmark("score", "benchmarks.score_bench",
               "scoring: start-up and 1 vs 2 actors (optionally beside a baseline commit), padding inside actor "
@@ -71,14 +67,25 @@ BENCHMARKS = [
               lambda m, a: m.run(a.out, True if a.tiny else None),
               [(["--tiny"], dict(action="store_true", help="tiny shapes even on a GPU (the default without one)"))]),
     Benchmark("lp-vs-baselines", "benchmarks.lp_vs_baselines",
-              "the paper's comparison with a real model: LP vs clust_rand, longest and ppl_high at equal sizes "
-              "(5%%, 10%%) and the full set; held-out NLL, ROUGE-L, pairwise",
-              lambda m, a: m.run(a.config, a.out, _floats(a.budgets), full=not a.no_full),
+              "the paper's comparison with a real model: LP vs clust_rand, longest, ppl_high and the full set at "
+              "equal sizes, over seeds; held-out NLL row by row with paired bootstrap intervals",
+              lambda m, a: m.run(a.config, a.out, tuple(int(s) for s in a.seeds.split(",")), a.budget,
+                                 full_seeds=a.full_seeds, evaluate=a.evaluate, target=a.target,
+                                 arms=tuple(a.arms.split(","))),
               [(["--config"], dict(default="benchmarks/lp_vs_baselines/cpu.yaml",
                                    help="cpu.yaml here, gpu.yaml on a GPU node")),
-               (["--budgets"], dict(default="0.05,0.10")),
-               (["--no-full"], dict(action="store_true",
-                                    help="leave out the model trained on the full set (the longest run)"))]),
+               (["--seeds"], dict(default="42,43,44", help="select.seed and finetune.seed of each replicate")),
+               (["--budget"], dict(type=float, default=0.10)),
+               (["--full-seeds"], dict(type=int, default=1,
+                                       help="how many seeds train on the full set (0: none; the longest runs)")),
+               (["--evaluate"], dict(action="store_true",
+                                     help="also generate and judge Self-Instruct answers with the first seed's "
+                                          "models (minutes of generation each on a CPU)")),
+               (["--target"], dict(help="fine-tune another target on the same run's selections (e.g. "
+                                        "gemma3-270m: SmolLM2-135M selects for another family); results "
+                                        "go to <name>-to-<target>")),
+               (["--arms"], dict(default=",".join(("lp", "clust_rand", "longest:global", "ppl_high")),
+                                 help="the selections compared (LP first)"))]),
     Benchmark("fidelity", "benchmarks.fidelity",
               "measured effects of rayapp's differences from the authors' code (tokenizer boundary, duplicates, "
               "k-means order, perplexity denominator, bf16)",

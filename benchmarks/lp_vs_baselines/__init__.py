@@ -1,16 +1,22 @@
-"""The paper's comparison at the largest scale a machine allows: LP against its peers at equal sizes.
+"""The paper's comparison at the largest scale a machine allows: LP against its peers at equal sizes,
+with seeds and confidence intervals.
 
 One rayapp run (``--config``: cpu.yaml on this machine, gpu.yaml on a GPU node) is prepared, its
-reference model trained and scored once; then for each budget the select stage makes LP's subset
-and its peers' (clust_rand, longest, ppl_high; all as large as LP's), and the target is fine-tuned
-on each, and on the full set. Every model is then measured by
+reference model trained and scored once. Then, for each seed, the select stage makes LP's subset
+and its peers' (clust_rand, longest, ppl_high; all as large as LP's) with ``select.seed`` set to it,
+which re-draws the k-means clusters and the random baselines, and the target is fine-tuned on each
+with ``finetune.seed`` set to it. The full set is trained too (``--full-seeds`` of them), and the
+untrained target is measured as it is.
 
-- its response NLL on held-out references nobody trained on: Dolly rows (another dataset's answers)
-  and Self-Instruct's reference answers, scored with rayapp's own scorer;
-- its held-out Alpaca loss (finetune's eval_loss, on the rows `prepare` holds out);
-- ROUGE-L of its greedy answers to Self-Instruct prompts against their references, and the
-  pairwise win / tie / lose of LP against each peer, by the configured judge (ROUGE-L pairs where no
-  judge endpoint is configured).
+Every model is measured by its response NLL, row by row, on rows no model trained on: the run's
+held-out Alpaca rows, Dolly rows (another dataset's answers) and Self-Instruct's reference answers,
+scored with rayapp's own scorer. Each arm is compared with LP by a paired bootstrap over those rows
+(the same resampled rows for both, each seed's models scored on them; the statistic is the
+difference of token-weighted mean NLL, averaged over seeds), with 95 % confidence intervals, per
+source and pooled. The spread between seeds is reported beside it.
+
+``--evaluate`` also generates greedy answers to Self-Instruct prompts with the first seed's models
+(ROUGE-L, and LP's pairwise win / tie / lose by the configured judge): minutes of generation each.
 
 Results go to ``benchmarks/results/lp-vs-baselines-<name>.json`` and ``.png`` as they come out,
 whichever way they point.
@@ -26,18 +32,18 @@ import time
 import numpy as np
 
 SELECTIONS = ("lp", "clust_rand", "longest:global", "ppl_high")
-BUDGETS = (0.05, 0.10)
+BUDGET = 0.10
+SEEDS = (42, 43, 44)
 HELD_OUT_DOLLY = 60
 HELD_OUT_SINSTRUCT = 60
+SOURCES = ("alpaca-heldout", "dolly", "sinstruct")
+BOOTSTRAP_RESAMPLES = 2000
 
 
-def _rows_of(path: str, n: int) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for _, line in zip(range(n), f)]
-
-
-def held_out_sources(shared: str, tmp: str) -> list[dict]:
-    """Dolly rows and Self-Instruct (prompt, reference answer) pairs as Alpaca-style JSONL sources."""
+def held_out_sources(run_holdout: str, shared: str, tmp: str) -> list[dict]:
+    """The run's held-out Alpaca rows, Dolly rows and Self-Instruct (prompt, reference answer) pairs,
+    as Alpaca-style JSONL sources."""
+    from rayapp.core import storage
     from rayapp.stages.evaluate.evalsets import load_eval_set, resolve_set
 
     name, path, field, id_field = resolve_set("sinstruct", os.path.join(shared, "eval"), "prompt")
@@ -47,27 +53,35 @@ def held_out_sources(shared: str, tmp: str) -> list[dict]:
         for r in rows:
             f.write(json.dumps({"id": f"sinstruct-{r['id']}", "instruction": r["instruction"], "input": r["input"],
                                 "output": r["reference"]}) + "\n")
-    return [{"path": os.path.join(shared, "dolly-15k.jsonl"), "name": "dolly", "limit": HELD_OUT_DOLLY},
+    alpaca = os.path.join(tmp, "alpaca-heldout.jsonl")
+    with open(alpaca, "w", encoding="utf-8") as f:
+        for r in storage.read_parquet(run_holdout).select(["instruction", "input", "output"]).to_pylist():
+            f.write(json.dumps(r) + "\n")
+    return [{"path": alpaca, "name": "alpaca-heldout", "schema": "alpaca"},
+            {"path": os.path.join(shared, "dolly-15k.jsonl"), "name": "dolly", "limit": HELD_OUT_DOLLY},
             {"path": sinstruct, "name": "sinstruct", "schema": "alpaca"}]
 
 
-def held_out_nll(cfg, models: dict[str, str], shared: str) -> dict[str, dict[str, float]]:
-    """{model: {source: mean response NLL per token}} on rows no model trained on."""
+def held_out_scores(cfg, models: dict[str, str], shared: str) -> dict:
+    """Per-row response NLL on rows no model trained on: {"rows": {id: (source, n_tokens)},
+    "loss": {model: {id: loss_sum}}}. Rows with no response tokens are left out."""
     from rayapp import pipeline
     from rayapp.config import RunConfig, ScoreConfig
     from rayapp.core import storage
     from rayapp.core.layout import RunLayout
     from rayapp.core.manifests import CheckpointRecord, read_prepared
-    from rayapp.ml.models.loading import load_tokenizer
-    from rayapp.ml.models.registry import tokenizer_source
+    from rayapp.ml.models import registry
+    from rayapp.ml.models.loading import load_tokenizer, same_tokenizer
     from rayapp.stages.score.engine import score_checkpoints
     from rayapp.stages.score.stage import special_ids
 
     tmp = tempfile.mkdtemp(prefix="rayapp-held-out-")
     tree = cfg.model_dump(mode="json", by_alias=True)
     tree.update(name=f"{cfg.name}-held-out", output_dir=os.path.join(cfg.output_dir, "held-out"))
-    tree["data"].update(sources=held_out_sources(shared, tmp), holdout_rows=0)
-    tree["models"]["tokenizer"] = tokenizer_source(cfg)
+    tree["data"].update(sources=held_out_sources(RunLayout(cfg.output_dir).holdout, shared, tmp), holdout_rows=0)
+    # the rows in the measured models' own tokens: the target's, where its family differs from the selector's
+    selector_tokens, target = registry.tokenizer_source(cfg), registry.model_source(cfg, "target")
+    tree["models"]["tokenizer"] = selector_tokens if same_tokenizer(target, selector_tokens, False) else target
     hcfg = RunConfig.model_validate(tree)
     pipeline.run("prepare", hcfg)
     layout = RunLayout(hcfg.output_dir)
@@ -78,31 +92,47 @@ def held_out_nll(cfg, models: dict[str, str], shared: str) -> dict[str, dict[str
     score_checkpoints(layout.prepared, prepared, checkpoints, out,
                       ScoreConfig(local=True, modes=["prompted"], batch_tokens=cfg.score.batch_tokens,
                                   dtype=cfg.score.dtype, resources=cfg.score.resources), bos, pad)
-    source = {r["id"]: r["source"] for r in storage.read_parquet_dir(layout.prepared).select(["id", "source"]).to_pylist()}
-    result: dict[str, dict[str, float]] = {}
+    source = dict(zip(*storage.read_parquet_dir(layout.prepared).select(["id", "source"]).to_pydict().values()))
+    rows: dict[str, tuple[str, int]] = {}
+    loss: dict[str, dict[str, float]] = {}
     for label in models:
-        t = storage.read_parquet_dir(os.path.join(out, label)).to_pylist()
-        per: dict[str, list[float]] = {}
-        for r in t:
-            if r["n_tokens"]:
-                per.setdefault(source[r["id"]], []).append((r["loss_sum"], r["n_tokens"]))
-        result[label] = {s: float(sum(a for a, _ in v) / sum(n for _, n in v)) for s, v in per.items()}
-    return result
+        t = storage.read_parquet_dir(os.path.join(out, label)).select(["id", "loss_sum", "n_tokens"]).to_pydict()
+        loss[label] = {}
+        for rid, s, n in zip(t["id"], t["loss_sum"], t["n_tokens"]):
+            if n:
+                rows[rid] = (source[rid], int(n))
+                loss[label][rid] = float(s)
+    return {"rows": rows, "loss": loss}
 
 
-def run(config: str, out_dir: str, budgets=BUDGETS, shared: str = "../shared/data", full: bool = True) -> dict:
+def _label(arm: str, seed: int) -> str:
+    return f"{arm.replace(':', '-')}@{seed}"
+
+
+def run(config: str, out_dir: str, seeds=SEEDS, budget: float = BUDGET, shared: str = "../shared/data",
+        full_seeds: int = 1, evaluate: bool = False, target: str | None = None, arms=SELECTIONS) -> dict:
     from rayapp import pipeline
-    from rayapp.config import load_config
+    from rayapp.config import load_config, subset_folder
     from rayapp.core import storage
+    from rayapp.core.layout import RunLayout
     from rayapp.core.log import configure
+    from rayapp.core.manifests import FinetuneManifest, read_manifest
+    from rayapp.ml.models import registry
 
     configure()  # the stages' progress lines, as `rayapp run` prints them
     t0 = time.time()
-    base = load_config(config)
-    name = base.name
+    # another target: the same run's selections (prepare to select do not depend on the target),
+    # fine-tuned into the same finetune folders (they replace the first target's there)
+    retarget = [f"models.target.name_or_path={target}"] if target else []
+    base = load_config(config, retarget)
+    name = f"{base.name}-to-{target}" if target else base.name
+    layout = RunLayout(base.output_dir)
     result_path = os.path.join(out_dir, f"{name}.json")
-    result: dict = {"config": config, "name": name, "budgets": list(budgets), "selections": list(SELECTIONS),
-                    "models": {}, "stages_s": {}, "machine": f"{os.cpu_count()} CPU cores"}
+    result: dict = {"config": config, "name": name, "budget": budget, "seeds": list(seeds),
+                    "reference": base.models.reference.name_or_path, "target": base.models.target.name_or_path,
+                    "selections": list(arms), "models": {}, "stages_s": {},
+                    "machine": f"{os.cpu_count()} CPU cores", "held_out": {"rows": {}, "loss": {}}}
+    models, held = result["models"], result["held_out"]
 
     def save() -> None:
         os.makedirs(out_dir, exist_ok=True)
@@ -117,58 +147,55 @@ def run(config: str, out_dir: str, budgets=BUDGETS, shared: str = "../shared/dat
         save()
         return out
 
+    def trained(label: str, arm: str, seed: int, tag: str, overrides: list[str]) -> str:
+        timed(f"finetune {label}", lambda: pipeline.run("finetune", load_config(config, [*retarget, *overrides])))
+        m = read_manifest(layout.manifest("finetune", subset_folder(tag)), FinetuneManifest)
+        models[label] = {"arm": arm, "seed": seed, "rows": m.rows, "train_loss": m.metrics.get("last_loss"),
+                         "train_seconds": m.metrics.get("train_seconds")}
+        return m.export
+
+    def measure(exports: dict[str, str]) -> None:
+        # each seed's models are scored before the next seed's fine-tunes replace their exports
+        got = timed(f"held-out NLL {', '.join(exports)}", lambda: held_out_scores(base, exports, shared))
+        held["rows"].update({k: list(v) for k, v in got["rows"].items()})
+        held["loss"].update(got["loss"])
+        for label in exports:
+            models[label]["nll"] = nll_by_source(held, label)
+        save()
+
     for stage in ("prepare", "reference", "score"):
         timed(stage, lambda s=stage: pipeline.run(s, base))
     baselines = "[" + ", ".join(f"'{s}'" for s in SELECTIONS[1:]) + "]"
-    subsets: dict[str, dict] = {}
-    for b in budgets:
-        over = [f"select.budget={b}", f"select.baselines={baselines}"]
-        sel = timed(f"select {b:.0%}", lambda o=over: pipeline.run("select", load_config(config, o)).manifest)
-        for key in SELECTIONS:
-            e = sel.selections[key]
-            subsets[e.tag] = {"selection": key, "budget": b, "rows": e.rows}
-            mean_chars = float(np.mean(storage.read_parquet(e.path)["output"].to_pandas().str.len()))
-            subsets[e.tag]["mean_response_chars"] = round(mean_chars, 1)
-            timed(f"finetune {e.tag}", lambda t=e.tag: pipeline.run("finetune", load_config(config, [f"finetune.subset={t}"])))
-    from rayapp.core.layout import RunLayout
-
-    if full:
-        timed("finetune full", lambda: pipeline.run("finetune", load_config(config, ["finetune.subset=full"])))
-        subsets["full"] = {"selection": "full", "budget": 1.0}
-        outputs = storage.read_parquet_dir(RunLayout(base.output_dir).prepared)["output"].to_pandas()
-        subsets["full"]["mean_response_chars"] = round(float(outputs.str.len().mean()), 1)
-
-    from rayapp.config import subset_folder
-    from rayapp.core.manifests import FinetuneManifest, read_manifest
-
-    layout = RunLayout(base.output_dir)
-    exports = {}
-    for tag, info in subsets.items():
-        if tag == "base":
-            continue
-        m = read_manifest(layout.manifest("finetune", subset_folder(tag)), FinetuneManifest)
-        info.update(rows=m.rows, train_loss=m.metrics.get("last_loss"), train_seconds=m.metrics.get("train_seconds"),
-                    heldout_alpaca_loss=m.metrics.get("eval_loss"))
-        exports[tag] = m.export
-    result["models"] = subsets
-    from rayapp.ml.models import registry
-
-    # the untrained target too: did fine-tuning on a subset help at all?
-    exports["base"] = registry.model_source(base, "target")
-    subsets["base"] = {"selection": "base", "budget": 0.0, "rows": 0}
-    nll = timed("held-out NLL", lambda: held_out_nll(base, exports, shared))
-    for tag, per in nll.items():
-        subsets[tag]["heldout_nll"] = per
-    save()
-    for b in budgets:
-        tags = [next(t for t, i in subsets.items() if i["selection"] == s and i["budget"] == b) for s in SELECTIONS]
-        others = ["full"] if full else []
-        models = "[" + ", ".join([*tags, *others]) + "]"
-        ev = timed(f"evaluate {b:.0%}", lambda m=models: pipeline.run("evaluate", load_config(config, [f"evaluate.models={m}"])).manifest)
-        for tag in [*tags, *others]:
-            subsets[tag]["rouge_l"] = ev.rouge_l.get(subset_folder(tag), {})
-        result.setdefault("pairwise", {}).update({k: v.get("overall") for k, v in ev.pairs.items()})
-        result.setdefault("judge", ev.judge)
+    for seed in seeds:
+        over = [f"select.budget={budget}", f"select.baselines={baselines}", f"select.seed={seed}",
+                f"finetune.seed={seed}"]
+        sel = timed(f"select seed {seed}", lambda o=over: pipeline.run(
+            "select", load_config(config, [*retarget, *o])).manifest)
+        exports = {}
+        for arm in arms:
+            e = sel.selections[arm]
+            label = _label(arm, seed)
+            exports[label] = trained(label, arm, seed, e.tag, [*over, f"finetune.subset={e.tag}"])
+            models[label]["mean_response_chars"] = round(
+                float(np.mean(storage.read_parquet(e.path)["output"].to_pandas().str.len())), 1)
+        if evaluate and seed == seeds[0]:
+            tags = [sel.selections[a].tag for a in arms]
+            ev = timed("evaluate", lambda: pipeline.run("evaluate", load_config(
+                config, [*retarget, *over, f"evaluate.models=[{', '.join(tags)}]"])).manifest)
+            for arm, tag in zip(arms, tags):
+                models[_label(arm, seed)]["rouge_l"] = ev.rouge_l.get(subset_folder(tag), {})
+            result["pairwise"] = {k: v.get("overall") for k, v in ev.pairs.items()}
+            result["judge"] = ev.judge
+        measure(exports)
+    for seed in seeds[:full_seeds]:
+        label = _label("full", seed)
+        export = trained(label, "full", seed, "full", ["finetune.subset=full", f"finetune.seed={seed}"])
+        models[label]["mean_response_chars"] = round(float(
+            storage.read_parquet_dir(layout.prepared)["output"].to_pandas().str.len().mean()), 1)
+        measure({label: export})
+    models["base"] = {"arm": "base", "seed": None, "rows": 0}
+    measure({"base": registry.model_source(base, "target")})
+    result["versus_lp"] = compare(result)
     result["seconds"] = round(time.time() - t0, 1)
     save()
     plot(result, os.path.join(out_dir, f"{name}.png"))
@@ -177,27 +204,76 @@ def run(config: str, out_dir: str, budgets=BUDGETS, shared: str = "../shared/dat
     return result
 
 
+def _aligned(held: dict, label: str, ids: list[str]) -> np.ndarray:
+    return np.array([held["loss"][label][i] for i in ids])
+
+
+def nll_by_source(held: dict, label: str) -> dict[str, float]:
+    """Token-weighted mean response NLL of one model per held-out source, and over all of them."""
+    from benchmarks.lp_vs_baselines.stats import mean_nll
+
+    out = {}
+    for source in (*SOURCES, "all"):
+        ids = [i for i, (s, _) in held["rows"].items() if source in ("all", s) and i in held["loss"][label]]
+        if ids:
+            tokens = np.array([held["rows"][i][1] for i in ids], dtype=np.float64)
+            out[source] = mean_nll(_aligned(held, label, ids), tokens)
+    return out
+
+
+def compare(result: dict) -> dict:
+    """Every arm against LP: the paired bootstrap of the NLL difference (arm minus LP: above 0, LP's
+    models predict the held-out answers better), per source and pooled, over the seeds both have."""
+    from benchmarks.lp_vs_baselines.stats import paired_difference
+
+    held, models = result["held_out"], result["models"]
+    by_arm: dict[str, list[str]] = {}
+    for label, info in models.items():
+        if "nll" in info:
+            by_arm.setdefault(info["arm"], []).append(label)
+    lp = by_arm.get("lp", [])
+    out: dict = {}
+    for arm, labels in by_arm.items():
+        if arm == "lp" or not lp:
+            continue
+        out[arm] = {}
+        for source in (*SOURCES, "all"):
+            ids = [i for i, (s, _) in held["rows"].items() if source in ("all", s)
+                   and all(i in held["loss"][lb] for lb in [*labels, *lp])]
+            if not ids:
+                continue
+            tokens = np.array([held["rows"][i][1] for i in ids], dtype=np.float64)
+            out[arm][source] = {"rows": len(ids), **paired_difference(
+                [_aligned(held, lb, ids) for lb in labels], [_aligned(held, lb, ids) for lb in lp], tokens,
+                resamples=BOOTSTRAP_RESAMPLES)}
+    return out
+
+
+ARM_NAMES = {"lp": "LP (low chunk)", "clust_rand": "clust_rand", "longest:global": "longest (global)",
+             "ppl_high": "ppl_high", "full": "full set", "base": "untrained"}
+
+
 def table(result: dict) -> str:
-    """The results as a Markdown table, one row per model."""
-    head = ("| model | rows | mean response chars | held-out Alpaca loss | NLL Dolly | NLL Self-Instruct refs "
-            "| ROUGE-L Self-Instruct | LP's pairwise winning score against it |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    """The results as Markdown: each arm's mean NLL (mean over seeds, and the seeds' range), then its
+    difference from LP with the 95 % interval."""
+    models, versus = result["models"], result.get("versus_lp", {})
+    arms: dict[str, list[dict]] = {}
+    for info in models.values():
+        if "nll" in info:
+            arms.setdefault(info["arm"], []).append(info)
+    head = ("| arm | seeds | rows | mean response chars | " + " | ".join(f"NLL {s}" for s in (*SOURCES, "all"))
+            + " | arm − LP, all held-out rows (95 % CI) |\n|---|---:|---:|---:|" + "---:|" * (len(SOURCES) + 2))
     lines = [head]
-    lp_tags = {i["budget"]: t for t, i in result["models"].items() if i["selection"] == "lp"}
-    pairs = result.get("pairwise", {})
-
-    def fmt(v, digits=3):
-        return "-" if v is None else f"{v:.{digits}f}"
-
-    for tag, i in result["models"].items():
-        nll = i.get("heldout_nll", {})
-        if i["selection"] == "lp":
-            versus = "-"
-        else:  # LP at the same budget against this model (the full set: LP at every budget)
-            against = [lp_tags[i["budget"]]] if i["budget"] in lp_tags else list(lp_tags.values())
-            versus = " / ".join(fmt((pairs.get(f"{lp} vs {tag}") or {}).get("winning_score")) for lp in against)
-        lines.append(f"| {tag} | {i.get('rows', '-')} | {fmt(i.get('mean_response_chars'), 0)} | "
-                     f"{fmt(i.get('heldout_alpaca_loss'))} | {fmt(nll.get('dolly'))} | {fmt(nll.get('sinstruct'))} | "
-                     f"{fmt((i.get('rouge_l') or {}).get('sinstruct'))} | {versus} |")
+    for arm, infos in arms.items():
+        cells = []
+        for source in (*SOURCES, "all"):
+            v = [i["nll"][source] for i in infos if source in i["nll"]]
+            cells.append(f"{np.mean(v):.3f}" + (f" ({min(v):.3f}–{max(v):.3f})" if len(v) > 1 else ""))
+        d = versus.get(arm, {}).get("all")
+        diff = "-" if d is None else f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+        chars = [i["mean_response_chars"] for i in infos if i.get("mean_response_chars") is not None]
+        lines.append(f"| {ARM_NAMES.get(arm, arm)} | {len(infos)} | {infos[0]['rows']} | "
+                     f"{f'{np.mean(chars):.0f}' if chars else '-'} | " + " | ".join(cells) + f" | {diff} |")
     return "\n".join(lines)
 
 
@@ -207,31 +283,26 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = result["models"]
-    panels = [("held-out NLL: Dolly", lambda i: i.get("heldout_nll", {}).get("dolly")),
-              ("held-out NLL: Self-Instruct refs", lambda i: i.get("heldout_nll", {}).get("sinstruct")),
-              ("held-out Alpaca loss", lambda i: i.get("heldout_alpaca_loss")),
-              ("ROUGE-L (Self-Instruct)", lambda i: (i.get("rouge_l") or {}).get("sinstruct"))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
-    colors = {"lp": "#c0392b", "clust_rand": "#7f8c8d", "longest:global": "#2980b9", "ppl_high": "#8e44ad",
-              "full": "#27ae60", "base": "#333333"}
-    for ax, (title, get) in zip(axes, panels):
-        labels, values, cs = [], [], []
-        for tag, info in models.items():
-            v = get(info)
-            if v is None:
-                continue
-            labels.append(f"{info['selection']}\n{info['budget']:.0%}" if tag not in ("full", "base")
-                          else f"{tag}\n{info.get('rows')} rows")
-            values.append(v)
-            cs.append(colors.get(info["selection"], "#333"))
-        ax.bar(range(len(values)), values, color=cs)
-        ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=60)
-        if values:
-            lo, hi = min(values), max(values)
-            ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.15 * (hi - lo + 1e-9))
-        ax.set_title(title, fontsize=9)
-    fig.suptitle(f"{result['name']}: LP vs peers at equal size (lower NLL/loss is better; higher ROUGE-L)", fontsize=10)
+    versus = result.get("versus_lp", {})
+    colors = {"clust_rand": "#7f8c8d", "longest:global": "#2980b9", "ppl_high": "#8e44ad", "full": "#27ae60",
+              "base": "#333333"}
+    panels = [*SOURCES, "all"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), sharey=False)
+    for ax, source in zip(axes, panels):
+        arms = [a for a in versus if source in versus[a]]
+        for y, arm in enumerate(arms):
+            d = versus[arm][source]
+            lo, hi = d["ci"]
+            ax.errorbar(d["difference"], y, xerr=[[d["difference"] - lo], [hi - d["difference"]]], fmt="o",
+                        color=colors.get(arm, "#333"), capsize=3)
+            for s in d["per_seed"]:  # each seed's model against LP's mean
+                ax.plot(s - np.mean(d["baseline_per_seed"]), y, "x", color=colors.get(arm, "#333"), alpha=0.5)
+        ax.axvline(0, color="#c0392b", lw=1)
+        ax.set_yticks(range(len(arms)), [ARM_NAMES.get(a, a) for a in arms], fontsize=8)
+        ax.set_title(f"held-out {source}", fontsize=9)
+        ax.set_xlabel("NLL(arm) − NLL(LP), nats/token", fontsize=8)
+    fig.suptitle(f"{result['name']}: arms against LP at {result['budget']:.0%} (right of the red line: LP better; "
+                 f"95 % paired bootstrap over rows, seeds {result['seeds']}; x: single seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
