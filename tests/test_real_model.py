@@ -72,6 +72,16 @@ def test_perplexity_falls_with_fine_tuning_on_real_text(real_run):
     assert np.median(scored.P1) < np.median(scored.P0)
 
 
+@pytest.mark.slow
+def test_a_finished_prepare_with_a_packaged_tokenizer_is_up_to_date(real_run):
+    """The prepared manifest names a packaged model's tokenizer by name, not by a path: the stage is
+    still complete, and a second run skips it rather than preparing everything again."""
+    from rayapp import pipeline
+
+    out, cfg = real_run
+    assert pipeline.run("prepare", cfg).skipped
+
+
 @pytest.mark.extended  # ~35 s; CI's 30-minute budget (make test-extended)
 def test_real_model_answers_are_readable(real_run, ray_local):
     from rayapp.config import GenerationConfig

@@ -24,6 +24,7 @@ from rayapp.core.manifests import HoldoutRecord, PreparedManifest, ShardRecord, 
 from rayapp.core.stage import Stage, StageContext
 from rayapp.core.template import PromptFormatter
 from rayapp.ml.models import registry
+from rayapp.ml.models.packaged import is_packaged
 from rayapp.ml.models.loading import load_tokenizer
 from rayapp.ml.tokenize import tokenize_rows
 from rayapp.stages.prepare.blocks import BlockResult, detect, plan_blocks, process_block
@@ -227,7 +228,9 @@ class PrepareStage(Stage):
 
     def outputs_complete(self, manifest: PreparedManifest, layout: RunLayout) -> bool:
         files = manifest.shard_paths(layout) + ([manifest.holdout.path] if manifest.holdout else [])
-        return all(storage.exists(f) for f in files) and storage.exists(manifest.tokenizer)
+        # a packaged model's tokenizer is a name (converted into the node's cache on use), not a path
+        tokenizer_there = is_packaged(manifest.tokenizer) or storage.exists(manifest.tokenizer)
+        return all(storage.exists(f) for f in files) and tokenizer_there
 
     def run(self, ctx: StageContext) -> PreparedManifest:
         return prepare(ctx.cfg, ctx.layout)
