@@ -92,6 +92,14 @@ BENCHMARKS = [
               lambda m, a: m.run(a.out, a.run),
               [(["--run"], dict(help="a finished run of configs/smollm2.yaml, for the denominator and bf16 "
                                      "measurements"))]),
+    Benchmark("slow-tokenizers", "benchmarks.slow_tokenizers",
+              "the authors' slow tokenizers (use_fast=False) against rayapp's fast ones for Llama-2 and OPT, "
+              "rebuilt from the GGUF vocab files llama-cpp-python's sdist vendors: tokens and labels on every "
+              "shared Alpaca and Dolly row",
+              lambda m, a: m.run(a.out, a.sdist, transformers4_python=a.transformers4_python),
+              [(["--sdist"], dict(help="a downloaded llama_cpp_python-0.3.36.tar.gz (otherwise pip downloads it)")),
+               (["--transformers4-python"], dict(help="a Python with transformers 4.x, sentencepiece and protobuf: "
+                                                      "also compare with the authors' own tokenizer classes"))]),
     Benchmark("estimates", "benchmarks.estimates",
               "scoring time and cost on 1, 8 and 64 GPUs, on paper (from the measured start-up and the GPU "
               "check's rate where there is one)",
