@@ -19,7 +19,9 @@ source and pooled. The spread between seeds is reported beside it.
 (ROUGE-L, and LP's pairwise win / tie / lose by the configured judge): minutes of generation each.
 
 Results go to ``benchmarks/results/lp-vs-baselines-<name>.json`` and ``.png`` as they come out,
-whichever way they point.
+whichever way they point. Run again, it keeps the models that file has already measured (same
+config, budget and models) and trains and measures only the rest: a comparison can be finished
+over several invocations, or extended with more seeds.
 """
 
 from __future__ import annotations
@@ -132,6 +134,17 @@ def run(config: str, out_dir: str, seeds=SEEDS, budget: float = BUDGET, shared: 
                     "reference": base.models.reference.name_or_path, "target": base.models.target.name_or_path,
                     "selections": list(arms), "models": {}, "stages_s": {},
                     "machine": f"{os.cpu_count()} CPU cores", "held_out": {"rows": {}, "loss": {}}}
+    same_run = ("config", "budget", "reference", "target")
+    if os.path.exists(result_path):  # an earlier invocation of the same comparison: keep what it measured
+        with open(result_path) as f:
+            earlier = json.load(f)
+        if all(earlier.get(k) == result[k] for k in same_run):
+            result["models"] = {k: v for k, v in earlier.get("models", {}).items() if "nll" in v}
+            result["held_out"] = earlier.get("held_out", result["held_out"])
+            result["stages_s_earlier"] = earlier.get("stages_s", {})
+            result.update({k: earlier[k] for k in ("pairwise", "judge") if k in earlier})
+            print(f"[lp-vs-baselines] resuming {result_path}: {len(result['models'])} models already measured",
+                  flush=True)
     models, held = result["models"], result["held_out"]
 
     def save() -> None:
@@ -156,6 +169,8 @@ def run(config: str, out_dir: str, seeds=SEEDS, budget: float = BUDGET, shared: 
 
     def measure(exports: dict[str, str]) -> None:
         # each seed's models are scored before the next seed's fine-tunes replace their exports
+        if not exports:
+            return
         got = timed(f"held-out NLL {', '.join(exports)}", lambda: held_out_scores(base, exports, shared))
         held["rows"].update({k: list(v) for k, v in got["rows"].items()})
         held["loss"].update(got["loss"])
@@ -169,16 +184,19 @@ def run(config: str, out_dir: str, seeds=SEEDS, budget: float = BUDGET, shared: 
     for seed in seeds:
         over = [f"select.budget={budget}", f"select.baselines={baselines}", f"select.seed={seed}",
                 f"finetune.seed={seed}"]
+        todo = [a for a in arms if _label(a, seed) not in models]
+        if not todo and not (evaluate and seed == seeds[0] and "pairwise" not in result):
+            continue
         sel = timed(f"select seed {seed}", lambda o=over: pipeline.run(
             "select", load_config(config, [*retarget, *o])).manifest)
         exports = {}
-        for arm in arms:
+        for arm in todo:
             e = sel.selections[arm]
             label = _label(arm, seed)
             exports[label] = trained(label, arm, seed, e.tag, [*over, f"finetune.subset={e.tag}"])
             models[label]["mean_response_chars"] = round(
                 float(np.mean(storage.read_parquet(e.path)["output"].to_pandas().str.len())), 1)
-        if evaluate and seed == seeds[0]:
+        if evaluate and seed == seeds[0] and "pairwise" not in result:
             tags = [sel.selections[a].tag for a in arms]
             ev = timed("evaluate", lambda: pipeline.run("evaluate", load_config(
                 config, [*retarget, *over, f"evaluate.models=[{', '.join(tags)}]"])).manifest)
@@ -189,12 +207,15 @@ def run(config: str, out_dir: str, seeds=SEEDS, budget: float = BUDGET, shared: 
         measure(exports)
     for seed in seeds[:full_seeds]:
         label = _label("full", seed)
+        if label in models:
+            continue
         export = trained(label, "full", seed, "full", ["finetune.subset=full", f"finetune.seed={seed}"])
         models[label]["mean_response_chars"] = round(float(
             storage.read_parquet_dir(layout.prepared)["output"].to_pandas().str.len().mean()), 1)
         measure({label: export})
-    models["base"] = {"arm": "base", "seed": None, "rows": 0}
-    measure({"base": registry.model_source(base, "target")})
+    if "base" not in models:
+        models["base"] = {"arm": "base", "seed": None, "rows": 0}
+        measure({"base": registry.model_source(base, "target")})
     result["versus_lp"] = compare(result)
     result["seconds"] = round(time.time() - t0, 1)
     save()
