@@ -145,6 +145,12 @@ def run(config: str, out_dir: str, seeds=SEEDS, budget: float = BUDGET, shared: 
             result.update({k: earlier[k] for k in ("pairwise", "judge") if k in earlier})
             print(f"[lp-vs-baselines] resuming {result_path}: {len(result['models'])} models already measured",
                   flush=True)
+        else:  # another comparison's results: set aside, never overwritten
+            kept = f"{result_path[:-len('.json')]}.earlier-{time.strftime('%Y%m%d-%H%M%S')}.json"
+            os.replace(result_path, kept)
+            differs = [k for k in same_run if earlier.get(k) != result[k]]
+            print(f"[lp-vs-baselines] {result_path} is another comparison ({', '.join(differs)} differ): "
+                  f"moved to {kept}", flush=True)
     models, held = result["models"], result["held_out"]
 
     def save() -> None:
