@@ -11,10 +11,13 @@
 (c) AdamW's step on FSDP2 shards (OPT-125m and OPT-350m shapes, 2 gloo workers): what the step
     allocates beyond its state, for torch's foreach implementation (its default on CUDA), the
     fused one (what rayapp uses on CUDA) and the for-loop one (its default on a CPU).
+(d) One scoring batch of a real large-vocabulary model, Gemma-3-270M (262,144 tokens, a soft-capped
+    output layer): full logits against the bounded loss, memory, time and per-row losses.
 
 Each figure is compared with `rayapp plan`'s arithmetic (rayapp/ops/plan/memory.py) for the same shapes.
 Results: benchmarks/results/memory-cpu<N>.json and .png; (c) alone: adamw-step-cpu<N>.json
-(``python -c "from benchmarks.memory import run_adamw_step; run_adamw_step('benchmarks/results')"``).
+(``python -c "from benchmarks.memory import run_adamw_step; run_adamw_step('benchmarks/results')"``);
+(d) alone: scoring-memory-gemma3-270m-cpu<N>.json (``run_real_vocab_scoring``, needs ``rayapp[gemma3]``).
 """
 
 from __future__ import annotations
@@ -194,6 +197,66 @@ def run_adamw_step(out_dir: str, tokens: int = 128) -> dict:
                                   "local_fp32_bytes": max(4 * r["local_params"] for r in ranks),
                                   "seconds": round(time.perf_counter() - t0, 1), "impls": rows}
     write_results(out_dir, f"adamw-step-cpu{os.cpu_count()}", result)
+    return result
+
+
+REAL_VOCAB_CHILD = r"""
+import json, resource, sys, time, numpy as np, torch
+from rayapp.ml.models.loading import load_causal_lm
+from rayapp.ml.models.losses import _base_and_head, batch_losses, full_logits_losses, pad_batch
+from rayapp.testing.fsdp_probes import peak_rss_bytes
+torch.set_num_threads(2)
+name, path, rows, width, labelled = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+model = load_causal_lm(name, dtype=torch.float32).eval()
+vocab = model.config.vocab_size
+rng = np.random.default_rng(0)
+seqs = [rng.integers(3, vocab, size=width).tolist() for _ in range(rows)]
+cut = int(width * (1 - labelled))
+ids, labels, mask = pad_batch(seqs, [[-100] * cut + s[cut:] for s in seqs], 0)
+with torch.inference_mode():  # the weights' pages (the load maps the file) are touched before measuring
+    model(input_ids=ids[:1, :8], use_cache=False)
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+before, peak_before = rss(), peak_rss_bytes()
+t0 = time.perf_counter()
+sums, counts = (full_logits_losses if path == "full" else batch_losses)(model, ids, labels, mask)
+print(json.dumps({"model_type": model.config.model_type, "vocab": vocab, "bounded": _base_and_head(model) is not None,
+                  "softcap": getattr(model.config, "final_logit_softcapping", None),
+                  "seconds": time.perf_counter() - t0, "increment": peak_rss_bytes() - max(before, peak_before),
+                  "loss_sums": sums.tolist(), "scored_tokens": int(counts.sum())}))
+"""
+
+
+def run_real_vocab_scoring(out_dir: str, name: str = "gemma3-270m", rows: int = 4, width: int = 512,
+                           labelled: float = 0.5) -> dict:
+    """(d): one scoring batch of a real large-vocabulary model (Gemma-3-270M: 262,144 tokens, a
+    soft-capped output layer), full logits against the bounded loss, each in its own process:
+    peak memory, time, and the per-row losses of the two side by side."""
+    import numpy as np
+
+    from rayapp.ops.plan import memory
+    from rayapp.ops.plan.shapes import model_shape
+
+    out = {}
+    for label, path in (("full logits", "full"), ("labelled positions, chunked", "bounded")):
+        proc = subprocess.run([sys.executable, "-c", REAL_VOCAB_CHILD, name, path, str(rows), str(width),
+                               str(labelled)], capture_output=True, text=True, check=True)
+        out[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  {name} {label}: peak increment {out[label]['increment'] / GIB:.2f} GiB, "
+              f"{out[label]['seconds']:.1f} s", flush=True)
+    full, bounded = (np.array(out[k]["loss_sums"]) for k in ("full logits", "labelled positions, chunked"))
+    shape = model_shape(name)
+    kw = dict(dtype_bytes=4, batch_tokens=rows * width, max_length=width, resident_models=0, gpu=False)
+    plan = {k: memory.total(memory.scoring_memory(shape, bounded_logits=b, **kw))
+            for k, b in (("full logits", False), ("labelled positions, chunked", True))}
+    result = {"machine": _machine(), "model": name, "batch_tokens": rows * width, "labelled_share": labelled,
+              "paths": out, "max_relative_row_difference": float(np.max(np.abs(full - bounded) / np.abs(full))),
+              "bounded_over_full_memory": out["labelled positions, chunked"]["increment"]
+              / out["full logits"]["increment"],
+              "plan_bytes": plan}
+    write_results(out_dir, f"scoring-memory-{name}-cpu{os.cpu_count()}", result)
+    print(f"bounded loss: {result['bounded_over_full_memory']:.1%} of the full-logits memory; rows differ by at most "
+          f"{result['max_relative_row_difference']:.1e} (relative)", flush=True)
     return result
 
 

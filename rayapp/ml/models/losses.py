@@ -35,10 +35,18 @@ def pad_batch(seqs: list[Sequence[int]], labs: list[Sequence[int]], pad_id: int)
     return torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(mask)
 
 
-# Model types whose logits are exactly ``output_embeddings(base_model(...).last_hidden_state)``:
-# no logit soft-capping or scaling after the output layer. Others take the full-logits path.
-PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "opt", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2", "phi3",
-                                    "olmo", "olmo2", "smollm3", "gpt_bigcode", "falcon"})
+# Model types whose logits are exactly ``output_embeddings(base_model(...).last_hidden_state)``,
+# soft-capped by ``config.final_logit_softcapping`` where that is set (Gemma 2 and 3 do it after the
+# output layer). Others take the full-logits path, whose memory grows with batch tokens x vocabulary:
+# at Gemma's 262k vocabulary that is 3 GiB of fp32 per copy for a 1,024-token batch.
+BOUNDED_LOSS_MODEL_TYPES = frozenset({"llama", "opt", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt2", "phi3",
+                                      "olmo", "olmo2", "smollm3", "gpt_bigcode", "falcon", "gemma", "gemma2",
+                                      "gemma3_text"})
+
+
+def bounded_loss_supported(model_type: str | None) -> bool:
+    """Whether the loss of this model type is taken a chunk of labelled positions at a time."""
+    return model_type in BOUNDED_LOSS_MODEL_TYPES
 
 # Bytes of one chunk's logits in the output layer's dtype, its fp32 copy and the cross-entropy's
 # fp32 log-softmax: the memory the loss needs whatever the batch size (64 MiB of fp32 logits).
@@ -52,8 +60,8 @@ def _base_and_head(model):
     would skip the root's hooks that gather its embedding and output-layer shards."""
     from torch.distributed.fsdp import FSDPModule
 
-    if isinstance(model, FSDPModule) or getattr(getattr(model, "config", None), "model_type", None) \
-            not in PLAIN_HEAD_MODEL_TYPES:
+    if isinstance(model, FSDPModule) or not bounded_loss_supported(
+            getattr(getattr(model, "config", None), "model_type", None)):
         return None
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings()
@@ -105,8 +113,11 @@ def device_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, attentio
     targets = shift_labels[rows, cols]
     nll = torch.empty(rows.numel(), dtype=torch.float32, device=picked.device)
     step = chunk_rows(head.out_features if hasattr(head, "out_features") else model.config.vocab_size)
+    cap = getattr(model.config, "final_logit_softcapping", None)
     for lo in range(0, rows.numel(), step):
         logits = head(picked[lo:lo + step]).float()
+        if cap is not None:  # as the model's own forward does after its output layer
+            logits = torch.tanh(logits / cap) * cap
         nll[lo:lo + step] = torch.nn.functional.cross_entropy(logits, targets[lo:lo + step], reduction="none")
     per_row = torch.zeros(valid.shape, dtype=torch.float32, device=nll.device)
     per_row[rows, cols] = nll  # summed per row as the full-logits path does

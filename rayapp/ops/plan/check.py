@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from rayapp.config import RunConfig, TrainConfig
 from rayapp.core import placement
 from rayapp.ml.models import registry, tiny
+from rayapp.ml.models.losses import bounded_loss_supported
 from rayapp.ops.plan import memory
 from rayapp.ops.plan.accelerators import GIB, gpu_bytes
 from rayapp.ops.plan.shapes import ModelShape, find_config, shape_of
@@ -170,12 +171,15 @@ def plan_scoring(cfg: RunConfig, stage: str, sc, where, shape: ModelShape) -> St
     if auto:
         free = (have or 0) - memory.CUDA_CONTEXT - resident * shape.params * b
         tokens = memory.auto_batch_tokens(shape, max(free, 0), b, cfg.data.max_length) if have else 8192
+    bounded = bounded_loss_supported(shape.model_type)
     parts = memory.scoring_memory(shape, dtype_bytes=b, batch_tokens=tokens, max_length=cfg.data.max_length,
-                                  resident_models=resident)
+                                  resident_models=resident, bounded_logits=bounded)
     plan = StagePlan(stage, shape.name, shape, f"{res.max_actors} x {gpu}" + (f" ({_gib(have)})" if have else ""),
                      need=memory.total(parts), have=have, parts=parts,
                      detail=f"{resident} cached checkpoint(s) in {'bf16' if b == 2 else 'fp32'}, batches of "
-                            f"{tokens:,} tokens{' (auto)' if auto else ''}, logits at labelled positions only")
+                            f"{tokens:,} tokens{' (auto)' if auto else ''}, "
+                            + ("logits at labelled positions only" if bounded else
+                               f"full logits ({shape.model_type}: batch tokens x {shape.vocab:,} vocabulary)"))
     _verdict(plan)
     if plan.verdict == TOO_BIG:
         plan.advice = ("leave score.batch_tokens unset (sized from free memory), set score.cached_models: 1, "

@@ -9,7 +9,8 @@ compares them with these numbers.
 
 from __future__ import annotations
 
-from rayapp.ml.models.losses import LOGIT_CHUNK_FLOATS, chunk_rows  # one chunk of logits in the bounded loss
+# one chunk of logits in the bounded loss, and the model types that take it
+from rayapp.ml.models.losses import LOGIT_CHUNK_FLOATS, bounded_loss_supported, chunk_rows
 from rayapp.ml.train.policy import (  # noqa: F401  (what the plan budgets for)
     ALLOCATOR_CONF,
     adamw_fused,
@@ -165,6 +166,8 @@ def auto_batch_tokens(s: ModelShape, free_bytes: int, dtype_bytes: int, max_leng
     """A scoring token budget that fits ``share`` of the free device memory once the model is loaded."""
     per_token = (live_per_token_layer(s) + 2 * s.hidden) * dtype_bytes + max_length
     logits = LOGIT_CHUNK_FLOATS * (dtype_bytes + 8)
+    if not bounded_loss_supported(s.model_type):  # every position's logits, their fp32 copy and log-softmax
+        per_token, logits = per_token + s.vocab * (dtype_bytes + 8), 0
     tokens = (int(free_bytes * share) - logits) // max(per_token, 1)
     return int(max(max_length, min(tokens // 1024 * 1024, 262_144)))
 

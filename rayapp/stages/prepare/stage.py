@@ -24,8 +24,8 @@ from rayapp.core.manifests import HoldoutRecord, PreparedManifest, ShardRecord, 
 from rayapp.core.stage import Stage, StageContext
 from rayapp.core.template import PromptFormatter
 from rayapp.ml.models import registry
-from rayapp.ml.models.packaged import is_packaged
 from rayapp.ml.models.loading import load_tokenizer
+from rayapp.ml.models.packaged import is_packaged
 from rayapp.ml.tokenize import tokenize_rows
 from rayapp.stages.prepare.blocks import BlockResult, detect, plan_blocks, process_block
 from rayapp.stages.prepare.readers import UnreadableSourceError, source_identity
