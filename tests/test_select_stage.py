@@ -252,3 +252,13 @@ def test_another_seed_or_cluster_count_reclusters_the_cached_embeddings(make_con
         assert [labels[i] for i in ids] == embed.kmeans(vecs, n, seed).tolist()
         assert len(set(labels.values())) == n
     assert first != labels
+
+
+def test_a_missing_or_broken_clusters_file_is_named(tmp_path):
+    from rayapp.stages.select.external_clusters import ClustersFileError, read_clusters
+
+    with pytest.raises(ClustersFileError, match=f"select.clusters: {tmp_path / 'nope.parquet'}: file not found"):
+        read_clusters(str(tmp_path / "nope.parquet"), n_clusters=2, seed=0)
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ClustersFileError, match="broken.parquet: not a readable Parquet file"):
+        read_clusters(str(tmp_path / "broken.parquet"), n_clusters=2, seed=0)

@@ -105,6 +105,18 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
+def read_parquet_or_raise(uri: str, error: type[Exception], what: str = "") -> pa.Table:
+    """``read_parquet`` of a file a user named, its failures raised as ``error`` naming the file
+    (``what``: the setting that names it, e.g. "select.clusters")."""
+    where = f"{what}: {uri}" if what else uri
+    if not exists(uri):
+        raise error(f"{where}: file not found")
+    try:
+        return read_parquet(uri)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise error(f"{where}: not a readable Parquet file: {exc}") from None
+
+
 def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
     files = list_files(uri, ".parquet")
     if not files:

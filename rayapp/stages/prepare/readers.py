@@ -110,13 +110,7 @@ def iter_json(path: str) -> Iterator[RawRow]:
 
 
 def iter_parquet(path: str) -> Iterator[RawRow]:
-    if not storage.exists(path):
-        raise UnreadableSourceError(f"{path}: file not found")
-    try:
-        table = storage.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise UnreadableSourceError(f"{path}: not a readable Parquet file: {exc}") from None
-    for i, obj in enumerate(table.to_pylist()):
+    for i, obj in enumerate(storage.read_parquet_or_raise(path, UnreadableSourceError).to_pylist()):
         yield RawRow(path, i, "row", obj)
 
 

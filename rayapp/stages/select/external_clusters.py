@@ -24,12 +24,7 @@ class ClustersFileError(RayappError):
 
 def read_clusters(path: str, n_clusters: int, seed: int) -> tuple[dict[str, int], dict]:
     """{row id: cluster} from ``path``, and what was read (for the provenance)."""
-    if not storage.exists(path):
-        raise ClustersFileError(f"select.clusters: file not found: {path}")
-    try:
-        t = storage.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise ClustersFileError(f"{path}: not a readable Parquet file: {exc}") from None
+    t = storage.read_parquet_or_raise(path, ClustersFileError, "select.clusters")
     key = "id" if "id" in t.column_names else "index" if "index" in t.column_names else None
     if key is None:
         raise ClustersFileError(f"{path}: needs an 'id' or 'index' column (has: {', '.join(t.column_names)})")
