@@ -54,6 +54,27 @@ def test_stratified_array_split_semantics_and_tiny_clusters():
     assert mid.tolist() == [2, 4, 6]
 
 
+def _per_cluster_loop(key, clusters, budget, chunk):
+    """The definition, one cluster at a time (what stratified_select computed before one sort)."""
+    k = n_chunks(budget)
+    which = {"low": 0, "mid": k // 2, "high": k - 1}[chunk]
+    chosen = [np.array_split(rows[np.argsort(key[rows], kind="stable")], k)[which]
+              for rows in (np.nonzero(clusters == c)[0] for c in np.unique(clusters))]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 120).flatmap(lambda n: st.tuples(
+    st.lists(st.one_of(st.sampled_from([0.0, 1.0, np.inf, -np.inf, np.nan]), st.floats(-5, 5)),
+             min_size=n, max_size=n),
+    st.lists(st.integers(-2, 12), min_size=n, max_size=n),
+    st.sampled_from([0.01, 0.05, 0.1, 0.25, 0.33, 0.5, 1.0]), st.sampled_from(["low", "mid", "high"]))))
+def test_one_sort_selects_what_the_per_cluster_loop_does(args):
+    key, clusters, budget, chunk = np.array(args[0], dtype=np.float64), np.array(args[1]), args[2], args[3]
+    got = stratified_select(key, clusters, budget, chunk)
+    assert got.tolist() == _per_cluster_loop(key, clusters, budget, chunk).tolist()
+
+
 def test_ties_keep_row_order():
     key = np.zeros(6)
     assert stratified_select(key, np.zeros(6, dtype=int), 0.5).tolist() == [0, 1, 2]

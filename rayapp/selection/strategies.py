@@ -40,17 +40,25 @@ def chunk_index(chunk: str, k: int) -> int:
 
 def stratified_select(key: np.ndarray, clusters: np.ndarray, budget: float, chunk: str = "low") -> np.ndarray:
     """Indices chosen: per cluster, sort by key (stable, ties keep row order), array_split into
-    round(1/budget) chunks, keep the chosen chunk. Returned sorted ascending."""
+    round(1/budget) chunks, keep the chosen chunk. Returned sorted ascending.
+
+    One sort by (cluster, key, row) for all clusters, and each cluster's chunk from its row count
+    alone (``array_split`` gives chunk j of n rows the ranks ``j*(n//k) + min(j, n%k)`` on, one more
+    row for the first n%k chunks). A pass per cluster scanned every row once per cluster: 0.84 s
+    against 0.27 s here at a million rows in 1,000 clusters, and it grows with the clusters."""
     key = np.asarray(key, dtype=np.float64)
     clusters = np.asarray(clusters)
     k = n_chunks(budget)
     which = chunk_index(chunk, k)
-    chosen = []
-    for c in np.unique(clusters):
-        rows = np.nonzero(clusters == c)[0]
-        ordered = rows[np.argsort(key[rows], kind="stable")]
-        chosen.append(np.array_split(ordered, k)[which])
-    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+    if len(key) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((key, clusters))  # stable: equal (cluster, key) keep row order
+    _, starts, counts = np.unique(clusters[order], return_index=True, return_counts=True)
+    rank = np.arange(len(order)) - np.repeat(starts, counts)
+    size = np.repeat(counts, counts)
+    lo = which * (size // k) + np.minimum(which, size % k)
+    hi = lo + size // k + (which < size % k)
+    return np.sort(order[(rank >= lo) & (rank < hi)])
 
 
 def take_from_end(key: np.ndarray, size: int, chunk: str = "low") -> np.ndarray:
