@@ -28,6 +28,7 @@ from rayapp.core.manifests import (
     require_match,
     require_same_prepared,
 )
+from rayapp.core.prepared_rows import PreparedRows, positions_of
 from rayapp.core.stage import Stage, StageContext
 from rayapp.selection import methods
 from rayapp.selection.methods import Trajectories
@@ -96,13 +97,20 @@ def trajectories_from_table(t: pa.Table) -> Trajectories:
                         response_length=n_tok, ifd_nll=column("ifd_nll0"), ifd_nll_response_only=column("ifd_ro_nll0"))
 
 
-def response_characters(prepared_table: pa.Table, ids: np.ndarray) -> np.ndarray:
-    """Characters of each row's response text (``output``), in the order of ``ids``."""
-    chars = dict(zip(prepared_table["id"].to_pylist(), pc.utf8_length(prepared_table["output"]).to_pylist()))
-    missing = [i for i in ids if i not in chars]
-    if missing:
-        raise SelectError(f"{len(missing)} trajectory ids are not in the prepared data (e.g. {missing[0]})")
-    return np.asarray([chars[i] for i in ids], dtype=np.int64)
+def _lengths_and_flags(shard: pa.Table) -> pa.Table:
+    # a shard's response text reduced to its length before the next shard is read
+    return pa.table({"id": shard["id"], "chars": pc.utf8_length(shard["output"]).cast(pa.int64()),
+                     "truncated": shard["truncated"]})
+
+
+def trajectory_positions(rows: PreparedRows, ids: np.ndarray) -> tuple[np.ndarray, pa.Table]:
+    """Each trajectory row's prepared position, and the prepared rows' ids, response characters and
+    truncation flags (prepared order): three small columns, never the rows' text or tokens."""
+    info = rows.columns(["id", "output", "truncated"], per_shard=_lengths_and_flags)
+    try:
+        return positions_of(ids, info["id"]), info
+    except KeyError as exc:
+        raise SelectError(f"trajectory {exc.args[0]}") from None
 
 
 def check_scores(layout: RunLayout, prepared: PreparedManifest) -> ScoresManifest:
@@ -128,7 +136,7 @@ def _clusters(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, ids
     by_id = clusters_for(cfg, layout, prepared, force)
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise SelectError(f"{len(missing)} trajectory ids are not in the prepared data (e.g. {missing[0]})")
+        raise SelectError(f"{len(missing)} trajectory ids are not in the clustered data (e.g. {missing[0]})")
     return np.asarray([by_id[i] for i in ids])
 
 
@@ -204,7 +212,8 @@ class SelectionInputs:
     traj: Trajectories
     prepared: PreparedManifest | None  # None: external trajectories (select.trajectories)
     scores: ScoresManifest | None
-    prepared_table: pa.Table | None
+    prepared_rows: PreparedRows | None
+    positions: np.ndarray | None  # each trajectory row's position in the prepared shards
     source: dict  # where the trajectories came from, for the provenance
     length_measure: str  # what "longest" measures
 
@@ -259,19 +268,20 @@ def _read_inputs(cfg: RunConfig, layout: RunLayout) -> SelectionInputs:
         if not storage.exists(sc.trajectories):
             raise SelectError(f"select.trajectories: file not found: {sc.trajectories}")
         traj, traj_digest = load_external_trajectories(sc.trajectories, sc.trajectory_prefix)
-        return SelectionInputs(traj, None, None, None, {"trajectories": sc.trajectories, "prefix": sc.trajectory_prefix,
-                                                  "sha256": traj_digest}, "response tokens scored (after truncation)")
+        return SelectionInputs(traj, None, None, None, None, {"trajectories": sc.trajectories,
+                               "prefix": sc.trajectory_prefix, "sha256": traj_digest},
+                               "response tokens scored (after truncation)")
     prepared = read_prepared(layout)
     sm = check_scores(layout, prepared)
     traj = trajectories_from_table(storage.read_parquet(layout.trajectories))
-    table = storage.read_parquet_dir(layout.prepared)
+    rows = PreparedRows.of(prepared, layout)
+    positions, info = trajectory_positions(rows, traj.ids)
     # "Long Is More": the response text's length, not what truncation left of its tokens
-    traj.response_length = response_characters(table, traj.ids)
-    order = dict(zip(table["id"].to_pylist(), range(table.num_rows)))
-    traj.truncated = np.asarray(table["truncated"].to_numpy(zero_copy_only=False))[[order[i] for i in traj.ids]]
+    traj.response_length = info["chars"].to_numpy()[positions]
+    traj.truncated = info["truncated"].to_numpy(zero_copy_only=False)[positions]
     source = {"trajectories": layout.trajectories, "prepared_fingerprint": prepared.fingerprint,
               "trajectories_sha256": sm.trajectories_sha256, "score_checkpoints": [c.name for c in sm.checkpoints]}
-    return SelectionInputs(traj, prepared, sm, table, source, "characters of the response text")
+    return SelectionInputs(traj, prepared, sm, rows, positions, source, "characters of the response text")
 
 
 def _without_stratified(sc: SelectConfig, specs: dict) -> dict:
@@ -343,19 +353,15 @@ def _write_selection(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs,
                      clusters: np.ndarray | None, metric_cols: dict, common: dict) -> SelectionRecord:
     """One selection's folder: the chosen rows (all their prepared columns, in selection order, with
     their scores and cluster) and selection.json."""
-    traj, table = inputs.traj, inputs.prepared_table
+    traj = inputs.traj
     tag = selection_tag(c.method, _chunk(cfg.select, c.method), cfg.select.budget, c.scope)
     folder = layout.selection_dir(tag)
     chosen_ids = traj.ids[c.idx]
     extra = {k: v[c.idx] for k, v in metric_cols.items()}
     if clusters is not None:
         extra["cluster"] = clusters[c.idx]
-    if table is not None:
-        rows = table.filter(pc.is_in(table["id"], value_set=pa.array(chosen_ids)))
-        order = {rid: i for i, rid in enumerate(chosen_ids)}
-        rows = rows.take(pa.array(np.argsort([order[r] for r in rows["id"].to_pylist()])))
-        if rows.num_rows != len(chosen_ids):
-            raise SelectError(f"{tag}: {len(chosen_ids) - rows.num_rows} selected ids are missing from the prepared data")
+    if inputs.prepared_rows is not None:  # the chosen rows alone, read from the shards holding them
+        rows = inputs.prepared_rows.take(inputs.positions[c.idx])
     else:
         rows = pa.table({"id": pa.array(chosen_ids, pa.string())})
     for k, v in extra.items():
@@ -381,19 +387,18 @@ def _write_selection_report(cfg: RunConfig, layout: RunLayout, inputs: Selection
                             common: dict) -> str:
     """The HTML report (drawn locally; uploaded beside the other outputs when output_dir is
     remote): LP's distribution, the selections' overlap, and the rows learned earliest and latest."""
-    sc, traj, table = cfg.select, inputs.traj, inputs.prepared_table
+    sc, traj = cfg.select, inputs.traj
     main = chosen[sc.method]
     eligible = np.ones(len(traj.ids), dtype=bool) if sc.keep_empty_responses else ~no_response_rows(traj.P, traj.n_tokens)
     lp = learning_percentage(traj.P, sc.lp_epoch) if sc.method != "lp_app" else metric_cols["lp_app"]
     examples = None
-    if table is not None:
+    if inputs.prepared_rows is not None:
         order = np.argsort(lp[eligible], kind="stable")
         pos = np.nonzero(eligible)[0][order]
         pick = np.concatenate([pos[:5], pos[-5:]]) if len(pos) > 10 else pos
-        wanted = set(traj.ids[pick])
-        columns = ["id", "instruction", "output"] + (["messages"] if "messages" in table.column_names else [])
-        text = {r["id"]: r for r in table.select(columns).to_pylist() if r["id"] in wanted}
-        examples = [{"lp": float(lp[i]), **text[traj.ids[i]]} for i in pick]
+        shown = inputs.prepared_rows.take(inputs.positions[pick])  # ten rows, from the shards holding them
+        columns = ["id", "instruction", "output"] + (["messages"] if "messages" in shown.column_names else [])
+        examples = [{"lp": float(lp[i]), **r} for i, r in zip(pick, shown.select(columns).to_pylist())]
     report_uri = layout.selection_report
     report_dir = storage.local_path(report_uri)
     if storage.is_remote(report_uri):
@@ -405,7 +410,7 @@ def _write_selection_report(cfg: RunConfig, layout: RunLayout, inputs: Selection
         traj.response_length, clusters, {k: traj.ids[c.idx] for k, c in chosen.items()}, examples,
         {"method": sc.method, "rows": len(traj.ids), "selected": int(len(main.idx)),
          "no_response_rows (excluded)": main.info["excluded_no_response"], **common},
-        length_label="response characters" if table is not None else "response tokens",
+        length_label="response characters" if inputs.prepared_rows is not None else "response tokens",
     )
     if storage.is_remote(report_uri):
         storage.upload_dir(report_dir, report_uri)
