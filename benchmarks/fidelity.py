@@ -72,8 +72,9 @@ def kmeans_order(rows: int = 3000, rows_per_cluster: float = 52002 / 1000, budge
     from sklearn.metrics import adjusted_rand_score
 
     from rayapp.core.hashing import row_id
+    from rayapp.selection.clustering import kmeans
     from rayapp.selection.strategies import stratified_select
-    from rayapp.stages.select.embed import Embedder, kmeans, resolve_embedding_model
+    from rayapp.stages.select.embed import Embedder, resolve_embedding_model
 
     data = _rows(os.path.join(SHARED, "alpaca-43k.jsonl"))[:rows]
     t = time.time()

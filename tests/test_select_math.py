@@ -224,3 +224,44 @@ def test_a_new_selection_method_is_one_entry(monkeypatch):
     assert methods.method_named("shortest").unrunnable(no_lengths) == "no lengths"
     with pytest.raises(ValueError, match="unknown selection method 'longer'"):
         methods.parse_selection("longer")
+
+
+def test_kmeans_fits_every_row_up_to_the_bound_and_a_seeded_sample_above_it():
+    """Up to ``fit_rows`` rows: exactly the authors' KMeans over every row. Above: KMeans fitted on a
+    seeded sample, every row then at its nearest centroid; on separated blobs it finds the same
+    partition as the full fit."""
+    from sklearn.cluster import KMeans
+
+    from rayapp.selection.clustering import fit_sample, kmeans, kmeans_in_order
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 10, (6, 8))
+    vecs = np.concatenate([c + rng.normal(0, 0.5, (200, 8)) for c in centers]).astype(np.float32)
+    vecs = vecs[rng.permutation(len(vecs))]
+    full = KMeans(n_clusters=6, random_state=42, n_init="auto").fit_predict(vecs)
+    assert kmeans(vecs, 6, 42, fit_rows=len(vecs)).tolist() == full.tolist()
+    assert kmeans(vecs, 6, 42, fit_rows=None).tolist() == full.tolist()
+
+    sample = fit_sample(len(vecs), 150, 42)
+    assert len(sample) == 150 and (np.diff(sample) > 0).all()
+    assert (fit_sample(len(vecs), 150, 42) == sample).all() and (fit_sample(len(vecs), 150, 7) != sample).any()
+    sampled = kmeans(vecs, 6, 42, fit_rows=150)
+    centroids = KMeans(n_clusters=6, random_state=42, n_init="auto").fit(vecs[sample]).cluster_centers_
+    nearest = ((vecs[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+    assert sampled.tolist() == nearest.tolist()
+    pairs = set(zip(full.tolist(), sampled.tolist()))
+    assert len(pairs) == 6  # one to one: the same six blobs
+
+    ids = [f"r{i}" for i in range(len(vecs))]
+    order = [ids[i] for i in rng.permutation(len(ids))]
+    by_order = np.asarray([int(i[1:]) for i in order])
+    want = np.empty(len(ids), dtype=np.int64)
+    want[by_order] = kmeans(vecs[by_order], 6, 42, fit_rows=150)
+    assert kmeans_in_order(ids, vecs, order, 6, 42, fit_rows=150).tolist() == want.tolist()
+
+
+def test_a_fit_sample_smaller_than_the_clusters_is_refused():
+    from rayapp.config import SelectConfig
+
+    with pytest.raises(ValueError, match="kmeans_fit_rows .10. must be at least n_clusters .1000."):
+        SelectConfig(kmeans_fit_rows=10)

@@ -173,7 +173,7 @@ def test_kmeans_in_source_order_is_the_authors_clustering_and_differs_from_id_or
     whatever order the embeddings arrive in; id order (rayapp's default) can give other clusters."""
     from sklearn.cluster import KMeans
 
-    from rayapp.stages.select.embed import kmeans_in_order
+    from rayapp.selection.clustering import kmeans_in_order
 
     rng = np.random.default_rng(1)
     vecs = rng.normal(0, 1, (300, 8)).astype(np.float32)  # no clear structure: the start matters
@@ -230,6 +230,7 @@ def test_another_seed_or_cluster_count_reclusters_the_cached_embeddings(make_con
     from rayapp.core import storage
     from rayapp.core.layout import RunLayout
     from rayapp.core.manifests import read_prepared
+    from rayapp.selection.clustering import kmeans
     from rayapp.stages.select import clusters, embed
     from tests.conftest import alpaca_rows, write_jsonl
 
@@ -246,12 +247,17 @@ def test_another_seed_or_cluster_count_reclusters_the_cached_embeddings(make_con
         raise AssertionError("the rows were embedded again")
 
     monkeypatch.setattr(embed, "embed_prepared", no_encoder)
-    for n, seed in ((4, 7), (6, 42)):
-        other = cfg.model_copy(update={"select": cfg.select.model_copy(update={"n_clusters": n, "seed": seed})})
+    # the last: k-means fitted on a 20-row sample of the 48, every row then sent to its nearest centroid
+    for n, seed, fit_rows in ((4, 7, 200_000), (6, 42, 200_000), (6, 42, 20)):
+        settings = {"n_clusters": n, "seed": seed, "kmeans_fit_rows": fit_rows}
+        other = cfg.model_copy(update={"select": cfg.select.model_copy(update=settings)})
         labels = clusters.clusters_for(other, layout, prepared, force=False)
-        assert [labels[i] for i in ids] == embed.kmeans(vecs, n, seed).tolist()
-        assert len(set(labels.values())) == n
-    assert first != labels
+        assert labels["id"].to_pylist() == ids
+        assert labels["cluster"].to_pylist() == kmeans(vecs, n, seed, fit_rows).tolist()
+        assert len(set(labels["cluster"].to_pylist())) == n
+        if fit_rows == 20:
+            assert labels["cluster"].to_pylist() != kmeans(vecs, n, seed).tolist()  # the sample mattered
+    assert first["cluster"].to_pylist() != labels["cluster"].to_pylist()
 
 
 def test_a_missing_or_broken_clusters_file_is_named(tmp_path):

@@ -58,10 +58,10 @@ class PreparedRows:
         return table.take(pa.array(np.argsort(order, kind="stable")))  # back to the order given
 
 
-def positions_of(ids: pa.Array | np.ndarray, prepared_ids: pa.Array) -> np.ndarray:
+def positions_of(ids: pa.Array | np.ndarray, prepared_ids: pa.Array, within: str = "the prepared data") -> np.ndarray:
     """Each id's position among ``prepared_ids``, column-wise; the trajectories are written in
     prepared order, so this is usually ``arange`` and checked as such first. Raises KeyError
-    naming an id that is not there."""
+    naming an id that is not there (``within``: what ``prepared_ids`` are, for the message)."""
     ids = pa.array(ids, pa.string()) if not isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids
     if isinstance(prepared_ids, pa.ChunkedArray):
         prepared_ids = prepared_ids.combine_chunks()
@@ -70,5 +70,5 @@ def positions_of(ids: pa.Array | np.ndarray, prepared_ids: pa.Array) -> np.ndarr
     pos = pc.index_in(ids, value_set=prepared_ids)
     if pos.null_count:
         missing = pc.filter(ids, pc.is_null(pos))
-        raise KeyError(f"{len(missing)} ids are not in the prepared data (e.g. {missing[0].as_py()})")
+        raise KeyError(f"{len(missing)} ids are not in {within} (e.g. {missing[0].as_py()})")
     return np.asarray(pos.to_numpy(zero_copy_only=False), dtype=np.int64)

@@ -23,13 +23,12 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
 from rayapp import ASSETS
 from rayapp.core.log import get_logger
-from rayapp.core.placement import ANY, Placement
+from rayapp.core.placement import Placement
 from rayapp.core.rehearsal import ALWAYS, REHEARSAL_ENV, Difference
 from rayapp.ops.deploy.checks import _fits, _per_node  # the check-cluster's own fit arithmetic
 

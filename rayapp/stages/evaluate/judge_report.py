@@ -7,7 +7,6 @@ rayapp's own ``judgments/*.jsonl`` (``review_ab`` / ``review_ba``). The set name
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 

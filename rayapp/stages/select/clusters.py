@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from rayapp.config import RunConfig
 from rayapp.core import keyed
@@ -30,8 +31,10 @@ _AHEAD: dict[str, object] = {}  # cache key -> the Ray task computing it
 def clusters_key(cfg: RunConfig, prepared: PreparedManifest) -> str:
     sc = cfg.select
     order = {"order": "source"} if sc.cluster_order == "source" else {}  # the default's key is as before
+    # the sample bound changes the clusters only when there are more rows than it
+    sampled = {"fit_rows": sc.kmeans_fit_rows} if prepared.rows > sc.kmeans_fit_rows else {}
     return fingerprint(prepared=prepared.fingerprint, model=sc.embedding_model, max_tokens=sc.embed_max_tokens,
-                       n_clusters=sc.n_clusters, seed=sc.seed, **order)
+                       n_clusters=sc.n_clusters, seed=sc.seed, **order, **sampled)
 
 
 def embeddings_key(cfg: RunConfig, prepared: PreparedManifest) -> str:
@@ -39,21 +42,20 @@ def embeddings_key(cfg: RunConfig, prepared: PreparedManifest) -> str:
     return fingerprint(prepared=prepared.fingerprint, model=sc.embedding_model, max_tokens=sc.embed_max_tokens)
 
 
-def cached(layout: RunLayout, key: str) -> dict[str, int] | None:
-    t = keyed.read_table(layout.embeddings, {"rayapp.key": key}, ["id", "cluster"])
-    if t is None:
-        return None
-    return dict(zip(t["id"].to_pylist(), np.asarray(t["cluster"]).tolist()))
+def cached(layout: RunLayout, key: str) -> pa.Table | None:
+    """Each row's ``id`` and ``cluster``, if the cache holds this clustering."""
+    return keyed.read_table(layout.embeddings, {"rayapp.key": key}, ["id", "cluster"])
 
 
 def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: str,
-            watch: bool = True) -> dict[str, int]:
+            watch: bool = True) -> pa.Table:
     """Embed every prepared row (Ray Data actor pool), cluster, and write the cache. ``watch``: the
     pool's progress watchdog (ray.stall_timeout_s); off in the task started ahead, whose pool may
     wait for CPUs while training and scoring hold them: select bounds its wait for that task."""
     from rayapp.core import placement
     from rayapp.core.raycluster import init_ray, pool_size_leaving_a_cpu
-    from rayapp.stages.select.embed import embed_prepared, embeddings_table, kmeans, kmeans_in_order
+    from rayapp.selection.clustering import kmeans, kmeans_in_order
+    from rayapp.stages.select.embed import embed_prepared, embeddings_table
 
     sc, where = cfg.select, placement.embedding(cfg)
     t0 = time.perf_counter()
@@ -73,16 +75,17 @@ def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: 
     if sc.cluster_order == "source":  # the prepared shards keep the sources' order
         from rayapp.core import storage
 
-        order = [i for f in prepared.shard_paths(layout) for i in storage.read_parquet(f, ["id"])["id"].to_pylist()]
-        labels = kmeans_in_order(list(ids), vecs, order, sc.n_clusters, sc.seed)
+        order = np.concatenate([storage.read_parquet(f, ["id"])["id"].to_numpy(zero_copy_only=False)
+                                for f in prepared.shard_paths(layout)])
+        labels = kmeans_in_order(ids, vecs, order, sc.n_clusters, sc.seed, sc.kmeans_fit_rows)
     else:
-        labels = kmeans(vecs, sc.n_clusters, sc.seed)
+        labels = kmeans(vecs, sc.n_clusters, sc.seed, sc.kmeans_fit_rows)
     log.info("%s %d rows in %.1fs; k-means (%d clusters) in %.1fs",
              "reused the cached embeddings of" if reused is not None else "embedded", len(ids), t1 - t0,
              min(sc.n_clusters, len(vecs)), time.perf_counter() - t1)
-    keyed.write_table(layout.embeddings, embeddings_table(ids, vecs, labels),
-                      {"rayapp.key": key, "rayapp.embeddings_key": ekey})
-    return dict(zip(ids, labels.tolist()))
+    table = embeddings_table(ids, vecs, labels)
+    keyed.write_table(layout.embeddings, table, {"rayapp.key": key, "rayapp.embeddings_key": ekey})
+    return table.select(["id", "cluster"])
 
 
 def start_ahead(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest) -> None:
@@ -100,7 +103,7 @@ def start_ahead(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest) -
     log.info("clustering the prepared rows in the background")
 
 
-def _await_ahead(cfg: RunConfig, layout: RunLayout, ahead) -> dict[str, int]:
+def _await_ahead(cfg: RunConfig, layout: RunLayout, ahead) -> pa.Table:
     import ray
 
     # no progress to probe from here: the whole wait, from now on, is bounded by ray.stall_timeout_s
@@ -129,8 +132,8 @@ def finish_ahead(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest) 
         log.warning("background clustering failed (%s); select computes it now", exc)
 
 
-def clusters_for(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, force: bool) -> dict[str, int]:
-    """Cluster per row id: from the task started ahead, the cache, or computed now."""
+def clusters_for(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, force: bool) -> pa.Table:
+    """Each row's ``id`` and ``cluster``: from the task started ahead, the cache, or computed now."""
     key = clusters_key(cfg, prepared)
     ahead = _AHEAD.pop(key, None)
     if ahead is not None:

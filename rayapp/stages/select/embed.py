@@ -113,21 +113,3 @@ def embeddings_table(ids: list[str], vecs: np.ndarray, clusters: np.ndarray) -> 
         "cluster": pa.array(clusters.astype(np.int32)),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1]),
     })
-
-
-def kmeans_in_order(ids: list[str], vecs: np.ndarray, order: list[str], n_clusters: int, seed: int) -> np.ndarray:
-    """k-means over the rows taken in ``order`` (ids; the authors' code clusters in dataset order,
-    and k-means' seeded start depends on it); the labels come back in ``ids``' order."""
-    pos = {rid: i for i, rid in enumerate(order)}
-    perm = np.argsort(np.asarray([pos[i] for i in ids]), kind="stable")
-    labels = np.empty(len(ids), dtype=np.int64)
-    labels[perm] = kmeans(vecs[perm], n_clusters, seed)
-    return labels
-
-
-def kmeans(vecs: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
-    """scikit-learn k-means on one node (52k x 384 floats is 80 MB: no need for a distributed one)."""
-    from sklearn.cluster import KMeans
-
-    k = max(1, min(n_clusters, len(vecs)))
-    return KMeans(n_clusters=k, random_state=seed, n_init="auto").fit_predict(vecs)

@@ -4,7 +4,8 @@ published perplexities are). With them, stratified selection also runs on extern
 so the paper's method can be rebuilt from the authors' perplexities and a clustering.
 
 Embeddings are clustered with the authors' recipe: scikit-learn ``KMeans(n_clusters,
-random_state=select.seed, n_init="auto")`` over the rows in the file's order (their source order).
+random_state=select.seed, n_init="auto")`` over the rows in the file's order (their source order),
+fitted on a sample above ``select.kmeans_fit_rows`` rows (rayapp/selection/clustering.py).
 Every problem names the file, the row and the field.
 """
 
@@ -16,13 +17,15 @@ import pyarrow as pa
 from rayapp.core import storage
 from rayapp.core.errors import RayappError
 from rayapp.core.hashing import short_digest
+from rayapp.selection.clustering import DEFAULT_FIT_ROWS, kmeans
 
 
 class ClustersFileError(RayappError):
     """A bad clusters file; the message names the file, row and field."""
 
 
-def read_clusters(path: str, n_clusters: int, seed: int) -> tuple[dict[str, int], dict]:
+def read_clusters(path: str, n_clusters: int, seed: int,
+                  fit_rows: int | None = DEFAULT_FIT_ROWS) -> tuple[dict[str, int], dict]:
     """{row id: cluster} from ``path``, and what was read (for the provenance)."""
     t = storage.read_parquet_or_raise(path, ClustersFileError, "select.clusters")
     key = "id" if "id" in t.column_names else "index" if "index" in t.column_names else None
@@ -57,15 +60,15 @@ def read_clusters(path: str, n_clusters: int, seed: int) -> tuple[dict[str, int]
                 dim = len(v)
             elif len(v) != dim:
                 raise ClustersFileError(f"{path}: row {row}: field 'embedding' has {len(v)} dimensions, not {dim}")
-        from sklearn.cluster import KMeans
-
         x = np.asarray(vecs, dtype=np.float32)
         if not np.isfinite(x).all():
             row = int(np.nonzero(~np.isfinite(x).all(1))[0][0])
             raise ClustersFileError(f"{path}: row {row}: field 'embedding' is not finite")
         k = max(1, min(n_clusters, len(x)))
-        clusters = KMeans(n_clusters=k, random_state=seed, n_init="auto").fit_predict(x)
+        clusters = kmeans(x, n_clusters, seed, fit_rows)
         how = {"clusters_file": path, "kind": "embeddings", "n_clusters": k, "random_state": seed, "dim": dim}
+        if fit_rows is not None and len(x) > fit_rows:
+            how["fitted_on_rows"] = fit_rows
     else:
         raise ClustersFileError(f"{path}: needs a 'cluster' column (each row's cluster) or an 'embedding' column "
                                 f"(to cluster here); has: {', '.join(t.column_names)}")

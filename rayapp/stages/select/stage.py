@@ -133,11 +133,12 @@ def check_scores(layout: RunLayout, prepared: PreparedManifest) -> ScoresManifes
 def _clusters(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, ids: np.ndarray,
               force: bool) -> np.ndarray:
     """k-means cluster per trajectory row."""
-    by_id = clusters_for(cfg, layout, prepared, force)
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        raise SelectError(f"{len(missing)} trajectory ids are not in the clustered data (e.g. {missing[0]})")
-    return np.asarray([by_id[i] for i in ids])
+    clustered = clusters_for(cfg, layout, prepared, force)
+    try:
+        positions = positions_of(ids, clustered["id"], within="the clustered data")
+    except KeyError as exc:
+        raise SelectError(f"trajectory {exc.args[0]}") from None
+    return clustered["cluster"].to_numpy().astype(np.int64)[positions]
 
 
 def _clusters_identity(cfg: RunConfig) -> str | None:
@@ -241,7 +242,7 @@ def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False,
         if sc.clusters is not None:
             from rayapp.stages.select.external_clusters import clusters_for_ids, read_clusters
 
-            by_id, cluster_source = read_clusters(sc.clusters, sc.n_clusters, sc.seed)
+            by_id, cluster_source = read_clusters(sc.clusters, sc.n_clusters, sc.seed, sc.kmeans_fit_rows)
             clusters = clusters_for_ids(sc.clusters, by_id, inputs.traj.ids)
             log.info("clusters from %s: %d (%s)", sc.clusters, len(np.unique(clusters)), cluster_source["kind"])
         elif inputs.prepared is None:
