@@ -56,6 +56,10 @@ BENCHMARKS = [
     Benchmark("prepare", "benchmarks.prepare_bench",
               "prepare throughput on the full Alpaca and Dolly files: driver, 1 and 2 workers",
               lambda m, a: m.run(a.out)),
+    Benchmark("kmeans", "benchmarks.kmeans_bench",
+              "k-means for stratified selection at 50k, 200k and 1M rows (synthetic 384-d embeddings, 1,000 "
+              "clusters): fitted on a 200k-row sample above 200k rows, beside a fit on every row at 400k",
+              lambda m, a: m.run(a.out)),
     Benchmark("train", "benchmarks.train_bench",
               "training batches, padded against packed: padding at the presets' shapes on Alpaca, and optimizer "
               "steps measured side by side (OPT-125M's shape and the tiny model, on this CPU)",
