@@ -46,12 +46,13 @@ def measure(rows: int, fit_rows: int | None, labels_path: str | None = None) -> 
     ``labels_path`` (.npy) when given."""
     import numpy as np
 
-    from rayapp.selection.clustering import fit
+    from rayapp.selection.clustering import fit, fit_sample
 
     vecs = embeddings(rows)
     data_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
-    model, labels = fit(vecs, CLUSTERS, SEED, fit_rows)
+    sample = fit_sample(rows, fit_rows, SEED)
+    model, labels = fit(vecs if sample is None else vecs[sample], CLUSTERS, SEED)
     t1 = time.perf_counter()
     if len(labels) != rows:
         labels = model.predict(vecs)

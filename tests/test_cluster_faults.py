@@ -67,15 +67,16 @@ def test_node_killed_mid_scoring_leaves_scores_and_selection_unchanged(pipeline_
     replace_hung_workers_node(cluster, marker, job, lambda: out.getvalue()[-3000:])
     job.join(600)
     assert result.get("rc") == 0, out.getvalue()[-3000:]
-    # select here, on the clusters of the first run (its embeddings cache, keyed by the prepared data)
+    # select here, on the clusters of the first run (its cached clusters, keyed by the prepared data)
     (run_b / "select").mkdir()
-    shutil.copy(run_a / "select" / "embeddings.parquet", run_b / "select" / "embeddings.parquet")
+    shutil.copy(run_a / "select" / "clusters.parquet", run_b / "select" / "clusters.parquet")
     from rayapp.config import load_config
     from tests.conftest import run_stage
 
     run_stage("select", load_config(path))
-    # the embeddings cache was reused, not computed again
-    assert (run_b / "select" / "embeddings.parquet").read_bytes() == (run_a / "select" / "embeddings.parquet").read_bytes()
+    # the clusters were reused, not computed again (no embedding at all)
+    assert (run_b / "select" / "clusters.parquet").read_bytes() == (run_a / "select" / "clusters.parquet").read_bytes()
+    assert not (run_b / "select" / "embeddings").exists()
     a = pq.read_table(run_a / "scores" / "trajectories.parquet").to_pandas().set_index("id")
     b = pq.read_table(run_b / "scores" / "trajectories.parquet").to_pandas().set_index("id")
     assert b.index.is_unique and set(a.index) == set(b.index)

@@ -344,7 +344,7 @@ def test_stages_refuse_inputs_from_another_run_or_data(pipeline_run, tmp_path):
     # up to date: nothing runs; --force redoes the stage, its cached embeddings and clusters included
     from rayapp import pipeline
 
-    emb = x / "select" / "embeddings.parquet"
+    emb = x / "select" / "clusters.parquet"
     before = emb.stat().st_mtime_ns
     assert pipeline.run("select", cfg).skipped and emb.stat().st_mtime_ns == before
     # (the embedding pool runs on this process's local Ray, which has no 'gpu_small' nodes)

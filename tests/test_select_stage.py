@@ -225,39 +225,70 @@ def test_compare_runs_of_different_families_row_by_row(tmp_path):
 
 @pytest.mark.slow
 def test_another_seed_or_cluster_count_reclusters_the_cached_embeddings(make_config, tmp_path, monkeypatch):
-    """Re-selecting with another seed or number of clusters re-runs k-means on the cached sentence
-    embeddings: the encoder does not run again, and the clusters are those k-means gives from scratch."""
+    """Re-selecting with another seed or number of clusters re-runs k-means on the embeddings kept
+    beside the prepared shards: the encoder does not run again, and the clusters are those k-means
+    gives from scratch. Above select.kmeans_fit_rows, k-means is fitted on a seeded sample (ordered
+    like every row would be) and the Ray Data assignment pool sends every row to its nearest
+    centroid. A shard whose embeddings are lost is embedded again, alone."""
+    import pyarrow as pa
+    from sklearn.cluster import KMeans
+
     from rayapp.core import storage
     from rayapp.core.layout import RunLayout
     from rayapp.core.manifests import read_prepared
-    from rayapp.selection.clustering import kmeans
+    from rayapp.selection.clustering import fit_sample, kmeans
     from rayapp.stages.select import clusters, embed
     from tests.conftest import alpaca_rows, write_jsonl
 
     src = write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(48))
-    cfg = make_config([{"path": str(src)}], select__n_clusters=4)
+    cfg = make_config([{"path": str(src)}], select__n_clusters=4, data__shard_rows=16)
     run_stage("prepare", cfg)
     layout, prepared = RunLayout(cfg.output_dir), read_prepared(RunLayout(cfg.output_dir))
+    assert len(prepared.shards) == 3
     first = clusters.clusters_for(cfg, layout, prepared, force=False)
-    cached = storage.read_parquet(layout.embeddings)
-    ids = cached["id"].to_pylist()
-    vecs = np.asarray(cached["embedding"].combine_chunks().flatten()).reshape(len(ids), -1)
+    files = [layout.embedding_file(s.file) for s in prepared.shards]
+    emb = pa.concat_tables([storage.read_parquet(f) for f in files])  # prepared order
+    ids = np.asarray(emb["id"].to_pylist())
+    vecs = np.asarray(emb["embedding"].combine_chunks().flatten()).reshape(len(ids), -1)
+    by_id = np.argsort(ids, kind="stable")
+
+    real_embed = embed.embed_prepared
+    embedded: list[list[str]] = []
 
     def no_encoder(*args, **kwargs):
         raise AssertionError("the rows were embedded again")
 
     monkeypatch.setattr(embed, "embed_prepared", no_encoder)
-    # the last: k-means fitted on a 20-row sample of the 48, every row then sent to its nearest centroid
     for n, seed, fit_rows in ((4, 7, 200_000), (6, 42, 200_000), (6, 42, 20)):
         settings = {"n_clusters": n, "seed": seed, "kmeans_fit_rows": fit_rows}
         other = cfg.model_copy(update={"select": cfg.select.model_copy(update=settings)})
         labels = clusters.clusters_for(other, layout, prepared, force=False)
-        assert labels["id"].to_pylist() == ids
-        assert labels["cluster"].to_pylist() == kmeans(vecs, n, seed, fit_rows).tolist()
-        assert len(set(labels["cluster"].to_pylist())) == n
-        if fit_rows == 20:
-            assert labels["cluster"].to_pylist() != kmeans(vecs, n, seed).tolist()  # the sample mattered
+        got = dict(zip(labels["id"].to_pylist(), labels["cluster"].to_pylist()))
+        assert len(got) == len(ids) and len(set(got.values())) == n
+        if fit_rows >= len(ids):  # every row, in id order: the authors' KMeans as it always was
+            want = dict(zip(ids[by_id], kmeans(vecs[by_id], n, seed).tolist()))
+        else:  # a 20-row sample of the prepared rows, fitted in id order; every row assigned
+            sample = fit_sample(len(ids), fit_rows, seed)
+            in_order = sample[np.argsort(ids[sample], kind="stable")]
+            model = KMeans(n_clusters=n, random_state=seed, n_init="auto").fit(vecs[in_order])
+            want = dict(zip(ids, model.predict(vecs).tolist()))
+            assert want != dict(zip(ids[by_id], kmeans(vecs[by_id], n, seed).tolist()))  # the sample mattered
+        assert got == want
     assert first["cluster"].to_pylist() != labels["cluster"].to_pylist()
+
+    def recording(files, *args, **kwargs):
+        embedded.append(list(files))
+        return real_embed(files, *args, **kwargs)
+
+    monkeypatch.setattr(embed, "embed_prepared", recording)
+    storage.remove(files[1])
+    other = cfg.model_copy(update={"select": cfg.select.model_copy(update={"seed": 3})})
+    clusters.clusters_for(other, layout, prepared, force=False)
+    assert embedded == [[prepared.shard_paths(layout)[1]]]
+    again = storage.read_parquet(files[1])
+    assert again["id"].to_pylist() == ids[16:32].tolist()
+    np.testing.assert_allclose(np.asarray(again["embedding"].combine_chunks().flatten()).reshape(16, -1),
+                               vecs[16:32], rtol=0, atol=1e-6)
 
 
 def test_a_missing_or_broken_clusters_file_is_named(tmp_path):

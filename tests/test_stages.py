@@ -120,9 +120,10 @@ def test_every_stage_has_its_folder_and_manifest_in_the_layout():
         stage = pipeline.stage(name, cfg)
         assert stage.manifest_type is MANIFEST_TYPES[name]
         assert stage.manifest_uri(layout) == f"{stage.work_dir(layout)}/manifest.json"
-    # the embeddings cache that `select --force` must redo is inside select's work folder
+    # the embeddings and clusters that `select --force` must redo are inside select's work folder
     select = pipeline.stage("select", cfg)
-    assert [storage.join(select.work_dir(layout), e) for e in select.reset_on_force] == [layout.embeddings]
+    assert [storage.join(select.work_dir(layout), e) for e in select.reset_on_force] == \
+        [layout.embeddings_dir, layout.clusters]
     plan = [s.label for s in pipeline.plan(cfg)]
     assert plan == ["prepare", "reference", "score", "select", "finetune (selected)", "finetune (clust_rand)",
                     "finetune (full)", "evaluate"]

@@ -96,8 +96,17 @@ class RunLayout:
         return self.stage_dir("select")
 
     @property
-    def embeddings(self) -> str:
-        return storage.join(self.selection, "embeddings.parquet")
+    def embeddings_dir(self) -> str:
+        """One Parquet file of sentence embeddings per prepared shard (same name, same rows)."""
+        return storage.join(self.selection, "embeddings")
+
+    def embedding_file(self, shard_file: str) -> str:
+        return storage.join(self.embeddings_dir, shard_file)
+
+    @property
+    def clusters(self) -> str:
+        """Each prepared row's ``id`` and k-means ``cluster``."""
+        return storage.join(self.selection, "clusters.parquet")
 
     def selection_dir(self, tag: str) -> str:
         return storage.join(self.selection, tag)

@@ -23,22 +23,22 @@ def fit_sample(rows: int, fit_rows: int | None, seed: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).choice(rows, size=fit_rows, replace=False))
 
 
-def fit(vecs: np.ndarray, n_clusters: int, seed: int, fit_rows: int | None = DEFAULT_FIT_ROWS):
-    """The fitted scikit-learn KMeans, and the labels of the rows it was fitted on (every row when
-    there are at most ``fit_rows``; else the sample ``fit_sample`` draws)."""
+def fit(vecs: np.ndarray, n_clusters: int, seed: int):
+    """scikit-learn's KMeans, the authors' recipe, fitted on every row of ``vecs`` in their order:
+    the model, and those rows' labels."""
     from sklearn.cluster import KMeans
 
-    sample = fit_sample(len(vecs), fit_rows, seed)
-    x = vecs if sample is None else vecs[sample]
-    model = KMeans(n_clusters=max(1, min(n_clusters, len(x))), random_state=seed, n_init="auto")
-    return model, model.fit_predict(x)
+    model = KMeans(n_clusters=max(1, min(n_clusters, len(vecs))), random_state=seed, n_init="auto")
+    return model, model.fit_predict(vecs)
 
 
 def kmeans(vecs: np.ndarray, n_clusters: int, seed: int, fit_rows: int | None = DEFAULT_FIT_ROWS) -> np.ndarray:
-    """Each row's cluster: fitted on every row up to ``fit_rows`` rows, else on a seeded sample with
-    every row then assigned to its nearest centroid (KMeans.predict, in scikit-learn's chunks)."""
-    model, labels = fit(vecs, n_clusters, seed, fit_rows)
-    return labels if len(labels) == len(vecs) else model.predict(vecs)
+    """Each row's cluster: fitted on every row up to ``fit_rows`` rows, else on the seeded sample
+    ``fit_sample`` draws, with every row then assigned to its nearest centroid (KMeans.predict, in
+    scikit-learn's chunks)."""
+    sample = fit_sample(len(vecs), fit_rows, seed)
+    model, labels = fit(vecs if sample is None else vecs[sample], n_clusters, seed)
+    return labels if sample is None else model.predict(vecs)
 
 
 def kmeans_in_order(ids: list[str], vecs: np.ndarray, order: list[str], n_clusters: int, seed: int,

@@ -2,9 +2,12 @@
 
 They depend on the prepared data alone, not on the scores, so `rayapp run` starts them as soon
 as prepare is done (``start_ahead``), in a Ray task beside the reference training and the
-scoring, and select then only reads the cache. Cached in ``select/embeddings.parquet``, keyed by
-the prepared data and the clustering settings; another seed, cluster count or order re-clusters the
-cached embeddings (keyed by the prepared data and the encoder alone) instead of embedding again.
+scoring, and select then only reads the cache. The embeddings stay in files, one beside each
+prepared shard (``select/embeddings/``, keyed by the prepared data and the encoder), so another
+seed, cluster count or order re-clusters them instead of embedding again, and a run cut off keeps
+the shards it embedded. The clusters go in ``select/clusters.parquet`` (id, cluster), keyed by the
+prepared data and the clustering settings. No process holds every row's embedding: k-means is
+fitted on at most ``select.kmeans_fit_rows`` of them and the rows are assigned where they are read.
 """
 
 from __future__ import annotations
@@ -44,48 +47,59 @@ def embeddings_key(cfg: RunConfig, prepared: PreparedManifest) -> str:
 
 def cached(layout: RunLayout, key: str) -> pa.Table | None:
     """Each row's ``id`` and ``cluster``, if the cache holds this clustering."""
-    return keyed.read_table(layout.embeddings, {"rayapp.key": key}, ["id", "cluster"])
+    return keyed.read_table(layout.clusters, {"rayapp.key": key}, ["id", "cluster"])
 
 
 def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: str,
             watch: bool = True) -> pa.Table:
-    """Embed every prepared row (Ray Data actor pool), cluster, and write the cache. ``watch``: the
-    pool's progress watchdog (ray.stall_timeout_s); off in the task started ahead, whose pool may
-    wait for CPUs while training and scoring hold them: select bounds its wait for that task."""
+    """Embed the prepared rows not embedded yet (a Ray Data actor pool writes one embeddings file
+    per prepared shard), fit k-means on every row, or on a seeded sample above
+    ``select.kmeans_fit_rows``, and assign every row to its nearest centroid in Ray Data actors; write
+    the clusters. This process holds at most ``kmeans_fit_rows`` embeddings. ``watch``: the pools'
+    progress watchdog (ray.stall_timeout_s); off in the task started ahead, whose pool may wait for
+    CPUs while training and scoring hold them: select bounds its wait for that task."""
     from rayapp.core import placement
+    from rayapp.core.prepared_rows import PreparedRows
     from rayapp.core.raycluster import init_ray, pool_size_leaving_a_cpu
-    from rayapp.selection.clustering import kmeans, kmeans_in_order
-    from rayapp.stages.select.embed import embed_prepared, embeddings_table
+    from rayapp.selection.clustering import fit, fit_sample
+    from rayapp.stages.select.embed import assign_clusters, embed_prepared
 
     sc, where = cfg.select, placement.embedding(cfg)
+    stall_s = cfg.ray.stall_timeout_s if watch else None
     t0 = time.perf_counter()
-    ekey = embeddings_key(cfg, prepared)
-    reused = keyed.read_table(layout.embeddings, {"rayapp.embeddings_key": ekey}, ["id", "embedding"])
-    if reused is not None:  # the same rows and encoder: only the clustering settings changed
-        ids = reused["id"].to_pylist()
-        vecs = np.asarray(reused["embedding"].combine_chunks().flatten()).reshape(len(ids), -1)
-    else:
+    ekey = {"rayapp.embeddings_key": embeddings_key(cfg, prepared)}
+    sources = prepared.shard_paths(layout)
+    outs = [layout.embedding_file(s.file) for s in prepared.shards]
+    # the same rows and encoder: a shard embedded before (by another clustering, or a run cut off) is kept
+    todo = [i for i, (out, s) in enumerate(zip(outs, prepared.shards)) if not keyed.is_current(out, ekey, s.rows)]
+    if todo:
         init_ray(cfg)
-        actors = pool_size_leaving_a_cpu(cfg, where.cpus, where.count)
-        ids, vecs = embed_prepared(prepared.shard_paths(layout), sc.embedding_model, sc.embed_batch_size, where,
-                                   sc.embed_max_tokens, max_actors=actors,
-                                   stall_s=cfg.ray.stall_timeout_s if watch else None,
-                                   committed=f"no embeddings yet (all of them go in {layout.embeddings} at once)")
+        actors = pool_size_leaving_a_cpu(cfg, where.cpus, min(where.count, len(todo)))
+        embed_prepared([sources[i] for i in todo], [outs[i] for i in todo], ekey, sc.embedding_model,
+                       sc.embed_batch_size, where, sc.embed_max_tokens, max_actors=actors, stall_s=stall_s,
+                       committed=f"the shards embedded so far, in {layout.embeddings_dir}")
     t1 = time.perf_counter()
-    if sc.cluster_order == "source":  # the prepared shards keep the sources' order
-        from rayapp.core import storage
-
-        order = np.concatenate([storage.read_parquet(f, ["id"])["id"].to_numpy(zero_copy_only=False)
-                                for f in prepared.shard_paths(layout)])
-        labels = kmeans_in_order(ids, vecs, order, sc.n_clusters, sc.seed, sc.kmeans_fit_rows)
-    else:
-        labels = kmeans(vecs, sc.n_clusters, sc.seed, sc.kmeans_fit_rows)
-    log.info("%s %d rows in %.1fs; k-means (%d clusters) in %.1fs",
-             "reused the cached embeddings of" if reused is not None else "embedded", len(ids), t1 - t0,
-             min(sc.n_clusters, len(vecs)), time.perf_counter() - t1)
-    table = embeddings_table(ids, vecs, labels)
-    keyed.write_table(layout.embeddings, table, {"rayapp.key": key, "rayapp.embeddings_key": ekey})
-    return table.select(["id", "cluster"])
+    embedded = PreparedRows(outs, [s.rows for s in prepared.shards])
+    sample = fit_sample(embedded.rows, sc.kmeans_fit_rows, sc.seed)  # None: every row
+    rows = embedded.columns(["id", "embedding"]) if sample is None else embedded.take(sample, ["id", "embedding"])
+    ids = rows["id"].to_numpy(zero_copy_only=False)
+    vecs = np.asarray(rows["embedding"].combine_chunks().flatten()).reshape(len(ids), -1)
+    del rows
+    # k-means' seeded start depends on the row order: ids (content hashes), or the prepared
+    # shards' order, which is the sources' (select.cluster_order)
+    order = np.argsort(ids, kind="stable") if sc.cluster_order == "id" else np.arange(len(ids))
+    model, labels = fit(vecs[order], sc.n_clusters, sc.seed)
+    del vecs
+    if sample is None:
+        clustered = pa.table({"id": pa.array(ids[order], pa.string()), "cluster": pa.array(labels, pa.int32())})
+    else:  # every row to its nearest centroid, where its embeddings are read
+        init_ray(cfg)
+        clustered = assign_clusters(outs, model, pool_size_leaving_a_cpu(cfg, 1, len(outs)), stall_s)
+    log.info("%s %d rows in %.1fs; k-means (%d clusters, fitted on %d rows) in %.1fs",
+             "embedded" if todo else "reused the embeddings of", embedded.rows, t1 - t0, model.n_clusters,
+             len(ids), time.perf_counter() - t1)
+    keyed.write_table(layout.clusters, clustered, {"rayapp.key": key})
+    return clustered
 
 
 def start_ahead(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest) -> None:
@@ -109,7 +123,7 @@ def _await_ahead(cfg: RunConfig, layout: RunLayout, ahead) -> pa.Table:
     # no progress to probe from here: the whole wait, from now on, is bounded by ray.stall_timeout_s
     return watched(lambda: ray.get(ahead), stage="select", stall_s=cfg.ray.stall_timeout_s,
                    waiting_for="the clustering started ahead (a Ray task embedding every prepared row)",
-                   committed=f"no clusters yet (they go in {layout.embeddings} when done)",
+                   committed=f"no clusters yet (they go in {layout.clusters} when done)",
                    on_stall=lambda: ray.cancel(ahead, force=True))
 
 
@@ -146,6 +160,6 @@ def clusters_for(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, 
     elif not force:
         hit = cached(layout, key)
         if hit is not None:
-            log.info("reusing embeddings and %d clusters from %s", cfg.select.n_clusters, layout.embeddings)
+            log.info("reusing %d clusters from %s", cfg.select.n_clusters, layout.clusters)
             return hit
     return compute(cfg, layout, prepared, key)

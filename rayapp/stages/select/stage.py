@@ -165,7 +165,7 @@ class SelectStage(Stage):
         return [placement.embedding(cfg)]
     help = "learning-percentage ranking and baselines -> selected shard + report"
     manifest_type = SelectionManifest
-    reset_on_force = ("embeddings.parquet",)  # the cached sentence embeddings and clusters
+    reset_on_force = ("embeddings", "clusters.parquet")  # the cached sentence embeddings and clusters
 
     def read_inputs(self, cfg: RunConfig, layout: RunLayout) -> SelectionInputs:
         return _read_inputs(cfg, layout)
