@@ -313,7 +313,7 @@ def _copy_run(src, dst, parts=("models", "prepared", "reference", "scores", "sel
         manifest.write_text(manifest.read_text().replace(str(src), str(dst)))
 
 
-def test_stages_refuse_inputs_from_another_run_or_data(pipeline_run, tmp_path):
+def test_stages_refuse_inputs_from_another_run_or_data(pipeline_run, tmp_path, monkeypatch):
     """Each stage checks its inputs' manifests and refuses a mix: trajectories or a selected shard
     changed after they were written, scores of an older reference model, and scores, checkpoints or
     a selection made from other prepared data."""
@@ -349,12 +349,17 @@ def test_stages_refuse_inputs_from_another_run_or_data(pipeline_run, tmp_path):
     assert pipeline.run("select", cfg).skipped and emb.stat().st_mtime_ns == before
     # (the embedding pool runs on this process's local Ray, which has no 'gpu_small' nodes)
     here = load_config(pipeline_config(tmp_path), [f"output_dir={x}", "score.resources.resources={}"])
+    from rayapp.stages.select import stage as select_stage
+
+    monkeypatch.setattr(select_stage, "SELECTION_WINDOW_ROWS", 4)  # each selection written 4 rows at a time
     redone = pipeline.run("select", here, force=True)
     assert not redone.skipped and emb.stat().st_mtime_ns != before
-    # and it selects the same rows again: embeddings, k-means and the ranking are deterministic
+    # and it selects the same rows again, with the same columns: embeddings, k-means and the
+    # ranking are deterministic, and a selection written in windows is the one written at once
     first = json.loads((run_a / "select" / "manifest.json").read_text())["selections"]
     for method, entry in redone.manifest.selections.items():
-        assert pq.read_table(entry.path)["id"].to_pylist() == pq.read_table(first[method]["path"])["id"].to_pylist()
+        assert pq.read_table(entry.path).equals(pq.read_table(first[method]["path"]))
+        assert pq.ParquetFile(entry.path).num_row_groups == -(-entry.rows // 4)
 
     marker = x / "reference" / "exports" / "epoch-2" / "rayapp_checkpoint.json"
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "uid": "retrained"}))

@@ -350,6 +350,11 @@ def _provenance(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs, clus
     }
 
 
+# Rows of a selection in memory at once while it is written (with their token ids: ~10 KB a row
+# at 512 tokens, so ~160 MB), whatever the selection's size.
+SELECTION_WINDOW_ROWS = 16_384
+
+
 def _write_selection(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs, key: str, c: Chosen,
                      clusters: np.ndarray | None, metric_cols: dict, common: dict) -> SelectionRecord:
     """One selection's folder: the chosen rows (all their prepared columns, in selection order, with
@@ -361,14 +366,22 @@ def _write_selection(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs,
     extra = {k: v[c.idx] for k, v in metric_cols.items()}
     if clusters is not None:
         extra["cluster"] = clusters[c.idx]
-    if inputs.prepared_rows is not None:  # the chosen rows alone, read from the shards holding them
-        rows = inputs.prepared_rows.take(inputs.positions[c.idx])
-    else:
-        rows = pa.table({"id": pa.array(chosen_ids, pa.string())})
-    for k, v in extra.items():
-        rows = rows.append_column(k, pa.array(v))
+
+    def parts():
+        """The chosen rows, a window at a time in selection order, each read from the shards
+        holding it (selections come in prepared order, so the shards are read about once)."""
+        for lo in range(0, max(1, len(chosen_ids)), SELECTION_WINDOW_ROWS):
+            window = slice(lo, lo + SELECTION_WINDOW_ROWS)
+            if inputs.prepared_rows is not None:
+                rows = inputs.prepared_rows.take(inputs.positions[c.idx[window]])
+            else:
+                rows = pa.table({"id": pa.array(chosen_ids[window], pa.string())})
+            for k, v in extra.items():
+                rows = rows.append_column(k, pa.array(v[window]))
+            yield rows
+
     shard = storage.join(folder, "selected.parquet")
-    storage.write_parquet(shard, rows)
+    storage.write_parquet_parts(shard, parts())
     prov = {"method": c.method, "selection": key, "tag": tag, **common, **c.info,
             "selected_ids_sha256": short_digest("\n".join(sorted(chosen_ids)).encode())}
     if c.method in ("ifd", "ifd_cherry"):
