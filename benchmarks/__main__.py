@@ -60,6 +60,11 @@ BENCHMARKS = [
               "k-means for stratified selection at 50k, 200k and 1M rows (synthetic 384-d embeddings, 1,000 "
               "clusters): fitted on a 200k-row sample above 200k rows, beside a fit on every row at 400k",
               lambda m, a: m.run(a.out)),
+    Benchmark("million", "benchmarks.million",
+              "a million rows: prepare spread over Ray Data (1 and 2 workers, and the driver path at 100k) and a "
+              "select from external trajectories and an embeddings file, at 100k and 1M rows; driver and worker RSS",
+              lambda m, a: m.run(a.out, tuple(int(x) for x in a.sizes.split(","))),
+              [(["--sizes"], dict(default="100000,1000000", help="comma-separated row counts"))]),
     Benchmark("train", "benchmarks.train_bench",
               "training batches, padded against packed: padding at the presets' shapes on Alpaca, and optimizer "
               "steps measured side by side (OPT-125M's shape and the tiny model, on this CPU)",

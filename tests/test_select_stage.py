@@ -131,11 +131,32 @@ def test_embeddings_from_a_file_are_clustered_with_the_authors_recipe(tmp_path):
     vecs = np.concatenate([c + rng.normal(0, 0.1, (30, 16)) for c in centers]).astype(np.float32)
     ids = [f"r{i}" for i in range(len(vecs))]
     pq.write_table(pa.table({"id": ids, "embedding": list(vecs)}), tmp_path / "emb.parquet")
-    by_id, how = read_clusters(str(tmp_path / "emb.parquet"), n_clusters=5, seed=42)
+    table, how = read_clusters(str(tmp_path / "emb.parquet"), n_clusters=5, seed=42)
+    by_id = dict(zip(table["id"].to_pylist(), table["cluster"].to_pylist()))
     want = KMeans(n_clusters=5, random_state=42, n_init="auto").fit_predict(vecs)
     assert [by_id[i] for i in ids] == want.tolist()
     assert how["kind"] == "embeddings" and how["dim"] == 16
     assert len({by_id[f"r{i}"] for i in range(30)}) == 1  # one blob, one cluster
+
+
+def test_embeddings_from_a_file_above_the_fit_bound_are_read_in_batches_and_assigned(tmp_path, monkeypatch):
+    """Above select.kmeans_fit_rows the file is read a batch at a time: the fit's sample kept, then
+    every row assigned to its nearest centroid; the clusters equal k-means on the whole matrix at
+    once (clustering.kmeans), and the file's integer index is matched as text."""
+    import pyarrow as pa
+
+    from rayapp.selection.clustering import kmeans
+    from rayapp.stages.select import external_clusters
+
+    monkeypatch.setattr(external_clusters, "BATCH_ROWS", 37)  # batches that split the sample unevenly
+    vecs = np.random.default_rng(3).normal(0, 1, (400, 6)).astype(np.float32)
+    pq.write_table(pa.table({"index": np.arange(400)[::-1], "embedding": list(vecs)}), tmp_path / "emb.parquet",
+                   row_group_size=100)
+    table, how = external_clusters.read_clusters(str(tmp_path / "emb.parquet"), n_clusters=7, seed=5, fit_rows=150)
+    assert table["cluster"].to_pylist() == kmeans(vecs, 7, 5, fit_rows=150).tolist()
+    assert how["fitted_on_rows"] == 150 and table["id"].to_pylist()[:2] == ["399", "398"]
+    picked = external_clusters.clusters_for_ids("emb", table, np.asarray(["0", "399"]))
+    assert picked.tolist() == [table["cluster"][399].as_py(), table["cluster"][0].as_py()]
 
 
 @pytest.mark.parametrize("table, message", [

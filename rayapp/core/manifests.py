@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rayapp import __version__
 from rayapp.core import storage
 from rayapp.core.errors import InputMismatchError, MissingInputError
-from rayapp.core.hashing import short_digest
+from rayapp.core.hashing import SHORT, short_digest
 from rayapp.core.layout import RunLayout
 
 
@@ -222,9 +222,17 @@ def write_manifest(uri: str, manifest: StageManifest) -> None:
     storage.write_json(uri, manifest.model_dump(mode="json", by_alias=True))
 
 
-def file_digest(uri: str) -> str:
-    """The short content hash stages record for the files they hand on."""
-    return short_digest(storage.read_bytes(uri))
+def file_digest(uri: str, chunk: int = 1 << 22) -> str:
+    """The short content hash stages record for the files they hand on (``short_digest`` of the
+    file's bytes, read a chunk at a time)."""
+    import hashlib
+
+    fs, path = storage.resolve(uri)
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:SHORT]
 
 
 def require_match(what: str, where: str, have, want, fix: str) -> None:

@@ -94,9 +94,9 @@ def write_text(uri: str, text: str) -> None:
     write_bytes_atomic(uri, text.encode("utf-8"))
 
 
-def write_parquet(uri: str, table: pa.Table) -> None:
+def write_parquet(uri: str, table: pa.Table, row_group_size: int | None = None) -> None:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
     write_bytes_atomic(uri, buf.getvalue())
 
 
@@ -127,9 +127,54 @@ def write_parquet_parts(uri: str, parts: Iterable[pa.Table]) -> int:
     return rows
 
 
-def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+def read_parquet(uri: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+    """``filters`` (pyarrow's DNF) skip the row groups whose statistics rule them out."""
     fs, path = resolve(uri)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    return pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
+
+
+def read_row_groups(uri: str, positions, columns: list[str] | None = None) -> pa.Table:
+    """The rows at ``positions`` (sorted) of a Parquet file, reading only the row groups that hold them."""
+    import numpy as np
+
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)])
+        positions = np.asarray(positions, dtype=np.int64)
+        groups = sorted(set(np.searchsorted(starts, positions, side="right") - 1))
+        if not groups:
+            return pf.schema_arrow.empty_table().select(columns) if columns else pf.schema_arrow.empty_table()
+        table = pf.read_row_groups(groups, columns=columns)
+    # positions within the groups read, which sit next to each other in the table
+    base = np.concatenate([[0], np.cumsum([starts[g + 1] - starts[g] for g in groups])])
+    where = {g: base[i] - starts[g] for i, g in enumerate(groups)}
+    group_of = np.searchsorted(starts, positions, side="right") - 1
+    return table.take(pa.array(positions + np.array([where[g] for g in group_of], dtype=np.int64)))
+
+
+def concat_files(parts: list[str], uri: str, chunk_bytes: int = 1 << 22) -> int:
+    """One file of ``parts`` one after another, copied a chunk at a time (never one part whole in
+    memory), atomically where the file system allows. Returns the bytes written."""
+    fs, path = resolve(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    target = path if is_remote(uri) else f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    written = 0
+    try:
+        with fs.open_output_stream(target) as out:
+            for part in parts:
+                pfs, ppath = resolve(part)
+                with pfs.open_input_stream(ppath) as src:
+                    while chunk := src.read(chunk_bytes):
+                        out.write(chunk)
+                        written += len(chunk)
+    except BaseException:
+        if target != path and fs.get_file_info(target).type == pafs.FileType.File:
+            fs.delete_file(target)
+        raise
+    if target != path:
+        os.replace(target, path)
+    return written
 
 
 def read_parquet_or_raise(uri: str, error: type[Exception], what: str = "") -> pa.Table:

@@ -3,133 +3,62 @@ a rejects file and the manifest."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from rayapp.config import RunConfig, SourceConfig
+from rayapp.config import RunConfig
 from rayapp.core import storage
-from rayapp.core.chat import chat_template, has_generation_blocks
 from rayapp.core.errors import InputDataError
 from rayapp.core.hashing import fingerprint, sha256_bytes, sha256_file
 from rayapp.core.layout import RunLayout
 from rayapp.core.log import get_logger
-from rayapp.core.manifests import HoldoutRecord, PreparedManifest, ShardRecord, SourceRecord
+from rayapp.core.manifests import HoldoutRecord, PreparedManifest, ShardRecord
 from rayapp.core.stage import Stage, StageContext
 from rayapp.core.template import PromptFormatter
 from rayapp.ml.models import registry
-from rayapp.ml.models.loading import load_tokenizer
 from rayapp.ml.models.packaged import is_packaged
 from rayapp.ml.tokenize import tokenize_rows
-from rayapp.stages.prepare.blocks import BlockResult, detect, plan_blocks, process_block
+from rayapp.stages.prepare.blocks import BlockResult, process_block
+from rayapp.stages.prepare.common import (
+    _resolve_source_path,
+    check_holdout_size,
+    check_source,
+    finish,
+    plan_sources,
+    remove_stale_shards,
+    run_tokenizer,
+    shard_name,
+)
 from rayapp.stages.prepare.readers import UnreadableSourceError, source_identity
+from rayapp.stages.prepare.records import (  # noqa: F401
+    SHARD_SCHEMA,
+    Reject,
+    SourceReport,
+    _plain_text,
+    holdout_key,
+    reason_key,
+    tokenized_row,
+    tokenizer_item,
+    training_text,
+)
 
 log = get_logger(__name__)
 
-SHARD_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("instruction", pa.string()),
-        ("input", pa.string()),
-        ("output", pa.string()),
-        ("source", pa.string()),
-        ("source_row", pa.int64()),
-        ("prompt", pa.string()),
-        # a conversation's turns (roles system/user/assistant); null for Alpaca-style rows
-        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
-        ("n_tokens", pa.int32()),
-        ("n_response_tokens", pa.int32()),
-        ("truncated", pa.bool_()),
-    ]
-)
-
-
-@dataclass
-class Reject:
-    file: str
-    row_kind: str
-    row: int
-    field: str | None
-    reason: str
-    raw: str | None = None
-
-
-@dataclass
-class _Row:
-    file: str
-    row_kind: str
-    id: str
-    instruction: str
-    input: str
-    output: str
-    source: str
-    source_row: int
-    prompt: str | None
-    messages: list[dict] | None = None
-
-
-@dataclass
-class SourceReport:
-    path: str
-    name: str
-    schema: str
-    identity: str
-    rows_read: int = 0
-    rows_ok: int = 0
-    rejected: Counter = field(default_factory=Counter)
-
-
-def _resolve_source_path(src: SourceConfig, quiet: bool = False) -> str:
-    if src.fallback and not storage.exists(src.path) and src.format != "hf":
-        if not quiet:
-            log.info("%s not found; using the fallback %s", src.path, src.fallback)
-        return src.fallback
-    return src.path
-
-
-def _reason_key(reason: str) -> str:
-    """Group reject reasons for the summary ("field 'output' is empty (empty response)" etc.)."""
-    return reason.split(":")[0] if reason.startswith(("malformed JSON", "invalid UTF-8")) else reason.split(" (first")[0]
-
-
-def _source_name(src: SourceConfig, path: str) -> str:
-    return src.name or os.path.basename(path.rstrip("/")).split(".")[0]
-
-
-def read_sources(cfg: RunConfig) -> tuple[list[_Row], list[Reject], list[SourceReport]]:
-    """Every source, block by block (stages/prepare/blocks.py): in this process, or as Ray Data tasks when
-    ``data.workers`` > 0. The driver then walks the outcomes in source order: it numbers the lines,
-    applies each source's ``limit``, and drops duplicates (the first occurrence is kept), so both
-    ways give the same rows and rejects."""
+def read_sources(cfg: RunConfig) -> tuple[list[dict], list[Reject], list[SourceReport]]:
+    """Every source, block by block, in this process. The outcomes are walked in source order:
+    lines are numbered, each source's ``limit`` applied, and duplicates dropped (the first
+    occurrence is kept). With ``data.workers`` the spread path (distributed.py) does the same
+    without gathering the rows; both give the same rows and rejects."""
     t0 = time.perf_counter()
-    block_bytes = int(cfg.data.block_mb * 2**20)
-    reports: list[SourceReport] = []
-    jobs: list[dict] = []
-    for i, src in enumerate(cfg.data.sources):
-        path = _resolve_source_path(src)
-        blocks = plan_blocks(i, path, src.format, src.split, block_bytes)
-        schema, detected_at = (src.schema_, (0, 0)) if src.schema_ != "auto" else detect(blocks)
-        reports.append(SourceReport(path=path, name=_source_name(src, path), schema=schema or src.schema_,
-                                    identity=source_identity(path, src.format)))
-        jobs += [dict(block=b, schema=schema, detected_at=detected_at, max_chars=cfg.data.max_chars,
-                      template=cfg.data.template, max_rows=src.limit) for b in blocks]
-    if cfg.data.workers:
-        from rayapp.core.raycluster import init_ray
-        from rayapp.stages.prepare.parallel import process_blocks
-
-        init_ray(cfg)
-        results = process_blocks(jobs, cfg.data.workers, stall_s=cfg.ray.stall_timeout_s)
-    else:
-        results = _process_in_order(jobs, cfg)
-    rows: list[_Row] = []
+    jobs, reports = plan_sources(cfg)
+    results = _process_in_order(jobs, cfg)
+    rows: list[dict] = []
     rejects: list[Reject] = []
     seen: dict[str, str] = {}
     for i, (src, report) in enumerate(zip(cfg.data.sources, reports)):
@@ -147,24 +76,16 @@ def read_sources(cfg: RunConfig) -> tuple[list[_Row], list[Reject], list[SourceR
                     o.raw = None
                 if o.reason is not None:
                     rejects.append(Reject(report.path, o.row_kind, line, o.field, o.reason, o.raw))
-                    report.rejected[_reason_key(o.reason)] += 1
+                    report.rejected[reason_key(o.reason)] += 1
                     continue
                 seen[o.id] = f"{report.path}:{o.row_kind} {line}"
-                rows.append(_Row(report.path, o.row_kind, o.id, o.instruction, o.input, o.output, report.name,
-                                 line, o.prompt, o.messages))
+                rows.append(dict(file=report.path, row_kind=o.row_kind, id=o.id, instruction=o.instruction,
+                                 input=o.input, output=o.output, source=report.name, source_row=line,
+                                 prompt=o.prompt, messages=o.messages))
                 report.rows_ok += 1
             offset += res.span
-        path = report.path
-        if report.rows_read and not report.rows_ok:
-            first = next((r for r in rejects if r.file == path), None)
-            detail = f"; first: {first.row_kind} {first.row}: {first.reason}" if first else ""
-            raise InputDataError(f"{path}: no usable rows ({report.rows_read} read, all rejected{detail})")
-        if report.rows_read == 0:
-            raise InputDataError(f"{path}: no rows")
-        log.info("read %s: %d rows, %d ok, %d rejected (%s)", path, report.rows_read, report.rows_ok,
-                 sum(report.rejected.values()), report.schema)
-    where = f"{cfg.data.workers} Ray Data workers" if cfg.data.workers else "the driver"
-    log.info("read %d blocks in %.1fs on %s", len(jobs), time.perf_counter() - t0, where)
+        check_source(report, next((r for r in rejects if r.file == report.path), None))
+    log.info("read %d blocks in %.1fs on the driver", len(jobs), time.perf_counter() - t0)
     return rows, rejects, reports
 
 
@@ -194,13 +115,6 @@ def _tokenizer_identity(cfg: RunConfig) -> str:
     if not storage.is_remote(name) and os.path.isfile(tok_file):
         return "sha256:" + sha256_file(tok_file)
     return f"{name}@{registry.tokenizer_revision(cfg) or 'default'}"
-
-
-def holdout_order(ids: list[str], seed: int) -> list[int]:
-    """Row positions ordered by a seeded hash of their ids: the first N form the held-out split,
-    the same rows on every run and machine, whatever order the sources list them in."""
-    keys = [hashlib.sha256(f"{seed}:{rid}".encode()).hexdigest() for rid in ids]
-    return sorted(range(len(ids)), key=keys.__getitem__)
 
 
 class PrepareStage(Stage):
@@ -246,79 +160,46 @@ class PrepareStage(Stage):
                 f"truncated, {m.no_response_tokens} with no response tokens"]
 
 
-def _plain_text(messages: list[dict]) -> str:
-    """A conversation as text for training the tiny tokenizer (before any chat template exists)."""
-    return "".join(f"### {m['role'].title()}:\n{m['content']}\n\n" for m in messages)
+def holdout_order(ids: list[str], seed: int) -> list[int]:
+    """Row positions ordered by a seeded hash of their ids: the first N form the held-out split,
+    the same rows on every run and machine, whatever order the sources list them in."""
+    keys = [holdout_key(seed, rid) for rid in ids]
+    return sorted(range(len(ids)), key=keys.__getitem__)
 
 
 def prepare(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
+    if cfg.data.workers:
+        from rayapp.stages.prepare.distributed import prepare_spread
+
+        return prepare_spread(cfg, layout)
     t_start = time.perf_counter()
     rows, rejects, reports = read_sources(cfg)
-    fmt = PromptFormatter(cfg.data.template)
-
-    def training_texts():
-        for r in rows:
-            yield r.prompt + r.output if r.messages is None else _plain_text(r.messages)
-
-    tok_src = registry.ensure_tokenizer(cfg, training_texts)
-    tokenizer = load_tokenizer(tok_src, trust_remote_code=cfg.models.reference.trust_remote_code)
-    eos = tokenizer.eos_token
-    n_conversations = sum(r.messages is not None for r in rows)
-    template, template_kind = chat_template(tokenizer, cfg.data.template.chat) if n_conversations else (None, None)
-    if n_conversations:
-        how = "its assistant masks" if has_generation_blocks(template) else "rendered turn boundaries"
-        log.info("%d conversations: %s chat template, labels from %s", n_conversations, template_kind, how)
+    tok_src, tokenizer, template, template_kind = run_tokenizer(
+        cfg, lambda: (training_text(r) for r in rows), any(r["messages"] is not None for r in rows))
 
     t_tok = time.perf_counter()
-    kept_cols: dict[str, list] = {n: [] for n in SHARD_SCHEMA.names}
+    fmt = PromptFormatter(cfg.data.template)
     counts: Counter = Counter()
-    items = [{"prompt": r.prompt, "response": fmt.response(r.output, eos)} if r.messages is None
-             else {"messages": r.messages} for r in rows]
-    if cfg.data.workers:
-        from rayapp.stages.prepare.parallel import tokenize
-
-        tokens = tokenize(items, tok_src, cfg.models.reference.trust_remote_code, cfg.data.max_length,
-                          cfg.data.truncation, template, cfg.data.workers, stall_s=cfg.ray.stall_timeout_s)
-    else:
-        tokens = tokenize_rows(tokenizer, items, cfg.data.max_length, cfg.data.truncation, template)
+    tokens = tokenize_rows(tokenizer, [tokenizer_item(r, fmt, tokenizer.eos_token) for r in rows],
+                           cfg.data.max_length, cfg.data.truncation, template)
+    kept = []
     for row, tk in zip(rows, tokens):
-        if tk.error:
-            rejects.append(Reject(row.file, row.row_kind, row.source_row, "messages", tk.error))
-            counts["template_errors"] += 1
-            continue
-        prompt = row.prompt if row.messages is None else tk.prompt
-        if tk.truncated and cfg.data.truncation == "drop":
-            rejects.append(Reject(row.file, row.row_kind, row.source_row, None,
-                                  f"too long: {tk.full_length} tokens > max_length {cfg.data.max_length} "
-                                  "(truncation: drop)"))
-            counts["dropped_too_long"] += 1
-            continue
-        counts["truncated"] += tk.truncated
-        counts["turns_dropped"] += tk.turns_dropped > 0
-        counts["no_response_tokens"] += tk.n_response_tokens == 0
-        counts["conversations"] += row.messages is not None
-        for name, value in (
-            ("id", row.id), ("instruction", row.instruction), ("input", row.input), ("output", row.output),
-            ("source", row.source), ("source_row", row.source_row), ("prompt", prompt), ("messages", row.messages),
-            ("input_ids", tk.input_ids), ("labels", tk.labels), ("n_tokens", len(tk.input_ids)),
-            ("n_response_tokens", tk.n_response_tokens), ("truncated", tk.truncated),
-        ):
-            kept_cols[name].append(value)
+        out = tokenized_row(row, tk, row["file"], row["row_kind"], cfg.data.max_length, cfg.data.truncation, counts)
+        (rejects if isinstance(out, Reject) else kept).append(out)
     tok_seconds = time.perf_counter() - t_tok
-    if not kept_cols["id"]:
+    if not kept:
         raise InputDataError("no rows left after tokenization; see the rejects file")
-    table = pa.Table.from_pydict(kept_cols, schema=SHARD_SCHEMA)
+    table = pa.Table.from_pylist(kept, schema=SHARD_SCHEMA)
+    del kept
 
     # the held-out split: rows with response tokens, by a seeded hash of their ids
     holdout = None
     n_hold = cfg.data.holdout_rows
     if n_hold:
-        eligible = [i for i, n in enumerate(kept_cols["n_response_tokens"]) if n > 0]
-        if 2 * n_hold > len(eligible):
-            raise InputDataError(
-                f"data.holdout_rows={n_hold} would hold out at least half of the {len(eligible)} usable rows; "
-                "lower it (e.g. --set data.holdout_rows=0 for none)")
-        order = holdout_order([kept_cols["id"][i] for i in eligible], cfg.data.holdout_seed)
+        eligible = [i for i, n in enumerate(table["n_response_tokens"].to_pylist()) if n > 0]
+        check_holdout_size(n_hold, len(eligible))
+        ids = table["id"].to_pylist()
+        order = holdout_order([ids[i] for i in eligible], cfg.data.holdout_seed)
         held = sorted(eligible[j] for j in order[:n_hold])
         held_set = set(held)
         held_table = table.take(pa.array(held, pa.int64()))
@@ -329,67 +210,20 @@ def prepare(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
     elif storage.exists(layout.holdout):
         storage.remove(layout.holdout)
 
-    # Replace the old shards only after the new ones are written; stale names are removed last.
     n_rows = table.num_rows
     old = set(storage.list_files(layout.prepared, ".parquet"))
     shards = []
     for i, lo in enumerate(range(0, n_rows, cfg.data.shard_rows)):
         part = table.slice(lo, cfg.data.shard_rows)
-        fname = f"shard-{i:05d}.parquet"
-        storage.write_parquet(layout.prepared_file(fname), part)
-        shards.append(ShardRecord(file=fname, rows=part.num_rows, first_id=part["id"][0].as_py()))
-        old.discard(layout.prepared_file(fname))
-    for stale in old:
-        storage.remove(stale)
-
+        storage.write_parquet(layout.prepared_file(shard_name(i)), part)
+        shards.append(ShardRecord(file=shard_name(i), rows=part.num_rows, first_id=part["id"][0].as_py()))
+    remove_stale_shards(layout, old, [s.file for s in shards])
     storage.write_text(layout.rejects, "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects))
-    reject_reasons: Counter = Counter()
-    for rep in reports:
-        reject_reasons.update(rep.rejected)
-    if counts["dropped_too_long"]:
-        reject_reasons["too long (truncation: drop)"] += counts["dropped_too_long"]
-    if counts["template_errors"]:
-        reject_reasons["chat template cannot render the conversation"] += counts["template_errors"]
-    rows_read = sum(r.rows_read for r in reports)
-    kept = n_rows + (holdout.rows if holdout else 0)
-    if rows_read != kept + len(rejects):
-        raise AssertionError(f"{rows_read} rows read but {kept} kept and {len(rejects)} rejected")
-    manifest = PreparedManifest(
-        tokenizer=tok_src,
-        vocab_size=len(tokenizer),
-        eos_token=eos,
-        template=cfg.data.template.model_dump(),
-        max_length=cfg.data.max_length,
-        truncation=cfg.data.truncation,
-        sources=[SourceRecord(path=r.path, name=r.name, schema=r.schema, identity=r.identity, rows_read=r.rows_read,
-                              rows_ok=r.rows_ok, rejected=dict(r.rejected)) for r in reports],
-        rows_read=rows_read,
-        rows=n_rows,
-        rejected=len(rejects),
-        reject_reasons=dict(reject_reasons),
-        truncated=counts["truncated"],
-        conversations=counts["conversations"],
-        chat_template=template_kind,
-        chat_template_sha256=sha256_bytes(template.encode())[:16] if template else None,
-        turns_dropped=counts["turns_dropped"],
-        no_response_tokens=counts["no_response_tokens"],
-        tokens=int(pa.compute.sum(table["n_tokens"]).as_py() or 0),
-        response_tokens=int(pa.compute.sum(table["n_response_tokens"]).as_py() or 0),
-        shards=shards,
-        holdout=holdout,
-        ids_sha256=sha256_bytes("\n".join(table["id"].to_pylist()).encode()),
-        tokenize_seconds=round(tok_seconds, 2),
-        seconds=round(time.perf_counter() - t_start, 2),
-    )
-    held = f", {holdout.rows} held out" if holdout else ""
-    log.info("%d rows kept%s, %d rejected of %d read; %d truncated to %d tokens, %d with no response tokens left; "
-             "%d tokens in %d shards", n_rows, held, len(rejects), rows_read, counts["truncated"], cfg.data.max_length,
-             counts["no_response_tokens"], manifest.tokens, len(shards))
-    if counts["conversations"]:
-        log.info("%d of them conversations; %d kept their last turns only (earliest exchanges dropped to fit)",
-                 counts["conversations"], counts["turns_dropped"])
-    if rejects:
-        log.info("rejects with reasons: %s", layout.rejects)
-        for reason, n in reject_reasons.most_common(8):
-            log.info("  %6d  %s", n, reason)
-    return manifest
+    return finish(cfg, tok_src=tok_src, tokenizer=tokenizer, template=template, template_kind=template_kind,
+                  reports=reports, counts=counts, rejected=len(rejects), shards=shards, holdout=holdout,
+                  tokens=int(pa.compute.sum(table["n_tokens"]).as_py() or 0),
+                  response_tokens=int(pa.compute.sum(table["n_response_tokens"]).as_py() or 0),
+                  ids_sha256=sha256_bytes("\n".join(table["id"].to_pylist()).encode()),
+                  tok_seconds=tok_seconds, t_start=t_start, rejects_path=layout.rejects)
+
+

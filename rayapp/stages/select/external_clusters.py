@@ -5,7 +5,9 @@ so the paper's method can be rebuilt from the authors' perplexities and a cluste
 
 Embeddings are clustered with the authors' recipe: scikit-learn ``KMeans(n_clusters,
 random_state=select.seed, n_init="auto")`` over the rows in the file's order (their source order),
-fitted on a sample above ``select.kmeans_fit_rows`` rows (rayapp/selection/clustering.py).
+fitted on a sample above ``select.kmeans_fit_rows`` rows (rayapp/selection/clustering.py). The file
+is read a batch of rows at a time, twice: once to check it and keep the rows the fit uses, once to
+assign every row to its nearest centroid; this process holds at most the fit's rows of embeddings.
 Every problem names the file, the row and the field.
 """
 
@@ -13,72 +15,126 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from rayapp.core import storage
 from rayapp.core.errors import RayappError
-from rayapp.core.hashing import short_digest
-from rayapp.selection.clustering import DEFAULT_FIT_ROWS, kmeans
+from rayapp.core.manifests import file_digest
+from rayapp.selection.clustering import DEFAULT_FIT_ROWS, fit, fit_sample
+
+BATCH_ROWS = 65_536
 
 
 class ClustersFileError(RayappError):
     """A bad clusters file; the message names the file, row and field."""
 
 
+def _first(mask: np.ndarray) -> int | None:
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if len(hits) else None
+
+
+def _check_ids(path: str, key: str, col: pa.ChunkedArray) -> pa.Array:
+    """The key column as strings (an ``index`` as its decimal text), none null, none repeated."""
+    col = col.combine_chunks()
+    row = _first(np.asarray(col.is_null()))
+    if row is not None:
+        raise ClustersFileError(f"{path}: row {row}: field '{key}' is null")
+    ids = col if pa.types.is_string(col.type) else pc.cast(col, pa.string())
+    order = np.asarray(pc.array_sort_indices(ids))  # stable: a repeated id's rows stay in file order
+    ordered = ids.take(pa.array(order))
+    same = np.asarray(pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))) if len(ids) > 1 else \
+        np.zeros(0, bool)
+    if same.any():
+        # the first row (in file order) whose id came before, and the row it repeats
+        first_of = np.maximum.accumulate(np.where(np.concatenate([[True], ~same]), np.arange(len(ids)), 0))
+        later = np.flatnonzero(np.concatenate([[False], same]))
+        at = later[np.argmin(order[later])]
+        row, before = int(order[at]), int(order[first_of[at]])
+        raise ClustersFileError(f"{path}: row {row}: field '{key}': {ids[row].as_py()!r} repeats row {before}")
+    return ids
+
+
+def _embedding_batches(path: str, pf: pq.ParquetFile):
+    """(first row, float32 matrix) for each batch of the ``embedding`` column, checked row by row."""
+    dim, start = None, 0
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["embedding"]):
+        col = batch.column(0)
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        lengths = np.where(np.isnan(lengths.astype(float)), 0, lengths).astype(np.int64)
+        if dim is None and len(lengths):
+            dim = int(lengths[0]) or None
+        empty = lengths == 0
+        wrong = (lengths != dim) & ~empty if dim else np.zeros(len(lengths), bool)
+        row = _first(empty | wrong)
+        if row is not None:
+            what = "is empty" if empty[row] else f"has {lengths[row]} dimensions, not {dim}"
+            raise ClustersFileError(f"{path}: row {start + row}: field 'embedding' {what}")
+        x = np.asarray(pc.list_flatten(col).to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(col), dim)
+        row = _first(~np.isfinite(x).all(1))
+        if row is not None:
+            raise ClustersFileError(f"{path}: row {start + row}: field 'embedding' is not finite")
+        yield start, x
+        start += len(col)
+
+
 def read_clusters(path: str, n_clusters: int, seed: int,
-                  fit_rows: int | None = DEFAULT_FIT_ROWS) -> tuple[dict[str, int], dict]:
-    """{row id: cluster} from ``path``, and what was read (for the provenance)."""
-    t = storage.read_parquet_or_raise(path, ClustersFileError, "select.clusters")
-    key = "id" if "id" in t.column_names else "index" if "index" in t.column_names else None
+                  fit_rows: int | None = DEFAULT_FIT_ROWS) -> tuple[pa.Table, dict]:
+    """Each row's cluster from ``path`` as a table (id: string, cluster: int32) in the file's order,
+    and what was read (for the provenance)."""
+    if not storage.exists(path):
+        raise ClustersFileError(f"select.clusters: {path}: file not found")
+    fs, local = storage.resolve(path)
+    try:
+        pf = pq.ParquetFile(fs.open_input_file(local))
+        names = pf.schema_arrow.names
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise ClustersFileError(f"select.clusters: {path}: not a readable Parquet file: {exc}") from None
+    key = "id" if "id" in names else "index" if "index" in names else None
     if key is None:
-        raise ClustersFileError(f"{path}: needs an 'id' or 'index' column (has: {', '.join(t.column_names)})")
-    ids = t[key].to_pylist()
-    seen: dict[str, int] = {}
-    for row, rid in enumerate(ids):
-        if rid is None:
-            raise ClustersFileError(f"{path}: row {row}: field '{key}' is null")
-        rid = str(rid)
-        if rid in seen:
-            raise ClustersFileError(f"{path}: row {row}: field '{key}': {rid!r} repeats row {seen[rid]}")
-        seen[rid] = row
-    if "cluster" in t.column_names:
-        col = t["cluster"]
+        raise ClustersFileError(f"{path}: needs an 'id' or 'index' column (has: {', '.join(names)})")
+    ids = _check_ids(path, key, pf.read(columns=[key])[key])
+    if "cluster" in names:
+        col = pf.read(columns=["cluster"])["cluster"].combine_chunks()
         if not pa.types.is_integer(col.type):
             raise ClustersFileError(f"{path}: field 'cluster' must hold integers, not {col.type}")
-        values = col.to_pylist()
-        for row, v in enumerate(values):
-            if v is None:
-                raise ClustersFileError(f"{path}: row {row}: field 'cluster' is null")
-        clusters = np.asarray(values, dtype=np.int64)
-        how = {"clusters_file": path, "kind": "clusters", "n_clusters": int(len(np.unique(clusters)))}
-    elif "embedding" in t.column_names:
-        vecs = t["embedding"].to_pylist()
-        dim = None
-        for row, v in enumerate(vecs):
-            if v is None or not len(v):
-                raise ClustersFileError(f"{path}: row {row}: field 'embedding' is empty")
-            if dim is None:
-                dim = len(v)
-            elif len(v) != dim:
-                raise ClustersFileError(f"{path}: row {row}: field 'embedding' has {len(v)} dimensions, not {dim}")
-        x = np.asarray(vecs, dtype=np.float32)
-        if not np.isfinite(x).all():
-            row = int(np.nonzero(~np.isfinite(x).all(1))[0][0])
-            raise ClustersFileError(f"{path}: row {row}: field 'embedding' is not finite")
-        k = max(1, min(n_clusters, len(x)))
-        clusters = kmeans(x, n_clusters, seed, fit_rows)
-        how = {"clusters_file": path, "kind": "embeddings", "n_clusters": k, "random_state": seed, "dim": dim}
-        if fit_rows is not None and len(x) > fit_rows:
-            how["fitted_on_rows"] = fit_rows
+        row = _first(np.asarray(col.is_null()))
+        if row is not None:
+            raise ClustersFileError(f"{path}: row {row}: field 'cluster' is null")
+        clusters = col.cast(pa.int32())
+        how = {"clusters_file": path, "kind": "clusters", "n_clusters": len(pc.unique(clusters))}
+    elif "embedding" in names:
+        sample = fit_sample(len(ids), fit_rows, seed)  # None: every row
+        kept, dim = [], None
+        for start, x in _embedding_batches(path, pf):
+            dim = x.shape[1]
+            if sample is None:
+                kept.append(x)
+            else:
+                lo, hi = np.searchsorted(sample, [start, start + len(x)])
+                kept.append(x[sample[lo:hi] - start])
+        model, labels = fit(np.concatenate(kept), n_clusters, seed)
+        del kept
+        if sample is not None:  # every row to its nearest centroid, a batch at a time
+            labels = np.concatenate([model.predict(x) for _, x in _embedding_batches(path, pf)])
+        clusters = pa.array(labels.astype(np.int32))
+        how = {"clusters_file": path, "kind": "embeddings", "n_clusters": model.n_clusters, "random_state": seed,
+               "dim": dim}
+        if sample is not None:
+            how["fitted_on_rows"] = len(sample)
     else:
         raise ClustersFileError(f"{path}: needs a 'cluster' column (each row's cluster) or an 'embedding' column "
-                                f"(to cluster here); has: {', '.join(t.column_names)}")
-    how["sha256"] = short_digest(storage.read_bytes(path))
-    return {str(i): int(c) for i, c in zip(ids, clusters)}, how
+                                f"(to cluster here); has: {', '.join(names)}")
+    how["sha256"] = file_digest(path)
+    return pa.table({"id": ids, "cluster": clusters}), how
 
 
-def clusters_for_ids(path: str, by_id: dict[str, int], ids: np.ndarray) -> np.ndarray:
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        raise ClustersFileError(f"{path}: {len(missing)} of the {len(ids)} rows to select from have no cluster "
-                                f"(e.g. id {missing[0]!r}); every row needs one")
-    return np.asarray([by_id[i] for i in ids])
+def clusters_for_ids(path: str, clusters: pa.Table, ids: np.ndarray) -> np.ndarray:
+    """The cluster of each of ``ids`` (the trajectories' rows), matched column-wise."""
+    at = pc.index_in(pa.array(ids, pa.string()), value_set=clusters["id"])
+    missing = np.asarray(at.is_null())
+    if missing.any():
+        raise ClustersFileError(f"{path}: {int(missing.sum())} of the {len(ids)} rows to select from have no cluster "
+                                f"(e.g. id {ids[_first(missing)]!r}); every row needs one")
+    return clusters["cluster"].combine_chunks().take(at).to_numpy()

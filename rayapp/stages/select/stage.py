@@ -242,8 +242,8 @@ def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False,
         if sc.clusters is not None:
             from rayapp.stages.select.external_clusters import clusters_for_ids, read_clusters
 
-            by_id, cluster_source = read_clusters(sc.clusters, sc.n_clusters, sc.seed, sc.kmeans_fit_rows)
-            clusters = clusters_for_ids(sc.clusters, by_id, inputs.traj.ids)
+            table, cluster_source = read_clusters(sc.clusters, sc.n_clusters, sc.seed, sc.kmeans_fit_rows)
+            clusters = clusters_for_ids(sc.clusters, table, inputs.traj.ids)
             log.info("clusters from %s: %d (%s)", sc.clusters, len(np.unique(clusters)), cluster_source["kind"])
         elif inputs.prepared is None:
             specs = _without_stratified(sc, specs)
