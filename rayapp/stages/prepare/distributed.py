@@ -47,6 +47,13 @@ def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
     partitions = spread.partitions_for(n_blocks, workers)
 
     # 1. every block read, normalised and templated; its outcomes and dedupe keys written
+    t_step = time.perf_counter()
+
+    def done(step: str) -> None:
+        nonlocal t_step
+        log.info("prepare: %s in %.1fs", step, time.perf_counter() - t_step)
+        t_step = time.perf_counter()
+
     reads = parallel.run_items(parallel.read_block, [
         {"g": g, "work": work, "partitions": partitions,
          "job": {**job, "block": asdict(job["block"]), "template": job["template"].model_dump()}}
@@ -54,6 +61,7 @@ def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
     for r in reads:
         if r["error"]:
             raise UnreadableSourceError(r["error"])
+    done(f"{n_blocks} blocks read")
     sources = [job["block"].source for job in jobs]
     offsets, cuts = spread.starts_and_cuts(sources, [r["outcomes"] for r in reads], [r["span"] for r in reads],
                                            [src.limit for src in cfg.data.sources])
@@ -67,6 +75,7 @@ def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
                                    workers, "the de-duplication tasks", stall)
         log.info("de-duplicated %d rows in %d partitions: %d repeats", sum(f["keys"] for f in found), partitions,
                  sum(f["repeats"] for f in found))
+        done("de-duplication")
 
     # 3. each block's rows numbered, limited and de-duplicated: its kept rows and rejects written
     resolved = parallel.run_items(parallel.resolve_block, [
@@ -80,7 +89,7 @@ def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
             report.rejected.update(r["rejected"])
         first = next((Reject(**r["first_reject"]) for r in mine if r["first_reject"]), None)
         check_source(report, first)
-    log.info("read %d blocks in %.1fs on %d Ray Data workers", n_blocks, time.perf_counter() - t_start, workers)
+    done("rows resolved")
 
     # 4. the tokenizer (the tiny one is trained on the kept rows, streamed a block at a time)
     with_rows = [g for g, r in enumerate(resolved) if r["rows_ok"]]
@@ -92,6 +101,7 @@ def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
 
     tok_src, tokenizer, template, template_kind = run_tokenizer(
         cfg, texts, any(r["conversations"] for r in resolved))
+    done("tokenizer")
 
     # 5. the kept rows tokenized by an actor pool that loads the tokenizer once per actor
     t_tok = time.perf_counter()
@@ -104,6 +114,7 @@ def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
                                    chat_template=template, template=cfg.data.template.model_dump(),
                                    holdout_rows=n_hold, holdout_seed=cfg.data.holdout_seed))
     tok_seconds = time.perf_counter() - t_tok
+    done("tokenized")
     counts: Counter = Counter()
     rows_of = [0] * n_blocks
     for g, t in zip(with_rows, tokenized):
@@ -139,6 +150,7 @@ def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
     elif storage.exists(layout.holdout):
         storage.remove(layout.holdout)
     remove_stale_shards(layout, old, [s.file for s in shards])
+    done(f"{len(shards)} shards written")
 
     # 8. the rejects (read ones first, then tokenizer ones, as the driver path orders them)
     parts = [f for kind in ("rejects-read", "rejects-tok") for f in storage.list_files(storage.join(work, kind), ".jsonl")]
@@ -147,6 +159,7 @@ def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
         counts["dropped_too_long"]
     ids_sha256 = _ids_sha256([layout.prepared_file(s.file) for s in shards])
     storage.remove_dir(work)
+    done("rejects and ids hash")
     train = written[:len(pieces)]
     return finish(cfg, tok_src=tok_src, tokenizer=tokenizer, template=template, template_kind=template_kind,
                   reports=reports, counts=counts, rejected=n_rejects, shards=shards, holdout=holdout,
