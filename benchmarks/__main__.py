@@ -63,8 +63,10 @@ BENCHMARKS = [
     Benchmark("million", "benchmarks.million",
               "a million rows: prepare spread over Ray Data (1 and 2 workers, and the driver path at 100k) and a "
               "select from external trajectories and an embeddings file, at 100k and 1M rows; driver and worker RSS",
-              lambda m, a: m.run(a.out, tuple(int(x) for x in a.sizes.split(","))),
-              [(["--sizes"], dict(default="100000,1000000", help="comma-separated row counts"))]),
+              lambda m, a: m.run(a.out, tuple(int(x) for x in a.sizes.split(",")), tuple(a.stages.split(","))),
+              [(["--sizes"], dict(default="100000,1000000", help="comma-separated row counts")),
+               (["--stages"], dict(default="prepare,select", help="prepare, select or both; the other's figures "
+                                                                    "in the results file are kept"))]),
     Benchmark("train", "benchmarks.train_bench",
               "training batches, padded against packed: padding at the presets' shapes on Alpaca, and optimizer "
               "steps measured side by side (OPT-125M's shape and the tiny model, on this CPU)",

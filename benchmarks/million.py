@@ -18,7 +18,7 @@ rows only, as the "before": it holds every row.
 
 Select. Scoring a million rows with a model does not fit a 2-core benchmark, so the trajectories
 are the paper's published perplexities (opt-350m P0..P3, Alpaca then Dolly), dealt out to the
-prepared ids in turn, and the clusters come from a file of 384-d embeddings (1,000 well-separated
+ids in turn (content-hash-like; select needs no prepared data), and the clusters come from a file of 384-d embeddings (1,000 well-separated
 centres plus noise): ``select --trajectories ... --clusters ...``, stratified LP with clust_rand
 and ppl_high. Select runs in the driver (it reads two files); its peak is bounded by the k-means
 fit's rows (``select.kmeans_fit_rows``) of embeddings, plus a few numbers per row.
@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,16 +105,17 @@ def write_tokenizer(folder: str) -> str:
     return out
 
 
-def write_select_inputs(prepared: str, folder: str) -> dict:
-    """Trajectories (the paper's perplexities dealt out to the prepared ids) and an embeddings file."""
+def write_select_inputs(n: int, folder: str) -> dict:
+    """Trajectories (the paper's perplexities dealt out to ``n`` ids) and an embeddings file. The
+    ids are content-hash-like (sha256 of the row number, 20 hex digits, as prepare's ids look):
+    select from external trajectories needs no prepared data, so it is measured on its own."""
+    import hashlib
+
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rayapp.core import storage
-
-    ids = storage.read_parquet_dir(prepared, ["id"])["id"]
-    n = len(ids)
+    ids = pa.array([hashlib.sha256(str(i).encode()).hexdigest()[:20] for i in range(n)])
     cols = [f"opt-350m_P{i}" for i in range(4)]
     paper = pa.concat_tables([pq.read_table(os.path.join(SHARED, "paper-perplexities", f), columns=cols)
                               for f in ("alpaca.parquet", "dolly.parquet")])
@@ -265,32 +267,50 @@ def _plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def run(out_dir: str, sizes: tuple[int, ...] = (100_000, 1_000_000)) -> dict:
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run(out_dir: str, sizes: tuple[int, ...] = (100_000, 1_000_000),
+        stages: tuple[str, ...] = ("prepare", "select")) -> dict:
+    """Measure ``stages`` at ``sizes``; figures already in the results file for other stages are kept
+    (each run records the commit it ran at)."""
     from benchmarks.score_bench import _machine
 
-    runs: dict = {}
-    data: dict = {}
-    result = {"machine": _machine(), "runs": runs, "data": data}
+    name = f"million-cpu{os.cpu_count()}"
+    path = os.path.join(out_dir, name + ".json")
+    result = json.load(open(path)) if os.path.exists(path) else {"runs": {}, "data": {}}
+    result["machine"] = _machine()
+    runs, data, commit = result["runs"], result["data"], _commit()
     with tempfile.TemporaryDirectory(prefix="rayapp-million-") as tmp:
-        tokenizer = write_tokenizer(tmp)
+        tokenizer = write_tokenizer(tmp) if "prepare" in stages else None
         for n in sizes:
             folder = os.path.join(tmp, str(n))
             os.makedirs(folder)
-            t0 = time.perf_counter()
-            data[str(n)] = write_rows(n, folder)
-            print(f"{n:,} rows written in {time.perf_counter() - t0:.0f} s", flush=True)
-            runs[str(n)] = {}
-            for workers in ((0, 1, 2) if n <= 100_000 else (1, 2)):
-                out = os.path.join(folder, f"run-{workers}")
-                r = _measured("prepare", _prepare_config(data[str(n)]["files"], tokenizer, out, workers))
-                runs[str(n)][f"prepare/{workers}"] = r
-                print(f"{n:,} rows, prepare, {workers} workers: {json.dumps(r)}", flush=True)
-            inputs = write_select_inputs(os.path.join(folder, "run-2", "prepared"), folder)
-            data[str(n)]["select_inputs"] = {k: v for k, v in inputs.items() if k in ("rows", "embeddings_bytes")}
-            r = _measured("select", _select_config(inputs, os.path.join(folder, "select")))
-            runs[str(n)]["select"] = r
-            print(f"{n:,} rows, select: {json.dumps(r)}", flush=True)
-            write_results(out_dir, f"million-cpu{os.cpu_count()}", result, _plot)  # what is done so far
+            runs.setdefault(str(n), {})
+            if "prepare" in stages:
+                t0 = time.perf_counter()
+                data.setdefault(str(n), {}).update(write_rows(n, folder))
+                print(f"{n:,} rows written in {time.perf_counter() - t0:.0f} s", flush=True)
+                for workers in ((0, 1, 2) if n <= 100_000 else (1, 2)):
+                    out = os.path.join(folder, f"run-{workers}")
+                    r = _measured("prepare", _prepare_config(data[str(n)]["files"], tokenizer, out, workers))
+                    runs[str(n)][f"prepare/{workers}"] = {**r, "commit": commit}
+                    print(f"{n:,} rows, prepare, {workers} workers: {json.dumps(r)}", flush=True)
+                    shutil.rmtree(out)
+            if "select" in stages:
+                inputs = write_select_inputs(n, folder)
+                data.setdefault(str(n), {})["select_inputs"] = {k: v for k, v in inputs.items()
+                                                                 if k in ("rows", "embeddings_bytes")}
+                r = _measured("select", _select_config(inputs, os.path.join(folder, "select")))
+                runs[str(n)]["select"] = {**r, "commit": commit}
+                print(f"{n:,} rows, select: {json.dumps(r)}", flush=True)
+            write_results(out_dir, name, result, _plot)  # what is done so far
+            shutil.rmtree(folder)
     return result
 
 

@@ -58,6 +58,14 @@ def test_shard_pieces_cut_as_slicing_one_table_does(rows, size):
     assert got == [whole[lo:lo + size] for lo in range(0, len(whole), size)]
 
 
+def test_the_held_out_rows_are_the_smallest_keys_of_all_blocks_merged_a_block_at_a_time():
+    rng = random.Random(2)
+    blocks = [[(f"{rng.random():.12f}", g, i) for i in range(rng.randint(0, 30))] for g in range(12)]
+    each = [sorted(b)[:10] for b in blocks]  # what each block keeps: its own 10 smallest
+    assert spread.smallest(iter(each), 10) == sorted(c for b in blocks for c in b)[:10]
+    assert spread.smallest(iter([]), 10) == []
+
+
 def test_partitions_grow_with_the_blocks_not_just_the_workers():
     assert spread.partitions_for(1, 4) == 1
     assert spread.partitions_for(40, 2) == 5 and spread.partitions_for(10, 2) == 4

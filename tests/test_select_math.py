@@ -232,7 +232,7 @@ def test_kmeans_fits_every_row_up_to_the_bound_and_a_seeded_sample_above_it():
     partition as the full fit."""
     from sklearn.cluster import KMeans
 
-    from rayapp.selection.clustering import fit_sample, kmeans, kmeans_in_order
+    from rayapp.selection.clustering import fit_sample, kmeans
 
     rng = np.random.default_rng(0)
     centers = rng.normal(0, 10, (6, 8))
@@ -251,13 +251,6 @@ def test_kmeans_fits_every_row_up_to_the_bound_and_a_seeded_sample_above_it():
     assert sampled.tolist() == nearest.tolist()
     pairs = set(zip(full.tolist(), sampled.tolist()))
     assert len(pairs) == 6  # one to one: the same six blobs
-
-    ids = [f"r{i}" for i in range(len(vecs))]
-    order = [ids[i] for i in rng.permutation(len(ids))]
-    by_order = np.asarray([int(i[1:]) for i in order])
-    want = np.empty(len(ids), dtype=np.int64)
-    want[by_order] = kmeans(vecs[by_order], 6, 42, fit_rows=150)
-    assert kmeans_in_order(ids, vecs, order, 6, 42, fit_rows=150).tolist() == want.tolist()
 
 
 def test_a_fit_sample_smaller_than_the_clusters_is_refused():

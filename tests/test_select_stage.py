@@ -189,23 +189,32 @@ def test_rows_without_a_cluster_are_an_error(tmp_path):
         run_select(cfg)
 
 
-def test_kmeans_in_source_order_is_the_authors_clustering_and_differs_from_id_order():
-    """select.cluster_order: source clusters the rows in the sources' order (the authors' code's),
-    whatever order the embeddings arrive in; id order (rayapp's default) can give other clusters."""
+def test_clustering_in_source_order_is_the_authors_and_in_id_order_ignores_the_sources_order():
+    """select.cluster_order, as the stage fits (clustering.fit_in_order): "source" clusters the rows
+    in the order given (the prepared shards', the sources'), exactly the authors' KMeans; "id"
+    gives every row the same cluster whatever order the sources list the rows in, and can differ
+    from the source order's clusters."""
+    import hashlib
+
     from sklearn.cluster import KMeans
 
-    from rayapp.selection.clustering import kmeans_in_order
+    from rayapp.selection.clustering import fit_in_order
 
     rng = np.random.default_rng(1)
     vecs = rng.normal(0, 1, (300, 8)).astype(np.float32)  # no clear structure: the start matters
-    source = [f"s{i:03d}" for i in range(300)]
+    ids = np.asarray([hashlib.sha256(str(i).encode()).hexdigest()[:20] for i in range(300)])  # content hashes
+    _, in_order, labels = fit_in_order(ids, vecs, "source", 12, 42)
+    assert in_order.tolist() == ids.tolist()
+    assert labels.tolist() == KMeans(n_clusters=12, random_state=42, n_init="auto").fit_predict(vecs).tolist()
+
+    def by_id(rows):
+        _, got_ids, got = fit_in_order(ids[rows], vecs[rows], "id", 12, 42)
+        return dict(zip(got_ids.tolist(), got.tolist()))
+
     shuffled = rng.permutation(300)
-    ids = [source[i] for i in shuffled]
-    labels = kmeans_in_order(ids, vecs[shuffled], source, 12, 42)
-    authors = KMeans(n_clusters=12, random_state=42, n_init="auto").fit_predict(vecs)
-    assert labels.tolist() == authors[shuffled].tolist()
-    by_id = kmeans_in_order(ids, vecs[shuffled], sorted(ids, key=lambda s: s[::-1]), 12, 42)
-    assert by_id.tolist() != labels.tolist()
+    assert by_id(np.arange(300)) == by_id(shuffled)
+    id_labels = [by_id(np.arange(300))[i] for i in ids]
+    assert len(set(zip(id_labels, labels.tolist()))) > 12  # another partition, not just other label names
 
 
 def test_compare_runs_of_different_families_row_by_row(tmp_path):

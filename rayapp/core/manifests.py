@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rayapp import __version__
 from rayapp.core import storage
 from rayapp.core.errors import InputMismatchError, MissingInputError
-from rayapp.core.hashing import SHORT, short_digest
+from rayapp.core.hashing import SHORT
 from rayapp.core.layout import RunLayout
 
 

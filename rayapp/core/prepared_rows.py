@@ -32,12 +32,19 @@ class PreparedRows:
     def rows(self) -> int:
         return int(self.starts[-1])
 
-    def columns(self, names: list[str], per_shard=None) -> pa.Table:
+    @property
+    def column_names(self) -> list[str]:
+        """The shards' columns (read from the first shard's footer)."""
+        import pyarrow.parquet as pq
+
+        fs, path = storage.resolve(self.paths[0])
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).schema_arrow.names
+
+    def columns(self, names: list[str], per_shard=lambda shard: shard) -> pa.Table:
         """These columns of every row, in prepared order; ``per_shard(table) -> table`` reduces each
         shard's before the next is read (e.g. a text column to its lengths)."""
-        parts = [storage.read_parquet(p, names) for p in self.paths] if per_shard is None else \
-            [per_shard(storage.read_parquet(p, names)) for p in self.paths]
-        return pa.concat_tables(parts)
+        return pa.concat_tables([per_shard(storage.read_parquet(p, names)) for p in self.paths])
 
     def take(self, positions: np.ndarray, columns: list[str] | None = None) -> pa.Table:
         """The rows at these prepared positions, in the order given; only the shards holding one

@@ -41,13 +41,11 @@ def kmeans(vecs: np.ndarray, n_clusters: int, seed: int, fit_rows: int | None = 
     return labels if sample is None else model.predict(vecs)
 
 
-def kmeans_in_order(ids: list[str], vecs: np.ndarray, order: list[str], n_clusters: int, seed: int,
-                    fit_rows: int | None = DEFAULT_FIT_ROWS) -> np.ndarray:
-    """k-means over the rows taken in ``order`` (ids; the authors' code clusters in dataset order,
-    and k-means' seeded start depends on it); the labels come back in ``ids``' order."""
-    order, ids = np.asarray(order), np.asarray(ids)
-    by_id = np.argsort(order, kind="stable")
-    perm = np.argsort(by_id[np.searchsorted(order, ids, sorter=by_id)], kind="stable")  # ids' places in order
-    labels = np.empty(len(ids), dtype=np.int64)
-    labels[perm] = kmeans(vecs[perm], n_clusters, seed, fit_rows)
-    return labels
+def fit_in_order(ids: np.ndarray, vecs: np.ndarray, how: str, n_clusters: int, seed: int):
+    """``fit`` over the rows in the order ``how`` names (select.cluster_order); k-means' seeded start
+    depends on it. "id": by id (content hashes), the same clusters whatever order the sources list
+    the rows in; "source": as given (the prepared shards' order, the sources'), as the authors'
+    code clusters. Returns the model, the ids in that order and their labels."""
+    order = np.argsort(ids, kind="stable") if how == "id" else np.arange(len(ids))
+    model, labels = fit(vecs[order], n_clusters, seed)
+    return model, ids[order], labels

@@ -7,6 +7,7 @@ time)."""
 from __future__ import annotations
 
 import hashlib
+import resource
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -51,7 +52,8 @@ def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
 
     def done(step: str) -> None:
         nonlocal t_step
-        log.info("prepare: %s in %.1fs", step, time.perf_counter() - t_step)
+        log.info("prepare: %s in %.1fs (driver's peak RSS so far %d MiB)", step, time.perf_counter() - t_step,
+                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)
         t_step = time.perf_counter()
 
     reads = parallel.run_items(parallel.read_block, [
@@ -127,7 +129,8 @@ def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
     held: dict[int, list[int]] = {}
     if n_hold:
         check_holdout_size(n_hold, sum(t["eligible"] for t in tokenized))
-        for _key, g, i in spread.smallest((t["candidates"] for t in tokenized), n_hold):
+        for _key, g, i in spread.smallest(_holdout_candidates(work, [g for g, t in zip(with_rows, tokenized)
+                                                                      if t["eligible"]]), n_hold):
             held.setdefault(g, []).append(i)
         held = {g: sorted(rows) for g, rows in sorted(held.items())}
 
@@ -165,6 +168,13 @@ def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
                   reports=reports, counts=counts, rejected=n_rejects, shards=shards, holdout=holdout,
                   tokens=sum(w["tokens"] for w in train), response_tokens=sum(w["response_tokens"] for w in train),
                   ids_sha256=ids_sha256, tok_seconds=tok_seconds, t_start=t_start, rejects_path=layout.rejects)
+
+
+def _holdout_candidates(work: str, blocks: list[int]):
+    """Each block's held-out candidates (key, block, row), read a block at a time."""
+    for g in blocks:
+        t = storage.read_parquet(work_file(work, "holdout-keys", g))
+        yield [(k, g, r) for k, r in zip(t["key"].to_pylist(), t["row"].to_pylist())]
 
 
 def _ids_sha256(shards: list[str]) -> str:

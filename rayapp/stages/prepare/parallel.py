@@ -11,6 +11,7 @@ Work folder (``prepared/.work``), one file per block ``g`` or partition ``p``:
   kept/g.parquet       the block's rows once limits and duplicates are applied
   rejects-read/g.jsonl the block's rejects when read;  rejects-tok/g.jsonl when tokenized
   tokens/g.parquet     the block's tokenized rows (shard schema), in row groups of 1,024
+  holdout-keys/g.parquet  the block's smallest seeded hashes of ids (key, row): its held-out candidates
 """
 
 from __future__ import annotations
@@ -191,12 +192,12 @@ class TokenizeBlocks:
         if rejects:
             storage.write_text(work_file(work, "rejects-tok", g, ".jsonl"),
                                "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects))
-        eligible = [(holdout_key(self.holdout_seed, r["id"]), g, i) for i, r in enumerate(kept)
+        eligible = [(holdout_key(self.holdout_seed, r["id"]), i) for i, r in enumerate(kept)
                     if r["n_response_tokens"] > 0] if self.holdout_rows else []
-        return _reply(item, {"rows": len(kept), "counts": dict(counts), "eligible": len(eligible),
-                             "candidates": heapq.nsmallest(self.holdout_rows, eligible),
-                             "tokens": sum(r["n_tokens"] for r in kept),
-                             "response_tokens": sum(r["n_response_tokens"] for r in kept)})
+        if eligible:  # the block's smallest held-out keys: no more than the split's size can be held out
+            keys, rows = zip(*heapq.nsmallest(self.holdout_rows, eligible))
+            storage.write_parquet(work_file(work, "holdout-keys", g), pa.table({"key": keys, "row": rows}))
+        return _reply(item, {"rows": len(kept), "counts": dict(counts), "eligible": len(eligible)})
 
 
 def write_rows(item: dict) -> dict:

@@ -89,8 +89,12 @@ def repeats(keys: pa.Table) -> pa.Table:
 
 
 def smallest(candidates: Iterable[list[tuple[str, int, int]]], n: int) -> list[tuple[str, int, int]]:
-    """The ``n`` smallest (holdout key, block, row) over every block's own ``n`` smallest."""
-    return heapq.nsmallest(n, (c for block in candidates for c in block))
+    """The ``n`` smallest (holdout key, block, row) over every block's own ``n`` smallest, merged a
+    block at a time: no more than ``n`` plus one block's are held."""
+    best: list[tuple[str, int, int]] = []
+    for block in candidates:
+        best = heapq.nsmallest(n, best + list(block))
+    return sorted(best)
 
 
 def shard_pieces(rows_per_block: list[int], shard_rows: int) -> list[list[tuple[int, int, int]]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pyarrow as pa
 
 from rayapp.config import RunConfig
@@ -61,8 +60,8 @@ def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: 
     from rayapp.core import placement
     from rayapp.core.prepared_rows import PreparedRows
     from rayapp.core.raycluster import init_ray, pool_size_leaving_a_cpu
-    from rayapp.selection.clustering import fit, fit_sample
-    from rayapp.stages.select.embed import assign_clusters, embed_prepared
+    from rayapp.selection.clustering import fit_in_order, fit_sample
+    from rayapp.stages.select.embed import assign_clusters, embed_prepared, embedding_matrix
 
     sc, where = cfg.select, placement.embedding(cfg)
     stall_s = cfg.ray.stall_timeout_s if watch else None
@@ -83,15 +82,12 @@ def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: 
     sample = fit_sample(embedded.rows, sc.kmeans_fit_rows, sc.seed)  # None: every row
     rows = embedded.columns(["id", "embedding"]) if sample is None else embedded.take(sample, ["id", "embedding"])
     ids = rows["id"].to_numpy(zero_copy_only=False)
-    vecs = np.asarray(rows["embedding"].combine_chunks().flatten()).reshape(len(ids), -1)
+    vecs = embedding_matrix(rows["embedding"])
     del rows
-    # k-means' seeded start depends on the row order: ids (content hashes), or the prepared
-    # shards' order, which is the sources' (select.cluster_order)
-    order = np.argsort(ids, kind="stable") if sc.cluster_order == "id" else np.arange(len(ids))
-    model, labels = fit(vecs[order], sc.n_clusters, sc.seed)
+    model, ordered_ids, labels = fit_in_order(ids, vecs, sc.cluster_order, sc.n_clusters, sc.seed)
     del vecs
     if sample is None:
-        clustered = pa.table({"id": pa.array(ids[order], pa.string()), "cluster": pa.array(labels, pa.int32())})
+        clustered = pa.table({"id": pa.array(ordered_ids, pa.string()), "cluster": pa.array(labels, pa.int32())})
     else:  # every row to its nearest centroid, where its embeddings are read
         init_ray(cfg)
         clustered = assign_clusters(outs, model, pool_size_leaving_a_cpu(cfg, 1, len(outs)), stall_s)

@@ -122,7 +122,7 @@ class Assigner:
 
         (path,) = batch["path"]
         t = storage.read_parquet(str(path), ["id", "embedding"])
-        vecs = np.asarray(t["embedding"].combine_chunks().flatten()).reshape(t.num_rows, -1)
+        vecs = embedding_matrix(t["embedding"])
         return {"id": np.asarray(t["id"].to_numpy(zero_copy_only=False), dtype=object),
                 "cluster": self.model.predict(vecs).astype(np.int32)}
 
@@ -148,6 +148,12 @@ def _assigned_shards(files: list[str], model, actors: int) -> Iterator[dict]:
     ds = ds.map_batches(Assigner, fn_constructor_kwargs={"model": model}, batch_size=1, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)), num_cpus=1)
     yield from ds.iter_batches(batch_format="numpy", batch_size=None)
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A column of fixed-size embedding lists as an (rows, dim) matrix."""
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return np.asarray(col.flatten()).reshape(len(col), -1)
 
 
 def embeddings_table(ids, vecs: np.ndarray) -> pa.Table:

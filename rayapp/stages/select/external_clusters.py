@@ -87,7 +87,8 @@ def read_clusters(path: str, n_clusters: int, seed: int,
         raise ClustersFileError(f"select.clusters: {path}: file not found")
     fs, local = storage.resolve(path)
     try:
-        pf = pq.ParquetFile(fs.open_input_file(local))
+        # pre_buffer off: with it, iter_batches keeps every row group it has read (pyarrow 26): the whole file
+        pf = pq.ParquetFile(fs.open_input_file(local), pre_buffer=False)
         names = pf.schema_arrow.names
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise ClustersFileError(f"select.clusters: {path}: not a readable Parquet file: {exc}") from None

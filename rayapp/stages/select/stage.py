@@ -410,9 +410,9 @@ def _write_selection_report(cfg: RunConfig, layout: RunLayout, inputs: Selection
         order = np.argsort(lp[eligible], kind="stable")
         pos = np.nonzero(eligible)[0][order]
         pick = np.concatenate([pos[:5], pos[-5:]]) if len(pos) > 10 else pos
-        shown = inputs.prepared_rows.take(inputs.positions[pick])  # ten rows, from the shards holding them
-        columns = ["id", "instruction", "output"] + (["messages"] if "messages" in shown.column_names else [])
-        examples = [{"lp": float(lp[i]), **r} for i, r in zip(pick, shown.select(columns).to_pylist())]
+        columns = [c for c in ("id", "instruction", "output", "messages") if c in inputs.prepared_rows.column_names]
+        shown = inputs.prepared_rows.take(inputs.positions[pick], columns)  # ten rows' text, not their tokens
+        examples = [{"lp": float(lp[i]), **r} for i, r in zip(pick, shown.to_pylist())]
     report_uri = layout.selection_report
     report_dir = storage.local_path(report_uri)
     if storage.is_remote(report_uri):
