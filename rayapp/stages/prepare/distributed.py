@@ -1,12 +1,10 @@
 """Prepare without a gather (``data.workers`` > 0): the same rows, rejects and manifest as the
 driver path in stage.py, with the rows staying on the workers. The driver sees one summary per
-block, per dedupe partition and per shard (spread.py does its arithmetic) and streams two things
-it writes whole: the rejects file (file to file) and the hash of the training ids (a column at a
-time)."""
+block, per dedupe partition and per shard (spread.py does its arithmetic), and at most
+``data.holdout_rows`` held-out candidates at a time."""
 
 from __future__ import annotations
 
-import hashlib
 import resource
 import time
 from collections import Counter
@@ -155,12 +153,12 @@ def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
     remove_stale_shards(layout, old, [s.file for s in shards])
     done(f"{len(shards)} shards written")
 
-    # 8. the rejects (read ones first, then tokenizer ones, as the driver path orders them)
-    parts = [f for kind in ("rejects-read", "rejects-tok") for f in storage.list_files(storage.join(work, kind), ".jsonl")]
-    storage.concat_files(parts, layout.rejects)
+    # 8. the rejects file and the hash of the training ids, written by a task
     n_rejects = sum(sum(r["rejected"].values()) for r in resolved) + counts["template_errors"] + \
         counts["dropped_too_long"]
-    ids_sha256 = _ids_sha256([layout.prepared_file(s.file) for s in shards])
+    (ids_sha256,) = parallel.run_items(parallel.finish_files, [{
+        "work": work, "rejects": layout.rejects, "shards": [layout.prepared_file(s.file) for s in shards]}],
+        1, "the task writing the rejects file and hashing the ids", stall)
     storage.remove_dir(work)
     done("rejects and ids hash")
     train = written[:len(pieces)]
@@ -175,15 +173,3 @@ def _holdout_candidates(work: str, blocks: list[int]):
     for g in blocks:
         t = storage.read_parquet(work_file(work, "holdout-keys", g))
         yield [(k, g, r) for k, r in zip(t["key"].to_pylist(), t["row"].to_pylist())]
-
-
-def _ids_sha256(shards: list[str]) -> str:
-    """sha256 of every training id joined by newlines (as the driver path hashes one list), read a
-    shard's id column at a time."""
-    h = hashlib.sha256()
-    sep = b""
-    for path in shards:
-        for rid in storage.read_parquet(path, ["id"])["id"].to_pylist():
-            h.update(sep + rid.encode())
-            sep = b"\n"
-    return h.hexdigest()

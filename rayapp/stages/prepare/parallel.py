@@ -16,6 +16,7 @@ Work folder (``prepared/.work``), one file per block ``g`` or partition ``p``:
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 from collections import Counter
@@ -221,3 +222,20 @@ def write_rows(item: dict) -> dict:
                          "ids_sha256": sha256_bytes("\n".join(ids).encode()),
                          "tokens": int(pc.sum(table["n_tokens"]).as_py() or 0),
                          "response_tokens": int(pc.sum(table["n_response_tokens"]).as_py() or 0)})
+
+
+def finish_files(item: dict) -> dict:
+    """One task, so that the driver streams nothing: the rejects file from the blocks' parts (read
+    rejects first, then tokenizer ones, as the driver path orders them), and the sha256 of every
+    training id joined by newlines (as the driver path hashes one list), a shard's ids at a time."""
+    it = json.loads(item["item"])
+    work = it["work"]
+    parts = [f for kind in ("rejects-read", "rejects-tok") for f in storage.list_files(storage.join(work, kind), ".jsonl")]
+    storage.concat_files(parts, it["rejects"])
+    h = hashlib.sha256()
+    sep = b""
+    for path in it["shards"]:
+        for rid in storage.read_parquet(path, ["id"])["id"].to_pylist():
+            h.update(sep + rid.encode())
+            sep = b"\n"
+    return _reply(item, h.hexdigest())
