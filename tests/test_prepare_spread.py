@@ -114,3 +114,15 @@ def test_spread_prepare_gives_the_driver_s_rows_with_drops_and_shards_across_blo
         assert (m0.reject_reasons.get("duplicate row", 0) == 60) == dedupe
         assert len(m0.shards) > 10
         assert not storage.exists(storage.join(RunLayout(str(tmp_path / f"ray-{dedupe}")).prepared, ".work"))
+
+
+@pytest.mark.slow
+def test_a_spread_prepare_that_fails_names_the_source_and_leaves_no_work_folder(ray_local, tmp_path, make_config):
+    from rayapp.core.errors import InputDataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join('{"instruction": "x", "output": ""}\n' for _ in range(5)))
+    cfg = make_config([{"path": str(bad)}], output_dir=str(tmp_path / "run"), data__workers=2, data__holdout_rows=0)
+    with pytest.raises(InputDataError, match=f"{bad}: no usable rows \\(5 read, all rejected; first: line 1"):
+        run_stage("prepare", cfg)
+    assert not storage.exists(storage.join(RunLayout(cfg.output_dir).prepared, ".work"))

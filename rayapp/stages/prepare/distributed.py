@@ -34,13 +34,22 @@ log = get_logger(__name__)
 
 
 def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
+    """The spread path; its work folder (a copy of the data, several times over) is removed
+    whether it succeeds or fails."""
     from rayapp.core.raycluster import init_ray
 
-    t_start = time.perf_counter()
     init_ray(cfg)
-    workers, stall = cfg.data.workers, cfg.ray.stall_timeout_s
     work = storage.join(layout.prepared, ".work")
     storage.remove_dir(work)
+    try:
+        return _prepare_spread(cfg, layout, work)
+    finally:
+        storage.remove_dir(work)
+
+
+def _prepare_spread(cfg: RunConfig, layout: RunLayout, work: str) -> PreparedManifest:
+    t_start = time.perf_counter()
+    workers, stall = cfg.data.workers, cfg.ray.stall_timeout_s
     jobs, reports = plan_sources(cfg)
     n_blocks = len(jobs)
     partitions = spread.partitions_for(n_blocks, workers)
@@ -159,7 +168,6 @@ def prepare_spread(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
     (ids_sha256,) = parallel.run_items(parallel.finish_files, [{
         "work": work, "rejects": layout.rejects, "shards": [layout.prepared_file(s.file) for s in shards]}],
         1, "the task writing the rejects file and hashing the ids", stall)
-    storage.remove_dir(work)
     done("rejects and ids hash")
     train = written[:len(pieces)]
     return finish(cfg, tok_src=tok_src, tokenizer=tokenizer, template=template, template_kind=template_kind,
