@@ -222,16 +222,14 @@ def write_manifest(uri: str, manifest: StageManifest) -> None:
     storage.write_json(uri, manifest.model_dump(mode="json", by_alias=True))
 
 
-def file_digest(uri: str, chunk: int = 1 << 22) -> str:
+def file_digest(uri: str) -> str:
     """The short content hash stages record for the files they hand on (``short_digest`` of the
     file's bytes, read a chunk at a time)."""
     import hashlib
 
-    fs, path = storage.resolve(uri)
     h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for chunk in storage.iter_chunks(uri):
+        h.update(chunk)
     return h.hexdigest()[:SHORT]
 
 

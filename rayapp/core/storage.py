@@ -7,6 +7,7 @@ place, so a crash never leaves a half-written file that a later stage would take
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -100,30 +101,38 @@ def write_parquet(uri: str, table: pa.Table, row_group_size: int | None = None) 
     write_bytes_atomic(uri, buf.getvalue())
 
 
-def write_parquet_parts(uri: str, parts: Iterable[pa.Table]) -> int:
-    """One Parquet file from ``parts`` (tables of one schema), written as they come, so only one
-    part is in memory at a time; atomically where the file system allows (a local file appears
-    whole or not at all). Returns the rows written. One part gives the bytes ``write_parquet`` does."""
+@contextlib.contextmanager
+def _atomic_output(uri: str):
+    """An output stream for ``uri`` that appears whole or not at all where the file system allows
+    (a local file: written under a temporary name, renamed into place on success, deleted on failure)."""
     fs, path = resolve(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     target = path if is_remote(uri) else f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    rows, writer = 0, None
     try:
         with fs.open_output_stream(target) as out:
-            for part in parts:
-                if writer is None:
-                    writer = pq.ParquetWriter(out, part.schema, compression="zstd")
-                writer.write_table(part)
-                rows += part.num_rows
-            if writer is None:
-                raise ValueError(f"{uri}: no parts to write")
-            writer.close()
+            yield out
     except BaseException:
         if target != path and fs.get_file_info(target).type == pafs.FileType.File:
             fs.delete_file(target)
         raise
     if target != path:
         os.replace(target, path)
+
+
+def write_parquet_parts(uri: str, parts: Iterable[pa.Table]) -> int:
+    """One Parquet file from ``parts`` (tables of one schema), written as they come, so only one
+    part is in memory at a time; atomically where the file system allows (a local file appears
+    whole or not at all). Returns the rows written. One part gives the bytes ``write_parquet`` does."""
+    rows, writer = 0, None
+    with _atomic_output(uri) as out:
+        for part in parts:
+            if writer is None:
+                writer = pq.ParquetWriter(out, part.schema, compression="zstd")
+            writer.write_table(part)
+            rows += part.num_rows
+        if writer is None:
+            raise ValueError(f"{uri}: no parts to write")
+        writer.close()
     return rows
 
 
@@ -138,42 +147,37 @@ def read_row_groups(uri: str, positions, columns: list[str] | None = None) -> pa
     import numpy as np
 
     fs, path = resolve(uri)
+    positions = np.asarray(positions, dtype=np.int64)
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
-        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)])
-        positions = np.asarray(positions, dtype=np.int64)
-        groups = sorted(set(np.searchsorted(starts, positions, side="right") - 1))
-        if not groups:
-            return pf.schema_arrow.empty_table().select(columns) if columns else pf.schema_arrow.empty_table()
-        table = pf.read_row_groups(groups, columns=columns)
-    # positions within the groups read, which sit next to each other in the table
-    base = np.concatenate([[0], np.cumsum([starts[g + 1] - starts[g] for g in groups])])
-    where = {g: base[i] - starts[g] for i, g in enumerate(groups)}
-    group_of = np.searchsorted(starts, positions, side="right") - 1
-    return table.take(pa.array(positions + np.array([where[g] for g in group_of], dtype=np.int64)))
+        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        group_of = np.searchsorted(starts, positions, side="right") - 1
+        groups = np.unique(group_of)  # ascending: the groups follow one another in the table read
+        table = pf.read_row_groups(groups.tolist(), columns=columns)
+    # where each group read begins in that table, less where it begins in the file
+    begins = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64)[groups])])[:-1]
+    shift = (begins - starts[groups])[np.searchsorted(groups, group_of)]
+    return table.take(pa.array(positions + shift))
+
+
+def iter_chunks(uri: str, chunk_bytes: int = 1 << 22):
+    """The bytes of ``uri``, ``chunk_bytes`` at a time."""
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as src:
+        while chunk := src.read(chunk_bytes):
+            yield chunk
 
 
 def concat_files(parts: list[str], uri: str, chunk_bytes: int = 1 << 22) -> int:
     """One file of ``parts`` one after another, copied a chunk at a time (never one part whole in
     memory), atomically where the file system allows. Returns the bytes written."""
-    fs, path = resolve(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    target = path if is_remote(uri) else f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     written = 0
-    try:
-        with fs.open_output_stream(target) as out:
-            for part in parts:
-                pfs, ppath = resolve(part)
-                with pfs.open_input_stream(ppath) as src:
-                    while chunk := src.read(chunk_bytes):
-                        out.write(chunk)
-                        written += len(chunk)
-    except BaseException:
-        if target != path and fs.get_file_info(target).type == pafs.FileType.File:
-            fs.delete_file(target)
-        raise
-    if target != path:
-        os.replace(target, path)
+    with _atomic_output(uri) as out:
+        for part in parts:
+            for chunk in iter_chunks(part, chunk_bytes):
+                out.write(chunk)
+                written += len(chunk)
     return written
 
 
