@@ -38,6 +38,7 @@ from rayapp.stages.prepare.records import (
     Reject,
     holdout_key,
     reason_key,
+    rejects_jsonl,
     tokenized_row,
     tokenizer_item,
 )
@@ -153,8 +154,7 @@ def resolve_block(item: dict) -> dict:
     if kept:
         storage.write_parquet(work_file(work, "kept", g), pa.Table.from_pylist(kept, schema=READ_SCHEMA))
     if rejects:
-        storage.write_text(work_file(work, "rejects-read", g, ".jsonl"),
-                           "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects))
+        storage.write_text(work_file(work, "rejects-read", g, ".jsonl"), rejects_jsonl(rejects))
     return _reply(item, {"rows_read": len(outcomes), "rows_ok": len(kept), "rejected": dict(rejected),
                          "first_reject": asdict(rejects[0]) if rejects else None,
                          "conversations": sum(r["messages"] is not None for r in kept)})
@@ -191,8 +191,7 @@ class TokenizeBlocks:
             storage.write_parquet(work_file(work, "tokens", g), pa.Table.from_pylist(kept, schema=SHARD_SCHEMA),
                                   row_group_size=TOKENS_ROW_GROUP)
         if rejects:
-            storage.write_text(work_file(work, "rejects-tok", g, ".jsonl"),
-                               "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects))
+            storage.write_text(work_file(work, "rejects-tok", g, ".jsonl"), rejects_jsonl(rejects))
         eligible = [(holdout_key(self.holdout_seed, r["id"]), i) for i, r in enumerate(kept)
                     if r["n_response_tokens"] > 0] if self.holdout_rows else []
         if eligible:  # the block's smallest held-out keys: no more than the split's size can be held out

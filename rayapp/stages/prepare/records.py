@@ -4,8 +4,9 @@ a rejected row, a source's tally, and what a tokenized row becomes (kept, or rej
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
@@ -51,6 +52,11 @@ class SourceReport:
     rows_read: int = 0
     rows_ok: int = 0
     rejected: Counter = field(default_factory=Counter)
+
+
+def rejects_jsonl(rejects: list[Reject]) -> str:
+    """Rejects as the rejects file holds them: one JSON object a line."""
+    return "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects)
 
 
 def reason_key(reason: str) -> str:

@@ -3,11 +3,9 @@ a rejects file and the manifest."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
-from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
@@ -43,6 +41,7 @@ from rayapp.stages.prepare.records import (  # noqa: F401
     _plain_text,
     holdout_key,
     reason_key,
+    rejects_jsonl,
     tokenized_row,
     tokenizer_item,
     training_text,
@@ -218,7 +217,7 @@ def prepare(cfg: RunConfig, layout: RunLayout) -> PreparedManifest:
         storage.write_parquet(layout.prepared_file(shard_name(i)), part)
         shards.append(ShardRecord(file=shard_name(i), rows=part.num_rows, first_id=part["id"][0].as_py()))
     remove_stale_shards(layout, old, [s.file for s in shards])
-    storage.write_text(layout.rejects, "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in rejects))
+    storage.write_text(layout.rejects, rejects_jsonl(rejects))
     return finish(cfg, tok_src=tok_src, tokenizer=tokenizer, template=template, template_kind=template_kind,
                   reports=reports, counts=counts, rejected=len(rejects), shards=shards, holdout=holdout,
                   tokens=int(pa.compute.sum(table["n_tokens"]).as_py() or 0),
