@@ -13,6 +13,7 @@ import pytest
 
 from rayapp.core import storage
 from rayapp.core.layout import RunLayout
+from rayapp.core.repeats import repeats
 from rayapp.stages.prepare import spread
 from tests.conftest import alpaca_rows, run_stage, write_jsonl
 
@@ -25,10 +26,9 @@ def test_repeats_are_every_later_occurrence_of_an_id_across_blocks():
             sequence.append((block, pos, 3 * pos + 1, f"id{rng.randint(0, 60)}"))
     rng.shuffle(shuffled := list(sequence))  # a partition meets its keys in any order
     keys = pa.table({"id": [s[3] for s in shuffled],
-                     "order": spread.order_keys(0, np.zeros(len(shuffled))) * 0 +
-                     np.array([(b << spread.ORDER_BITS) | p for b, p, _, _ in shuffled], dtype=np.int64),
+                     "order": np.concatenate([spread.order_keys(b, np.array([p])) for b, p, _, _ in shuffled]),
                      "row": [s[2] for s in shuffled]})
-    found = spread.repeats(keys)
+    found = repeats(keys)
     first: dict[str, tuple[int, int, int]] = {}
     expected = []
     for block, pos, row, rid in sequence:  # the driver's walk: a dict of ids seen so far
@@ -38,7 +38,7 @@ def test_repeats_are_every_later_occurrence_of_an_id_across_blocks():
         else:
             first[rid] = (block, pos, row)
     assert list(zip(*(found[c].to_pylist() for c in ("order", "first_order", "first_row")))) == sorted(expected)
-    assert spread.repeats(keys.slice(0, 0)).num_rows == 0
+    assert repeats(keys.slice(0, 0)).num_rows == 0
 
 
 def test_limits_and_line_offsets_follow_one_sequential_read():

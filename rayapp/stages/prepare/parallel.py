@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from rayapp.config import TemplateConfig
 from rayapp.core import storage
 from rayapp.core.hashing import sha256_bytes
+from rayapp.core.repeats import repeats
 from rayapp.core.watchdog import watched_iter
 from rayapp.stages.prepare import spread
 from rayapp.stages.prepare.blocks import Block, process_block
@@ -116,7 +117,7 @@ def find_repeats(item: dict) -> dict:
                                                              "order": pa.array([], pa.int64()),
                                                              "row": pa.array([], pa.int64())})
     keys = keys.filter(pa.array(spread.within_cuts(keys["order"].to_numpy(), cuts)))
-    found = spread.repeats(keys)
+    found = repeats(keys)
     storage.write_parquet(work_file(work, "repeats", p), found, row_group_size=8192)
     return _reply(item, {"keys": keys.num_rows, "repeats": found.num_rows})
 

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from rayapp.core import storage
 from rayapp.core.errors import RayappError
 from rayapp.core.manifests import file_digest
+from rayapp.core.repeats import repeats
 from rayapp.selection.clustering import DEFAULT_FIT_ROWS, fit, fit_sample
 
 BATCH_ROWS = 65_536
@@ -42,16 +43,10 @@ def _check_ids(path: str, key: str, col: pa.ChunkedArray) -> pa.Array:
     if row is not None:
         raise ClustersFileError(f"{path}: row {row}: field '{key}' is null")
     ids = col if pa.types.is_string(col.type) else pc.cast(col, pa.string())
-    order = np.asarray(pc.array_sort_indices(ids))  # stable: a repeated id's rows stay in file order
-    ordered = ids.take(pa.array(order))
-    same = np.asarray(pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))) if len(ids) > 1 else \
-        np.zeros(0, bool)
-    if same.any():
-        # the first row (in file order) whose id came before, and the row it repeats
-        first_of = np.maximum.accumulate(np.where(np.concatenate([[True], ~same]), np.arange(len(ids)), 0))
-        later = np.flatnonzero(np.concatenate([[False], same]))
-        at = later[np.argmin(order[later])]
-        row, before = int(order[at]), int(order[first_of[at]])
+    rows = np.arange(len(ids), dtype=np.int64)
+    found = repeats(pa.table({"id": ids, "order": rows, "row": rows}))
+    if found.num_rows:  # the first row (in file order) whose id came before, and the row it repeats
+        row, before = found["order"][0].as_py(), found["first_row"][0].as_py()
         raise ClustersFileError(f"{path}: row {row}: field '{key}': {ids[row].as_py()!r} repeats row {before}")
     return ids
 
