@@ -397,6 +397,15 @@ class SelectConfig(_Strict):
         None, description="A clustering made elsewhere (Parquet: id or index, and `cluster` per row, or "
         "`embedding` per row to cluster here with k-means as the paper's authors did); also lets stratified "
         "selection run on external `trajectories`")
+    workers: int = Field(
+        0, ge=0, description="Ray Data tasks that select in parallel: the trajectories, clusters and prepared rows "
+        "are joined by a hash of the id, each cluster's chunk is chosen where its rows are, the global selections "
+        "by Ray Data's sort, and the selected rows written by tasks; the driver holds per-cluster and per-partition "
+        "counts only. 0: all in this process. The selections are the same")
+
+    def content(self) -> dict:
+        """What the selections depend on: everything but how the work is spread."""
+        return self.model_dump(mode="json", by_alias=True, exclude={"workers"})
 
     @field_validator("baselines")
     @classmethod

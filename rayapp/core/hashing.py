@@ -43,6 +43,19 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def seeded_fraction(positions, seed: int):
+    """A number in [0, 1) for each position, the same on every worker and run (splitmix64 of the
+    position and the seed): rows whose number is below f are a seeded sample of about f of them."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        z = np.asarray(positions, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
 def _plain(obj: Any) -> Any:
     dump = getattr(obj, "model_dump", None)  # pydantic models: their JSON form
     if callable(dump):

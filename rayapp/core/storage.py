@@ -142,6 +142,12 @@ def read_parquet(uri: str, columns: list[str] | None = None, filters=None) -> pa
     return pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
 
 
+def read_schema(uri: str) -> pa.Schema:
+    """A Parquet file's schema, from its footer."""
+    fs, path = resolve(uri)
+    return pq.read_schema(path, filesystem=fs)
+
+
 def read_row_groups(uri: str, positions, columns: list[str] | None = None) -> pa.Table:
     """The rows at ``positions`` (sorted) of a Parquet file, reading only the row groups that hold them."""
     import numpy as np

@@ -37,6 +37,10 @@ class Trajectories:
     # its mean NLL of the response with and without the prompt
     ifd_nll: np.ndarray | None = None
     ifd_nll_response_only: np.ndarray | None = None
+    # a part of a larger set of trajectories (select spread over workers): these rows' positions
+    # in it, and its row count; None: these are every row
+    positions: np.ndarray | None = None
+    total_rows: int | None = None
 
 
 def ifd_scores(t: Trajectories) -> np.ndarray:
@@ -98,8 +102,10 @@ def _cherry_rows(t: Trajectories) -> list[tuple[np.ndarray, str]]:
 
 def _random_key(name: str) -> Callable[[Trajectories, int, int], np.ndarray]:
     def key(t: Trajectories, lp_epoch: int, seed: int) -> np.ndarray:
-        # an independent stream per method: the two random baselines must not share one permutation
-        return np.random.default_rng([seed, NAMES.index(name)]).permutation(len(t.ids)).astype(np.float64)
+        # an independent stream per method: the two random baselines must not share one permutation;
+        # a part of the rows takes its rows' places in the permutation of the whole
+        order = np.random.default_rng([seed, NAMES.index(name)]).permutation(t.total_rows or len(t.ids))
+        return (order if t.positions is None else order[t.positions]).astype(np.float64)
     return key
 
 

@@ -48,3 +48,17 @@ def no_response_rows(P: np.ndarray, n_tokens: np.ndarray | None) -> np.ndarray:
     if n_tokens is not None:
         return np.asarray(n_tokens) == 0
     return np.all(np.asarray(P) == 1.0, axis=1)
+
+
+def metric_columns(P: np.ndarray) -> dict[str, np.ndarray]:
+    """The scores a selected row carries: P0..Pn, LP(1..n) and LP_app."""
+    cols = {f"P{i}": P[:, i] for i in range(P.shape[1])}
+    for i in range(1, P.shape[1]):
+        cols[f"lp{i}"] = learning_percentage(P, i)
+    cols["lp_app"] = learning_percentage_approx(P[:, 0], P[:, 1])
+    return cols
+
+
+def lp_of(method: str, lp_epoch: int, P: np.ndarray) -> np.ndarray:
+    """The LP a selection's report plots and picks its examples by: LP_app for ``lp_app``, else LP(lp_epoch)."""
+    return learning_percentage_approx(P[:, 0], P[:, 1]) if method == "lp_app" else learning_percentage(P, lp_epoch)

@@ -61,13 +61,68 @@ def stratified_select(key: np.ndarray, clusters: np.ndarray, budget: float, chun
     return np.sort(order[(rank >= lo) & (rank < hi)])
 
 
+def orderable(key: np.ndarray) -> np.ndarray:
+    """int64 keys that sort as numpy sorts these floats (``argsort``, ``lexsort``): -0.0 equal to
+    0.0, NaN after everything. A sort elsewhere (Ray Data's, by (key, row)) then gives numpy's order."""
+    k = np.asarray(key, dtype=np.float64) + 0.0  # -0.0 + 0.0 is 0.0
+    bits = k.view(np.int64)
+    out = np.where(bits < 0, bits ^ np.int64(0x7FFFFFFFFFFFFFFF), bits)
+    return np.where(np.isnan(k), np.iinfo(np.int64).max, out)
+
+
+def rank_range(rows: int, budget: float, chunk: str = "low", size: int | None = None) -> tuple[int, int]:
+    """The ranks [lo, hi) a global selection keeps of ``rows`` candidates in key order: the chosen
+    chunk (``array_split`` semantics, as one cluster holding every row), or ``size`` rows from the
+    chosen end (low: the smallest keys, high: the largest, mid: the middle)."""
+    if size is not None:
+        size = min(size, rows)
+        start = {"low": 0, "mid": (rows - size) // 2, "high": rows - size}[chunk]
+        return start, start + size
+    k = n_chunks(budget)
+    which = chunk_index(chunk, k)
+    lo = which * (rows // k) + min(which, rows % k)
+    return lo, lo + rows // k + int(which < rows % k)
+
+
 def take_from_end(key: np.ndarray, size: int, chunk: str = "low") -> np.ndarray:
     """``size`` indices from the chosen end of the global order (low: smallest keys first, high: the
     largest, mid: the middle), sorted ascending."""
     ordered = np.argsort(np.asarray(key, dtype=np.float64), kind="stable")
-    size = min(size, len(ordered))
-    start = {"low": 0, "mid": (len(ordered) - size) // 2, "high": len(ordered) - size}[chunk]
-    return np.sort(ordered[start:start + size])
+    lo, hi = rank_range(len(ordered), 1.0, chunk, size)
+    return np.sort(ordered[lo:hi])
+
+
+def candidates(method: str, t: Trajectories, lp_epoch: int = 1, seed: int = 42,
+               keep_empty_responses: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """What a method ranks: the rows it may choose (rows with no response tokens excluded unless
+    ``keep_empty_responses``; then its own ``keep`` rules), its sort key for every row, and the
+    counts for provenance (each a sum over rows, so parts of the rows add up)."""
+    m = method_named(method)
+    empty = no_response_rows(t.P, t.n_tokens)
+    eligible = np.ones(len(t.ids), dtype=bool) if keep_empty_responses else ~empty
+    info = {"rows": len(t.ids), "no_response_rows": int(empty.sum()), "excluded_no_response": int((~eligible).sum())}
+    if m.key is not None and m.keep is not None:
+        for keep, dropped in m.keep(t):
+            info[dropped] = int((eligible & ~keep).sum())
+            eligible &= keep
+    return eligible, sort_key(method, t, lp_epoch=lp_epoch, seed=seed), info
+
+
+def global_size(method: str, eligible_rows: int, budget: float, size: int | None) -> int | None:
+    """How many rows a global selection keeps: ``size`` when given; for a method with its own
+    ``keep`` rules (Cherry-LLM), ``int(budget x the rows it keeps)``; else None (the chunk)."""
+    if size is None and method_named(method).keep is not None:
+        return int(eligible_rows * budget)
+    return size
+
+
+def selection_info(method: str, info: dict, selected: int, budget: float, stratified: bool,
+                   matched: int | None) -> dict:
+    """The provenance of one selection: the candidates' counts, the rows selected, and how."""
+    if method_named(method).key is None:
+        return {**info, "selected": selected, "scope": "global"}
+    return {**info, "selected": selected, "chunks": n_chunks(budget), "scope": "stratified" if stratified else "global",
+            **({"size_matched_to": matched} if matched is not None and not stratified else {})}
 
 
 def select(
@@ -88,32 +143,17 @@ def select(
     ranking (their LP is 0 by definition, so the original code ranks them hardest) unless
     ``keep_empty_responses`` reproduces that behaviour."""
     m = method_named(method)
-    n = len(t.ids)
-    empty = no_response_rows(t.P, t.n_tokens)
-    eligible = np.ones(n, dtype=bool) if keep_empty_responses else ~empty
-    info = {"rows": n, "no_response_rows": int(empty.sum()), "excluded_no_response": int((~eligible).sum())}
-    if m.key is None:  # every row
-        idx = np.nonzero(eligible)[0]
-        return idx, {**info, "selected": len(idx), "scope": "global"}
     if m.needs_clusters and clusters is None:
         raise ValueError(f"{method} needs clusters")
-    matched = size
+    eligible, key, info = candidates(method, t, lp_epoch, seed, keep_empty_responses)
+    pos = np.nonzero(eligible)[0]
+    if m.key is None:  # every row
+        return pos, selection_info(method, info, len(pos), budget, False, None)
     if m.scope == "global":
         clusters = None  # global by definition
-    if m.keep is not None:
-        for keep, dropped in m.keep(t):
-            info[dropped] = int((eligible & ~keep).sum())
-            eligible &= keep
-        if size is None:
-            size = int(eligible.sum() * budget)
-    key = sort_key(method, t, lp_epoch=lp_epoch, seed=seed)
-    pos = np.nonzero(eligible)[0]
     if clusters is not None:
         chosen = pos[stratified_select(key[pos], np.asarray(clusters)[pos], budget, chunk)]
-    elif size is not None:
-        chosen = pos[take_from_end(key[pos], size, chunk)]
     else:
-        chosen = pos[stratified_select(key[pos], np.zeros(len(pos), dtype=np.int64), budget, chunk)]
-    return chosen, {**info, "selected": int(len(chosen)), "chunks": n_chunks(budget),
-                    "scope": "stratified" if clusters is not None else "global",
-                    **({"size_matched_to": matched} if matched is not None and clusters is None else {})}
+        lo, hi = rank_range(len(pos), budget, chunk, global_size(method, len(pos), budget, size))
+        chosen = np.sort(pos[np.argsort(key[pos], kind="stable")[lo:hi]])
+    return chosen, selection_info(method, info, len(chosen), budget, clusters is not None, size)

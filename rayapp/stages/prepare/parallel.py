@@ -27,10 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayapp.config import TemplateConfig
-from rayapp.core import storage
+from rayapp.core import storage, work_items
 from rayapp.core.hashing import sha256_bytes
 from rayapp.core.repeats import repeats
-from rayapp.core.watchdog import watched_iter
 from rayapp.stages.prepare import spread
 from rayapp.stages.prepare.blocks import Block, process_block
 from rayapp.stages.prepare.records import (
@@ -60,24 +59,12 @@ def work_file(work: str, kind: str, n: int, suffix: str = ".parquet") -> str:
 
 
 def run_items(fn, items: list[dict], workers: int, what: str, stall_s: float | None, **map_kwargs) -> list:
-    """``fn`` over ``items`` (dicts sent as JSON), ``workers`` at a time, as Ray Data; the results
-    (JSON-able) in the items' order. Each finished item is progress for the watchdog."""
-    import ray.data
-
-    if not items:
-        return []
-    ds = ray.data.from_items([{"i": i, "item": json.dumps(it)} for i, it in enumerate(items)],
-                             override_num_blocks=len(items))
-    size = min(workers, len(items))
-    pool = ray.data.ActorPoolStrategy(size=size) if isinstance(fn, type) else ray.data.TaskPoolStrategy(size=size)
-    done = ds.map(fn, num_cpus=1, compute=pool, **map_kwargs)
-    rows = watched_iter(done.iter_rows(), stage="prepare", stall_s=stall_s, committed=NOTHING_YET,
-                        waiting_for=f"{what} (Ray Data, {len(items)} items)")
-    return [json.loads(r["result"]) for r in sorted(rows, key=lambda r: r["i"])]
+    """``work_items.run_items`` for prepare's steps."""
+    return work_items.run_items(fn, items, workers, what, stall_s, stage="prepare", committed=NOTHING_YET,
+                                **map_kwargs)
 
 
-def _reply(item: dict, result) -> dict:
-    return {"i": item["i"], "result": json.dumps(result)}
+_reply = work_items.reply
 
 
 def read_block(item: dict) -> dict:

@@ -12,10 +12,11 @@ block, meets the first occurrence in one place.
 from __future__ import annotations
 
 import heapq
-import zlib
 from collections.abc import Iterable
 
 import numpy as np
+
+from rayapp.core.work_items import hash_partition
 
 ORDER_BITS = 32  # an order key is (global block index << 32) | position of the outcome in its block
 
@@ -34,8 +35,8 @@ def position_of(order: np.ndarray) -> np.ndarray:
 
 
 def partition_of(ids: Iterable[str], partitions: int) -> np.ndarray:
-    """The dedupe partition of each id (a stable hash: the same on every worker and run)."""
-    return np.fromiter((zlib.crc32(i.encode()) % partitions for i in ids), dtype=np.int32)
+    """The dedupe partition of each id (``work_items.hash_partition``)."""
+    return hash_partition(ids, partitions)
 
 
 def partitions_for(blocks: int, workers: int) -> int:

@@ -98,6 +98,12 @@ def compute(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: 
     return clustered
 
 
+def _compute_in_task(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, key: str,
+                     watch: bool) -> int:
+    """``compute`` in a Ray task: the clusters go to the cache, only their count comes back."""
+    return compute(cfg, layout, prepared, key, watch).num_rows
+
+
 def start_ahead(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest) -> None:
     """Start computing the clusters in the background (a Ray task), unless they are cached."""
     import ray
@@ -105,57 +111,86 @@ def start_ahead(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest) -
     from rayapp.core.raycluster import init_ray
 
     key = clusters_key(cfg, prepared)
-    if key in _AHEAD or cached(layout, key) is not None:
+    if key in _AHEAD or is_cached(layout, key):
         return
     init_ray(cfg)
     # num_cpus=0: the task only drives Ray Data; the embedding actor asks for its own CPU
-    _AHEAD[key] = ray.remote(num_cpus=0, max_retries=0)(compute).remote(cfg, layout, prepared, key, False)
+    _AHEAD[key] = ray.remote(num_cpus=0, max_retries=0)(_compute_in_task).remote(cfg, layout, prepared, key, False)
     log.info("clustering the prepared rows in the background")
 
 
-def _await_ahead(cfg: RunConfig, layout: RunLayout, ahead) -> pa.Table:
+def _await_ahead(cfg: RunConfig, layout: RunLayout, ahead) -> None:
     import ray
 
     # no progress to probe from here: the whole wait, from now on, is bounded by ray.stall_timeout_s
-    return watched(lambda: ray.get(ahead), stage="select", stall_s=cfg.ray.stall_timeout_s,
-                   waiting_for="the clustering started ahead (a Ray task embedding every prepared row)",
-                   committed=f"no clusters yet (they go in {layout.clusters} when done)",
-                   on_stall=lambda: ray.cancel(ahead, force=True))
+    watched(lambda: ray.get(ahead), stage="select", stall_s=cfg.ray.stall_timeout_s,
+            waiting_for="the clustering started ahead (a Ray task embedding every prepared row)",
+            committed=f"no clusters yet (they go in {layout.clusters} when done)",
+            on_stall=lambda: ray.cancel(ahead, force=True))
 
 
 def started_ahead() -> bool:
     return bool(_AHEAD)
 
 
+def _finished_ahead(cfg: RunConfig, layout: RunLayout, key: str) -> bool:
+    """Whether a clustering this process started ahead has put its clusters in the cache (False:
+    none was started, or it failed, loudly)."""
+    ahead = _AHEAD.pop(key, None)
+    if ahead is None:
+        return False
+    try:
+        _await_ahead(cfg, layout, ahead)
+        return True
+    except StallError:
+        raise
+    except Exception as exc:  # the background attempt failed: the caller computes them, loudly
+        log.warning("background clustering failed (%s); computing it now", exc)
+        return False
+
+
 def finish_ahead(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest) -> None:
     """Wait for the clustering this process started ahead: when it is done, its clusters are in the
     cache, where select (in a driver process of its own, under `rayapp run`) reads them. If it
     failed, select computes them itself."""
-    ahead = _AHEAD.pop(clusters_key(cfg, prepared), None)
-    if ahead is None:
-        return
-    try:
-        _await_ahead(cfg, layout, ahead)
-    except StallError:
-        raise
-    except Exception as exc:
-        log.warning("background clustering failed (%s); select computes it now", exc)
+    _finished_ahead(cfg, layout, clusters_key(cfg, prepared))
+
+
+def is_cached(layout: RunLayout, key: str) -> bool:
+    return keyed.is_current(layout.clusters, {"rayapp.key": key})
+
+
+def _reuse(cfg: RunConfig, layout: RunLayout, key: str, force: bool) -> bool:
+    """Whether the cache holds this clustering and may be used: made just now by the task started
+    ahead, or before, unless ``force``."""
+    fresh = _finished_ahead(cfg, layout, key)
+    if (fresh or not force) and is_cached(layout, key):
+        if not fresh:
+            log.info("reusing %d clusters from %s", cfg.select.n_clusters, layout.clusters)
+        return True
+    return False
 
 
 def clusters_for(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, force: bool) -> pa.Table:
     """Each row's ``id`` and ``cluster``: from the task started ahead, the cache, or computed now."""
     key = clusters_key(cfg, prepared)
-    ahead = _AHEAD.pop(key, None)
-    if ahead is not None:
-        try:
-            return _await_ahead(cfg, layout, ahead)
-        except StallError:
-            raise
-        except Exception as exc:  # the background attempt failed: compute in the foreground, loudly
-            log.warning("background clustering failed (%s); computing it now", exc)
-    elif not force:
+    if _reuse(cfg, layout, key, force):
         hit = cached(layout, key)
         if hit is not None:
-            log.info("reusing %d clusters from %s", cfg.select.n_clusters, layout.clusters)
             return hit
     return compute(cfg, layout, prepared, key)
+
+
+def ensure_clusters(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest, force: bool) -> str:
+    """The clusters in the cache (``layout.clusters``), computed in a Ray task unless they are
+    there already; they never come to this process. Returns the cache's path."""
+    import ray
+
+    from rayapp.core.raycluster import init_ray
+
+    key = clusters_key(cfg, prepared)
+    if not _reuse(cfg, layout, key, force):
+        init_ray(cfg)
+        ahead = ray.remote(num_cpus=0, max_retries=0)(_compute_in_task).remote(cfg, layout, prepared, key, True)
+        _await_ahead(cfg, layout, ahead)
+    return layout.clusters

@@ -74,10 +74,11 @@ def _embedding_batches(path: str, pf: pq.ParquetFile):
         start += len(col)
 
 
-def read_clusters(path: str, n_clusters: int, seed: int,
-                  fit_rows: int | None = DEFAULT_FIT_ROWS) -> tuple[pa.Table, dict]:
-    """Each row's cluster from ``path`` as a table (id: string, cluster: int32) in the file's order,
-    and what was read (for the provenance)."""
+def check_clusters(path: str, n_clusters: int, seed: int, fit_rows: int | None = DEFAULT_FIT_ROWS):
+    """The clusters file checked, every problem naming its row and field: its ids (strings, in the
+    file's order), each row's cluster where the file gives it or k-means is fitted on every row
+    (else None), the k-means model where the rows are still to be assigned to its centroids (a
+    fit on a sample, above ``fit_rows`` rows), and what was read (for the provenance)."""
     if not storage.exists(path):
         raise ClustersFileError(f"select.clusters: {path}: file not found")
     fs, local = storage.resolve(path)
@@ -91,6 +92,7 @@ def read_clusters(path: str, n_clusters: int, seed: int,
     if key is None:
         raise ClustersFileError(f"{path}: needs an 'id' or 'index' column (has: {', '.join(names)})")
     ids = _check_ids(path, key, pf.read(columns=[key])[key])
+    model = None
     if "cluster" in names:
         col = pf.read(columns=["cluster"])["cluster"].combine_chunks()
         if not pa.types.is_integer(col.type):
@@ -112,18 +114,41 @@ def read_clusters(path: str, n_clusters: int, seed: int,
                 kept.append(x[sample[lo:hi] - start])
         model, labels = fit(np.concatenate(kept), n_clusters, seed)
         del kept
-        if sample is not None:  # every row to its nearest centroid, a batch at a time
-            labels = np.concatenate([model.predict(x) for _, x in _embedding_batches(path, pf)])
-        clusters = pa.array(labels.astype(np.int32))
+        clusters = None if sample is not None else pa.array(labels.astype(np.int32))
         how = {"clusters_file": path, "kind": "embeddings", "n_clusters": model.n_clusters, "random_state": seed,
                "dim": dim}
         if sample is not None:
             how["fitted_on_rows"] = len(sample)
+        else:
+            model = None  # every row has its label already
     else:
         raise ClustersFileError(f"{path}: needs a 'cluster' column (each row's cluster) or an 'embedding' column "
                                 f"(to cluster here); has: {', '.join(names)}")
     how["sha256"] = file_digest(path)
+    return ids, clusters, model, how
+
+
+def assign(model, x: np.ndarray) -> np.ndarray:
+    """Each embedding's nearest centroid (KMeans.predict), as int32."""
+    return model.predict(x).astype(np.int32)
+
+
+def read_clusters(path: str, n_clusters: int, seed: int,
+                  fit_rows: int | None = DEFAULT_FIT_ROWS) -> tuple[pa.Table, dict]:
+    """Each row's cluster from ``path`` as a table (id: string, cluster: int32) in the file's order,
+    and what was read (for the provenance)."""
+    ids, clusters, model, how = check_clusters(path, n_clusters, seed, fit_rows)
+    if clusters is None:  # every row to its nearest centroid, a batch at a time
+        fs, local = storage.resolve(path)
+        pf = pq.ParquetFile(fs.open_input_file(local), pre_buffer=False)
+        clusters = pa.array(np.concatenate([assign(model, x) for _, x in _embedding_batches(path, pf)]))
     return pa.table({"id": ids, "cluster": clusters}), how
+
+
+def embeddings_at(path: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of the file's ``embedding`` column as a float32 matrix (checked already)."""
+    col = storage.read_row_groups(path, np.arange(start, stop), ["embedding"])["embedding"].combine_chunks()
+    return np.asarray(pc.list_flatten(col).to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(col), -1)
 
 
 def clusters_for_ids(path: str, clusters: pa.Table, ids: np.ndarray) -> np.ndarray:
@@ -132,5 +157,5 @@ def clusters_for_ids(path: str, clusters: pa.Table, ids: np.ndarray) -> np.ndarr
     missing = np.asarray(at.is_null())
     if missing.any():
         raise ClustersFileError(f"{path}: {int(missing.sum())} of the {len(ids)} rows to select from have no cluster "
-                                f"(e.g. id {ids[_first(missing)]!r}); every row needs one")
+                                f"(e.g. id {str(ids[_first(missing)])!r}); every row needs one")
     return clusters["cluster"].combine_chunks().take(at).to_numpy()

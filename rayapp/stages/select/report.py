@@ -22,6 +22,17 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return len(sa & sb) / len(sa | sb) if sa or sb else 1.0
 
 
+def overlap_matrix(selections: dict[str, np.ndarray]) -> np.ndarray:
+    """Jaccard overlap of every pair of selections (their ids or positions)."""
+    return np.array([[jaccard(selections[a], selections[b]) for b in selections] for a in selections])
+
+
+def jaccard_from_counts(common: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The same matrix from each pair's rows in common and each selection's size."""
+    union = sizes[:, None] + sizes[None, :] - common
+    return np.where(union > 0, common / np.maximum(union, 1), 1.0)
+
+
 def write_report(
     out_dir: str,
     title: str,
@@ -30,13 +41,16 @@ def write_report(
     selected: np.ndarray,
     eligible: np.ndarray,
     response_tokens: np.ndarray | None,
-    clusters: np.ndarray | None,
-    selections: dict[str, np.ndarray],
+    cluster_sizes: np.ndarray | None,
+    overlap: tuple[list[str], np.ndarray] | None,
     examples: list[dict] | None,
     provenance: dict,
     length_label: str = "response tokens",
 ) -> str:
-    """Write report.html and its PNGs into ``out_dir`` (local); returns the HTML path."""
+    """Write report.html and its PNGs into ``out_dir`` (local); returns the HTML path. The rows
+    (``P``, ``lp``, ``eligible``, ``response_tokens``; ``selected`` indexes them) may be a sample;
+    ``cluster_sizes`` (eligible rows per cluster) and ``overlap`` (the selections' names and their
+    Jaccard matrix) are of every row."""
     plt = _plt()
     os.makedirs(out_dir, exist_ok=True)
     figs: list[tuple[str, str]] = []
@@ -94,18 +108,17 @@ def write_report(
         save(fig, "lengths.png", "Response length: LP is known to favour long responses; compare with `longest`.")
 
     # 4. cluster sizes
-    if clusters is not None:
+    if cluster_sizes is not None:
         fig, ax = plt.subplots(figsize=(6, 3.2))
-        sizes = np.bincount(clusters[eligible]) if eligible.any() else np.zeros(1)
+        sizes = np.asarray(cluster_sizes) if len(cluster_sizes) else np.zeros(1)
         ax.hist(sizes, bins=min(40, max(5, len(np.unique(sizes)))), color="#7f8c8d")
         ax.set_xlabel("rows per cluster")
         ax.set_ylabel("clusters")
         save(fig, "clusters.png", f"Cluster sizes ({len(sizes)} k-means clusters).")
 
     # 5. overlap between methods
-    names = list(selections)
-    if len(names) > 1:
-        m = np.array([[jaccard(selections[a], selections[b]) for b in names] for a in names])
+    if overlap is not None and len(overlap[0]) > 1:
+        names, m = overlap
         fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(names), 0.8 + 0.65 * len(names)))
         im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")

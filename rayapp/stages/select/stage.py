@@ -32,7 +32,7 @@ from rayapp.core.prepared_rows import PreparedRows, positions_of
 from rayapp.core.stage import Stage, StageContext
 from rayapp.selection import methods
 from rayapp.selection.methods import Trajectories
-from rayapp.selection.metrics import learning_percentage, learning_percentage_approx, no_response_rows
+from rayapp.selection.metrics import lp_of, metric_columns, no_response_rows
 from rayapp.selection.strategies import n_chunks, select
 from rayapp.stages.select.clusters import clusters_for, finish_ahead, start_ahead, started_ahead
 from rayapp.stages.select.report import write_report
@@ -65,7 +65,12 @@ def selection_specs(sc: SelectConfig) -> dict[str, tuple[str, str]]:
 
 def load_external_trajectories(path: str, prefix: str) -> tuple[Trajectories, str]:
     """A Parquet with an id (or index) column and {prefix}P0..Pn columns (e.g. the paper's)."""
-    t = storage.read_parquet(path)
+    return external_trajectories(storage.read_parquet(path), path, prefix), file_digest(path)
+
+
+def external_trajectories(t: pa.Table, path: str, prefix: str) -> Trajectories:
+    """``load_external_trajectories`` of a table read from ``path`` (all of it, some rows, or none:
+    its schema, which says what can run)."""
     id_col = "id" if "id" in t.column_names else "index" if "index" in t.column_names else None
     if id_col is None:
         raise SelectError(f"{path}: needs an 'id' or 'index' column")
@@ -80,7 +85,7 @@ def load_external_trajectories(path: str, prefix: str) -> tuple[Trajectories, st
     P = np.stack([np.asarray(t[c], dtype=np.float64) for c in cols], axis=1)
     ids = np.asarray([str(x) for x in t[id_col].to_pylist()])
     n_tok = np.asarray(t[f"{prefix}n_tokens"]) if f"{prefix}n_tokens" in t.column_names else None
-    return Trajectories(ids=ids, P=P, n_tokens=n_tok), file_digest(path)
+    return Trajectories(ids=ids, P=P, n_tokens=n_tok)
 
 
 def trajectories_from_table(t: pa.Table) -> Trajectories:
@@ -147,14 +152,6 @@ def _clusters_identity(cfg: RunConfig) -> str | None:
     return file_digest(path) if path and storage.exists(path) else None
 
 
-def _metrics_columns(t: Trajectories, sc: SelectConfig) -> dict[str, np.ndarray]:
-    cols = {f"P{i}": t.P[:, i] for i in range(t.P.shape[1])}
-    for i in range(1, t.P.shape[1]):
-        cols[f"lp{i}"] = learning_percentage(t.P, i)
-    cols["lp_app"] = learning_percentage_approx(t.P[:, 0], t.P[:, 1])
-    return cols
-
-
 class SelectStage(Stage):
     name = "select"
 
@@ -172,9 +169,10 @@ class SelectStage(Stage):
 
     def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs) -> str:
         if inputs.prepared is None:
-            return fingerprint(trajectories=inputs.source["sha256"], select=cfg.select, clusters=_clusters_identity(cfg))
+            return fingerprint(trajectories=inputs.source["sha256"], select=cfg.select.content(),
+                               clusters=_clusters_identity(cfg))
         return fingerprint(prepared=inputs.prepared.fingerprint, scores=inputs.scores.fingerprint,
-                           trajectories=inputs.scores.trajectories_sha256, select=cfg.select,
+                           trajectories=inputs.scores.trajectories_sha256, select=cfg.select.content(),
                            clusters=_clusters_identity(cfg))
 
     def outputs_complete(self, m: SelectionManifest, layout: RunLayout) -> bool:
@@ -233,12 +231,16 @@ def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False,
                 inputs: SelectionInputs | None = None) -> SelectionManifest:
     """The select stage's work, in order: the inputs (read now unless given), the selections that
     can run, the clusters, a pure ``choose``, each selection written with its provenance, the
-    report, the log."""
+    report, the log. With ``select.workers`` it is spread over Ray Data (distributed.py)."""
     sc = cfg.select
     inputs = inputs or _read_inputs(cfg, layout)
+    if sc.workers > 0:
+        from rayapp.stages.select.distributed import select_spread
+
+        return select_spread(cfg, layout, force, inputs)
     specs = selection_specs(sc)
     clusters, cluster_source = None, None
-    if any(scope == "stratified" for _, scope in specs.values()):
+    if needs_clusters(specs):
         if sc.clusters is not None:
             from rayapp.stages.select.external_clusters import clusters_for_ids, read_clusters
 
@@ -249,39 +251,53 @@ def select_rows(cfg: RunConfig, layout: RunLayout, force: bool = False,
             specs = _without_stratified(sc, specs)
         else:
             clusters = _clusters(cfg, layout, inputs.prepared, inputs.traj.ids, force)
-    specs = _runnable(sc, specs, inputs.traj)
+    specs = runnable(sc, specs, inputs.traj)
     chosen = choose(sc, inputs.traj, specs, clusters)
-    metric_cols = _metrics_columns(inputs.traj, sc)
-    common = _provenance(cfg, layout, inputs, clusters)
-    if cluster_source is not None:
-        common["cluster_settings"] = cluster_source
+    metric_cols = metric_columns(inputs.traj.P)
+    common = provenance(cfg, layout, inputs, None if clusters is None else len(np.unique(clusters)), cluster_source)
     records = {key: _write_selection(cfg, layout, inputs, key, c, clusters, metric_cols, common)
                for key, c in chosen.items()}
     report = _write_selection_report(cfg, layout, inputs, chosen, records, clusters, metric_cols, common)
-    _log_selections(sc, inputs.traj, chosen, records, common, report)
+    log_selections(sc, len(inputs.traj.ids), chosen, records, common, report)
     return SelectionManifest(prepared_fingerprint=inputs.prepared.fingerprint if inputs.prepared else None,
                              main=sc.method, selections=records, report=report)
 
 
+def needs_clusters(specs: dict) -> bool:
+    return any(scope == "stratified" for _, scope in specs.values())
+
+
 def _read_inputs(cfg: RunConfig, layout: RunLayout) -> SelectionInputs:
+    """The trajectories and what they belong to. With ``select.workers`` only their schema is read
+    here (what can run): the rows are read where they are selected."""
     sc = cfg.select
+    spread = sc.workers > 0
     if sc.trajectories is not None:
         if not storage.exists(sc.trajectories):
             raise SelectError(f"select.trajectories: file not found: {sc.trajectories}")
-        traj, traj_digest = load_external_trajectories(sc.trajectories, sc.trajectory_prefix)
+        if spread:
+            schema_only = storage.read_schema(sc.trajectories).empty_table()
+            traj, traj_digest = external_trajectories(schema_only, sc.trajectories, sc.trajectory_prefix), \
+                file_digest(sc.trajectories)
+        else:
+            traj, traj_digest = load_external_trajectories(sc.trajectories, sc.trajectory_prefix)
         return SelectionInputs(traj, None, None, None, None, {"trajectories": sc.trajectories,
                                "prefix": sc.trajectory_prefix, "sha256": traj_digest},
                                "response tokens scored (after truncation)")
     prepared = read_prepared(layout)
     sm = check_scores(layout, prepared)
-    traj = trajectories_from_table(storage.read_parquet(layout.trajectories))
     rows = PreparedRows.of(prepared, layout)
+    source = {"trajectories": layout.trajectories, "prepared_fingerprint": prepared.fingerprint,
+              "trajectories_sha256": sm.trajectories_sha256, "score_checkpoints": [c.name for c in sm.checkpoints]}
+    if spread:
+        traj = trajectories_from_table(storage.read_schema(layout.trajectories).empty_table())
+        traj.response_length, traj.truncated = np.zeros(0, np.int64), np.zeros(0, bool)
+        return SelectionInputs(traj, prepared, sm, rows, None, source, "characters of the response text")
+    traj = trajectories_from_table(storage.read_parquet(layout.trajectories))
     positions, info = trajectory_positions(rows, traj.ids)
     # "Long Is More": the response text's length, not what truncation left of its tokens
     traj.response_length = info["chars"].to_numpy()[positions]
     traj.truncated = info["truncated"].to_numpy(zero_copy_only=False)[positions]
-    source = {"trajectories": layout.trajectories, "prepared_fingerprint": prepared.fingerprint,
-              "trajectories_sha256": sm.trajectories_sha256, "score_checkpoints": [c.name for c in sm.checkpoints]}
     return SelectionInputs(traj, prepared, sm, rows, positions, source, "characters of the response text")
 
 
@@ -295,8 +311,9 @@ def _without_stratified(sc: SelectConfig, specs: dict) -> dict:
     return {k: v for k, v in specs.items() if k not in dropped}
 
 
-def _runnable(sc: SelectConfig, specs: dict, traj: Trajectories) -> dict:
-    """The selections these trajectories have the scores for; the main method must be one."""
+def runnable(sc: SelectConfig, specs: dict, traj: Trajectories) -> dict:
+    """The selections these trajectories have the scores for (their columns: ``traj`` may hold no
+    rows); the main method must be one."""
     out = dict(specs)
     for key, (m, _) in specs.items():
         why = methods.method_named(m).unrunnable(traj)
@@ -313,21 +330,27 @@ def choose(sc: SelectConfig, traj: Trajectories, specs: dict, clusters: np.ndarr
     keeps as many rows as the main one (stratified ones already do: the same per-cluster chunks)."""
     chosen: dict[str, Chosen] = {}
     for key, (m, scope) in specs.items():
-        size = len(chosen[sc.method].idx) if sc.match_size and scope == "global" and key != sc.method else None
+        size = matched_size(sc, key, scope, len(chosen[sc.method].idx) if chosen else None)
         idx, info = select(
             m, traj, sc.budget, clusters=clusters if scope == "stratified" else None,
-            chunk=_chunk(sc, m), lp_epoch=sc.lp_epoch, seed=sc.seed,
+            chunk=chunk_of(sc, m), lp_epoch=sc.lp_epoch, seed=sc.seed,
             keep_empty_responses=sc.keep_empty_responses, size=size,
         )
         chosen[key] = Chosen(m, scope, idx, info)
     return chosen
 
 
-def _chunk(sc: SelectConfig, method: str) -> str:
+def matched_size(sc: SelectConfig, key: str, scope: str, main_rows: int | None) -> int | None:
+    """The size a global selection is held to: the main selection's (``select.match_size``)."""
+    return main_rows if sc.match_size and scope == "global" and key != sc.method else None
+
+
+def chunk_of(sc: SelectConfig, method: str) -> str:
     return methods.chunk_of(method, sc.chunk)
 
 
-def _provenance(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs, clusters: np.ndarray | None) -> dict:
+def provenance(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs, n_clusters: int | None,
+               cluster_source: dict | None) -> dict:
     """What every selection.json (and the report) records about how the selections were made."""
     sc = cfg.select
     n_ck = inputs.traj.P.shape[1]
@@ -337,9 +360,10 @@ def _provenance(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs, clus
         "chunks": n_chunks(sc.budget),
         "chunk": sc.chunk,
         "stratified": sc.stratified,
-        "n_clusters": int(len(np.unique(clusters))) if clusters is not None else None,
-        "cluster_settings": {"embedding_model": sc.embedding_model, "n_clusters": sc.n_clusters,
-                             "random_state": sc.seed} if clusters is not None else None,
+        "n_clusters": int(n_clusters) if n_clusters is not None else None,
+        "cluster_settings": cluster_source if cluster_source is not None else
+        {"embedding_model": sc.embedding_model, "n_clusters": sc.n_clusters,
+         "random_state": sc.seed} if n_clusters is not None else None,
         "seed": sc.seed,
         "lp_epoch": sc.lp_epoch,
         "lp_app_p1_from": "a 1-epoch reference run" if n_ck == 2 else f"epoch 1 of a {n_ck - 1}-epoch reference run",
@@ -348,6 +372,27 @@ def _provenance(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs, clus
         "input_manifest_sha256": file_digest(layout.prepared_manifest) if inputs.prepared else None,
         **inputs.source,
     }
+
+
+def write_selection_json(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs, key: str, method: str, tag: str, info: dict,
+                         common: dict, ids_digest: str) -> None:
+    """A selection's selection.json: how it was chosen, from what, and the digest of its ids."""
+    traj = inputs.traj
+    prov = {"method": method, "selection": key, "tag": tag, **common, **info, "selected_ids_sha256": ids_digest}
+    if method in ("ifd", "ifd_cherry"):
+        prefix = cfg.score.response_only_prefix
+        prov["ifd_unconditioned_text"] = ("BOS + the response's tokens" if not prefix
+                                          else f"{prefix!r} + the response's tokens")
+        prov["ifd_scored_by"] = ("the untrained target model" if traj.ifd_nll is not None
+                                 else "the reference model before training (epoch 0)")
+    if method == "longest":
+        prov["length_measure"] = inputs.length_measure
+    storage.write_json(storage.join(layout.selection_dir(tag), "selection.json"), prov)
+
+
+def selected_ids_digest(ids) -> str:
+    """The digest of a selection's ids, whatever their order."""
+    return short_digest("\n".join(sorted(ids)).encode())
 
 
 # Rows of a selection in memory at once while it is written (with their token ids: ~10 KB a row
@@ -360,7 +405,7 @@ def _write_selection(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs,
     """One selection's folder: the chosen rows (all their prepared columns, in selection order, with
     their scores and cluster) and selection.json."""
     traj = inputs.traj
-    tag = selection_tag(c.method, _chunk(cfg.select, c.method), cfg.select.budget, c.scope)
+    tag = selection_tag(c.method, chunk_of(cfg.select, c.method), cfg.select.budget, c.scope)
     folder = layout.selection_dir(tag)
     chosen_ids = traj.ids[c.idx]
     extra = {k: v[c.idx] for k, v in metric_cols.items()}
@@ -382,37 +427,50 @@ def _write_selection(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs,
 
     shard = storage.join(folder, "selected.parquet")
     storage.write_parquet_parts(shard, parts())
-    prov = {"method": c.method, "selection": key, "tag": tag, **common, **c.info,
-            "selected_ids_sha256": short_digest("\n".join(sorted(chosen_ids)).encode())}
-    if c.method in ("ifd", "ifd_cherry"):
-        prefix = cfg.score.response_only_prefix
-        prov["ifd_unconditioned_text"] = ("BOS + the response's tokens" if not prefix
-                                          else f"{prefix!r} + the response's tokens")
-        prov["ifd_scored_by"] = ("the untrained target model" if traj.ifd_nll is not None
-                                 else "the reference model before training (epoch 0)")
-    if c.method == "longest":
-        prov["length_measure"] = inputs.length_measure
-    storage.write_json(storage.join(folder, "selection.json"), prov)
+    write_selection_json(cfg, layout, inputs, key, c.method, tag, c.info, common, selected_ids_digest(chosen_ids))
     return SelectionRecord(method=c.method, tag=tag, rows=int(len(c.idx)), path=shard, sha256=file_digest(shard))
 
 
 def _write_selection_report(cfg: RunConfig, layout: RunLayout, inputs: SelectionInputs, chosen: dict[str, Chosen],
                             records: dict[str, SelectionRecord], clusters: np.ndarray | None, metric_cols: dict,
                             common: dict) -> str:
-    """The HTML report (drawn locally; uploaded beside the other outputs when output_dir is
-    remote): LP's distribution, the selections' overlap, and the rows learned earliest and latest."""
+    """The HTML report: LP's distribution, the selections' overlap, and the rows learned earliest and latest."""
+    from rayapp.stages.select.report import overlap_matrix
+
     sc, traj = cfg.select, inputs.traj
     main = chosen[sc.method]
     eligible = np.ones(len(traj.ids), dtype=bool) if sc.keep_empty_responses else ~no_response_rows(traj.P, traj.n_tokens)
-    lp = learning_percentage(traj.P, sc.lp_epoch) if sc.method != "lp_app" else metric_cols["lp_app"]
+    lp = lp_of(sc.method, sc.lp_epoch, traj.P)
     examples = None
     if inputs.prepared_rows is not None:
         order = np.argsort(lp[eligible], kind="stable")
         pos = np.nonzero(eligible)[0][order]
         pick = np.concatenate([pos[:5], pos[-5:]]) if len(pos) > 10 else pos
-        columns = [c for c in ("id", "instruction", "output", "messages") if c in inputs.prepared_rows.column_names]
-        shown = inputs.prepared_rows.take(inputs.positions[pick], columns)  # ten rows' text, not their tokens
-        examples = [{"lp": float(lp[i]), **r} for i, r in zip(pick, shown.to_pylist())]
+        examples = report_examples(inputs.prepared_rows, inputs.positions[pick], lp[pick])
+    sizes = (np.bincount(clusters[eligible]) if eligible.any() else np.zeros(1)) if clusters is not None else None
+    overlap = (list(chosen), overlap_matrix({k: traj.ids[c.idx] for k, c in chosen.items()}))
+    return write_selection_report(cfg, layout, records[sc.method].tag, traj.P, lp, main.idx, eligible,
+                                  traj.response_length, sizes, overlap, examples,
+                                  report_facts(sc, len(traj.ids), len(main.idx), main.info, common),
+                                  inputs.prepared_rows is not None)
+
+
+def report_examples(rows: PreparedRows, positions: np.ndarray, lp: np.ndarray) -> list[dict]:
+    """The report's example rows (their text, not their tokens), with their LP."""
+    columns = [c for c in ("id", "instruction", "output", "messages") if c in rows.column_names]
+    return [{"lp": float(v), **r} for v, r in zip(lp, rows.take(positions, columns).to_pylist())]
+
+
+def report_facts(sc: SelectConfig, rows: int, selected: int, main_info: dict, common: dict) -> dict:
+    return {"method": sc.method, "rows": rows, "selected": int(selected),
+            "no_response_rows (excluded)": main_info["excluded_no_response"], **common}
+
+
+def write_selection_report(cfg: RunConfig, layout: RunLayout, main_tag: str, P, lp, selected, eligible, lengths,
+                           cluster_sizes, overlap, examples, facts: dict, text_lengths: bool) -> str:
+    """``report.write_report`` into the run's report folder (drawn locally, uploaded beside the
+    other outputs when output_dir is remote)."""
+
     report_uri = layout.selection_report
     report_dir = storage.local_path(report_uri)
     if storage.is_remote(report_uri):
@@ -420,25 +478,22 @@ def _write_selection_report(cfg: RunConfig, layout: RunLayout, inputs: Selection
 
         report_dir = tempfile.mkdtemp(prefix="rayapp-report-")
     html_path = write_report(
-        report_dir, f"rayapp selection: {records[sc.method].tag} ({cfg.name})", traj.P, lp, main.idx, eligible,
-        traj.response_length, clusters, {k: traj.ids[c.idx] for k, c in chosen.items()}, examples,
-        {"method": sc.method, "rows": len(traj.ids), "selected": int(len(main.idx)),
-         "no_response_rows (excluded)": main.info["excluded_no_response"], **common},
-        length_label="response characters" if inputs.prepared_rows is not None else "response tokens",
-    )
+        report_dir, f"rayapp selection: {main_tag} ({cfg.name})", P, lp, selected, eligible, lengths, cluster_sizes,
+        overlap, examples, facts, length_label="response characters" if text_lengths else "response tokens")
     if storage.is_remote(report_uri):
         storage.upload_dir(report_dir, report_uri)
         html_path = storage.join(report_uri, "report.html")
     return html_path
 
 
-def _log_selections(sc: SelectConfig, traj: Trajectories, chosen: dict[str, Chosen],
-                    records: dict[str, SelectionRecord], common: dict, report: str) -> None:
-    main = chosen[sc.method]
-    where = f"stratified over {common['n_clusters']} clusters" if main.info["scope"] == "stratified" else "global"
+def log_selections(sc: SelectConfig, rows: int, chosen: dict, records: dict[str, SelectionRecord], common: dict,
+                   report: str) -> None:
+    """``chosen``: each selection's scope and size (a ``Chosen``, or its info dict's)."""
+    main = chosen[sc.method].info
+    where = f"stratified over {common['n_clusters']} clusters" if main["scope"] == "stratified" else "global"
     log.info("%s: kept %d of %d rows (budget %.0f%%, %s; %d rows with no response tokens excluded)", sc.method,
-             len(main.idx), len(traj.ids), 100 * sc.budget, where, main.info["excluded_no_response"])
+             main["selected"], rows, 100 * sc.budget, where, main["excluded_no_response"])
     for key in list(chosen)[1:]:
-        log.info("  baseline %-16s %d rows (%s) -> %s", key, len(chosen[key].idx), chosen[key].info["scope"],
-                 records[key].tag)
+        info = chosen[key].info
+        log.info("  baseline %-16s %d rows (%s) -> %s", key, info["selected"], info["scope"], records[key].tag)
     log.info("report: %s", report)
