@@ -19,9 +19,11 @@ rows only, as the "before": it holds every row.
 Select. Scoring a million rows with a model does not fit a 2-core benchmark, so the trajectories
 are the paper's published perplexities (opt-350m P0..P3, Alpaca then Dolly), dealt out to the
 ids in turn (content-hash-like; select needs no prepared data), and the clusters come from a file of 384-d embeddings (1,000 well-separated
-centres plus noise): ``select --trajectories ... --clusters ...``, stratified LP with clust_rand
-and ppl_high. Select runs in the driver (it reads two files); its peak is bounded by the k-means
-fit's rows (``select.kmeans_fit_rows``) of embeddings, plus a few numbers per row.
+centres plus noise): ``select --trajectories ... --clusters ...``, stratified LP with clust_rand,
+ppl_high, and the global ppl_high and random draws at 5 %. Select runs in-process
+(``select.workers: 0``: its peak is bounded by the k-means fit's rows of embeddings, plus a few
+numbers per row) and spread over Ray Data (1 and 2 workers; at 100k rows 2 only). Every spread run's
+selections (rows and ids digest) are checked against the in-process run's.
 
 Results: benchmarks/results/million-cpu<N>.json and .png.
 """
@@ -194,14 +196,16 @@ def _one(spec: dict) -> dict:
     if spec["stage"] == "prepare":
         out.update(rows_read=m.rows_read, rows=m.rows, rejected=m.rejected, reject_reasons=m.reject_reasons,
                    rows_per_s=round(m.rows_read / wall), shards=len(m.shards))
-    else:
-        out.update(selections={k: s.rows for k, s in m.selections.items()})
+    else:  # each selection's rows and ids digest: the in-process and spread paths must agree
+        out.update(rows_per_s=round(spec["rows"] / wall), selections={
+            k: [s.rows, json.load(open(os.path.join(os.path.dirname(s.path), "selection.json")))["selected_ids_sha256"]]
+            for k, s in m.selections.items()})
     ray.shutdown()
     return out
 
 
-def _measured(stage: str, config: dict) -> dict:
-    spec = json.dumps({"stage": stage, "config": config})
+def _measured(stage: str, config: dict, rows: int = 0) -> dict:
+    spec = json.dumps({"stage": stage, "config": config, "rows": rows})
     proc = subprocess.run([sys.executable, "-m", "benchmarks.million", "--one", spec], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     if proc.returncode:
@@ -217,12 +221,12 @@ def _prepare_config(files: list[str], tokenizer: str, out: str, workers: int) ->
                        "tokenizer": tokenizer}}
 
 
-def _select_config(inputs: dict, out: str) -> dict:
+def _select_config(inputs: dict, out: str, workers: int) -> dict:
     return {"output_dir": out, "ray": {"num_cpus": 2, "stage_processes": "never"},
             "data": {"sources": [{"path": "unused.jsonl"}]},
             "models": {"reference": {"name_or_path": "tiny"}, "target": {"name_or_path": "tiny"}},
             "select": {"trajectories": inputs["trajectories"], "clusters": inputs["embeddings"], "budget": 0.05,
-                       "baselines": ["clust_rand", "ppl_high"]}}
+                       "baselines": ["clust_rand", "ppl_high", "ppl_high:global", "random"], "workers": workers}}
 
 
 # ---------------------------------------------------------------- the run
@@ -236,11 +240,12 @@ def _plot(results: dict, path: str) -> None:
     sizes = sorted(results["runs"], key=int)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels, growth = [], {s: [] for s in sizes}
-    for key in ("prepare/0", "prepare/1", "prepare/2", "select"):
+    for key in ("prepare/0", "prepare/1", "prepare/2", "select", "select/1", "select/2"):
         if not any(key in results["runs"][s] for s in sizes):
             continue
-        labels.append({"prepare/0": "prepare, driver path", "prepare/1": "prepare, 1 worker",
-                       "prepare/2": "prepare, 2 workers", "select": "select (driver)"}[key])
+        labels.append({"prepare/0": "prepare,\ndriver path", "prepare/1": "prepare,\n1 worker",
+                       "prepare/2": "prepare,\n2 workers", "select": "select,\nin-process",
+                       "select/1": "select,\n1 worker", "select/2": "select,\n2 workers"}[key])
         for s in sizes:
             growth[s].append(results["runs"][s].get(key, {}).get("driver_peak_rss_mb", 0))
     width = 0.8 / len(sizes)
@@ -254,14 +259,17 @@ def _plot(results: dict, path: str) -> None:
     ax1.set_ylabel("driver peak RSS (MiB)")
     ax1.set_title("driver peak memory by rows (a missing bar: not run at that size)", fontsize=10)
     ax1.legend()
-    for w in (1, 2):
-        pts = [(int(s), results["runs"][s][f"prepare/{w}"]["rows_per_s"]) for s in sizes
-               if f"prepare/{w}" in results["runs"][s]]
-        ax2.plot(*zip(*pts), marker="o", label=f"{w} worker{'s' * (w > 1)}")
+    for stage in ("prepare", "select"):
+        for w in (1, 2):
+            pts = [(int(s), results["runs"][s][f"{stage}/{w}"]["rows_per_s"]) for s in sizes
+                   if "rows_per_s" in results["runs"][s].get(f"{stage}/{w}", {})]
+            if pts:
+                ax2.plot(*zip(*pts), marker="o" if stage == "prepare" else "s",
+                         label=f"{stage}, {w} worker{'s' * (w > 1)}")
     ax2.set_xscale("log")
     ax2.set_xlabel("rows")
-    ax2.set_ylabel("rows prepared per second")
-    ax2.set_title("prepare throughput (2-core machine)", fontsize=10)
+    ax2.set_ylabel("rows per second")
+    ax2.set_title("throughput with workers (2-core machine)", fontsize=10)
     ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -306,9 +314,16 @@ def run(out_dir: str, sizes: tuple[int, ...] = (100_000, 1_000_000),
                 inputs = write_select_inputs(n, folder)
                 data.setdefault(str(n), {})["select_inputs"] = {k: v for k, v in inputs.items()
                                                                  if k in ("rows", "embeddings_bytes")}
-                r = _measured("select", _select_config(inputs, os.path.join(folder, "select")))
-                runs[str(n)]["select"] = {**r, "commit": commit}
-                print(f"{n:,} rows, select: {json.dumps(r)}", flush=True)
+                for workers in (0, 1, 2) if n > 100_000 else (0, 2):
+                    key = f"select/{workers}" if workers else "select"
+                    out = os.path.join(folder, f"select-{workers}")
+                    r = _measured("select", _select_config(inputs, out, workers), n)
+                    runs[str(n)][key] = {**r, "commit": commit}
+                    print(f"{n:,} rows, {key}: {json.dumps(r)}", flush=True)
+                    shutil.rmtree(out)
+                same = {runs[str(n)][k]["selections"] == runs[str(n)]["select"]["selections"]
+                        for k in ("select/1", "select/2") if k in runs[str(n)]}
+                print(f"{n:,} rows: spread selections equal the in-process ones: {same == {True}}", flush=True)
             write_results(out_dir, name, result, _plot)  # what is done so far
             shutil.rmtree(folder)
     return result

@@ -10,11 +10,12 @@ import os
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.extended  # prepare, reference, score and select of the demo: about 90 s
+pytestmark = pytest.mark.extended  # prepare, reference, score and select of the demo: about 2.5 min
 
 RECORDED = {  # selection -> (rows, sha256 of the sorted ids), at 3c9bf95
     "lp": (125, "0359020a7414e621"),
@@ -43,9 +44,31 @@ def test_the_demo_selects_the_rows_it_selected_before_the_redesign(tmp_path):
     # and Ray's internals kept off the terminal
     assert "background clustering failed" not in proc.stdout + proc.stderr
     assert "core_worker.cc" not in proc.stdout + proc.stderr
-    manifest = json.loads((tmp_path / "run" / "select" / "manifest.json").read_text())
+    assert _selections(tmp_path / "run") == RECORDED
+    before = {key: pq.read_table(r["path"]) for key, r in _manifest(tmp_path / "run")["selections"].items()}
+
+    # select spread over Ray Data (select.workers): the same rows, every column, from the cached
+    # clusters, then with the clusters computed again in a Ray task (--force)
+    for extra in ([], ["--force"]):
+        (tmp_path / "run" / "select" / "manifest.json").unlink()
+        proc = subprocess.run([sys.executable, "-m", "rayapp", "select", "-c", "configs/tiny.yaml", *extra, "--set",
+                               f"output_dir={tmp_path / 'run'}", "--set", "select.workers=2"], cwd=REPO,
+                              capture_output=True, text=True, timeout=900, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "joined" in proc.stdout  # the spread path's step log
+        assert _selections(tmp_path / "run") == RECORDED
+        for key, r in _manifest(tmp_path / "run")["selections"].items():
+            assert pq.read_table(r["path"]).equals(before[key]), (extra, key)
+    assert not (tmp_path / "run" / "select" / ".work").exists()
+
+
+def _manifest(run) -> dict:
+    return json.loads((run / "select" / "manifest.json").read_text())
+
+
+def _selections(run) -> dict:
     got = {}
-    for key, record in manifest["selections"].items():
-        prov = json.loads((tmp_path / "run" / "select" / record["tag"] / "selection.json").read_text())
+    for key, record in _manifest(run)["selections"].items():
+        prov = json.loads((run / "select" / record["tag"] / "selection.json").read_text())
         got[key] = (record["rows"], prov["selected_ids_sha256"])
-    assert got == RECORDED
+    return got

@@ -142,3 +142,10 @@ def preparing(cfg) -> Placement | None:
     if not cfg.data.workers:
         return None
     return Placement("prepare", "Ray Data tasks", {"CPU": 1}, cfg.data.workers, strategy=ANY)
+
+
+def selecting(cfg) -> Placement | None:
+    """select's Ray Data tasks (select.workers), one CPU each; None: select chooses in its process."""
+    if not cfg.select.workers:
+        return None
+    return Placement("select", "Ray Data tasks", {"CPU": 1}, cfg.select.workers, strategy=ANY)

@@ -10,9 +10,10 @@ with the driver holding per-partition, per-cluster and per-selection counts, nev
    each global selection's candidates, and a seeded sample of its rows for the report.
 3. Stratified selections. Each cluster partition holds whole clusters, so ``stratified_select``
    chooses each cluster's chunk there, exactly as over every row.
-4. Global selections. Ray Data's sort by (key, position) and ``split_at_indices`` take the ranks
-   the in-process path takes (``strategies.rank_range``): the keys are made integers that sort as
-   numpy sorts the floats (``orderable``), so NaN and -0.0 fall where numpy puts them.
+4. Global selections. One Ray Data sort by (selection, key, position), and ``split_at_indices``
+   takes each selection's ranks, the ones the in-process path takes (``strategies.rank_range``):
+   the keys are made integers that sort as numpy sorts the floats (``orderable``), so NaN and -0.0
+   fall where numpy puts them.
 5. Write. One task per selection joins its rows with the prepared shards by position, a window at
    a time, and hashes its file and its ids; tasks over position ranges count the selections'
    overlap; a task draws the report from the sample.
@@ -202,8 +203,10 @@ def _select_spread(cfg: RunConfig, layout: RunLayout, force: bool, inputs: Selec
                      what="the tasks choosing each cluster's chunk"):
             for j, n in r["selected"].items():
                 selected[int(j)] = selected.get(int(j), 0) + n
-    # 4. the global selections, each by Ray Data's sort; the main selection (first) sets their size
+    # 4. the global selections, all in one Ray Data sort; the main selection (first) sets their size
     infos: list[dict] = []
+    ranges: dict[int, tuple[int, int, int]] = {}  # global selection -> (its candidates' offset, lo, hi)
+    offset = 0
     for j, (key, method, scope) in enumerate(spec_list):
         info, eligible = summary["info"][j], summary["eligible"][j]
         if scope == "stratified":
@@ -212,8 +215,11 @@ def _select_spread(cfg: RunConfig, layout: RunLayout, force: bool, inputs: Selec
         size = matched_size(sc, key, scope, infos[0]["selected"] if infos else None)
         lo, hi = (0, eligible) if methods.method_named(method).key is None else \
             rank_range(eligible, sc.budget, chunk_of(sc, method), global_size(method, eligible, sc.budget, size))
-        _sort_global(work, j, lo, hi, stall)
+        ranges[j] = (offset, lo, hi)
+        offset += eligible
         infos.append(selection_info(method, info, hi - lo, sc.budget, False, size))
+    if ranges:
+        _sort_globals(work, ranges, offset, sc.workers, stall)
     done("selections chosen")
 
     # 5. each selection written, the overlap counted, the report drawn
@@ -299,21 +305,35 @@ def _summed(joined: list[dict], n_specs: int) -> dict:
             "n_clusters": len(clusters), "examples": examples}
 
 
-def _sort_global(work: str, j: int, lo: int, hi: int, stall_s: float | None) -> None:
-    """Global selection ``j``: its candidates' ranks [lo, hi) in (key, position) order, by Ray
-    Data's sort (range-partitioned on a sample of the keys), written to ``chosen/j``."""
+def _sort_globals(work: str, ranges: dict[int, tuple[int, int, int]], candidates: int, workers: int,
+                  stall_s: float | None) -> None:
+    """Every global selection at once: the candidates sorted by (selection, key, position) with Ray
+    Data's sort (range-partitioned on a sample of the keys), each selection's ranks [lo, hi) cut
+    out by ``split_at_indices`` and written to ``chosen/<j>``. One sort, not one per selection:
+    each Ray Data execution costs seconds whatever its size."""
     import ray.data
 
-    cand = parallel.work_path(work, "cand", str(j))
+    cand = parallel.work_path(work, "cand")
     files = storage.list_files(cand, ".parquet") if storage.exists(cand) else []
-    if hi <= lo or not files:
+    if not files or not any(hi > lo for _, lo, hi in ranges.values()):
         return
     fs, _ = storage.resolve(work)
-    out = storage.resolve(parallel.work_path(work, "chosen", str(j)))[1]
+    cuts = [c for off, lo, hi in ranges.values() for c in (off + lo, off + hi)]
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.default_hash_shuffle_parallelism
+    # the sort's partitions (else 200 on a read of unknown size: 200 map and 200 reduce tasks)
+    ctx.default_hash_shuffle_parallelism = max(1, workers, -(-candidates // PARTITION_ROWS))
 
     def sort_and_write():
-        ds = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs).sort(["ord", "pos"])
-        ds.split_at_indices([lo, hi])[1].write_parquet(out, filesystem=fs)
+        ds = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs)
+        pieces = ds.sort(["spec", "ord", "pos"]).split_at_indices(cuts)
+        for i, (j, (_, lo, hi)) in enumerate(ranges.items()):
+            if hi > lo:
+                out = storage.resolve(parallel.work_path(work, "chosen", str(j)))[1]
+                pieces[2 * i + 1].write_parquet(out, filesystem=fs)
 
-    watched(sort_and_write, stage="select", stall_s=stall_s, committed=parallel.NOTHING_YET,
-            waiting_for=f"Ray Data's sort of selection {j}'s candidates")
+    try:
+        watched(sort_and_write, stage="select", stall_s=stall_s, committed=parallel.NOTHING_YET,
+                waiting_for="Ray Data's sort of the global selections' candidates")
+    finally:
+        ctx.default_hash_shuffle_parallelism = before

@@ -11,7 +11,8 @@ Work folder (``select/.work``); ``job.json`` says what every task needs to know:
   split/prep-k.parquet        a prepared shard's rows: id, prep_pos, chars, truncated, partition
   joined/p.parquet            id-partition p joined, with each stratified selection's candidates and
                               keys (ok<j>, key<j>), sorted by cluster partition (cpart)
-  cand/<j>/p.parquet          global selection j's candidates in id-partition p, its key as ``ord``
+  cand/p.parquet              the global selections' candidates in id-partition p: spec (which
+                              selection), its key as ``ord``, and the columns a selected row carries
   chosen/<j>/...              selection j's rows: pos and the columns a selected row carries
   sample/p.parquet            the report's sample of id-partition p
 """
@@ -211,7 +212,7 @@ def join_partition(item: dict) -> dict:
     carried = ["pos", "id"] + [c for c in ("cluster", "prep_pos") if c in traj.column_names] + \
         [f"P{i}" for i in range(job["checkpoints"])]
     base = traj.select(carried)
-    infos, eligible_counts, stratified_cols = [], [], {}
+    infos, eligible_counts, stratified_cols, global_cands = [], [], {}, []
     for j, (key, method, scope) in enumerate(job["specs"]):
         ok, sort_key, info = candidates(method, t, job["lp_epoch"], job["seed"], job["keep_empty"])
         infos.append(info)
@@ -220,8 +221,11 @@ def join_partition(item: dict) -> dict:
             stratified_cols[f"ok{j}"], stratified_cols[f"key{j}"] = ok, sort_key
         else:
             keep = np.flatnonzero(ok)
-            cand = base.take(pa.array(keep)).append_column("ord", pa.array(orderable(sort_key[keep])))
-            storage.write_parquet(work_path(work, "cand", str(j), f"{p:05d}.parquet"), cand, row_group_size=ROW_GROUP)
+            global_cands.append(base.take(pa.array(keep)).append_column("ord", pa.array(orderable(sort_key[keep])))
+                                .append_column("spec", pa.array(np.full(len(keep), j, np.int32))))
+    if global_cands:  # every global selection's candidates, for one sort by (spec, key, position)
+        storage.write_parquet(work_path(work, "cand", f"{p:05d}.parquet"), pa.concat_tables(global_cands),
+                              row_group_size=ROW_GROUP)
     if stratified_cols:
         joined = base
         for name, values in stratified_cols.items():

@@ -159,7 +159,7 @@ class SelectStage(Stage):
     def placements(cls, cfg: RunConfig) -> list:
         from rayapp.core import placement
 
-        return [placement.embedding(cfg)]
+        return [placement.embedding(cfg), placement.selecting(cfg)]
     help = "learning-percentage ranking and baselines -> selected shard + report"
     manifest_type = SelectionManifest
     reset_on_force = ("embeddings", "clusters.parquet")  # the cached sentence embeddings and clusters
