@@ -18,8 +18,8 @@ rows only, as the "before": it holds every row.
 
 Select. Scoring a million rows with a model does not fit a 2-core benchmark, so the trajectories
 are the paper's published perplexities (opt-350m P0..P3, Alpaca then Dolly), dealt out to the
-ids in turn (content-hash-like; select needs no prepared data), and the clusters come from a file of 384-d embeddings (1,000 well-separated
-centres plus noise): ``select --trajectories ... --clusters ...``, stratified LP with clust_rand,
+ids in turn (content-hash-like; select needs no prepared data), and the clusters come from a file
+of 384-d embeddings (1,000 well-separated centres plus noise): ``select --trajectories ... --clusters ...``, stratified LP with clust_rand,
 ppl_high, and the global ppl_high and random draws at 5 %. Select runs in-process
 (``select.workers: 0``: its peak is bounded by the k-means fit's rows of embeddings, plus a few
 numbers per row) and spread over Ray Data (1 and 2 workers; at 100k rows 2 only). Every spread run's

@@ -44,8 +44,8 @@ def _embeddings(path, ids: np.ndarray, dim: int = 12, centres: int = 30) -> None
     rng = np.random.default_rng(7)
     centre = rng.normal(0, 4, (centres, dim))
     vecs = (centre[rng.integers(0, centres, len(ids))] + rng.normal(0, 1, (len(ids), dim))).astype(np.float32)
-    pq.write_table(pa.table({"index": ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), dim)}),
-                   path, row_group_size=1000)
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), dim)
+    pq.write_table(pa.table({"index": ids, "embedding": embedding}), path, row_group_size=1000)
 
 
 def _run(tmp_path, name, workers, *extra):
@@ -105,8 +105,8 @@ def test_spread_select_names_rows_without_a_cluster_as_the_in_process_path_does(
     messages = []
     for workers in (0, 2):
         with pytest.raises(ClustersFileError, match="rows to select from have no cluster") as err:
-            _run(tmp_path, f"w{workers}", workers, "select.stratified=true", f"select.clusters={tmp_path / 'few.parquet'}",
-                 "select.baselines=[]")
+            _run(tmp_path, f"w{workers}", workers, "select.stratified=true",
+                 f"select.clusters={tmp_path / 'few.parquet'}", "select.baselines=[]")
         messages.append(str(err.value))
     assert messages[0] == messages[1]
     assert not (tmp_path / "w2" / "select" / ".work").exists()

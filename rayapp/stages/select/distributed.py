@@ -40,11 +40,10 @@ from rayapp.core.watchdog import watched
 from rayapp.selection import methods
 from rayapp.selection.strategies import global_size, rank_range, selection_info
 from rayapp.stages.select import parallel
-from rayapp.stages.select.stage import (
+from rayapp.stages.select.common import (
     SELECTION_WINDOW_ROWS,
     SelectError,
     SelectionInputs,
-    _without_stratified,
     chunk_of,
     log_selections,
     matched_size,
@@ -54,6 +53,7 @@ from rayapp.stages.select.stage import (
     runnable,
     selection_specs,
     selection_tag,
+    without_stratified,
     write_selection_json,
 )
 
@@ -148,7 +148,7 @@ def _select_spread(cfg: RunConfig, layout: RunLayout, force: bool, inputs: Selec
             clusters_source = {"kind": "file", "path": sc.clusters, "key": "id" if "id" in names else "index",
                                "rows": checked["rows"]}
         elif inputs.prepared is None:
-            specs = _without_stratified(sc, specs)
+            specs = without_stratified(sc, specs)
         else:
             from rayapp.stages.select.clusters import ensure_clusters
 
@@ -238,8 +238,9 @@ def _select_spread(cfg: RunConfig, layout: RunLayout, force: bool, inputs: Selec
     sizes = np.asarray([i["selected"] for i in infos], dtype=np.int64)
     common_rows = np.zeros((len(spec_list), len(spec_list)), dtype=np.int64)
     ranges = np.linspace(0, rows, max(1, min(4 * sc.workers, -(-rows // PARTITION_ROWS))) + 1).astype(np.int64)
-    for r in run(parallel.overlap_range, [{"work": work, "lo": int(a), "hi": int(b), "selections": list(range(len(sizes)))}
-                                          for a, b in zip(ranges[:-1], ranges[1:])], what="the overlap tasks"):
+    overlap_items = [{"work": work, "lo": int(a), "hi": int(b), "selections": list(range(len(sizes)))}
+                     for a, b in zip(ranges[:-1], ranges[1:])]
+    for r in run(parallel.overlap_range, overlap_items, what="the overlap tasks"):
         common_rows += np.asarray(r["common"], dtype=np.int64)
     from rayapp.stages.select.report import jaccard_from_counts
 
@@ -301,7 +302,7 @@ def _summed(joined: list[dict], n_specs: int) -> dict:
     n = parallel.EXAMPLES
     if len(examples) > 2 * n:
         examples = examples[:n] + examples[-n:]
-    return {"info": infos, "eligible": eligible, "cluster_sizes": sizes.tolist() if len(sizes) else np.zeros(1).tolist(),
+    return {"info": infos, "eligible": eligible, "cluster_sizes": sizes.tolist() if len(sizes) else [0],
             "n_clusters": len(clusters), "examples": examples}
 
 

@@ -369,7 +369,7 @@ def draw_report(cfg, layout, work: str, main: int, main_tag: str, cluster_sizes,
                 facts: dict, text_lengths: bool) -> str:
     """The report from the rows sampled (every row up to ``REPORT_SAMPLE_ROWS``), with the cluster
     sizes and overlap of every row; a Ray task, so the sample and the plotting stay off the driver."""
-    from rayapp.stages.select.stage import report_examples, write_selection_report
+    from rayapp.stages.select.common import report_examples, write_selection_report
 
     job = _job(work)
     sample = pa.concat_tables([storage.read_parquet(f)
