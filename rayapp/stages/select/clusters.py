@@ -119,12 +119,12 @@ def start_ahead(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifest) -
     log.info("clustering the prepared rows in the background")
 
 
-def _await_ahead(cfg: RunConfig, layout: RunLayout, ahead) -> None:
+def _await_ahead(cfg: RunConfig, layout: RunLayout, ahead, what: str = "the clustering started ahead") -> None:
     import ray
 
     # no progress to probe from here: the whole wait, from now on, is bounded by ray.stall_timeout_s
     watched(lambda: ray.get(ahead), stage="select", stall_s=cfg.ray.stall_timeout_s,
-            waiting_for="the clustering started ahead (a Ray task embedding every prepared row)",
+            waiting_for=f"{what} (a Ray task embedding every prepared row)",
             committed=f"no clusters yet (they go in {layout.clusters} when done)",
             on_stall=lambda: ray.cancel(ahead, force=True))
 
@@ -192,5 +192,5 @@ def ensure_clusters(cfg: RunConfig, layout: RunLayout, prepared: PreparedManifes
     if not _reuse(cfg, layout, key, force):
         init_ray(cfg)
         ahead = ray.remote(num_cpus=0, max_retries=0)(_compute_in_task).remote(cfg, layout, prepared, key, True)
-        _await_ahead(cfg, layout, ahead)
+        _await_ahead(cfg, layout, ahead, "the clustering")
     return layout.clusters
