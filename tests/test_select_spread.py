@@ -59,7 +59,7 @@ def _same_selections(tmp_path, a, b, names=("in-process", "spread")):
     assert list(a.selections) == list(b.selections)
     for key, ra in a.selections.items():
         rb = b.selections[key]
-        assert (ra.tag, ra.rows) == (rb.tag, rb.rows), key
+        assert (ra.tag, ra.rows, ra.sha256) == (rb.tag, rb.rows, rb.sha256), key  # the same bytes
         ta, tb = pq.read_table(ra.path), pq.read_table(rb.path)
         assert ta.schema == tb.schema, key
         assert ta.equals(tb), key
@@ -75,10 +75,14 @@ def test_spread_select_equals_the_in_process_one_on_published_perplexities_and_e
     and global selections of the main selection's size (Ray Data's sort), in blocks and
     partitions small enough that every step has several."""
     from rayapp.stages.select import distributed
+    from rayapp.stages.select import stage as select_stage
 
     monkeypatch.setattr(distributed, "BLOCK_ROWS", 4000)
     monkeypatch.setattr(distributed, "PARTITION_ROWS", 3000)
     monkeypatch.setattr(distributed, "REPORT_SAMPLE_ROWS", 5000)  # the report from a sample
+    # selections written in several windows (row groups) on both paths: the files must be the same bytes
+    monkeypatch.setattr(distributed, "SELECTION_WINDOW_ROWS", 100)
+    monkeypatch.setattr(select_stage, "SELECTION_WINDOW_ROWS", 100)
     _embeddings(tmp_path / "emb.parquet", pq.read_table(PAPER / "dolly.parquet", columns=["index"])["index"].to_numpy())
     extra = ["select.stratified=true", f"select.clusters={tmp_path / 'emb.parquet'}", "select.n_clusters=30",
              "select.kmeans_fit_rows=2000", "select.budget=0.05",

@@ -146,7 +146,8 @@ class ScoreStage(Stage):
             traj = _with_target_ifd_scores(cfg, layout, prepared, ctx.inputs.target, traj, bos, pad, prefix)
         require_match("trajectory rows", layout.trajectories, traj.num_rows, prepared.rows,
                       "the scores do not cover the prepared data: re-run `rayapp score --force`")
-        storage.write_parquet(layout.trajectories, traj)
+        # row groups a select split task reads one at a time (select.workers), not a million rows
+        storage.write_parquet(layout.trajectories, traj, row_group_size=65_536)
         log.info("trajectories for %d rows x %d checkpoints: %s", traj.num_rows, len(checkpoints), layout.trajectories)
         return ScoresManifest(
             prepared_fingerprint=prepared.fingerprint, checkpoints=checkpoints, modes=list(cfg.score.modes),

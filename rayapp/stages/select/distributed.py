@@ -199,8 +199,10 @@ def _select_spread(cfg: RunConfig, layout: RunLayout, force: bool, inputs: Selec
     # 3. the stratified selections, a cluster partition at a time
     selected: dict[int, int] = {}
     if any(scope == "stratified" for _, _, scope in spec_list):
-        for r in run(parallel.select_clusters, [{"work": work, "q": q} for q in range(partitions)],
-                     what="the tasks choosing each cluster's chunk"):
+        chosen = run(parallel.select_clusters, [{"work": work, "q": q} for q in range(partitions)],
+                     what="the tasks choosing each cluster's chunk")
+        parallel.raise_errors(chosen)
+        for r in chosen:
             for j, n in r["selected"].items():
                 selected[int(j)] = selected.get(int(j), 0) + n
     # 4. the global selections, all in one Ray Data sort; the main selection (first) sets their size
@@ -237,10 +239,12 @@ def _select_spread(cfg: RunConfig, layout: RunLayout, force: bool, inputs: Selec
     done("selections written")
     sizes = np.asarray([i["selected"] for i in infos], dtype=np.int64)
     common_rows = np.zeros((len(spec_list), len(spec_list)), dtype=np.int64)
-    ranges = np.linspace(0, rows, max(1, min(4 * sc.workers, -(-rows // PARTITION_ROWS))) + 1).astype(np.int64)
+    edges = np.linspace(0, rows, max(1, min(4 * sc.workers, -(-rows // PARTITION_ROWS))) + 1).astype(np.int64)
     overlap_items = [{"work": work, "lo": int(a), "hi": int(b), "selections": list(range(len(sizes)))}
-                     for a, b in zip(ranges[:-1], ranges[1:])]
-    for r in run(parallel.overlap_range, overlap_items, what="the overlap tasks"):
+                     for a, b in zip(edges[:-1], edges[1:])]
+    counted = run(parallel.overlap_range, overlap_items, what="the overlap tasks")
+    parallel.raise_errors(counted)
+    for r in counted:
         common_rows += np.asarray(r["common"], dtype=np.int64)
     from rayapp.stages.select.report import jaccard_from_counts
 

@@ -295,11 +295,13 @@ def _chosen_in(files: list[str], lo: int, hi: int, columns: list[str] | None = N
     return pa.concat_tables(parts).sort_by("pos") if parts else None
 
 
-def _windows(rows: int, selected: int, window_rows: int) -> list[tuple[int, int]]:
-    """Position ranges each holding about ``window_rows`` selected rows, if they were spread evenly."""
-    n = max(1, -(-selected // window_rows))
-    edges = np.linspace(0, rows, n + 1).astype(np.int64)
-    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+def _windows(positions: np.ndarray, window_rows: int) -> list[tuple[int, int]]:
+    """Position ranges holding ``window_rows`` of the selected rows each (the last the rest): the
+    windows the in-process path writes, so the file's row groups, and its bytes, are the same."""
+    positions = np.sort(positions)
+    starts = positions[::window_rows]
+    ends = np.append(starts[1:], positions[-1] + 1) if len(positions) else starts
+    return list(zip(starts.tolist(), ends.tolist()))
 
 
 @guarded
@@ -313,7 +315,8 @@ def write_selection(item: dict) -> dict:
     job = _job(work)
     files = _chosen_files(work, j)
     prepared = PreparedRows(job["prepared_paths"], job["prepared_rows"]) if job["internal"] else None
-    cluster_type = pa.int64() if job["internal"] else pa.int32()
+    # the in-process path's types: int64 from the clusters cache, the file's int32 labels otherwise
+    cluster_type = pa.int64() if (job["clusters_source"] or {}).get("kind") == "cache" else pa.int32()
     ids: list[pa.Array] = []
 
     def table_of(chosen: pa.Table | None) -> pa.Table:
@@ -334,7 +337,9 @@ def write_selection(item: dict) -> dict:
 
     def parts():
         wrote = False
-        for lo, hi in _windows(job["rows"], it["selected"], it["window_rows"]):
+        positions = _concat([storage.read_parquet(f, ["pos"]) for f in files])
+        for lo, hi in _windows(np.zeros(0, np.int64) if positions is None else positions["pos"].to_numpy(),
+                               it["window_rows"]):
             chosen = _chosen_in(files, lo, hi)
             if chosen is None:
                 continue
