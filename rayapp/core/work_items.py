@@ -48,3 +48,23 @@ def hash_partition(ids: Iterable[str], partitions: int) -> np.ndarray:
     """Each id's partition by a stable hash (CRC32): the same on every worker and run, so every
     occurrence of an id, in any file or block, meets in one partition."""
     return np.fromiter((zlib.crc32(i.encode()) % partitions for i in ids), dtype=np.int32)
+
+
+def step_timer(log, stage: str):
+    """``done(step)``: logs the step's time since the last call and the driver's peak RSS so far."""
+    import resource
+    import time
+
+    last = [time.perf_counter()]
+
+    def done(step: str) -> None:
+        log.info("%s: %s in %.1fs (driver's peak RSS so far %d MiB)", stage, step, time.perf_counter() - last[0],
+                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)
+        last[0] = time.perf_counter()
+
+    return done
+
+
+def error_reply(exc: Exception) -> dict:
+    """A RayappError as a task's reply, for ``raise_errors`` on the driver to raise as it was."""
+    return {"error": str(exc), "module": type(exc).__module__, "cls": type(exc).__qualname__}

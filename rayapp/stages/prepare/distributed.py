@@ -5,13 +5,12 @@ block, per dedupe partition and per shard (spread.py does its arithmetic), and a
 
 from __future__ import annotations
 
-import resource
 import time
 from collections import Counter
 from dataclasses import asdict
 
 from rayapp.config import RunConfig
-from rayapp.core import storage
+from rayapp.core import storage, work_items
 from rayapp.core.errors import InputDataError
 from rayapp.core.layout import RunLayout
 from rayapp.core.log import get_logger
@@ -55,13 +54,7 @@ def _prepare_spread(cfg: RunConfig, layout: RunLayout, work: str) -> PreparedMan
     partitions = spread.partitions_for(n_blocks, workers)
 
     # 1. every block read, normalised and templated; its outcomes and dedupe keys written
-    t_step = time.perf_counter()
-
-    def done(step: str) -> None:
-        nonlocal t_step
-        log.info("prepare: %s in %.1fs (driver's peak RSS so far %d MiB)", step, time.perf_counter() - t_step,
-                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)
-        t_step = time.perf_counter()
+    done = work_items.step_timer(log, "prepare")
 
     reads = parallel.run_items(parallel.read_block, [
         {"g": g, "work": work, "partitions": partitions,

@@ -24,8 +24,6 @@ The work folder, ``select/.work``, is removed on success and on failure.
 from __future__ import annotations
 
 import functools
-import resource
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -104,7 +102,7 @@ def _call_guarded(fn, *args):
     try:
         return {"ok": fn(*args)}
     except RayappError as exc:
-        return {"error": str(exc), "module": type(exc).__module__, "cls": type(exc).__qualname__}
+        return work_items.error_reply(exc)
 
 
 def _trajectory_columns(cfg: RunConfig, inputs: SelectionInputs) -> dict[str, str]:
@@ -128,13 +126,7 @@ def _select_spread(cfg: RunConfig, layout: RunLayout, force: bool, inputs: Selec
     sc, stall = cfg.select, cfg.ray.stall_timeout_s
     run = functools.partial(work_items.run_items, workers=sc.workers, stall_s=stall, stage="select",
                             committed=parallel.NOTHING_YET)
-    t_step = time.perf_counter()
-
-    def done(step: str) -> None:
-        nonlocal t_step
-        log.info("select: %s in %.1fs (driver's peak RSS so far %d MiB)", step, time.perf_counter() - t_step,
-                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)
-        t_step = time.perf_counter()
+    done = work_items.step_timer(log, "select")
 
     # the clusters: a file's (checked, k-means fitted in a task), or the prepared rows' (the cache)
     specs = selection_specs(sc)

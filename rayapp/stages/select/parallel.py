@@ -51,8 +51,7 @@ def guarded(fn):
         try:
             return fn(item)
         except RayappError as exc:
-            return work_items.reply(item, {"error": str(exc), "module": type(exc).__module__,
-                                           "cls": type(exc).__qualname__})
+            return work_items.reply(item, work_items.error_reply(exc))
     return run
 
 
