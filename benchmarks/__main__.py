@@ -71,7 +71,7 @@ BENCHMARKS = [
               "training batches, padded against packed: padding at the presets' shapes on Alpaca, and optimizer "
               "steps measured side by side (OPT-125M's shape and the tiny model, on this CPU)",
               lambda m, a: m.run(a.out, a.steps),
-              [(["--steps"], dict(type=int, default=6, help="measured steps of each kind, per model"))]),
+              [(["--steps"], dict(type=int, default=3, help="measured steps of each kind, per model"))]),
     Benchmark("gpu", "benchmarks.gpu",
               "the one-shot GPU check (no Ray needed): scoring rate against the forward-FLOP limit, bf16/fp32 "
               "agreement, an FSDP2 step's MFU, peak memory against the plan",

@@ -284,15 +284,18 @@ def bf16_agreement(name: str, tiny: bool, rows: int, work: str) -> dict:
 
 
 def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | None, batch_rows: int, steps: int,
-                   packing: bool = False) -> dict:
+                   packing: bool = False, fused_loss: bool = False, compile_layers: bool = False) -> dict:
     """One FSDP2 training step (world of one) through rayapp.ml.train.fsdp, as the Ray Train worker runs it;
-    ``packing``: the same rows packed without padding (ml/train/packing.py), as the worker does by default."""
+    ``packing``: the same rows packed without padding (ml/train/packing.py), as the worker does by default;
+    ``fused_loss``: the loss without logits (ml/train/loss.py), as merged forwards take it;
+    ``compile_layers``: each decoder layer under torch.compile (TrainConfig.compile_layers)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from rayapp.ml.models.imports import lean_transformers
+    from rayapp.ml.train import loss
     from rayapp.ml.train.collate import collate, collate_packed
-    from rayapp.ml.train.fsdp import optimizer_step, shard_fsdp2
+    from rayapp.ml.train.fsdp import decoder_layers, optimizer_step, shard_fsdp2
     from rayapp.ops.plan import memory
     from rayapp.ops.plan.shapes import shape_of_model
 
@@ -309,6 +312,11 @@ def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | Non
         model.config.use_cache = False
     shape = shape_of_model(model, "llama-1.1b", "random weights")
     params = shape.params
+    if compile_layers:
+        for layer in decoder_layers(model):
+            layer.compile()
+    if fused_loss:
+        loss.install(model)
     model = shard_fsdp2(model, bf16=cuda, cpu_offload=False)
     # as the trainer does: fused AdamW on CUDA (ml/train/worker.py), which the plan counts
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True if memory.adamw_fused(dev) else None)
@@ -321,14 +329,18 @@ def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | Non
         ids = [rng.integers(4, config.vocab_size, size=prompt[i] + response[i]) for i in pick]
         labels = [np.concatenate([np.full(prompt[i], -100), x[prompt[i]:]]) for i, x in zip(pick, ids)]
         rows = {"input_ids": np.array(ids, dtype=object), "labels": np.array(labels, dtype=object)}
-        batches.append(collate_packed(rows, 0, dev, model.config, torch.bfloat16 if cuda else torch.float32)
-                       if packing else collate(rows, pad_id=0, device=dev))
+        weights = loss.token_weights(labels, 1.0) if fused_loss else None
+        batches.append(collate_packed(rows, 0, dev, model.config, torch.bfloat16 if cuda else torch.float32, weights)
+                       if packing else collate(rows, pad_id=0, device=dev, weights=weights))
     model.train()
     # Warm-up over the very batches timed: each padded length is a new set of GEMM shapes, whose
-    # first run pays for kernel selection (a first run timed cold measured a third of the rate).
+    # first run pays for kernel selection (a first run timed cold measured a third of the rate),
+    # and compiled layers compile for each new shape.
+    t_warm = time.perf_counter()
     for b in batches:
         optimizer_step(model, optimizer, scheduler, [b], [1.0], max_grad_norm=1.0)
     _sync()
+    warm_s = time.perf_counter() - t_warm
     tokens = padded = 0
     t0 = time.perf_counter()
     for b in batches:
@@ -340,9 +352,10 @@ def train_step_mfu(tiny: bool, activation_checkpointing: bool, peak: float | Non
     micro_tokens = max(b["input_ids"].numel() for b in batches)
     plan = memory.total(memory.training_memory(shape, world=1, sharded=True, micro_batch_tokens=micro_tokens,
                                                bf16=cuda, activation_checkpointing=activation_checkpointing,
-                                               defer_gradient_sync=False, gpu=cuda))
+                                               defer_gradient_sync=False, gpu=cuda, fused_loss=fused_loss))
     out = {"model": f"llama {params / 1e9:.2f}B" if not tiny else "tiny llama", "params": params,
-           "packing": packing, "activation_checkpointing": activation_checkpointing, "batch_rows": batch_rows, "steps": steps,
+           "packing": packing, "fused_loss": fused_loss, "compile_layers": compile_layers, "warm_up_s": warm_s,
+           "activation_checkpointing": activation_checkpointing, "batch_rows": batch_rows, "steps": steps,
            "tokens_per_step": tokens / steps, "padded_tokens_per_step": padded / steps,
            "step_s": seconds / steps, "tokens_per_s": tokens / seconds,
            "peak_memory_bytes": _peak_memory(), "peak_reserved_bytes": _peak_reserved(), "plan_memory_bytes": plan}
@@ -397,21 +410,35 @@ def run(out_dir: str, tiny: bool | None = None) -> dict:
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     dist.init_process_group("nccl" if dev == "cuda" else "gloo", rank=0, world_size=1)
     try:
-        # padded as before, then packed (the default since issue 29), side by side on the same rows
-        results["training"] = [train_step_mfu(tiny, ac, peak, batch_rows=4 if tiny else 32, steps=2 if tiny else 6,
-                                              packing=packing) for ac, packing in ((False, False), (True, False),
-                                                                                   (False, True), (True, True))]
+        # padded as before, then packed (the default since issue 29), side by side on the same rows;
+        # then packed with the fused loss (what merged forwards run) and with compiled layers
+        runs = [(False, False, False, False), (True, False, False, False), (False, True, False, False),
+                (True, True, False, False), (False, True, True, False), (True, True, True, False)]
+        results["training"] = [
+            train_step_mfu(tiny, ac, peak, batch_rows=4 if tiny else 32, steps=2 if tiny else 6, packing=packing,
+                           fused_loss=fused) for ac, packing, fused, _ in runs]
+        if not tiny:  # compiled layers: on a GPU only (inductor's CPU compile of the tiny shapes takes minutes)
+            try:
+                results["training"].append(train_step_mfu(tiny, False, peak, batch_rows=32, steps=6, packing=True,
+                                                           fused_loss=True, compile_layers=True))
+            except Exception as exc:  # the figures above still count
+                results["compile_layers_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                print(f"[gpu] compiled layers failed: {results['compile_layers_error']}", flush=True)
     finally:
         dist.destroy_process_group()
     for r in results["training"]:
-        print(f"[gpu] train step ({'packed' if r['packing'] else 'padded'}, activation checkpointing "
-              f"{r['activation_checkpointing']}): "
-              f"{r['tokens_per_s']:,.0f} tokens/s, mfu {r.get('mfu', float('nan')):.1%}", flush=True)
+        print(f"[gpu] train step ({_train_label(r)}): {r['tokens_per_s']:,.0f} tokens/s, "
+              f"mfu {r.get('mfu', float('nan')):.1%}, warm-up {r['warm_up_s']:.0f} s", flush=True)
     results["vllm"] = vllm_backend()
     results["seconds"] = time.perf_counter() - t_start
     write_results(out_dir, f"gpu-{(kind or dev).lower()}", results, _plot)
     print(f"({results['seconds']:.0f} s)")
     return results
+
+
+def _train_label(r: dict) -> str:
+    return (f"train {'packed' if r.get('packing') else 'padded'}{' fused' if r.get('fused_loss') else ''}"
+            f"{' compiled' if r.get('compile_layers') else ''} AC={'on' if r['activation_checkpointing'] else 'off'}")
 
 
 def _plot(results: dict, path: str) -> None:
@@ -424,7 +451,7 @@ def _plot(results: dict, path: str) -> None:
     key = "fraction_of_peak" if results["peak_bf16_flops"] else "fraction_of_measured_matmul"
     tag = " (tiny)" if results["tiny_shapes"] else ""
     bars = [(r["model"].split("/")[-1] + tag + " score", 100 * r[key]) for r in results["scoring"]]
-    bars += [(f"train {'packed' if r.get('packing') else 'padded'} AC={'on' if r['activation_checkpointing'] else 'off'}",
+    bars += [(_train_label(r),
               100 * r.get("mfu", 6 * r["params"] * r["tokens_per_s"] / results["measured_matmul_flops"]))
              for r in results["training"]]
     a.bar([x for x, _ in bars], [y for _, y in bars], color=["#2c7fb8"] * len(results["scoring"]) + ["#c0392b"] * len(results["training"]))
@@ -433,7 +460,7 @@ def _plot(results: dict, path: str) -> None:
     a.set_title(f"{results['device']}{' (tiny shapes)' if results['tiny_shapes'] else ''}")
     a.tick_params(axis="x", labelsize=8)
     mem = [(r["model"].split("/")[-1] + " score", r) for r in results["scoring"]]
-    mem += [(f"train {'packed' if r.get('packing') else 'padded'} AC={'on' if r['activation_checkpointing'] else 'off'}", r)
+    mem += [(_train_label(r), r)
             for r in results["training"]]
     if all(r["peak_memory_bytes"] for _, r in mem):
         x = np.arange(len(mem))

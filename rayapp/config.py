@@ -329,6 +329,19 @@ class TrainConfig(_Strict):
         True, description="Padding-free micro-batches: each micro-batch's rows packed end to end, position ids "
         "restarting per row, attention kept within rows (the same rows and the same loss as padded batches). "
         "Used for the model types whose packed attention is checked (ml/train/packing.py), padded otherwise")
+    micro_batches_per_forward: int | Literal["auto"] = Field(
+        "auto", description="Packed micro-batches merged into one forward pass: fewer, larger forwards a step "
+        "(fewer FSDP2 gathers and reduce-scatters, larger matmuls), each row's loss keeping its own micro-batch's "
+        "weight, so the step's objective is the same. auto: `rayapp plan` sizes it from the GPU's memory (1 on "
+        "CPU workers or an unknown GPU); N: N micro-batches a forward (at most gradient_accumulation_steps); 1: "
+        "one forward per micro-batch. Needs packing and a model type the fused loss takes")
+    fused_loss: bool = Field(
+        False, description="The output layer and cross-entropy at response positions only, a chunk at a time, "
+        "gradients taken in the same pass (Liger's fused linear cross-entropy, in torch): the batch's logits "
+        "are never held. Always used for merged forwards (micro_batches_per_forward)")
+    compile_layers: bool = Field(
+        False, description="torch.compile each decoder layer (as torchtitan does) before sharding; the first "
+        "steps pay the compile")
     cpu_offload: bool = False
     gradient_sync: Literal["auto", "step", "micro_batch"] = Field(
         "auto", description="FSDP2 gradient reduce-scatter with gradient accumulation: once per optimizer "
@@ -349,6 +362,13 @@ class TrainConfig(_Strict):
         "stores keep the staged, synchronous save")
     log_every_steps: int = Field(10, ge=1)
     peak_flops: float | None = Field(None, description="Per-device peak FLOP/s for MFU (e.g. 989e12 H100 bf16)")
+
+    @field_validator("micro_batches_per_forward")
+    @classmethod
+    def _at_least_one_micro_batch(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be 'auto' or a number of micro-batches (1 or more)")
+        return value
 
 
 class ReferenceConfig(TrainConfig):
@@ -477,6 +497,23 @@ class GenerationConfig(_Strict):
         "STRICT_PACK", description="vllm: how one engine's tensor-parallel GPUs are placed (STRICT_PACK: one node); "
         "each GPU's bundle also asks for resources.resources, the node-type label")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments")
+    concurrent_models: int | Literal["auto"] = Field(
+        "auto", description="vllm: models generating at once, each on its own engines (resources.max_actors x "
+        "tensor_parallel_size GPUs a model), so their engines start together rather than one model after "
+        "another. auto: as many as the cluster's GPUs hold now (an autoscaling cluster that has not scaled its "
+        "GPU nodes up yet gets 1: set a number there). The answers do not depend on it")
+
+    def content(self) -> dict:
+        """What the answers depend on: everything but how many models generate at once."""
+        return self.model_dump(mode="json", by_alias=True, exclude={"concurrent_models"})
+
+    @field_validator("concurrent_models")
+    @classmethod
+    def _at_least_one_model(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be 'auto' or a number of models (1 or more)")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _one_place_for_the_gpu_type(cls, data: Any) -> Any:

@@ -34,12 +34,14 @@ def test_gpu_check_runs_without_ray_vllm_or_pydantic(tmp_path):
     agree = r["bf16_vs_fp32"]
     assert agree["rows"] == 64 and 0 < agree["max_relative_error"] < 0.05  # bf16 is close to, not equal to, fp32
     runs = r["training"]
-    assert [(x["packing"], x["activation_checkpointing"]) for x in runs] == [(False, False), (False, True),
-                                                                              (True, False), (True, True)]
+    assert [(x["packing"], x["activation_checkpointing"], x["fused_loss"]) for x in runs] == [
+        (False, False, False), (False, True, False), (True, False, False), (True, True, False), (True, False, True),
+        (True, True, True)]
     assert all(x["tokens_per_s"] > 0 and x["params"] == runs[0]["params"] for x in runs)
     # the same rows each way: the same real tokens, never more computed when packed
     assert runs[0]["tokens_per_step"] == runs[2]["tokens_per_step"]
     assert runs[2]["padded_tokens_per_step"] <= runs[0]["padded_tokens_per_step"]
+    assert runs[4]["tokens_per_step"] == runs[2]["tokens_per_step"]  # the fused loss: the same rows
     assert r["vllm"]["measured"] is False and "vLLM" in r["vllm"]["why"]
 
 

@@ -224,8 +224,9 @@ def test_a_real_pretrained_models_rows_are_the_same_packed():
 
 @pytest.mark.extended  # ~30 s; CI's 30-minute budget (make test-extended)
 def test_a_packed_fsdp2_step_on_two_workers_leaves_the_padded_steps_weights(tmp_path):
-    """One optimizer step of the training recipe on 2 gloo FSDP2 ranks, packed and padded, from
-    the same weights on the same rows: the parameters agree within 1e-5."""
+    """One optimizer step of the training recipe on 2 gloo FSDP2 ranks, packed, padded, and packed
+    with its two micro-batches in one forward (the fused loss), from the same weights on the same
+    rows: the parameters agree within 1e-5."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -244,8 +245,11 @@ def test_a_packed_fsdp2_step_on_two_workers_leaves_the_padded_steps_weights(tmp_
     rows = str(tmp_path / "rows.parquet")
     pq.write_table(pa.table({"input_ids": ids, "labels": [[-100] * (len(s) // 2) + s[len(s) // 2:] for s in ids]}),
                    rows)
-    [(packed, padded), _] = run_gloo(train_steps_each, 2, [(model_dir, rows, str(tmp_path / "a"), True, True),
-                                                           (model_dir, rows, str(tmp_path / "b"), True, False)])
+    [(packed, padded, merged), _] = run_gloo(train_steps_each, 2, [
+        (model_dir, rows, str(tmp_path / "a"), True, True), (model_dir, rows, str(tmp_path / "b"), True, False),
+        (model_dir, rows, str(tmp_path / "c"), True, True, 2)])
     assert packed["packing"] and not padded["packing"] and packed["steps"] == 1
+    assert merged["merge"] == 2 and merged["steps"] == 1  # both micro-batches of the step in one forward
     for k, v in padded["state"].items():
         np.testing.assert_allclose(packed["state"][k], v, rtol=1e-5, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(merged["state"][k], v, rtol=1e-5, atol=1e-5, err_msg=k)

@@ -116,8 +116,10 @@ def test_collectives_per_step_at_the_presets_depths():
     A10G the policy defers the gradient sync and keeps the weights gathered): 400 all-gathers a
     step by FSDP2's default (every unit for every micro-batch's forward and again for its
     backward), 25 kept gathered; 25 reduce-scatters either way. The 13B target (40 layers; 4
-    micro-batches; on a 40 GB A100 neither fits): unchanged, 328 all-gathers and 164
-    reduce-scatters. The weights after the step do not depend on keeping the weights gathered."""
+    micro-batches; on a 40 GB A100 neither fits): 328 all-gathers and 164 reduce-scatters a step
+    with one forward per micro-batch; 164 and 82 with two micro-batches packed into each forward,
+    as the plan chooses for it (test_plan_merges_the_presets_micro_batches); 82 and 41 with all
+    four in one. The weights after the step depend on none of these."""
     from rayapp.ml.train.policy import defer_gradient_sync, keep_weights_gathered
     from rayapp.testing.fsdp_probes import collectives_per_step
 
@@ -131,13 +133,23 @@ def test_collectives_per_step_at_the_presets_depths():
                     num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=64)
 
     ranks = run_gloo(collectives_per_step, 2, [(opt(24), False, 8, True), (opt(24), True, 8, True),
-                                               (opt(40), False, 4, False)])
-    for default, kept, target in ranks:
+                                               (opt(40), False, 4, False), (opt(40), False, 4, False, 2),
+                                               (opt(40), False, 4, False, 4)])
+    for default, kept, target, two, one in ranks:
         assert (default["all_gathers"], default["reduce_scatters"]) == (400, 25)
         assert (kept["all_gathers"], kept["reduce_scatters"]) == (25, 25)
         assert (target["all_gathers"], target["reduce_scatters"]) == (328, 164)
+        # micro_batches_per_forward: 2 (the plan's choice for the 13B presets on 40 GB A100s): two
+        # forwards of 41 units; 4 (on a larger GPU): one
+        assert (two["all_gathers"], two["reduce_scatters"]) == (164, 82)
+        assert (one["all_gathers"], one["reduce_scatters"]) == (82, 41)
         for k, v in default["state"].items():
             np.testing.assert_allclose(kept["state"][k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+        # AdamW's first step is ~lr x sign(gradient): elements whose gradient is near 0 move by up
+        # to ~1e-5 on rounding alone; a wrongly weighted or misplaced token flips signs (2e-3 apart)
+        for k, v in target["state"].items():
+            np.testing.assert_allclose(two["state"][k], v, rtol=1e-5, atol=5e-5, err_msg=k)
+            np.testing.assert_allclose(one["state"][k], v, rtol=1e-5, atol=5e-5, err_msg=k)
 
 
 @pytest.mark.parametrize("build", [_tiny_llama, _tiny_opt, _tiny_gemma3])
@@ -198,6 +210,42 @@ def test_plan_passes_both_paper_presets_on_their_node_types():
         reference = plans[0]
         kept = "gathered weights (kept through the step)" in reference.parts
         assert kept == (reference.shape.params < 1e9), (preset, reference.parts)
+
+
+def test_plan_merges_the_presets_micro_batches():
+    """micro_batches_per_forward: auto. The plan packs as many of a step's micro-batches into one
+    forward as leave a tenth of the GPU free at max-length rows (a divisor of the accumulation
+    steps); the stages hand the workers that number. CPU workers and unknown GPUs keep one forward
+    per micro-batch; a set number is capped at the step's micro-batches."""
+    from rayapp.ops.plan.check import plan_training, planned_training, role_shape
+
+    from rayapp.ops.plan.check import AUTO_MERGE_HEADROOM
+
+    chosen = {}
+    for preset in PRESETS:
+        cfg = load_config(os.path.join(REPO, preset))
+        for stage, tc, role in (("reference", cfg.reference, "reference"), ("finetune", cfg.finetune, "target")):
+            plan = plan_training(cfg, stage, tc, role_shape(cfg, role))
+            chosen[preset, stage] = plan.micro_batches_per_forward
+            assert plan.need <= (1 - AUTO_MERGE_HEADROOM) * plan.have
+            if plan.micro_batches_per_forward < tc.gradient_accumulation_steps:  # one more would not leave it
+                more = tc.model_copy(update={"micro_batches_per_forward": 2 * plan.micro_batches_per_forward})
+                assert plan_training(cfg, stage, more, role_shape(cfg, role)).need > \
+                    (1 - AUTO_MERGE_HEADROOM) * plan.have
+    # OPT-350M on 24 GB A10Gs: all 8 in one forward; the 13B targets on 40 GB A100s: 2 of their 4;
+    # Llama-2-7B as the reference on A100s (no activation checkpointing): 1
+    assert chosen == {(PRESETS[0], "reference"): 8, (PRESETS[0], "finetune"): 2,
+                      (PRESETS[1], "reference"): 1, (PRESETS[1], "finetune"): 2}
+    cfg = load_config(os.path.join(REPO, PRESETS[0]))
+    finetune = plan_training(cfg, "finetune", cfg.finetune, role_shape(cfg, "target"))
+    assert "loss (fused, one chunk of logits)" in finetune.parts and "logits" not in finetune.parts
+    assert planned_training(cfg, "finetune", cfg.finetune, "target").micro_batches_per_forward == 2
+    # (setting, the plan's number, what the workers are handed: a set number as set, the worker caps it)
+    for update, planned, handed in [({"use_gpu": False}, 1, 1), ({"micro_batches_per_forward": 16}, 4, 16),
+                                    ({"micro_batches_per_forward": 2}, 2, 2), ({"packing": False}, 1, 1)]:
+        tc = cfg.finetune.model_copy(update=update)
+        assert plan_training(cfg, "finetune", tc, role_shape(cfg, "target")).micro_batches_per_forward == planned
+        assert planned_training(cfg, "finetune", tc, "target").micro_batches_per_forward == handed
 
 
 @pytest.mark.extended  # ~35 s; CI's 30-minute budget (make test-extended)

@@ -69,7 +69,8 @@ def test_vllm_generation_and_served_judge(tiny_models, vllm_server, ray_local):
     out = tiny_models / "run"
     cfg = tiny_config_dict(tiny_models, [{"path": "unused.jsonl"}])
     cfg["output_dir"] = str(out)
-    cfg["ray"] = {"num_cpus": 2, "num_gpus": 1}  # a logical GPU: ray.data.llm asks for one per engine
+    # logical GPUs: ray.data.llm asks for one per engine; two, so both models' engines run at once
+    cfg["ray"] = {"num_cpus": 2, "num_gpus": 2}
     cfg["evaluate"] = {
         "models": [str(tiny_models / "a"), str(tiny_models / "b")],
         "sets": ["sinstruct", "vicuna"], "max_prompts": 4,
@@ -98,6 +99,9 @@ def test_vllm_generation_and_served_judge(tiny_models, vllm_server, ray_local):
     assert all(0 < r["new_tokens"] <= 16 and r["finish_reason"] in ("stop", "length") for r in gens["a"])
 
     results = json.loads((out / "evaluate" / "results.json").read_text())
+    for m in ("a", "b"):  # concurrent_models: auto, two GPUs for two one-GPU engines
+        generation = results["models"][m]["generation"]
+        assert generation["models_at_once"] == 2 and generation["start_s"] > 0 and generation["decode_s"] >= 0
     overall = results["pairs"]["a vs b"]["overall"]
     # a 2-layer random model cannot write two scores: every prompt is unparseable, none guessed
     assert overall["unparseable"] == 8 and overall["judged"] == 0

@@ -74,10 +74,10 @@ def full_load_then_shard(rank: int, world: int, folder: str) -> dict:
 
 
 def train_steps(rank: int, world: int, folder: str, rows_file: str, work_dir: str, sharded_init: bool,
-                packing: bool = True) -> dict:
+                packing: bool = True, merge: int = 1) -> dict:
     """A few optimizer steps of the training recipe on ``world`` gloo ranks, from a sharded load
     (``sharded_init``) or from the former full load on every rank, with packed or padded
-    micro-batches; returns the full weights."""
+    micro-batches, ``merge`` of them a forward; returns the full weights."""
     import pyarrow.parquet as pq
     import torch
 
@@ -85,7 +85,8 @@ def train_steps(rank: int, world: int, folder: str, rows_file: str, work_dir: st
     from rayapp.ml.train.worker import FineTuneRecipe, WorkerConfig, WorkerEnv, shard_fsdp2
 
     tc = TrainConfig(epochs=1, per_device_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3,
-                     warmup_ratio=0.0, num_workers=world, eval_rows=0, log_every_steps=1000, packing=packing)
+                     warmup_ratio=0.0, num_workers=world, eval_rows=0, log_every_steps=1000, packing=packing,
+                     micro_batches_per_forward=merge)
     cfg = WorkerConfig(stage="probe", train=tc, init_model=folder, tokenizer=folder,
                        total_rows=pq.read_metadata(rows_file).num_rows, train_files=(rows_file,), work_dir=work_dir,
                        staging_dir=None, export_every_epoch=False, eval_file=None)
@@ -105,7 +106,7 @@ def train_steps(rank: int, world: int, folder: str, rows_file: str, work_dir: st
     recipe.train()
     state = {k: v.full_tensor().numpy() for k, v in recipe.model.state_dict().items() if hasattr(v, "full_tensor")}
     return {"rank": rank, "steps": recipe.progress.global_step, "state": state, "deferred_sync": recipe.defer_sync,
-            "packing": recipe.packing}
+            "packing": recipe.packing, "merge": recipe.merge}
 
 
 def train_steps_each(rank: int, world: int, runs: list[tuple]) -> list[dict]:
@@ -161,18 +162,20 @@ def lora_adapters_at_start(rank: int, world: int, folder: str, lora: dict) -> di
             for n, p in recipe.model.named_parameters() if p.requires_grad}
 
 
-def collectives_per_step(rank: int, world: int, runs: list[tuple[dict, bool, int, bool]]) -> list[dict]:
-    """``_collectives_per_step`` for each (config, keep_gathered, micro_batches, defer_sync) of
-    ``runs``, in one process group (one spawn of the ranks for all)."""
+def collectives_per_step(rank: int, world: int, runs: list[tuple]) -> list[dict]:
+    """``_collectives_per_step`` for each (config, keep_gathered, micro_batches, defer_sync[,
+    per_forward]) of ``runs``, in one process group (one spawn of the ranks for all)."""
     return [_collectives_per_step(rank, *run) for run in runs]
 
 
 def _collectives_per_step(rank: int, config: dict, keep_gathered: bool, micro_batches: int,
-                          defer_sync: bool = False) -> dict:
+                          defer_sync: bool = False, per_forward: int = 1) -> dict:
     """FSDP2's all-gathers and reduce-scatters in one optimizer step of ``micro_batches`` (counted
     at FSDP2's own collective calls), with the weights kept gathered through the step or
     re-gathered as FSDP2 does by default, and gradients reduced once a step (``defer_sync``) or
-    after every micro-batch; and the weights after the step, which must not depend on either."""
+    after every micro-batch, or ``per_forward`` micro-batches packed into each forward (the fused
+    loss, each token weighted by its micro-batch, as micro_batches_per_forward does); and the
+    weights after the step, which must not depend on any of these."""
     import torch
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -190,6 +193,19 @@ def _collectives_per_step(rank: int, config: dict, keep_gathered: bool, micro_ba
         ids = torch.randint(3, config["vocab_size"], (2, 16), generator=generator)
         batches.append({"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
     weights = [1 / micro_batches] * micro_batches
+    if per_forward > 1:
+        from rayapp.ml.train import loss
+        from rayapp.ml.train.packing import pack_batch
+
+        loss.install(model)
+        merged = []
+        for lo in range(0, micro_batches, per_forward):
+            group = batches[lo:lo + per_forward]
+            seqs = [row.tolist() for batch in group for row in batch["input_ids"]]
+            per_label = [w for batch in group for w in loss.token_weights(batch["labels"].tolist(), 1 / micro_batches)]
+            # a packed row per row: the same positions and mask as the padded micro-batches
+            merged.append(pack_batch(seqs, seqs, [[i] for i in range(len(seqs))], 0, per_label))
+        batches, weights = merged, [1.0] * len(merged)
     kw = dict(max_grad_norm=1.0, keep_gathered=keep_gathered, defer_sync=defer_sync)
     optimizer_step(model, optimizer, scheduler, batches, weights, **kw)  # FSDP2's lazy set-up
     calls = {"all_gathers": 0, "reduce_scatters": 0}

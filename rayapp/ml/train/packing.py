@@ -84,14 +84,16 @@ def pack_layout(lengths: Sequence[int], attn_implementation: str | None, hidden:
 
 
 def pack_batch(seqs: Sequence[Sequence[int]], labs: Sequence[Sequence[int]], rows: list[list[int]],
-               pad_id: int) -> dict[str, torch.Tensor]:
+               pad_id: int, weights: Sequence[Sequence[float]] | None = None) -> dict[str, torch.Tensor]:
     """The packed tensors: ``input_ids``, ``labels`` and ``position_ids`` of shape (packed rows,
     width), and ``num_tokens`` (the real tokens). A packed row's tail is padding: its labels are
-    ignored and its positions restart at 0, so it attends only to itself."""
+    ignored and its positions restart at 0, so it attends only to itself. ``weights`` (per label,
+    ml/train/loss.token_weights) adds ``loss_weights`` laid out as the labels."""
     width = max(sum(len(seqs[i]) for i in row) for row in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
+    loss_weights = np.zeros((len(rows), width), dtype=np.float32) if weights is not None else None
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -100,11 +102,16 @@ def pack_batch(seqs: Sequence[Sequence[int]], labs: Sequence[Sequence[int]], row
             labels[r, at:at + n] = labs[i]
             labels[r, at] = IGNORE_INDEX  # predicted from the previous row's last token
             positions[r, at:at + n] = np.arange(n)
+            if loss_weights is not None:
+                loss_weights[r, at:at + n] = weights[i]
+                loss_weights[r, at] = 0.0
             at += n
         positions[r, at:] = np.arange(width - at)
-    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-            "position_ids": torch.from_numpy(positions),
-            "num_tokens": torch.tensor(sum(len(s) for s in seqs))}
+    out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+           "position_ids": torch.from_numpy(positions), "num_tokens": torch.tensor(sum(len(s) for s in seqs))}
+    if loss_weights is not None:
+        out["loss_weights"] = torch.from_numpy(loss_weights)
+    return out
 
 
 def attention_inputs(config, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

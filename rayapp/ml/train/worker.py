@@ -136,6 +136,12 @@ class FineTuneRecipe:
                       f"({self.n_trainable / self.n_params:.2%})")
         self.defer_sync = self._defer_gradient_sync()
         self.packing = self._packing()
+        self.merge = self._micro_batches_per_forward()
+        # token-weighted loss batches (ml/train/loss.py): merged forwards need each row's weight
+        self.weighted = self._weighted_loss()
+        if self.merge > 1:
+            self._log(f"{self.merge} micro-batches packed into each forward pass (fused loss; each row keeps its "
+                      "micro-batch's weight)")
         self.local_params = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
                                 for p in self.model.parameters())
 
@@ -162,9 +168,34 @@ class FineTuneRecipe:
                   f"packed attention is checked ({', '.join(sorted(PACKABLE_MODEL_TYPES))}); padded micro-batches")
         return False
 
-    def micro_batch(self, indices: list[int]) -> dict:
+    def _micro_batches_per_forward(self) -> int:
+        """Micro-batches a forward pass takes (TrainConfig.micro_batches_per_forward, resolved by the
+        stage from `rayapp plan`; "auto" left unresolved is 1)."""
+        merge = self.tc.micro_batches_per_forward
+        merge = 1 if merge == "auto" else min(merge, self.tc.gradient_accumulation_steps)
+        if merge > 1 and not self.packing:
+            self._log("micro_batches_per_forward: merged forwards need packed rows; one forward per micro-batch")
+            return 1
+        return merge
+
+    def _weighted_loss(self) -> bool:
+        """Whether batches carry per-token loss weights and the fused loss computes them (merged
+        forwards, or TrainConfig.fused_loss); installs that loss on the model."""
+        from rayapp.ml.train import loss
+
+        if self.merge == 1 and not self.tc.fused_loss:
+            return False
+        if not loss.supported(self.model):
+            self._log(f"fused loss off: model type {getattr(self.model.config, 'model_type', None)!r} is not one "
+                      "whose logits are its output layer's alone; the model's own loss, one forward per micro-batch")
+            self.merge = 1
+            return False
+        loss.install(self.model)
+        return True
+
+    def micro_batch(self, indices: list[int], weights: list | None = None) -> dict:
         """One micro-batch's tensors on this worker's device: packed or padded (the same rows and
-        the same loss either way)."""
+        the same loss either way); ``weights`` (per label of each row) adds its loss weights."""
         import torch
 
         from rayapp.ml.train.collate import collate, collate_packed
@@ -172,8 +203,28 @@ class FineTuneRecipe:
         rows = self.rows.batch(indices)
         if self.packing:
             return collate_packed(rows, self.pad_id, self.device, self.model.config,
-                                  torch.bfloat16 if self.bf16 else torch.float32)
-        return collate(rows, self.pad_id, self.device)
+                                  torch.bfloat16 if self.bf16 else torch.float32, weights)
+        return collate(rows, self.pad_id, self.device, weights)
+
+    def step_batches(self, micro_rows: list[list[int]], weights: list[float]) -> tuple[list[dict], list[float]]:
+        """One optimizer step's forward batches and their weights. Unweighted: a batch per
+        micro-batch, each with its weight. Weighted (``self.weighted``): each micro-batch's weight
+        is folded into its tokens' loss weights (its mean response loss x its weight), and
+        ``self.merge`` consecutive micro-batches share one packed forward. Every rank runs the same
+        number of forwards (FSDP2's collectives pair up across ranks): it depends only on the
+        step's micro-batch count, never on the rows' lengths."""
+        if not self.weighted:
+            return [self.micro_batch(rows) for rows in micro_rows], weights
+        from rayapp.ml.train.loss import token_weights
+
+        batches = []
+        for lo in range(0, len(micro_rows), self.merge):
+            indices, per_label = [], []
+            for rows, weight in zip(micro_rows[lo:lo + self.merge], weights[lo:lo + self.merge]):
+                indices += rows
+                per_label += token_weights(list(self.rows.batch(rows)["labels"]), weight)
+            batches.append(self.micro_batch(indices, per_label))
+        return batches, [1.0] * len(batches)
 
     def _with_adapters(self, model):
         """The model with LoRA adapters when finetune.lora is set (its base frozen, in bf16 under
@@ -193,6 +244,11 @@ class FineTuneRecipe:
         if self.tc.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
+        if self.tc.compile_layers:
+            # each decoder layer on its own, before sharding (torchtitan's order): the graphs stay
+            # small, and FSDP2's hooks around each layer stay outside them
+            for layer in decoder_layers(self.model):
+                layer.compile()
 
     def _sharded_model(self):
         """FSDP2 without a full copy on any rank: build on the meta device, shard, allocate this
@@ -419,8 +475,8 @@ class FineTuneRecipe:
             first = p.batch_in_epoch if epoch == p.epoch else 0  # batches consumed before the checkpoint
             for group_start in range(first, self.batches_per_epoch, accum):
                 group = range(group_start, min(group_start + accum, self.batches_per_epoch))
-                micro = [self.micro_batch(order[b * bs:(b + 1) * bs]) for b in group]
-                weights = [micro_batch_weight(b, self.batches_per_epoch, accum) for b in group]
+                micro, weights = self.step_batches([order[b * bs:(b + 1) * bs] for b in group],
+                                                   [micro_batch_weight(b, self.batches_per_epoch, accum) for b in group])
                 p.last_loss, n_tok = self.train_step(micro, weights)
                 p.global_step += 1
                 tokens_seen += n_tok

@@ -69,7 +69,7 @@ def adamw_step_temporaries(impl: str, trained_local: int, largest_local: int) ->
 def training_memory(s: ModelShape, *, world: int, sharded: bool, micro_batch_tokens: int, bf16: bool,
                     activation_checkpointing: bool, defer_gradient_sync: bool, gpu: bool = True,
                     lora_params: int | None = None, adamw: str | None = None,
-                    keep_gathered: bool = False) -> dict[str, int]:
+                    keep_gathered: bool = False, fused_loss: bool = False) -> dict[str, int]:
     """One training worker: fp32 master weights, fp32 gradients and AdamW's two fp32 moments
     (sharded over ``world`` under FSDP), the unsharded compute copies of the units FSDP has
     gathered (the root and two layers: the current one and the prefetched one), the activations of
@@ -93,7 +93,11 @@ def training_memory(s: ModelShape, *, world: int, sharded: bool, micro_batch_tok
     activations stay: the backward pass still goes through every layer to reach the adapters.
 
     ``keep_gathered`` (policy.keep_weights_gathered, a small model): the whole model's compute
-    copy stays gathered through the step, in place of the root and two layers."""
+    copy stays gathered through the step, in place of the root and two layers.
+
+    ``fused_loss`` (ml/train/loss.py): in place of the batch's logits, one chunk's, the hidden
+    states at the labelled positions and their gradient (every token counted as labelled), and
+    the output layer's fp32 gradient accumulator."""
     P = s.params
     shards = world if sharded else 1
     c = 2 if bf16 else 4  # compute dtype bytes
@@ -128,8 +132,11 @@ def training_memory(s: ModelShape, *, world: int, sharded: bool, micro_batch_tok
         parts["activations"] = s.layers * T * s.hidden * c + layer  # layer inputs + one layer recomputed
     else:
         parts["activations"] = s.layers * layer
-    # logits in the compute dtype, their fp32 upcast, the saved log-softmax and its gradient
-    parts["logits"] = T * s.vocab * (c + 12)
+    if fused_loss:
+        parts["loss (fused, one chunk of logits)"] = fused_loss_bytes(s, T, c, trains_output=lora_params is None)
+    else:
+        # logits in the compute dtype, their fp32 upcast, the saved log-softmax and its gradient
+        parts["logits"] = T * s.vocab * (c + 12)
     impl = adamw or ("fused" if adamw_fused("cuda" if gpu else "cpu") else "for-loop")
     largest = (s.largest_param or max(s.vocab * s.hidden, s.intermediate * s.hidden)) if lora_params is None \
         else -(-lora_params // s.layers)  # LoRA: at most one layer's adapters
@@ -141,6 +148,14 @@ def training_memory(s: ModelShape, *, world: int, sharded: bool, micro_batch_tok
         if sharded:
             parts["NCCL buffers"] = NCCL_BUFFERS
     return parts
+
+
+def fused_loss_bytes(s: ModelShape, tokens: int, c: int, trains_output: bool = True) -> int:
+    """The fused loss's memory (ml/train/loss.py): one chunk's logits in the compute dtype, in fp32
+    and its gradient in the compute dtype; the picked hidden states and their gradient; the output
+    layer's fp32 gradient accumulator when it trains."""
+    chunk = min(tokens, chunk_rows(s.vocab))
+    return chunk * s.vocab * (c + 4 + c) + 2 * tokens * s.hidden * c + (4 * s.vocab * s.hidden if trains_output else 0)
 
 
 def scoring_memory(s: ModelShape, *, dtype_bytes: int, batch_tokens: int, max_length: int, resident_models: int,

@@ -109,23 +109,49 @@ class HFGenerator:
         return answers, enc["attention_mask"].sum(dim=1).cpu().numpy().astype(np.int64), n_new, reasons
 
 
+class AnswerClock:
+    """When a model's answers came: its start-up is the wait for the first (engine or actor start,
+    model load, the first batch), its decoding the time from the first to the last."""
+
+    def __init__(self, started: float):
+        self.started, self.first, self.last = started, None, None
+
+    def answered(self) -> None:
+        now = time.perf_counter()
+        self.first = self.first or now
+        self.last = now
+
+    def stats(self) -> dict:
+        if self.first is None:
+            return {}
+        return {"start_s": round(self.first - self.started, 2), "decode_s": round(self.last - self.first, 2)}
+
+
 def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig, max_positions: int | None,
-                trust_remote_code: bool, stall_s: float | None = None, committed=None) -> list[dict]:
+                trust_remote_code: bool, stall_s: float | None = None, committed=None,
+                timings: dict[str, AnswerClock] | None = None) -> list[dict]:
     """Answers of every model in ``models`` (label -> path) to ``rows``, from one actor pool.
 
     Chunks of ``batch_size`` prompts of one model, one chunk (one row) per block and per actor call
     (batch_size=1: no re-bundling in arrival order, and Ray Data needs an explicit batch size for
     actors that ask for GPUs): each prompt is answered in the same batch on every run, whichever
     other models share the pool, so seeded sampling gives the same answers. Each answered chunk is
-    progress for the watchdog (``stall_s``: ray.stall_timeout_s; core/watchdog.py)."""
+    progress for the watchdog (``stall_s``: ray.stall_timeout_s; core/watchdog.py). ``timings``:
+    each model's AnswerClock, filled as its chunks come back."""
     from rayapp.core.datapools import DrivenStream
 
+    started = time.perf_counter()
     chunks = [{"model": label, **{k: [row[k] for row in rows[i:i + gen.batch_size]] for k in ("set", "id", "prompt")}}
               for label in models for i in range(0, len(rows), gen.batch_size)]
     stream = DrivenStream(_answered_chunks, chunks, models, gen, max_positions, trust_remote_code)
     answered = watched_iter(stream, stage="evaluate", stall_s=stall_s, committed=committed, on_stall=stream.close,
                             waiting_for=f"the generation actor pool (Ray Data, hf generators for {', '.join(models)})")
-    return [row for chunk in answered for row in chunk]
+    out = []
+    for chunk in answered:
+        if timings is not None and chunk:
+            timings.setdefault(chunk[0]["model"], AnswerClock(started)).answered()
+        out += chunk
+    return out
 
 
 def _answered_chunks(chunks: list[dict], models: dict[str, str], gen: GenerationConfig, max_positions: int | None,
@@ -231,10 +257,12 @@ def lora_serving(model_path: str) -> tuple[str, dict, dict]:
 
 
 def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_positions: int | None,
-                  trust_remote_code: bool = False, stall_s: float | None = None, committed=None) -> list[dict]:
+                  trust_remote_code: bool = False, stall_s: float | None = None, committed=None,
+                  clock: AnswerClock | None = None) -> list[dict]:
     """Through ``ray.data.llm``: it sizes placement groups for tensor parallelism itself. Weights
     load from safetensors only (vLLM's "auto" would fall back to pickled .bin files). Each answer is
-    progress for the watchdog (``stall_s``), whose wait for the first includes the engine's start."""
+    progress for the watchdog (``stall_s``), whose wait for the first includes the engine's start;
+    ``clock`` times it."""
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -267,28 +295,62 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
             finish_reason="length" if int(row.get("num_generated_tokens") or 0) >= gen.max_new_tokens else "stop",
         ),
     )
-    return list(watched_iter(processor(ray.data.from_items(rows)).iter_rows(), stage="evaluate", stall_s=stall_s,
-                             committed=committed, waiting_for=f"the vLLM engine pool (ray.data.llm) answering with "
-                                                              f"{model_path} (engine start included)"))
+    out = []
+    for row in watched_iter(processor(ray.data.from_items(rows)).iter_rows(), stage="evaluate", stall_s=stall_s,
+                            committed=committed, waiting_for=f"the vLLM engine pool (ray.data.llm) answering with "
+                                                             f"{model_path} (engine start included)"):
+        if clock is not None:
+            clock.answered()
+        out.append(row)
+    return out
+
+
+def models_at_once(gen: GenerationConfig, models: int, cluster_gpus: float) -> int:
+    """How many models generate at once (GenerationConfig.concurrent_models): auto, as many as
+    ``cluster_gpus`` hold engines for, each model taking resources.max_actors engines of
+    tensor_parallel_size GPUs; at least 1, at most ``models``."""
+    if gen.concurrent_models != "auto":
+        return max(1, min(gen.concurrent_models, models))
+    per_model = gen.resources.max_actors * gen.tensor_parallel_size
+    return max(1, min(models, int(cluster_gpus // per_model)))
 
 
 def generate(rows: list[dict], models: dict[str, str], gen: GenerationConfig, max_positions: int | None = None,
              trust_remote_code: bool = False, stall_s: float | None = None,
              committed=None) -> dict[str, tuple[list[dict], dict]]:
     """Answers of each model (label -> path) to ``rows``: {label: (rows in input order, stats)}.
-    The hf backend answers for all models from one actor pool; vLLM runs one engine per model.
+    The hf backend answers for all models from one actor pool; vLLM runs engines per model, for
+    several models at once where the cluster's GPUs allow (``models_at_once``). The stats say each
+    model's start-up (until its first answer) apart from its decoding.
     ``stall_s`` (ray.stall_timeout_s): no answer for that long is a StallError that says
     ``committed`` (what the caller has already kept)."""
     t0 = time.perf_counter()
+    clocks: dict[str, AnswerClock] = {}
+    at_once = 1
     if gen.backend == "vllm":
-        out, seconds = [], {}
-        for label, path in models.items():
+        import ray
+
+        at_once = models_at_once(gen, len(models), ray.cluster_resources().get("GPU", 0))
+        seconds = {}
+
+        def answers_of(label: str, path: str) -> list[dict]:
             t = time.perf_counter()
-            out += [{"model": label, **r} for r in generate_vllm(rows, path, gen, max_positions, trust_remote_code,
-                                                                 stall_s, committed)]
+            clocks[label] = AnswerClock(t)
+            got = generate_vllm(rows, path, gen, max_positions, trust_remote_code, stall_s, committed, clocks[label])
             seconds[label] = time.perf_counter() - t
+            return [{"model": label, **r} for r in got]
+
+        if at_once > 1:
+            # each model's ray.data.llm pipeline driven from its own thread: the engines of up to
+            # at_once models start and decode together (start-up is minutes a model, decoding ~1)
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="rayapp-generate") as pool:
+                out = [r for got in pool.map(lambda item: answers_of(*item), models.items()) for r in got]
+        else:
+            out = [r for label, path in models.items() for r in answers_of(label, path)]
     else:
-        out = generate_hf(rows, models, gen, max_positions, trust_remote_code, stall_s, committed)
+        out = generate_hf(rows, models, gen, max_positions, trust_remote_code, stall_s, committed, clocks)
         seconds = dict.fromkeys(models, time.perf_counter() - t0)  # one pool, shared wall time
     pool_tokens = sum(int(r["new_tokens"]) for r in out)
     results = {}
@@ -304,5 +366,7 @@ def generate(rows: list[dict], models: dict[str, str], gen: GenerationConfig, ma
         produced = new_tokens if gen.backend == "vllm" else pool_tokens
         results[label] = (ordered, {"prompts": len(rows), "seconds": round(wall, 2), "new_tokens": new_tokens,
                                     "new_tokens_per_s": round(produced / wall, 1) if wall else None,
-                                    "models_in_pool": len(models) if gen.backend != "vllm" else 1})
+                                    "models_in_pool": len(models) if gen.backend != "vllm" else 1,
+                                    "models_at_once": at_once if gen.backend == "vllm" else len(models),
+                                    **(clocks[label].stats() if label in clocks else {})})
     return results

@@ -127,7 +127,7 @@ def _generations(cfg: RunConfig, layout: RunLayout, models: list[dict], prompts:
     todo: dict[str, str] = {}
     fps: dict[str, str] = {}
     for m in models:
-        fps[m["label"]] = fp = fingerprint(model=m["identity"], generation=gen,
+        fps[m["label"]] = fp = fingerprint(model=m["identity"], generation=gen.content(),
                                            prompts=[[p["id"], p["prompt"]] for p in prompts])
         uri = layout.generations(m["label"])
         table = None if force else keyed.read_table(uri, {"rayapp_fingerprint": fp})
@@ -143,7 +143,9 @@ def _generations(cfg: RunConfig, layout: RunLayout, models: list[dict], prompts:
     kept = f"answers of {len(out)} of {len(models)} models under {layout.generations('').rsplit('/', 1)[0]}"
     for label, (answers, stats) in generate(rows, todo, gen, trust_remote_code=cfg.models.target.trust_remote_code,
                                             stall_s=cfg.ray.stall_timeout_s, committed=kept).items():
-        log.info("%s: %d new tokens (%s tokens/s)", label, stats["new_tokens"], stats["new_tokens_per_s"])
+        log.info("%s: %d new tokens (%s tokens/s)%s", label, stats["new_tokens"], stats["new_tokens_per_s"],
+                 f"; {stats['start_s']:.0f} s to the first answer, {stats['decode_s']:.0f} s from it to the last"
+                 if "start_s" in stats else "")
         keyed.write_table(layout.generations(label), pa.Table.from_pylist(answers),
                           {"rayapp_fingerprint": fps[label], "rayapp_stats": json.dumps(stats),
                            "rayapp_model": todo[label]})
@@ -235,7 +237,9 @@ class EvaluateStage(Stage):
         return [resolve_model(cfg, layout, m) for m in cfg.evaluate.models]
 
     def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: list[dict]) -> str:
-        return fingerprint(evaluate=cfg.evaluate, template=cfg.data.template, sets=_set_files(cfg),
+        # how many models generate at once changes no answer (GenerationConfig.content)
+        ec = {**cfg.evaluate.model_dump(mode="json", by_alias=True), "generation": cfg.evaluate.generation.content()}
+        return fingerprint(evaluate=ec, template=cfg.data.template, sets=_set_files(cfg),
                            models=[[m["label"], m["identity"]] for m in inputs])
 
     def run(self, ctx: StageContext) -> EvaluationManifest:

@@ -243,8 +243,10 @@ class FinetuneStage(Stage):
                                  train_files=files, total_rows=rows, work_dir=storage.local_path(layout.finetune(stage.variant)),
                                  eval_file=job_eval, trust_remote_code=trc))
         init_ray(cfg)
-        all_metrics = run_training("finetune", fc, jobs, tracking=tracking.target(cfg),
-                                   stall_s=cfg.ray.stall_timeout_s)
+        from rayapp.ops.plan.check import planned_training
+
+        all_metrics = run_training("finetune", planned_training(cfg, cls.name, fc, "target"), jobs,
+                                   tracking=tracking.target(cfg), stall_s=cfg.ray.stall_timeout_s)
         out = []
         for stage, job, (rows, what), metrics, counts in zip(stages, jobs, described, all_metrics, retokenized):
             export = TrainingLayout(job.work_dir).final_export

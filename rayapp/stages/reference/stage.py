@@ -77,8 +77,10 @@ class ReferenceStage(Stage):
                        train_files=prepared.shard_paths(layout), total_rows=prepared.rows, work_dir=work,
                        export_every_epoch=True, eval_file=prepared.holdout.path if prepared.holdout else None,
                        trust_remote_code=cfg.models.reference.trust_remote_code)
-        [metrics] = run_training("reference", cfg.reference, [job], tracking=tracking.target(cfg),
-                                 stall_s=cfg.ray.stall_timeout_s)
+        from rayapp.ops.plan.check import planned_training
+
+        [metrics] = run_training("reference", planned_training(cfg, self.name, cfg.reference, "reference"), [job],
+                                 tracking=tracking.target(cfg), stall_s=cfg.ray.stall_timeout_s)
         exports = [TrainingLayout(work).epoch_export(e) for e in range(1, cfg.reference.epochs + 1)]
         missing = [p for p in exports if not export_complete(p)]
         if missing:
