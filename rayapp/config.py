@@ -363,6 +363,13 @@ class TrainConfig(_Strict):
     log_every_steps: int = Field(10, ge=1)
     peak_flops: float | None = Field(None, description="Per-device peak FLOP/s for MFU (e.g. 989e12 H100 bf16)")
 
+    def content(self) -> dict:
+        """What the trained weights are made from: everything but how the same objective is computed
+        (merged forwards, the fused loss, compiled layers change float rounding only), so turning
+        one of them on does not train again what is trained."""
+        return self.model_dump(mode="json", by_alias=True,
+                               exclude={"micro_batches_per_forward", "fused_loss", "compile_layers"})
+
     @field_validator("micro_batches_per_forward")
     @classmethod
     def _at_least_one_micro_batch(cls, value):

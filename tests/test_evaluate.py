@@ -166,10 +166,11 @@ def test_hf_backend_generates_on_ray(ray_local, make_config):
     assert [r["id"] for r in out] == [p["id"] for p in prompts]  # input order kept
     assert all(0 < r["new_tokens"] <= 12 and isinstance(r["answer"], str) for r in out)
     assert stats["new_tokens"] == sum(r["new_tokens"] for r in out) and stats["new_tokens_per_s"] > 0
-    # start-up (the pool's start, the model's load, its first chunk) apart from decoding, per model
+    # start-up (the pool's start, the first model's load and chunk) apart from decoding: one pool's
     for _, model_stats in both.values():
         assert model_stats["start_s"] > 0 and model_stats["decode_s"] >= 0
         assert model_stats["start_s"] + model_stats["decode_s"] <= model_stats["seconds"] + 0.01
+        assert model_stats["start_s"] == stats["start_s"] and model_stats["models_at_once"] == 2
     assert [r["answer"] for r in both["other"][0]] != [r["answer"] for r in out]  # each model answered itself
     again, _ = generate(prompts, {"target": model}, gen)["target"]
     # seeded: reproducible, whichever models share the pool (each batch holds one model's prompts)
@@ -181,11 +182,15 @@ def test_models_generating_at_once_fit_the_clusters_gpus():
     from rayapp.stages.evaluate.generate import models_at_once
 
     tp2 = GenerationConfig(backend="vllm", tensor_parallel_size=2, resources={"max_actors": 2, "num_gpus": 1})
-    assert models_at_once(tp2, 3, 16) == 3  # 4 GPUs a model: three models on two 8-GPU nodes
-    assert models_at_once(tp2, 3, 8) == 2 and models_at_once(tp2, 3, 4) == 1
-    assert models_at_once(tp2, 3, 0) == 1  # GPU nodes not up yet: one model at a time, as before
-    assert models_at_once(tp2.model_copy(update={"concurrent_models": 2}), 3, 0) == 2
-    assert models_at_once(tp2.model_copy(update={"concurrent_models": 9}), 3, 0) == 3
+    assert models_at_once(tp2, 3, {"GPU": 16}) == 3  # 4 GPUs a model: three models on two free 8-GPU nodes
+    assert models_at_once(tp2, 3, {"GPU": 8}) == 2 and models_at_once(tp2, 3, {"GPU": 4}) == 1
+    assert models_at_once(tp2, 3, {}) == 1  # GPU nodes not up yet: one model at a time, as before
+    assert models_at_once(tp2.model_copy(update={"concurrent_models": 2}), 3, {}) == 2
+    assert models_at_once(tp2.model_copy(update={"concurrent_models": 9}), 3, {}) == 3
+    # the engines' bundles ask for the node-type label too: only the labelled GPUs count
+    labelled = tp2.model_copy(update={"resources": tp2.resources.model_copy(update={"resources": {"gpu_8x": 1}})})
+    assert models_at_once(labelled, 3, {"GPU": 16, "gpu_8x": 8}) == 2
+    assert models_at_once(labelled, 3, {"GPU": 16}) == 1
     # the answers do not depend on it: their cache key leaves it out
     assert tp2.content() == tp2.model_copy(update={"concurrent_models": 2}).content()
     assert "concurrent_models" not in tp2.content()

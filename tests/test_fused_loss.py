@@ -211,3 +211,27 @@ def test_compiled_layers_take_the_same_step(tmp_path):
     assert loss_c == pytest.approx(loss, rel=1e-5) and tokens_c == tokens
     for param, grad in grads.items():
         torch.testing.assert_close(grads_c[param], grad, rtol=1e-4, atol=1e-6, msg=param)
+
+
+def test_loss_weights_pass_fsdp2s_bf16_input_cast_in_fp32():
+    """FSDP2's mixed precision casts the root's floating-point forward inputs to bf16 with this very
+    function; weights held by loss.Exact (as optimizer_step passes them) come through in fp32."""
+    import functools
+
+    from torch.distributed.fsdp._fully_shard._fsdp_common import _cast_fp_tensor
+    from torch.distributed.utils import _apply_to_tensors
+
+    weights = torch.full((2, 5), 0.25 / 1234)  # not a bf16 number
+    cast = functools.partial(_cast_fp_tensor, torch.bfloat16)
+    assert _apply_to_tensors(cast, {"loss_weights": weights})["loss_weights"].dtype == torch.bfloat16
+    kept = _apply_to_tensors(cast, {"loss_weights": fused.Exact(weights)})["loss_weights"]
+    assert kept.tensor.dtype == torch.float32 and torch.equal(kept.tensor, weights)
+
+
+def test_how_the_objective_is_computed_is_not_part_of_a_runs_identity():
+    from rayapp.config import TrainConfig
+
+    plain = TrainConfig()
+    other = TrainConfig(micro_batches_per_forward=2, fused_loss=True, compile_layers=True)
+    assert plain.content() == other.content()
+    assert plain.content() != TrainConfig(learning_rate=1e-4).content()

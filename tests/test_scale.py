@@ -217,9 +217,7 @@ def test_plan_merges_the_presets_micro_batches():
     forward as leave a tenth of the GPU free at max-length rows (a divisor of the accumulation
     steps); the stages hand the workers that number. CPU workers and unknown GPUs keep one forward
     per micro-batch; a set number is capped at the step's micro-batches."""
-    from rayapp.ops.plan.check import plan_training, planned_training, role_shape
-
-    from rayapp.ops.plan.check import AUTO_MERGE_HEADROOM
+    from rayapp.ops.plan.check import AUTO_MERGE_HEADROOM, plan_training, planned_training, role_shape
 
     chosen = {}
     for preset in PRESETS:

@@ -68,6 +68,10 @@ def optimizer_step(model, optimizer, scheduler, micro_batches: list[dict], weigh
         # real tokens: a packed batch says how many (ml/train/packing.py), a padded one has its mask
         n_tokens = inputs["num_tokens"] if "num_tokens" in inputs else inputs["attention_mask"].sum()
         inputs = {key: value for key, value in inputs.items() if key != "num_tokens"}
+        if "loss_weights" in inputs:  # the fused loss's (ml/train/loss.py): past FSDP2's cast to bf16
+            from rayapp.ml.train.loss import Exact
+
+            inputs["loss_weights"] = Exact(inputs["loss_weights"])
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast_bf16):
             out = model(**inputs, use_cache=False)  # a training step needs no KV cache (it only copies)
         (out.loss * weight).backward()

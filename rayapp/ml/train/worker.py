@@ -245,8 +245,8 @@ class FineTuneRecipe:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
         if self.tc.compile_layers:
-            # each decoder layer on its own, before sharding (torchtitan's order): the graphs stay
-            # small, and FSDP2's hooks around each layer stay outside them
+            # each decoder layer on its own, before sharding (torchtitan's order): small graphs,
+            # one per layer shape (dynamo leaves FSDP2's hooks out of them: skip_fsdp_hooks)
             for layer in decoder_layers(self.model):
                 layer.compile()
 

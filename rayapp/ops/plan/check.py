@@ -200,10 +200,11 @@ def planned_training(cfg: RunConfig, stage: str, tc: TrainConfig, role: str) -> 
     if tc.use_gpu:
         try:
             merge = plan_training(cfg, stage, tc, role_shape(cfg, role)).micro_batches_per_forward or 1
-        except OSError as exc:  # no model config to plan from (as check_fits): today's forwards
+        except Exception as exc:  # noqa: BLE001  (nothing to plan from, e.g. --skip-plan's case): a forward each
             from rayapp.core.log import get_logger
 
-            get_logger(f"rayapp.{stage}").warning("cannot plan micro_batches_per_forward (%s); 1 a forward", exc)
+            get_logger(f"rayapp.{stage}").warning("cannot plan micro_batches_per_forward (%s: %s); one forward per "
+                                                  "micro-batch", type(exc).__name__, exc)
     return tc.model_copy(update={"micro_batches_per_forward": merge})
 
 

@@ -152,10 +152,12 @@ def training_memory(s: ModelShape, *, world: int, sharded: bool, micro_batch_tok
 
 def fused_loss_bytes(s: ModelShape, tokens: int, c: int, trains_output: bool = True) -> int:
     """The fused loss's memory (ml/train/loss.py): one chunk's logits in the compute dtype, in fp32
-    and its gradient in the compute dtype; the picked hidden states and their gradient; the output
-    layer's fp32 gradient accumulator when it trains."""
+    and its gradient in the compute dtype; the picked hidden states and their gradient; when the
+    output layer trains, its fp32 gradient accumulator and one compute-dtype vocabulary x hidden
+    product (each chunk's, added to it; the accumulator's cast at the end)."""
     chunk = min(tokens, chunk_rows(s.vocab))
-    return chunk * s.vocab * (c + 4 + c) + 2 * tokens * s.hidden * c + (4 * s.vocab * s.hidden if trains_output else 0)
+    output = (4 + c) * s.vocab * s.hidden if trains_output else 0
+    return chunk * s.vocab * (c + 4 + c) + 2 * tokens * s.hidden * c + output
 
 
 def scoring_memory(s: ModelShape, *, dtype_bytes: int, batch_tokens: int, max_length: int, resident_models: int,

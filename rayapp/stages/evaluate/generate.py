@@ -129,18 +129,17 @@ class AnswerClock:
 
 def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig, max_positions: int | None,
                 trust_remote_code: bool, stall_s: float | None = None, committed=None,
-                timings: dict[str, AnswerClock] | None = None) -> list[dict]:
+                clock: AnswerClock | None = None) -> list[dict]:
     """Answers of every model in ``models`` (label -> path) to ``rows``, from one actor pool.
 
     Chunks of ``batch_size`` prompts of one model, one chunk (one row) per block and per actor call
     (batch_size=1: no re-bundling in arrival order, and Ray Data needs an explicit batch size for
     actors that ask for GPUs): each prompt is answered in the same batch on every run, whichever
     other models share the pool, so seeded sampling gives the same answers. Each answered chunk is
-    progress for the watchdog (``stall_s``: ray.stall_timeout_s; core/watchdog.py). ``timings``:
-    each model's AnswerClock, filled as its chunks come back."""
+    progress for the watchdog (``stall_s``: ray.stall_timeout_s; core/watchdog.py), and for
+    ``clock`` (the pool's)."""
     from rayapp.core.datapools import DrivenStream
 
-    started = time.perf_counter()
     chunks = [{"model": label, **{k: [row[k] for row in rows[i:i + gen.batch_size]] for k in ("set", "id", "prompt")}}
               for label in models for i in range(0, len(rows), gen.batch_size)]
     stream = DrivenStream(_answered_chunks, chunks, models, gen, max_positions, trust_remote_code)
@@ -148,8 +147,8 @@ def generate_hf(rows: list[dict], models: dict[str, str], gen: GenerationConfig,
                             waiting_for=f"the generation actor pool (Ray Data, hf generators for {', '.join(models)})")
     out = []
     for chunk in answered:
-        if timings is not None and chunk:
-            timings.setdefault(chunk[0]["model"], AnswerClock(started)).answered()
+        if clock is not None:
+            clock.answered()
         out += chunk
     return out
 
@@ -260,9 +259,30 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
                   trust_remote_code: bool = False, stall_s: float | None = None, committed=None,
                   clock: AnswerClock | None = None) -> list[dict]:
     """Through ``ray.data.llm``: it sizes placement groups for tensor parallelism itself. Weights
-    load from safetensors only (vLLM's "auto" would fall back to pickled .bin files). Each answer is
-    progress for the watchdog (``stall_s``), whose wait for the first includes the engine's start;
-    ``clock`` times it."""
+    load from safetensors only (vLLM's "auto" would fall back to pickled .bin files)."""
+    return drain_vllm(vllm_answers(rows, model_path, gen, max_positions, trust_remote_code), model_path, stall_s,
+                      committed, clock)
+
+
+def drain_vllm(answers, model_path: str, stall_s: float | None = None, committed=None,
+               clock: AnswerClock | None = None) -> list[dict]:
+    """Run ``vllm_answers``' dataset and collect its rows. Each answer is progress for the watchdog
+    (``stall_s``), whose wait for the first includes the engine's start; ``clock`` times it."""
+    out = []
+    for row in watched_iter(answers.iter_rows(), stage="evaluate", stall_s=stall_s, committed=committed,
+                            waiting_for=f"the vLLM engine pool (ray.data.llm) answering with {model_path} "
+                                        "(engine start included)"):
+        if clock is not None:
+            clock.answered()
+        out.append(row)
+    return out
+
+
+def vllm_answers(rows: list[dict], model_path: str, gen: GenerationConfig, max_positions: int | None,
+                 trust_remote_code: bool = False):
+    """The lazy Ray Data dataset of one model's answers (nothing runs until it is read). Built in
+    the driver's main thread: it imports transformers, whose lazy modules are not safe to import
+    from several threads at once."""
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -295,78 +315,86 @@ def generate_vllm(rows: list[dict], model_path: str, gen: GenerationConfig, max_
             finish_reason="length" if int(row.get("num_generated_tokens") or 0) >= gen.max_new_tokens else "stop",
         ),
     )
-    out = []
-    for row in watched_iter(processor(ray.data.from_items(rows)).iter_rows(), stage="evaluate", stall_s=stall_s,
-                            committed=committed, waiting_for=f"the vLLM engine pool (ray.data.llm) answering with "
-                                                             f"{model_path} (engine start included)"):
-        if clock is not None:
-            clock.answered()
-        out.append(row)
-    return out
+    return processor(ray.data.from_items(rows))
 
 
-def models_at_once(gen: GenerationConfig, models: int, cluster_gpus: float) -> int:
-    """How many models generate at once (GenerationConfig.concurrent_models): auto, as many as
-    ``cluster_gpus`` hold engines for, each model taking resources.max_actors engines of
-    tensor_parallel_size GPUs; at least 1, at most ``models``."""
+def models_at_once(gen: GenerationConfig, models: int, free: dict[str, float]) -> int:
+    """How many models generate at once (GenerationConfig.concurrent_models). auto: as many as the
+    ``free`` resources (``ray.available_resources()``) hold engines for: each model takes
+    resources.max_actors engines of tensor_parallel_size GPUs, each GPU's bundle also asking for
+    the node-type labels in resources.resources. At least 1, at most ``models``. Engines left
+    pending would be waited on as a stall, so this counts what is free now, not the cluster."""
     if gen.concurrent_models != "auto":
         return max(1, min(gen.concurrent_models, models))
-    per_model = gen.resources.max_actors * gen.tensor_parallel_size
-    return max(1, min(models, int(cluster_gpus // per_model)))
+    gpus = gen.resources.max_actors * gen.tensor_parallel_size
+    room = free.get("GPU", 0) // gpus
+    for label, amount in gen.resources.resources.items():
+        room = min(room, free.get(label, 0) // (amount * gpus)) if amount else room
+    return int(max(1, min(models, room)))
 
 
 def generate(rows: list[dict], models: dict[str, str], gen: GenerationConfig, max_positions: int | None = None,
-             trust_remote_code: bool = False, stall_s: float | None = None,
-             committed=None) -> dict[str, tuple[list[dict], dict]]:
+             trust_remote_code: bool = False, stall_s: float | None = None, committed=None,
+             on_done=None) -> dict[str, tuple[list[dict], dict]]:
     """Answers of each model (label -> path) to ``rows``: {label: (rows in input order, stats)}.
     The hf backend answers for all models from one actor pool; vLLM runs engines per model, for
     several models at once where the cluster's GPUs allow (``models_at_once``). The stats say each
-    model's start-up (until its first answer) apart from its decoding.
+    model's start-up (until its first answer) apart from its decoding. ``on_done(label, answers,
+    stats)`` is called as each model's answers are complete (from a generating thread).
     ``stall_s`` (ray.stall_timeout_s): no answer for that long is a StallError that says
     ``committed`` (what the caller has already kept)."""
     t0 = time.perf_counter()
-    clocks: dict[str, AnswerClock] = {}
-    at_once = 1
-    if gen.backend == "vllm":
-        import ray
+    results: dict[str, tuple[list[dict], dict]] = {}
 
-        at_once = models_at_once(gen, len(models), ray.cluster_resources().get("GPU", 0))
-        seconds = {}
-
-        def answers_of(label: str, path: str) -> list[dict]:
-            t = time.perf_counter()
-            clocks[label] = AnswerClock(t)
-            got = generate_vllm(rows, path, gen, max_positions, trust_remote_code, stall_s, committed, clocks[label])
-            seconds[label] = time.perf_counter() - t
-            return [{"model": label, **r} for r in got]
-
-        if at_once > 1:
-            # each model's ray.data.llm pipeline driven from its own thread: the engines of up to
-            # at_once models start and decode together (start-up is minutes a model, decoding ~1)
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="rayapp-generate") as pool:
-                out = [r for got in pool.map(lambda item: answers_of(*item), models.items()) for r in got]
-        else:
-            out = [r for label, path in models.items() for r in answers_of(label, path)]
-    else:
-        out = generate_hf(rows, models, gen, max_positions, trust_remote_code, stall_s, committed, clocks)
-        seconds = dict.fromkeys(models, time.perf_counter() - t0)  # one pool, shared wall time
-    pool_tokens = sum(int(r["new_tokens"]) for r in out)
-    results = {}
-    for label in models:
-        by_id = {r["id"]: r for r in out if r["model"] == label}
+    def finish(label: str, answered: list[dict], wall: float, produced: int | None, clock: AnswerClock,
+               at_once: int) -> None:
+        by_id = {r["id"]: r for r in answered}
         missing = [r["id"] for r in rows if r["id"] not in by_id]
         if missing:
             raise RuntimeError(f"generation lost {len(missing)} prompts of {label} (e.g. {missing[:3]})")
         ordered = [{c: by_id[r["id"]][c] for c in OUTPUT_COLUMNS} for r in rows]
         new_tokens = sum(int(r["new_tokens"]) for r in ordered)
-        wall = seconds[label]
-        # vLLM: this model's engine alone; hf: the shared pool, over every model's tokens
-        produced = new_tokens if gen.backend == "vllm" else pool_tokens
+        produced = new_tokens if produced is None else produced
         results[label] = (ordered, {"prompts": len(rows), "seconds": round(wall, 2), "new_tokens": new_tokens,
                                     "new_tokens_per_s": round(produced / wall, 1) if wall else None,
                                     "models_in_pool": len(models) if gen.backend != "vllm" else 1,
-                                    "models_at_once": at_once if gen.backend == "vllm" else len(models),
-                                    **(clocks[label].stats() if label in clocks else {})})
-    return results
+                                    "models_at_once": at_once, **clock.stats()})
+        if on_done is not None:
+            on_done(label, *results[label])
+
+    if gen.backend == "vllm":
+        import ray
+
+        at_once = models_at_once(gen, len(models), ray.available_resources())
+        # the datasets are built here, one after the other; only reading them runs in threads
+        pending = [(label, path, vllm_answers(rows, path, gen, max_positions, trust_remote_code))
+                   for label, path in models.items()]
+
+        def answer(label: str, path: str, answers) -> None:
+            clock = AnswerClock(time.perf_counter())
+            got = drain_vllm(answers, path, stall_s, committed, clock)
+            finish(label, got, time.perf_counter() - clock.started, None, clock, at_once)
+
+        if at_once > 1:
+            # each model's ray.data.llm pipeline read from its own thread: the engines of up to
+            # at_once models start and decode together (start-up is minutes a model, decoding
+            # about one). A model that fails does not cost the others their answers (on_done keeps
+            # each as it completes); the first failure is raised once all have ended.
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="rayapp-generate") as pool:
+                futures = [pool.submit(answer, *item) for item in pending]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                raise errors[0]
+        else:
+            for item in pending:
+                answer(*item)
+    else:
+        clock = AnswerClock(t0)  # one pool for every model: its start-up and decoding are shared
+        out = generate_hf(rows, models, gen, max_positions, trust_remote_code, stall_s, committed, clock)
+        wall = time.perf_counter() - t0
+        pool_tokens = sum(int(r["new_tokens"]) for r in out)  # the rate is the shared pool's
+        for label in models:
+            finish(label, [r for r in out if r["model"] == label], wall, pool_tokens, clock, len(models))
+    return {label: results[label] for label in models}

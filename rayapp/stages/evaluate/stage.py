@@ -141,15 +141,19 @@ def _generations(cfg: RunConfig, layout: RunLayout, models: list[dict], prompts:
     log.info("generating %d answers each with %s: %s", len(prompts), gen.backend, ", ".join(todo))
     rows = [{k: p[k] for k in ("set", "id", "prompt")} for p in prompts]
     kept = f"answers of {len(out)} of {len(models)} models under {layout.generations('').rsplit('/', 1)[0]}"
-    for label, (answers, stats) in generate(rows, todo, gen, trust_remote_code=cfg.models.target.trust_remote_code,
-                                            stall_s=cfg.ray.stall_timeout_s, committed=kept).items():
+
+    def keep(label: str, answers: list[dict], stats: dict) -> None:
+        """Each model's answers written as soon as they are complete: a model that fails later, or
+        a stop, costs only its own (called from a generating thread)."""
         log.info("%s: %d new tokens (%s tokens/s)%s", label, stats["new_tokens"], stats["new_tokens_per_s"],
                  f"; {stats['start_s']:.0f} s to the first answer, {stats['decode_s']:.0f} s from it to the last"
                  if "start_s" in stats else "")
         keyed.write_table(layout.generations(label), pa.Table.from_pylist(answers),
                           {"rayapp_fingerprint": fps[label], "rayapp_stats": json.dumps(stats),
                            "rayapp_model": todo[label]})
-        out[label] = (answers, stats)
+
+    out.update(generate(rows, todo, gen, trust_remote_code=cfg.models.target.trust_remote_code,
+                        stall_s=cfg.ray.stall_timeout_s, committed=kept, on_done=keep))
     return out
 
 

@@ -185,7 +185,7 @@ class FinetuneStage(Stage):
                               *training_data(layout, prepared, self.subset))
 
     def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: FinetuneInputs) -> str:
-        train = cfg.finetune.model_copy(update={"subset": "selected"})  # the subset is the variant
+        train = cfg.finetune.model_copy(update={"subset": "selected"}).content()  # the subset is the variant
         return fingerprint(prepared=inputs.prepared.fingerprint, data=inputs.data_identity,
                            init_model=artifact_uid(inputs.init_model), train=train)
 

@@ -63,7 +63,7 @@ class ReferenceStage(Stage):
 
     def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: ReferenceInputs) -> str:
         return fingerprint(prepared=inputs.prepared.fingerprint, init_model=artifact_uid(inputs.init_model),
-                           train=cfg.reference)
+                           train=cfg.reference.content())
 
     def outputs_complete(self, m: ReferenceManifest, layout: RunLayout) -> bool:
         return all(artifact_uid(c.path) == c.uid for c in m.checkpoints[1:])
