@@ -136,10 +136,13 @@ ALPACA_ROWS = 52_002
 # multi-threaded S3 client; a node's ranks upload their own shards in parallel).
 HUB_BYTES_PER_S = 150e6
 BUCKET_BYTES_PER_S = 1e9
-# Measured on an H100 (results/gpu-h100.json: ~10 % MFU on the real tokens of a padded 1.1B
-# training step), assumed on the A10G and A100 here; activation checkpointing recomputes the
-# forward pass (8 rather than 6 FLOPs per parameter and token).
-TRAIN_MFU = 0.10
+# Training's rate on the tokens it computes, measured on an H100 (results/gpu-h100.json: a padded
+# 1.1B step ran at 27.7 % of the bf16 peak counting its padding, 22.6 % with activation
+# checkpointing, both at 6 FLOPs a parameter and token; 9.7 % on the real tokens alone, with 65 %
+# of them padding). Packed micro-batches (the default) compute the real tokens and little else, so
+# the same rate is assumed for their real tokens, and on the A10G and A100 here: an estimate until
+# the GPU check measures a packed step.
+TRAIN_MFU = {False: 0.277, True: 0.226}  # by activation checkpointing
 # vLLM was never measured here (the GPU check's machine had no CUDA vLLM): an assumed decode rate of
 # one 13B engine on two A100s at batch 64, and an engine's start (weights from local disk, CUDA graphs).
 VLLM_ENGINE_TOKENS_PER_S = 1500
@@ -201,7 +204,7 @@ def judge_estimate(cfg, prompts: dict) -> dict:
 def _train_seconds(params: int, tokens: float, epochs: int, gpus: int, card: str, recompute: bool) -> float:
     from rayapp.ops.plan.accelerators import ACCELERATOR_BF16_FLOPS
 
-    return (8 if recompute else 6) * params * tokens * epochs / (gpus * ACCELERATOR_BF16_FLOPS[card] * TRAIN_MFU)
+    return 6 * params * tokens * epochs / (gpus * ACCELERATOR_BF16_FLOPS[card] * TRAIN_MFU[recompute])
 
 
 def paper_run(preset: str, prompts: dict | None = None, overrides: list[str] = ()) -> dict:
@@ -269,8 +272,9 @@ def paper_run(preset: str, prompts: dict | None = None, overrides: list[str] = (
     r_s = _train_seconds(p_ref, tokens_full, cfg.reference.epochs, cfg.reference.num_workers, card[rt],
                          cfg.reference.activation_checkpointing)
     line(f"reference: {cfg.reference.epochs} epochs of {ref.split('/')[-1]} on {cfg.reference.num_workers} GPUs", rt,
-         f"estimated: 6 FLOPs a parameter and token at {TRAIN_MFU:.0%} MFU (measured on an H100, assumed on "
-         f"{card[rt]})", r_s, on(rt, r_s))
+         f"estimated: 6 FLOPs a parameter and real token at {TRAIN_MFU[cfg.reference.activation_checkpointing]:.0%} "
+         f"of the bf16 peak (an H100's measured rate on the tokens a padded step computes, assumed for packed "
+         f"steps and on {card[rt]})", r_s, on(rt, r_s))
     st, pool = node["score"].name, cfg.score.resources.max_actors
     rate = _measured_rate(card[st], ref) or TARGET_EFFICIENCY.get(ref, 0.45) * ACCELERATOR_BF16_FLOPS[card[st]] / (2 * p_ref)
     startup = json.load(open(os.path.join(RESULTS, "score-cpu2.json")))["current"]["runs"][0]["first_result_s"]
@@ -288,8 +292,10 @@ def paper_run(preset: str, prompts: dict | None = None, overrides: list[str] = (
         f_s = _train_seconds(p_target, n * tokens_per_row, cfg.finetune.epochs, cfg.finetune.num_workers, card[ft],
                              cfg.finetune.activation_checkpointing)
         line(f"finetune: {target.split('/')[-1]} on {subset} ({n:,.0f} rows, {cfg.finetune.epochs} epochs)", ft,
-             f"estimated: 8 FLOPs a parameter and token (activation checkpointing) at {TRAIN_MFU:.0%} MFU "
-             f"(measured on an H100, assumed on {card[ft]})", f_s, on(ft, f_s))
+             f"estimated: 6 FLOPs a parameter and real token at "
+             f"{TRAIN_MFU[cfg.finetune.activation_checkpointing]:.0%} of the bf16 peak (an H100's measured rate on "
+             f"the tokens a padded step computes, activation checkpointing as the preset sets it; assumed for "
+             f"packed steps and on {card[ft]})", f_s, on(ft, f_s))
     # checkpoint I/O: each save staged on the node's disk (every worker waits), then uploaded
     ck_s = ck_usd = 0.0
     parts = []

@@ -253,3 +253,22 @@ def test_a_packed_fsdp2_step_on_two_workers_leaves_the_padded_steps_weights(tmp_
     for k, v in padded["state"].items():
         np.testing.assert_allclose(packed["state"][k], v, rtol=1e-5, atol=1e-5, err_msg=k)
         np.testing.assert_allclose(merged["state"][k], v, rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.extended  # ~20 s: two spawned ranks
+def test_ddp_reduces_gradients_once_a_step(tmp_path):
+    """The non-FSDP path with several workers (DDP): micro-batches before the last run under
+    no_sync, so a step of 4 all-reduces each gradient bucket once, as a step of 1 does. The two
+    ranks trained on different rows, and their weights agree after the step: the accumulated
+    gradients were reduced."""
+    from rayapp.testing.fsdp_probes import ddp_allreduces_per_step
+    from rayapp.testing.gloo import run_gloo
+
+    config = dict(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    one = run_gloo(ddp_allreduces_per_step, 2, config, 1)
+    four = run_gloo(ddp_allreduces_per_step, 2, config, 4)
+    assert one[0]["allreduces"] >= 1 and four[0]["allreduces"] == one[0]["allreduces"]
+    assert four[0]["state"].keys() == four[1]["state"].keys()
+    for k, v in four[0]["state"].items():  # the ranks agree after the step: the gradients were reduced
+        np.testing.assert_allclose(four[1]["state"][k], v, rtol=1e-6, atol=1e-7, err_msg=k)

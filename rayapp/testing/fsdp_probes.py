@@ -227,3 +227,36 @@ def _collectives_per_step(rank: int, config: dict, keep_gathered: bool, micro_ba
         collectives.DefaultReduceScatter.__call__ = real["reduce_scatters"]
     state = {k: v.full_tensor().numpy() for k, v in model.state_dict().items() if hasattr(v, "full_tensor")}
     return {**calls, "state": state}
+
+
+def ddp_allreduces_per_step(rank: int, world: int, config: dict, micro_batches: int) -> dict:
+    """DDP's gradient all-reduces in one optimizer step of ``micro_batches`` (counted by a
+    communication hook, DDP's own extension point, that then all-reduces as DDP does), and the
+    weights after the step."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rayapp.ml.train.fsdp import optimizer_step
+
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).eval())
+    calls = [0]
+
+    def counted(state, bucket):
+        calls[0] += 1
+        return allreduce_hook(state, bucket)
+
+    model.register_comm_hook(dist.group.WORLD, counted)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    generator = torch.Generator().manual_seed(rank)
+    batches = []
+    for _ in range(micro_batches):
+        ids = torch.randint(3, config["vocab_size"], (2, 16), generator=generator)
+        batches.append({"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
+    optimizer_step(model, optimizer, scheduler, batches, [1 / micro_batches] * micro_batches, max_grad_norm=1e9)
+    state = {k: v.detach().numpy().copy() for k, v in model.module.state_dict().items()}
+    return {"allreduces": calls[0], "state": state}

@@ -54,7 +54,11 @@ def optimizer_step(model, optimizer, scheduler, micro_batches: list[dict], weigh
     unsharded gradients accumulate locally until then (see TrainConfig.gradient_sync).
     ``keep_gathered`` (FSDP2, sharded with it): the weights stay gathered between micro-batches and
     are resharded after the last one's backward, before the optimizer updates the shards.
-    ``autocast_bf16``: bf16 autocast for an unsharded model on a GPU (FSDP2 casts by its policy)."""
+    ``autocast_bf16``: bf16 autocast for an unsharded model on a GPU (FSDP2 casts by its policy).
+    A DDP model all-reduces its gradients once a step: every micro-batch but the last runs under
+    ``no_sync``."""
+    import contextlib
+
     import torch
 
     loss_total, tokens = 0.0, 0
@@ -65,6 +69,9 @@ def optimizer_step(model, optimizer, scheduler, micro_batches: list[dict], weigh
             model.set_requires_gradient_sync(last)
         if keep_gathered:
             model.set_reshard_after_backward(last)
+        # DDP (the non-FSDP path with several workers): gradients accumulate locally until the last
+        local_only = model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last \
+            else contextlib.nullcontext()
         # real tokens: a packed batch says how many (ml/train/packing.py), a padded one has its mask
         n_tokens = inputs["num_tokens"] if "num_tokens" in inputs else inputs["attention_mask"].sum()
         inputs = {key: value for key, value in inputs.items() if key != "num_tokens"}
@@ -72,9 +79,10 @@ def optimizer_step(model, optimizer, scheduler, micro_batches: list[dict], weigh
             from rayapp.ml.train.loss import Exact
 
             inputs["loss_weights"] = Exact(inputs["loss_weights"])
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast_bf16):
-            out = model(**inputs, use_cache=False)  # a training step needs no KV cache (it only copies)
-        (out.loss * weight).backward()
+        with local_only:
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast_bf16):
+                out = model(**inputs, use_cache=False)  # a training step needs no KV cache (it only copies)
+            (out.loss * weight).backward()
         loss_total += float(out.loss.detach()) * weight
         tokens += int(n_tokens)
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
