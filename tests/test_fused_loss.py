@@ -25,14 +25,20 @@ def _grads(model):
 def test_the_fused_loss_is_the_models_own_loss_and_gradients(model_type):
     """Padded, fp32, a chunk of 5 positions so that every batch takes several chunks: the weighted
     sum with weights 1/(labelled tokens) is the model's mean loss, with the same gradients."""
-    model = _tiny(model_type, "sdpa")
-    seqs, labs = _rows([9, 23, 14, 31])
+    _check_against_the_models_own(_tiny(model_type, "sdpa"), [9, 23, 14, 31], chunk=5)
+
+
+def _check_against_the_models_own(model, lengths: list[int], chunk: int) -> None:
+    """The fused loss of a padded batch, weights 1/(labelled tokens), against the model's own loss:
+    the same loss and the same gradients for every parameter."""
+    seqs, labs = _rows(lengths)
     ids, labels, mask = pad_batch(seqs, labs, 0)
     own_loss, own = _loss_and_grads(model, {"input_ids": ids, "labels": labels, "attention_mask": mask})
     weights = torch.from_numpy(np.stack([np.pad(w, (0, ids.shape[1] - len(w)))
                                          for w in fused.token_weights(labs, 1.0)]).astype(np.float32))
     model.zero_grad(set_to_none=True)
-    loss = fused.weighted_response_loss(model, ids, labels, weights, chunk=5, attention_mask=mask, use_cache=False)
+    loss = fused.weighted_response_loss(model, ids, labels, weights, chunk=chunk, attention_mask=mask,
+                                        use_cache=False)
     loss.backward()
     assert float(loss) == pytest.approx(own_loss, rel=1e-5)
     got = _grads(model)
@@ -46,17 +52,7 @@ def test_a_soft_capped_head_and_a_frozen_output_layer():
     train gets no gradient and costs no accumulator."""
     model = _tiny("gemma3_text", "eager")
     model.config.final_logit_softcapping = 3.0  # small, so the cap bends the logits
-    seqs, labs = _rows([12, 20])
-    ids, labels, mask = pad_batch(seqs, labs, 0)
-    own_loss, own = _loss_and_grads(model, {"input_ids": ids, "labels": labels, "attention_mask": mask})
-    weights = torch.from_numpy(np.stack([np.pad(w, (0, ids.shape[1] - len(w)))
-                                         for w in fused.token_weights(labs, 1.0)]).astype(np.float32))
-    model.zero_grad(set_to_none=True)
-    loss = fused.weighted_response_loss(model, ids, labels, weights, chunk=7, attention_mask=mask, use_cache=False)
-    loss.backward()
-    assert float(loss) == pytest.approx(own_loss, rel=1e-5)
-    for name, grad in _grads(model).items():
-        torch.testing.assert_close(grad, own[name], rtol=1e-5, atol=1e-6, msg=name)
+    _check_against_the_models_own(model, [12, 20], chunk=7)
     hidden = torch.randn(6, 8, requires_grad=True)
     frozen = torch.randn(11, 8)  # requires no grad
     out = fused.linear_cross_entropy(hidden, frozen, torch.arange(6), torch.full((6,), 0.5), chunk=4)

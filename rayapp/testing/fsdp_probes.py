@@ -187,11 +187,7 @@ def _collectives_per_step(rank: int, config: dict, keep_gathered: bool, micro_ba
     shard_fsdp2(model, bf16=False, cpu_offload=False, keep_gathered=keep_gathered)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    generator = torch.Generator().manual_seed(rank)
-    batches = []
-    for _ in range(micro_batches):
-        ids = torch.randint(3, config["vocab_size"], (2, 16), generator=generator)
-        batches.append({"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
+    batches = _random_micro_batches(rank, config["vocab_size"], micro_batches)
     weights = [1 / micro_batches] * micro_batches
     if per_forward > 1:
         from rayapp.ml.train import loss
@@ -252,11 +248,19 @@ def ddp_allreduces_per_step(rank: int, world: int, config: dict, micro_batches: 
     model.register_comm_hook(dist.group.WORLD, counted)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    generator = torch.Generator().manual_seed(rank)
-    batches = []
-    for _ in range(micro_batches):
-        ids = torch.randint(3, config["vocab_size"], (2, 16), generator=generator)
-        batches.append({"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
+    batches = _random_micro_batches(rank, config["vocab_size"], micro_batches)
     optimizer_step(model, optimizer, scheduler, batches, [1 / micro_batches] * micro_batches, max_grad_norm=1e9)
     state = {k: v.detach().numpy().copy() for k, v in model.module.state_dict().items()}
     return {"allreduces": calls[0], "state": state}
+
+
+def _random_micro_batches(rank: int, vocab_size: int, micro_batches: int) -> list[dict]:
+    """Micro-batches of 2 random 16-token rows, every token labelled; each rank draws its own."""
+    import torch
+
+    generator = torch.Generator().manual_seed(rank)
+    batches = []
+    for _ in range(micro_batches):
+        ids = torch.randint(3, vocab_size, (2, 16), generator=generator)
+        batches.append({"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
+    return batches
