@@ -539,7 +539,8 @@ class FineTuneRecipe:
                  "trainable_params": self.n_trainable,
                  "local_params": self.local_params, "global_step": p.global_step, "total_steps": self.total_steps,
                  "last_loss": p.last_loss, "eval_loss": eval_loss, "resumed_from_step": p.resumed_from,
-                 "sharded": self.sharded, **stats}
+                 "sharded": self.sharded, "packing": self.packing, "micro_batches_per_forward": self.merge,
+                 "fused_loss": self.weighted, **stats}
         self.report({"done": 1, "step": p.global_step, "loss": p.last_loss, "eval_loss": eval_loss})
         storage.write_json(self.cfg.files.rank_stats(self.env.rank), final)
         return final
