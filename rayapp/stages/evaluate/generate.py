@@ -366,30 +366,54 @@ def generate(rows: list[dict], models: dict[str, str], gen: GenerationConfig, ma
         import ray
 
         at_once = models_at_once(gen, len(models), ray.available_resources())
-        # the datasets are built here, one after the other; only reading them runs in threads
-        pending = [(label, path, vllm_answers(rows, path, gen, max_positions, trust_remote_code))
-                   for label, path in models.items()]
+        failed: list[tuple[str, BaseException]] = []
+        # the datasets are built here, one after the other (transformers' lazy imports are not
+        # thread-safe); only reading them runs in threads. A model that fails, here or while it
+        # generates, does not cost the others their answers (on_done keeps each as it completes).
+        pending = []
+        for label, path in models.items():
+            try:
+                pending.append((label, path, vllm_answers(rows, path, gen, max_positions, trust_remote_code)))
+            except Exception as exc:  # noqa: BLE001  (raised below, once the others have answered)
+                failed.append((label, exc))
 
         def answer(label: str, path: str, answers) -> None:
-            clock = AnswerClock(time.perf_counter())
-            got = drain_vllm(answers, path, stall_s, committed, clock)
-            finish(label, got, time.perf_counter() - clock.started, None, clock, at_once)
+            try:
+                clock = AnswerClock(time.perf_counter())
+                got = drain_vllm(answers, path, stall_s, committed, clock)
+                finish(label, got, time.perf_counter() - clock.started, None, clock, at_once)
+            except Exception as exc:  # noqa: BLE001
+                failed.append((label, exc))
 
         if at_once > 1:
             # each model's ray.data.llm pipeline read from its own thread: the engines of up to
             # at_once models start and decode together (start-up is minutes a model, decoding
-            # about one). A model that fails does not cost the others their answers (on_done keeps
-            # each as it completes); the first failure is raised once all have ended.
-            from concurrent.futures import ThreadPoolExecutor
+            # about one). Daemon threads, waited on in short joins: Ctrl-C stops the driver at
+            # once rather than after every running model has finished.
+            import threading
 
-            with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="rayapp-generate") as pool:
-                futures = [pool.submit(answer, *item) for item in pending]
-            errors = [f.exception() for f in futures if f.exception() is not None]
-            if errors:
-                raise errors[0]
+            slots = threading.Semaphore(at_once)
+
+            def in_turn(item) -> None:
+                with slots:
+                    answer(*item)
+
+            threads = [threading.Thread(target=in_turn, args=(item,), daemon=True, name=f"rayapp-generate-{item[0]}")
+                       for item in pending]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(timeout=0.5)
         else:
             for item in pending:
                 answer(*item)
+        if failed:
+            from rayapp.core.log import get_logger
+
+            for label, exc in failed:  # every failure said; the first raised
+                get_logger("rayapp.evaluate").error("%s: generation failed: %s: %s", label, type(exc).__name__, exc)
+            raise failed[0][1]
     else:
         clock = AnswerClock(t0)  # one pool for every model: its start-up and decoding are shared
         out = generate_hf(rows, models, gen, max_positions, trust_remote_code, stall_s, committed, clock)

@@ -140,7 +140,11 @@ def _generations(cfg: RunConfig, layout: RunLayout, models: list[dict], prompts:
         return out
     log.info("generating %d answers each with %s: %s", len(prompts), gen.backend, ", ".join(todo))
     rows = [{k: p[k] for k in ("set", "id", "prompt")} for p in prompts]
-    kept = f"answers of {len(out)} of {len(models)} models under {layout.generations('').rsplit('/', 1)[0]}"
+    written: list[str] = []
+
+    def kept() -> str:  # asked when a wait stalls: what is on disk by then
+        return (f"answers of {len(out) + len(written)} of {len(models)} models under "
+                f"{layout.generations('').rsplit('/', 1)[0]}")
 
     def keep(label: str, answers: list[dict], stats: dict) -> None:
         """Each model's answers written as soon as they are complete: a model that fails later, or
@@ -151,6 +155,7 @@ def _generations(cfg: RunConfig, layout: RunLayout, models: list[dict], prompts:
         keyed.write_table(layout.generations(label), pa.Table.from_pylist(answers),
                           {"rayapp_fingerprint": fps[label], "rayapp_stats": json.dumps(stats),
                            "rayapp_model": todo[label]})
+        written.append(label)
 
     out.update(generate(rows, todo, gen, trust_remote_code=cfg.models.target.trust_remote_code,
                         stall_s=cfg.ray.stall_timeout_s, committed=kept, on_done=keep))
