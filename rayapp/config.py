@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -79,6 +79,26 @@ def _walk(node: Any, prefix: str = ""):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # fields that say how the work is done, not what it makes: content() leaves them out, so a
+    # stage's fingerprint does not change with them (e.g. how many workers share it)
+    HOW_NOT_WHAT: ClassVar[frozenset[str]] = frozenset()
+
+    def content(self) -> dict:
+        """What this section's outputs depend on: its JSON form less HOW_NOT_WHAT, here and in the
+        sections it holds."""
+        out = self.model_dump(mode="json", by_alias=True, exclude=set(self.HOW_NOT_WHAT))
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if isinstance(value, _Strict) and name not in self.HOW_NOT_WHAT:
+                out[field.alias or name] = value.content()
+        return out
+
+
+def _auto_or_at_least_one(value, what: str):
+    """A field of ``int | "auto"``: auto, or 1 or more."""
+    if value != "auto" and value < 1:
+        raise ValueError(f"must be 'auto' or a number of {what} (1 or more)")
+    return value
 
 
 def subset_folder(subset: str) -> str:
@@ -173,9 +193,7 @@ class DataConfig(_Strict):
         "of block_mb; the tokenizer loaded once per worker); 0: all on the driver. The prepared data are the same")
     block_mb: float = Field(32, gt=0, description="Size of the blocks a JSONL source is cut into (Parquet: row groups)")
 
-    def content(self) -> dict:
-        """What the prepared data depend on: everything but how the work is spread."""
-        return self.model_dump(mode="json", by_alias=True, exclude={"workers", "block_mb"})
+    HOW_NOT_WHAT: ClassVar[frozenset[str]] = frozenset({"workers", "block_mb"})  # the prepared data are the same
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,19 +381,14 @@ class TrainConfig(_Strict):
     log_every_steps: int = Field(10, ge=1)
     peak_flops: float | None = Field(None, description="Per-device peak FLOP/s for MFU (e.g. 989e12 H100 bf16)")
 
-    def content(self) -> dict:
-        """What the trained weights are made from: everything but how the same objective is computed
-        (merged forwards, the fused loss, compiled layers change float rounding only), so turning
-        one of them on does not train again what is trained."""
-        return self.model_dump(mode="json", by_alias=True,
-                               exclude={"micro_batches_per_forward", "fused_loss", "compile_layers"})
+    # how the same objective is computed (merged forwards, the fused loss and compiled layers
+    # change float rounding only): turning one on does not train again what is trained
+    HOW_NOT_WHAT: ClassVar[frozenset[str]] = frozenset({"micro_batches_per_forward", "fused_loss", "compile_layers"})
 
     @field_validator("micro_batches_per_forward")
     @classmethod
     def _at_least_one_micro_batch(cls, value):
-        if value != "auto" and value < 1:
-            raise ValueError("must be 'auto' or a number of micro-batches (1 or more)")
-        return value
+        return _auto_or_at_least_one(value, "micro-batches")
 
 
 class ReferenceConfig(TrainConfig):
@@ -430,9 +443,7 @@ class SelectConfig(_Strict):
         "by Ray Data's sort, and the selected rows written by tasks; the driver holds per-cluster and per-partition "
         "counts only. 0: all in this process. The selections are the same")
 
-    def content(self) -> dict:
-        """What the selections depend on: everything but how the work is spread."""
-        return self.model_dump(mode="json", by_alias=True, exclude={"workers"})
+    HOW_NOT_WHAT: ClassVar[frozenset[str]] = frozenset({"workers"})  # the selections are the same
 
     @field_validator("baselines")
     @classmethod
@@ -510,16 +521,12 @@ class GenerationConfig(_Strict):
         "another. auto: as many as the cluster's GPUs hold now (an autoscaling cluster that has not scaled its "
         "GPU nodes up yet gets 1: set a number there). The answers do not depend on it")
 
-    def content(self) -> dict:
-        """What the answers depend on: everything but how many models generate at once."""
-        return self.model_dump(mode="json", by_alias=True, exclude={"concurrent_models"})
+    HOW_NOT_WHAT: ClassVar[frozenset[str]] = frozenset({"concurrent_models"})  # the answers are the same
 
     @field_validator("concurrent_models")
     @classmethod
     def _at_least_one_model(cls, value):
-        if value != "auto" and value < 1:
-            raise ValueError("must be 'auto' or a number of models (1 or more)")
-        return value
+        return _auto_or_at_least_one(value, "models")
 
     @model_validator(mode="before")
     @classmethod

@@ -193,14 +193,15 @@ class FineTuneRecipe:
         loss.install(self.model)
         return True
 
-    def micro_batch(self, indices: list[int], weights: list | None = None) -> dict:
+    def micro_batch(self, indices: list[int], weights: list | None = None, rows: dict | None = None) -> dict:
         """One micro-batch's tensors on this worker's device: packed or padded (the same rows and
-        the same loss either way); ``weights`` (per label of each row) adds its loss weights."""
+        the same loss either way); ``weights`` (per label of each row) adds its loss weights.
+        ``rows``: ``indices``' rows when the caller has read them already."""
         import torch
 
         from rayapp.ml.train.collate import collate, collate_packed
 
-        rows = self.rows.batch(indices)
+        rows = self.rows.batch(indices) if rows is None else rows
         if self.packing:
             return collate_packed(rows, self.pad_id, self.device, self.model.config,
                                   torch.bfloat16 if self.bf16 else torch.float32, weights)
@@ -219,11 +220,14 @@ class FineTuneRecipe:
 
         batches = []
         for lo in range(0, len(micro_rows), self.merge):
-            indices, per_label = [], []
-            for rows, weight in zip(micro_rows[lo:lo + self.merge], weights[lo:lo + self.merge]):
-                indices += rows
-                per_label += token_weights(list(self.rows.batch(rows)["labels"]), weight)
-            batches.append(self.micro_batch(indices, per_label))
+            group = micro_rows[lo:lo + self.merge]
+            indices = [i for rows in group for i in rows]
+            rows = self.rows.batch(indices)  # read once: the weights and the tensors both come from it
+            labels, at, per_label = list(rows["labels"]), 0, []
+            for micro, weight in zip(group, weights[lo:lo + self.merge]):
+                per_label += token_weights(labels[at:at + len(micro)], weight)
+                at += len(micro)
+            batches.append(self.micro_batch(indices, per_label, rows))
         return batches, [1.0] * len(batches)
 
     def _with_adapters(self, model):

@@ -246,9 +246,7 @@ class EvaluateStage(Stage):
         return [resolve_model(cfg, layout, m) for m in cfg.evaluate.models]
 
     def fingerprint(self, cfg: RunConfig, layout: RunLayout, inputs: list[dict]) -> str:
-        # how many models generate at once changes no answer (GenerationConfig.content)
-        ec = {**cfg.evaluate.model_dump(mode="json", by_alias=True), "generation": cfg.evaluate.generation.content()}
-        return fingerprint(evaluate=ec, template=cfg.data.template, sets=_set_files(cfg),
+        return fingerprint(evaluate=cfg.evaluate.content(), template=cfg.data.template, sets=_set_files(cfg),
                            models=[[m["label"], m["identity"]] for m in inputs])
 
     def run(self, ctx: StageContext) -> EvaluationManifest:
